@@ -1,0 +1,371 @@
+"""The layout plan: the one place that knows where every token sits.
+
+A sample is an ordered list of segments:
+
+- ``Raw(tokens)``: text that stays text forever (a chat header, a short query tail);
+- ``Chunk(tokens, n_visual, mode)``: the text tokens ``c_i`` of one chunk and the
+  ``n_visual`` visual tokens ``v_i`` that an image of that text turns into.
+
+``build_sample`` turns segments into per-token records and ``collate`` stacks
+samples (several may be packed into one row) into a :class:`Plan` of ``(B, T)``
+tensors. Training (dense or FlexAttention masks, labels), the inference engine
+(cache positions) and evaluation all read the plan; none of them recomputes
+positions or visibility on its own.
+
+Chunk modes (paper §3):
+
+===============  =====================  ========================================
+mode             sequence               after the chunk
+===============  =====================  ========================================
+``interleaved``  ``c_i`` then ``v_i``   ``c_i`` is evicted: later tokens see
+                                        only ``v_i`` (OLM, generated text,
+                                        ``interleaved`` prompt encoding)
+``visual``       ``v_i`` only           the text never enters the LLM
+                                        (``visual`` prompt encoding, captions)
+``ocr``          ``v_i`` then ``c_i``   nothing is evicted (MT-OCR, causal)
+``open``         ``c_i`` only           not compressed yet (the last chunk)
+===============  =====================  ========================================
+
+Positions follow ``pos = sum |v_<i| + j``: the visual tokens of a compressed
+chunk take the place of its text, so once the text is dropped the KV-cache index
+*is* the position.
+
+Visibility (``attention.allowed_mask``): a query sees every earlier key of its
+own sample, except the text of an evicted chunk, which only that chunk's own
+tokens see.
+
+Example::
+
+    >>> from vist2.layout import build_sample, collate, olm_segments
+    >>> plan = collate([build_sample(olm_segments(list(range(10)), chunk_tokens=4, n_visual=2))])
+    >>> plan.position[0].tolist()
+    [0, 1, 2, 3, 0, 1, 2, 3, 4, 5, 2, 3, 4, 5]
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import Literal, Sequence
+
+import torch
+
+IGNORE = -100  # label of positions that carry no loss (the value torch's cross_entropy skips)
+PROMPT_ENCODINGS = ("visual", "interleaved")
+CHUNK_MODES = ("interleaved", "visual", "ocr", "open")
+
+ChunkMode = Literal["interleaved", "visual", "ocr", "open"]
+
+
+class Kind(IntEnum):
+    PAD = 0
+    TEXT = 1
+    VISUAL = 2
+
+
+@dataclass(frozen=True)
+class Raw:
+    tokens: tuple[int, ...]
+    loss: bool = False
+
+    def __post_init__(self):
+        object.__setattr__(self, "tokens", tuple(int(t) for t in self.tokens))
+
+
+@dataclass(frozen=True)
+class Chunk:
+    tokens: tuple[int, ...]
+    n_visual: int
+    mode: ChunkMode = "interleaved"
+    loss: bool = False
+
+    def __post_init__(self):
+        object.__setattr__(self, "tokens", tuple(int(t) for t in self.tokens))
+        if self.mode not in CHUNK_MODES:
+            raise ValueError(f"Chunk.mode must be one of {CHUNK_MODES}, got {self.mode!r}")
+        if self.mode == "open":
+            if self.n_visual != 0:
+                raise ValueError("an open chunk has no visual tokens (n_visual must be 0)")
+        elif self.n_visual <= 0:
+            raise ValueError(f"a {self.mode} chunk needs n_visual > 0, got {self.n_visual}")
+
+
+Segment = Raw | Chunk
+
+
+@dataclass(frozen=True)
+class ChunkInfo:
+    """One image's worth of visual tokens: which text it shows (empty for an external image)."""
+
+    tokens: tuple[int, ...]
+    n_visual: int
+    row: int = 0
+    sample: int = 0
+
+
+@dataclass
+class Sample:
+    """Per-token lists of one sample (positions restart at 0 per sample)."""
+
+    input_ids: list[int] = field(default_factory=list)
+    kind: list[int] = field(default_factory=list)
+    chunk: list[int] = field(default_factory=list)  # local chunk index, -1 for raw text
+    position: list[int] = field(default_factory=list)
+    evicted: list[bool] = field(default_factory=list)
+    loss: list[bool] = field(default_factory=list)  # this token is a prediction target
+    chunks: list[tuple[tuple[int, ...], int]] = field(default_factory=list)  # (tokens, n_visual) in visual order
+
+    def __len__(self) -> int:
+        return len(self.kind)
+
+    def _add(self, ids, kind, chunk, positions, evicted, loss):
+        for i, p in zip(ids, positions):
+            self.input_ids.append(i)
+            self.kind.append(kind)
+            self.chunk.append(chunk)
+            self.position.append(p)
+            self.evicted.append(evicted)
+            self.loss.append(loss and kind == Kind.TEXT)
+
+
+def build_sample(segments: Sequence[Segment]) -> Sample:
+    """Lay out one sample: per-token kind, chunk, position, eviction and loss."""
+    s = Sample()
+    base = 0  # position of the next token that stays in the cache
+    n_chunks = 0
+    for seg in segments:
+        if isinstance(seg, Raw):
+            s._add(seg.tokens, Kind.TEXT, -1, range(base, base + len(seg.tokens)), False, seg.loss)
+            base += len(seg.tokens)
+            continue
+        if not isinstance(seg, Chunk):
+            raise TypeError(f"segments must be Raw or Chunk, got {type(seg).__name__}")
+        c, nv, idx = seg.tokens, seg.n_visual, n_chunks
+        visual_ids = [-1] * nv
+        if seg.mode == "interleaved":
+            s._add(c, Kind.TEXT, idx, range(base, base + len(c)), True, seg.loss)
+            s._add(visual_ids, Kind.VISUAL, idx, range(base, base + nv), False, False)
+            base += nv
+        elif seg.mode == "visual":
+            s._add(visual_ids, Kind.VISUAL, idx, range(base, base + nv), False, False)
+            base += nv
+        elif seg.mode == "ocr":
+            s._add(visual_ids, Kind.VISUAL, idx, range(base, base + nv), False, False)
+            s._add(c, Kind.TEXT, idx, range(base + nv, base + nv + len(c)), False, seg.loss)
+            base += nv + len(c)
+        else:  # open: text that has not been compressed (yet)
+            s._add(c, Kind.TEXT, idx, range(base, base + len(c)), False, seg.loss)
+            base += len(c)
+        if nv:
+            s.chunks.append((c, nv))
+        n_chunks += 1
+    return s
+
+
+# ---------------------------------------------------------------------------
+# Stage layouts (paper §3.2)
+# ---------------------------------------------------------------------------
+
+
+def _check_sizes(chunk_tokens: int, n_visual: int) -> None:
+    if chunk_tokens <= 0:
+        raise ValueError(f"chunk_tokens must be > 0, got {chunk_tokens}")
+    if n_visual <= 0:
+        raise ValueError(f"n_visual must be > 0, got {n_visual}")
+
+
+def _split(tokens: Sequence[int], size: int) -> list[list[int]]:
+    tokens = list(tokens)
+    return [tokens[i : i + size] for i in range(0, len(tokens), size)]
+
+
+def caption_segments(n_visual: int, caption: Sequence[int]) -> list[Segment]:
+    """PT-1: ``[v, caption]``, causal; loss on the caption."""
+    return [Chunk((), n_visual, "visual"), Raw(tuple(caption), loss=True)]
+
+
+def ocr_segments(chunks: Sequence[Sequence[int]], n_visual: int) -> list[Segment]:
+    """PT-2 multi-turn OCR: ``[v1, c1, v2, c2, ...]``, causal; loss on every ``c_i``."""
+    return [Chunk(tuple(c), n_visual, "ocr", loss=True) for c in chunks]
+
+
+def olm_segments(tokens: Sequence[int], chunk_tokens: int, n_visual: int, loss: bool = True) -> list[Segment]:
+    """PT-3 optical language modelling: ``[c1, v1, c2, v2, ..., c_n]`` with the sparse mask.
+
+    The last chunk stays open (no visual tokens): nothing after it would read them.
+    The same layout describes generated text, which is why SFT responses use it.
+    """
+    _check_sizes(chunk_tokens, n_visual)
+    parts = _split(tokens, chunk_tokens)
+    segs: list[Segment] = [Chunk(tuple(p), n_visual, "interleaved", loss) for p in parts[:-1]]
+    if parts:
+        segs.append(Chunk(tuple(parts[-1]), 0, "open", loss))
+    return segs
+
+
+def split_query(tokens: Sequence[int], chunk_tokens: int, n_visual: int) -> tuple[list[list[int]], list[int]]:
+    """The paper's tail rule: full chunks of K are compressed; a tail of m tokens is
+    compressed too if m > beta, else it stays raw text. Returns (chunks, raw_tail)."""
+    _check_sizes(chunk_tokens, n_visual)
+    parts = _split(tokens, chunk_tokens)
+    if parts and len(parts[-1]) <= n_visual:
+        return parts[:-1], parts[-1]
+    return parts, []
+
+
+def prompt_segments(
+    prefix: Sequence[int],
+    query: Sequence[int],
+    suffix: Sequence[int],
+    chunk_tokens: int,
+    n_visual: int,
+    prompt_encoding: str,
+) -> list[Segment]:
+    """A prompt: raw prefix, the query compressed by the tail rule, raw suffix.
+
+    ``prompt_encoding`` is ``visual`` (only the query's visual tokens enter the
+    LLM) or ``interleaved`` (its text runs first and the visual tokens read it).
+    """
+    if prompt_encoding not in PROMPT_ENCODINGS:
+        raise ValueError(f"prompt_encoding must be one of {PROMPT_ENCODINGS}, got {prompt_encoding!r}")
+    chunks, tail = split_query(query, chunk_tokens, n_visual)
+    segs: list[Segment] = [Raw(tuple(prefix))] if len(prefix) else []
+    segs += [Chunk(tuple(c), n_visual, prompt_encoding) for c in chunks]
+    if tail:
+        segs.append(Raw(tuple(tail)))
+    if len(suffix):
+        segs.append(Raw(tuple(suffix)))
+    return segs
+
+
+def sft_segments(
+    prefix: Sequence[int],
+    query: Sequence[int],
+    suffix: Sequence[int],
+    response: Sequence[int],
+    chunk_tokens: int,
+    n_visual: int,
+    prompt_encoding: str,
+) -> list[Segment]:
+    """SFT: the prompt (see :func:`prompt_segments`), then the response as OLM with loss."""
+    segs = prompt_segments(prefix, query, suffix, chunk_tokens, n_visual, prompt_encoding)
+    return segs + olm_segments(response, chunk_tokens, n_visual, loss=True)
+
+
+# ---------------------------------------------------------------------------
+# Batches
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class Plan:
+    """A batch of laid-out rows; every field is ``(B, T)``.
+
+    ``input_ids`` holds -1 at visual and padding slots (the model fills visual
+    slots from images); ``labels[t]`` is the token that position ``t``
+    predicts, or ``IGNORE``. ``chunks`` lists the images in the order their
+    visual slots appear (row-major), which is the order the model expects them.
+    """
+
+    input_ids: torch.Tensor
+    kind: torch.Tensor
+    chunk: torch.Tensor  # unique per row across packed samples; -1 for raw text and padding
+    sample: torch.Tensor  # -1 for padding
+    position: torch.Tensor
+    evicted: torch.Tensor
+    loss: torch.Tensor
+    labels: torch.Tensor
+    chunks: list[ChunkInfo]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.kind.shape)  # type: ignore[return-value]
+
+    @property
+    def n_visual_slots(self) -> int:
+        return int((self.kind == Kind.VISUAL).sum())
+
+    def to(self, device) -> "Plan":
+        tensors = {n: getattr(self, n).to(device) for n in _TENSOR_FIELDS}
+        return Plan(**tensors, chunks=self.chunks)
+
+    def summary(self) -> str:
+        """A short human-readable description: counts and a one-line picture per row."""
+        lines = []
+        B, T = self.shape
+        for b in range(B):
+            k = self.kind[b]
+            n_text, n_vis = int((k == Kind.TEXT).sum()), int((k == Kind.VISUAL).sum())
+            kept = n_text - int(self.evicted[b].sum()) + n_vis
+            lines.append(
+                f"row {b}: {T} slots = {n_text} text + {n_vis} visual + {T - n_text - n_vis} pad; "
+                f"{int(self.sample[b].max()) + 1} sample(s); {int((self.labels[b] != IGNORE).sum())} loss targets; "
+                f"a cache would keep {kept} of {n_text + n_vis} entries"
+            )
+            lines.append("  " + _picture(self, b))
+        return "\n".join(lines)
+
+
+_TENSOR_FIELDS = ("input_ids", "kind", "chunk", "sample", "position", "evicted", "loss", "labels")
+
+
+def _picture(plan: Plan, b: int, width: int = 96) -> str:
+    """Runs of the row as ``c0[1024] v0[256] c1[40] ...`` (c: text of a chunk, r: raw text)."""
+    out, prev, n = [], None, 0
+    for kind, chunk in zip(plan.kind[b].tolist(), plan.chunk[b].tolist()):
+        tag = {Kind.PAD: "pad", Kind.VISUAL: f"v{chunk}", Kind.TEXT: f"c{chunk}" if chunk >= 0 else "r"}[Kind(kind)]
+        if tag != prev and prev is not None:
+            out.append(f"{prev}[{n}]")
+            n = 0
+        prev, n = tag, n + 1
+    if prev is not None:
+        out.append(f"{prev}[{n}]")
+    text = " ".join(out)
+    return text if len(text) <= width else text[: width - 4] + " ..."
+
+
+def collate(rows: Sequence[Sample | Sequence[Sample]], pad_to: int | None = None) -> Plan:
+    """Stack rows into a :class:`Plan`; a row is one sample or several packed together.
+
+    Rows are right-padded to the longest row, or to ``pad_to``.
+    """
+    rows = [[r] if isinstance(r, Sample) else list(r) for r in rows]
+    lengths = [sum(len(s) for s in r) for r in rows]
+    T = max(lengths, default=0)
+    if pad_to is not None:
+        if pad_to < T:
+            raise ValueError(f"pad_to={pad_to} is shorter than the longest row ({T} tokens)")
+        T = pad_to
+    B = len(rows)
+    out = {
+        "input_ids": torch.full((B, T), -1, dtype=torch.long),
+        "kind": torch.full((B, T), int(Kind.PAD), dtype=torch.int8),
+        "chunk": torch.full((B, T), -1, dtype=torch.int32),
+        "sample": torch.full((B, T), -1, dtype=torch.int32),
+        "position": torch.zeros((B, T), dtype=torch.long),
+        "evicted": torch.zeros((B, T), dtype=torch.bool),
+        "loss": torch.zeros((B, T), dtype=torch.bool),
+    }
+    chunks: list[ChunkInfo] = []
+    for b, row in enumerate(rows):
+        t, chunk_base = 0, 0
+        for si, s in enumerate(row):
+            n = len(s)
+            sl = slice(t, t + n)
+            out["input_ids"][b, sl] = torch.tensor(s.input_ids, dtype=torch.long)
+            out["kind"][b, sl] = torch.tensor(s.kind, dtype=torch.int8)
+            local = torch.tensor(s.chunk, dtype=torch.int32)
+            out["chunk"][b, sl] = torch.where(local >= 0, local + chunk_base, local)
+            out["sample"][b, sl] = si
+            out["position"][b, sl] = torch.tensor(s.position, dtype=torch.long)
+            out["evicted"][b, sl] = torch.tensor(s.evicted, dtype=torch.bool)
+            out["loss"][b, sl] = torch.tensor(s.loss, dtype=torch.bool)
+            chunks += [ChunkInfo(toks, nv, b, si) for toks, nv in s.chunks]
+            chunk_base += max(s.chunk, default=-1) + 1
+            t += n
+    labels = torch.full((B, T), IGNORE, dtype=torch.long)
+    if T > 1:
+        # position t predicts the next slot of the same sample, if that slot is a loss target
+        nxt_ok = out["loss"][:, 1:] & (out["sample"][:, 1:] == out["sample"][:, :-1])
+        labels[:, :-1] = torch.where(nxt_ok, out["input_ids"][:, 1:], IGNORE)
+    return Plan(**out, labels=labels, chunks=chunks)
