@@ -1,0 +1,11 @@
+"""Inference with global context compression: a compressed KV cache, chunked prefill, decode.
+
+    >>> from vist2.engine import Engine, SamplingParams
+    >>> engine = Engine.from_pretrained("runs/tiny")                                   # doctest: +SKIP
+    >>> [r] = engine.generate_text(["Once upon a time"], SamplingParams(max_new_tokens=64))  # doctest: +SKIP
+"""
+
+from .engine import MODES, Engine, Event, Request, Result, Stats, chat_prompt
+from .sampling import Sampler, SamplingParams
+
+__all__ = ["MODES", "Engine", "Event", "Request", "Result", "Stats", "chat_prompt", "Sampler", "SamplingParams"]

@@ -1,0 +1,215 @@
+"""The engine equals the teacher-forced model on the same layout plan, token for token.
+
+Every distribution the engine samples from (prefill, decode, right after a
+compression) is compared with the logits of ``VIST2ForCausalLM`` run once over
+the whole sequence laid out by ``vist2.layout`` — prompt compressed by the tail
+rule, the response as OLM (gcc), raw (pcc), or everything raw (none).
+"""
+
+import pytest
+import torch
+
+from vist2.build import load_tokenizer
+from vist2.cli import sample_text
+from vist2.config import preset_config
+from vist2.engine.engine import Engine, Request
+from vist2.engine.sampling import SamplingParams
+from vist2.engine.text import token_bytes
+from vist2.layout import IGNORE, Raw, build_sample, collate, prompt_segments, sft_segments
+from vist2.modeling import VIST2ForCausalLM
+from vist2.processing import VIST2Processor
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer()
+
+
+def _model(prompt_encoding="visual"):
+    torch.manual_seed(0)
+    cfg = preset_config("tiny", prompt_encoding=prompt_encoding)
+    cfg.text_config.initializer_range = 0.5  # large weights: a wrong mask or position shows as a large difference
+    return VIST2ForCausalLM(cfg).eval()
+
+
+def _engine(tok, prompt_encoding="visual", **kw):
+    model = _model(prompt_encoding)
+    return Engine(model, VIST2Processor(tok, model.config.render_config), record_logits=True, **kw)
+
+
+def _ids(tok, n, lang="en", offset=0):
+    ids = tok(sample_text(lang), add_special_tokens=False)["input_ids"][offset : offset + n]
+    assert len(ids) == n
+    return ids
+
+
+def teacher(engine, req: Request, generated):
+    """Logits of the plain forward over the full layout, at the positions that predict ``generated``."""
+    m, K, beta = engine.model, engine.K, engine.beta
+    if req.mode == "gcc":
+        segs = sft_segments(req.prefix, req.query, req.suffix, generated, K, beta, engine.prompt_encoding)
+    elif req.mode == "pcc":
+        segs = prompt_segments(req.prefix, req.query, req.suffix, K, beta, engine.prompt_encoding)
+        segs += [Raw(tuple(generated), loss=True)]
+    else:
+        segs = [Raw(tuple(req.prompt_ids)), Raw(tuple(generated), loss=True)]
+    plan = collate([build_sample(segs)])
+    pixels = engine.processor.pixels_for(plan.chunks) if plan.chunks else None
+    with torch.no_grad():
+        logits = m(plan=plan, pixel_values=pixels).logits[0]
+    lab = plan.labels[0]
+    assert lab[lab != IGNORE].tolist() == list(generated)
+    return logits[lab != IGNORE]
+
+
+def check(engine, req, res, atol=1e-4):
+    n_tok = len(engine.processor.tokenizer)
+    got = torch.stack(res.logits)[:, :n_tok]
+    want = teacher(engine, req, res.token_ids)[:, :n_tok]
+    assert got.shape == want.shape
+    diff = (got - want).abs().max().item()
+    assert diff < atol, f"max |engine - teacher| = {diff}"
+    return diff
+
+
+GREEDY = SamplingParams(max_new_tokens=40, ignore_eos=True)
+
+
+@pytest.mark.parametrize("encoding", ["visual", "interleaved"])
+@pytest.mark.parametrize("mode", ["gcc", "pcc", "none"])
+def test_multi_chunk_prompt_with_compressed_tail(tok, mode, encoding):
+    eng = _engine(tok, encoding)
+    K = eng.K
+    # 2 full chunks + a tail of 20 > beta=16 (compressed too), raw prefix and suffix
+    req = Request(query=_ids(tok, 2 * K + 20), prefix=_ids(tok, 3, offset=500), suffix=_ids(tok, 2, offset=600),
+                  params=SamplingParams(max_new_tokens=K + 10, ignore_eos=True), mode=mode)
+    res = eng.generate([req])[0]
+    check(eng, req, res)
+    expect = {"gcc": 3 + 1, "pcc": 3, "none": 0}[mode]  # + one generated chunk in gcc
+    assert res.stats.chunks_compressed == expect
+
+
+def test_prompt_shorter_than_beta_stays_raw(tok):
+    eng = _engine(tok)
+    req = Request(query=_ids(tok, 10), params=GREEDY, mode="gcc")
+    res = eng.generate([req])[0]
+    check(eng, req, res)
+    assert res.stats.chunks_compressed == 0 and res.stats.kv_tokens == 10 + 40 - 1
+
+
+def test_generation_crossing_three_chunk_boundaries(tok):
+    eng = _engine(tok)
+    K, beta = eng.K, eng.beta
+    req = Request(query=_ids(tok, 30, "zh"), params=SamplingParams(max_new_tokens=3 * K + 5, ignore_eos=True))
+    res = eng.generate([req])[0]
+    check(eng, req, res)
+    st = res.stats
+    assert st.chunks_compressed == 4  # the 30-token query (> beta) and 3 generated chunks
+    # cache: 4 images + the open window of 5 tokens, of which the last sampled one was never fed
+    assert st.kv_tokens == 4 * beta + 5 - 1
+    assert st.kv_tokens_uncompressed == 30 + 3 * K + 5 - 1  # the last sampled token is never fed
+    assert st.kv_tokens_peak == 4 * beta - beta + K + beta  # a full window plus its visual tokens, briefly
+    assert len(res.memory) == 4
+
+
+def test_ragged_batch_of_three(tok):
+    eng = _engine(tok, max_batch=3)
+    K = eng.K
+    reqs = [
+        Request(query=_ids(tok, 5), params=SamplingParams(max_new_tokens=K + 3, ignore_eos=True)),
+        Request(query=_ids(tok, K + 30, offset=100), params=SamplingParams(max_new_tokens=2 * K, ignore_eos=True)),
+        Request(query=_ids(tok, 2 * K, "zh"), prefix=[151644], params=SamplingParams(max_new_tokens=20, ignore_eos=True)),
+    ]
+    results = eng.generate(reqs)
+    for req, res in zip(reqs, results):
+        check(eng, req, res)
+    assert [r.stats.generated_tokens for r in results] == [K + 3, 2 * K, 20]
+
+
+def test_more_requests_than_rows_are_queued(tok):
+    eng = _engine(tok, max_batch=2)
+    reqs = [Request(query=_ids(tok, 8, offset=10 * i), params=SamplingParams(max_new_tokens=5 + i, ignore_eos=True))
+            for i in range(4)]
+    results = eng.generate(reqs)
+    for req, res in zip(reqs, results):
+        check(eng, req, res)
+
+
+def test_control_without_eviction_fails_the_comparison(tok):
+    eng = _engine(tok)
+    eng._evict = False
+    K = eng.K
+    req = Request(query=_ids(tok, K + 20), params=SamplingParams(max_new_tokens=K + 10, ignore_eos=True))
+    res = eng.generate([req])[0]
+    with pytest.raises(AssertionError, match="engine - teacher"):
+        check(eng, req, res)
+
+
+def test_sampling_is_reproducible_and_stops(tok):
+    eng = _engine(tok)
+    p = SamplingParams(max_new_tokens=30, temperature=1.0, top_p=0.9, seed=7, ignore_eos=True)
+    a = eng.generate([Request(query=_ids(tok, 20), params=p)])[0]
+    b = eng.generate([Request(query=_ids(tok, 20), params=p)])[0]
+    assert a.token_ids == b.token_ids
+    stop_at = eng.processor.decode(a.token_ids[10:12])
+    if stop_at.strip():
+        p2 = SamplingParams(max_new_tokens=30, temperature=1.0, top_p=0.9, seed=7, ignore_eos=True, stop=(stop_at,))
+        c = eng.generate([Request(query=_ids(tok, 20), params=p2)])[0]
+        assert c.stats.finish_reason == "stop" and stop_at not in c.text
+
+
+def test_stream_yields_the_same_text(tok):
+    eng = _engine(tok)
+    req = Request(query=_ids(tok, 40, "zh"), params=SamplingParams(max_new_tokens=80, ignore_eos=True))
+    events = list(eng.stream([req]))
+    full = eng.generate([Request(query=req.query, params=req.params)])[0]
+    assert "".join(e.delta for e in events) == full.text
+    assert events[-1].done and events[-1].stats.generated_tokens == 80
+    # streaming never splits a character: the deltas join to exactly what decoding all bytes at once
+    # gives (a random model also emits invalid byte sequences, which both show as U+FFFD)
+    whole = token_bytes(tok, full.token_ids).decode("utf-8", errors="replace")
+    assert "".join(e.delta for e in events) == whole
+
+
+def test_memory_limit(tok):
+    eng = _engine(tok, max_cache_tokens=100)
+    with pytest.raises(ValueError, match="max_cache_tokens=100"):
+        eng.add(Request(query=_ids(tok, 200), mode="none"))
+    # gcc compresses the same prompt into 3 images + a raw tail of 8: it fits
+    res = eng.generate([Request(query=_ids(tok, 200), params=SamplingParams(max_new_tokens=500, ignore_eos=True))])[0]
+    assert res.stats.finish_reason == "length" and res.stats.generated_tokens < 500
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [(dict(max_new_tokens=0), "max_new_tokens"), (dict(temperature=-1), "temperature"), (dict(top_p=0), "top_p")],
+)
+def test_bad_sampling_params(tok, kwargs, field):
+    eng = _engine(tok)
+    with pytest.raises(ValueError, match=field):
+        eng.request("hello", params=SamplingParams(**kwargs))
+
+
+def test_bad_requests(tok):
+    eng = _engine(tok)
+    with pytest.raises(ValueError, match="empty"):
+        eng.request("")
+    with pytest.raises(ValueError, match="mode"):
+        eng.request("hi", mode="zip")
+    with pytest.raises(ValueError, match="user"):
+        eng.request(messages=[{"role": "system", "content": "x"}])
+
+
+def test_odd_text_generates_without_crash(tok):
+    eng = _engine(tok)
+    prompt = "ctrl\x00\x07\x1b[0m emoji 🧪👩‍🔬 中文测试 עברית العربية " * 6
+    res = eng.generate([eng.request(prompt, params=SamplingParams(max_new_tokens=2 * eng.K, ignore_eos=True))])[0]
+    assert res.stats.generated_tokens == 2 * eng.K and res.stats.chunks_compressed >= 2
+
+
+def test_chat_prompt_splits_around_the_user_message(tok):
+    eng = _engine(tok)
+    req = eng.request(messages=[{"role": "user", "content": "Tell me a story about the sea."}])
+    assert eng.processor.decode(req.query) == "Tell me a story about the sea."
+    assert "<|im_start|>user" in eng.processor.decode(req.prefix)
+    assert eng.processor.decode(req.suffix).rstrip().endswith("assistant") or "<think>" in eng.processor.decode(req.suffix)
