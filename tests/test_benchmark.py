@@ -1,0 +1,145 @@
+"""``vist2 bench`` on the tiny preset: every mode runs, the KV counts follow the layout rules, bad flags fail."""
+
+import argparse
+import json
+
+import pytest
+import torch
+
+from vist2 import benchmark
+from vist2.benchmark import FlopShape, chunk_flops, decode_flops, flops_per_token, image_flops, kv_layout
+from vist2.cli import CLIError
+
+N, M = 150, 140
+K, BETA = 64, 16  # the tiny preset
+BYTES_PER_ENTRY = 2 * 2 * 2 * 16 * 4  # K and V x 2 layers x 2 KV heads x head_dim 16 x float32
+
+
+def _args(argv):
+    parser = argparse.ArgumentParser(prog="vist2")
+    benchmark.add_parser(parser.add_subparsers())
+    return parser.parse_args(["bench", *argv])
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    threads = torch.get_num_threads()
+    try:  # one thread: tiny matmuls on a busy shared CPU are far steadier (and faster) that way
+        args = _args(["--preset", "tiny", "--prompt-tokens", str(N), "--new-tokens", str(M),
+                      "--modes", "gcc,pcc,none,hf", "--threads", "1", "--no-warmup", "--out", str(out)])
+        assert args.func(args) == 0
+    finally:
+        torch.set_num_threads(threads)
+    return out, json.loads((out / "bench.json").read_text())
+
+
+def test_every_mode_runs_for_the_fixed_length(report):
+    _, r = report
+    assert list(r["modes"]) == ["gcc", "pcc", "none", "hf"]
+    for name, m in r["modes"].items():
+        assert m["new_tokens"] == M and m["prompt_tokens"] == N, name
+        assert m["ttft_s"] > 0 and m["decode_tokens_per_s"] > 0 and m["decode_s"] > 0, name
+        assert m["flops_per_token"]["mean"] > 0, name
+        assert len(m["buckets"]) == 4 and all(b["steps"] > 0 for b in m["buckets"]), name
+    assert r["model"]["K"] == K and r["model"]["beta"] == BETA
+    assert r["command"].startswith("vist2 bench --preset tiny --prompt-tokens 150 --new-tokens 140")
+    assert r["machine"]["torch"] == torch.__version__
+
+
+def test_kv_entries_follow_the_layout(report):
+    _, r = report
+    g, p, n, h = (r["modes"][k] for k in ("gcc", "pcc", "none", "hf"))
+    # prompt 150 = 64 + 64 + a tail of 22 > beta=16, so the tail is compressed too: 3 images, 48 entries.
+    # The last of the 140 tokens is sampled but never fed back: 139 tokens enter the cache.
+    prompt_kv, fed = 3 * BETA, M - 1
+    # gcc: 139 = 2 windows of 64 (-> 16 each) + 11 open tokens
+    assert g["kv_tokens"] == prompt_kv + 2 * BETA + 11 == 91
+    # peak: while the second window is compressed it and its visual tokens are both held
+    assert g["kv_tokens_peak"] == prompt_kv + BETA + K + BETA == 144
+    assert g["chunks_compressed"] == 3 + 2 and g["compression"]["decode_chunks"] == 2
+    assert p["kv_tokens"] == p["kv_tokens_peak"] == prompt_kv + fed == 187
+    assert p["chunks_compressed"] == 3 and p["compression"]["decode_chunks"] == 0
+    assert n["kv_tokens"] == n["kv_tokens_peak"] == N + fed == 289
+    assert h["kv_tokens"] == n["kv_tokens"]  # the plain transformers cache holds what mode none holds
+    for name, m in r["modes"].items():
+        assert m["kv_bytes"] == m["kv_tokens"] * BYTES_PER_ENTRY, name
+        assert (m["kv_expected"]["final"], m["kv_expected"]["peak"]) == (m["kv_tokens"], m["kv_tokens_peak"]), name
+    assert 0 < g["compression"]["fraction_of_decode"] < 1
+    assert g["flops_per_token"]["terms_at_end"]["compression"] > 0
+    assert n["flops_per_token"]["at_end"] == h["flops_per_token"]["at_end"]
+
+
+def test_curves_and_plots(report):
+    out, r = report
+    for name, m in r["modes"].items():
+        c = m["curve"]
+        # engine: steps 2..M-1 (the first token comes with prefill, the last step runs no forward); hf: 1..M-1
+        assert len(c["context"]) == len(c["ms_per_token"]) == len(c["kv_tokens"]) == (M - 1 if name == "hf" else M - 2)
+        assert c["context"][-1] == N + M - 1
+    assert r["modes"]["none"]["curve"]["kv_tokens"] == r["modes"]["none"]["curve"]["context"]
+    assert min(r["modes"]["gcc"]["curve"]["kv_tokens"]) < r["modes"]["gcc"]["curve"]["kv_tokens"][0] + K
+    for png in r["plots"]:
+        assert (out / png).stat().st_size > 1000
+    assert {"decode_ms_per_token.png", "kv_entries.png"} <= set(r["plots"])
+
+
+def test_from_a_checkpoint_folder(tiny_dir, tmp_path):
+    threads = torch.get_num_threads()
+    try:
+        args = _args(["--model", str(tiny_dir), "--prompt-tokens", "40", "--new-tokens", "5", "--modes", "none",
+                      "--threads", "1", "--no-warmup", "--out", str(tmp_path)])
+        assert args.func(args) == 0
+    finally:
+        torch.set_num_threads(threads)
+    r = json.loads((tmp_path / "bench.json").read_text())
+    assert r["modes"]["none"]["kv_tokens"] == 40 + 4
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--preset", "tiny", "--prompt-tokens", "10", "--new-tokens", "10", "--modes", "gcc,fast"], "unknown mode"),
+    (["--preset", "tiny", "--prompt-tokens", "0", "--new-tokens", "10"], "must be > 0"),
+    (["--preset", "tiny", "--prompt-tokens", "10", "--new-tokens", "-3"], "must be > 0"),
+    (["--preset", "tiny", "--model", "x", "--prompt-tokens", "10", "--new-tokens", "10"], "exactly one"),
+    (["--prompt-tokens", "10", "--new-tokens", "10"], "exactly one"),
+    (["--preset", "huge", "--prompt-tokens", "10", "--new-tokens", "10"], "unknown"),
+    (["--preset", "tiny", "--prompt-tokens", "10", "--new-tokens", "10", "--batch", "0"], "--batch"),
+])
+def test_bad_arguments(argv, message, tmp_path):
+    args = _args([*argv, "--out", str(tmp_path / "o")])
+    with pytest.raises(CLIError, match=message):
+        args.func(args)
+
+
+def test_a_folder_without_config_is_refused(tmp_path):
+    (tmp_path / "ckpt").mkdir()
+    args = _args(["--model", str(tmp_path / "ckpt"), "--prompt-tokens", "10", "--new-tokens", "10",
+                  "--out", str(tmp_path / "o")])
+    with pytest.raises(CLIError, match="no config.json"):
+        args.func(args)
+
+
+def test_flops_formula_by_hand():
+    s = FlopShape(llm_layers=2, llm_heads=4, llm_head_dim=16, llm_body_params=1000, lm_head_params=500,
+                  vit_layers=1, vit_hidden=8, vit_params=100, n_patches=4, aligner_params=10,
+                  chunk_tokens=8, n_visual=2)
+    # decode at 10 live entries: 2 * (1000 + 500) matmul, 4 * 2 * 4 * 16 * 10 attention
+    assert decode_flops(s, 10) == {"matmul": 3000, "attention": 5120}
+    # image: 2*100*4 patches + 4*1*8*4^2 attention + 2*10*2 aligner
+    assert image_flops(s) == 800 + 512 + 40
+    # chunk at 10 entries: image + 2*1000*2 (beta tokens) + 4*2*4*16 * (2*10 + 2*3/2)
+    assert chunk_flops(s, 10) == 1352 + 4000 + 512 * 23
+    gcc = flops_per_token(s, 10, "gcc")
+    assert gcc["compression"] == 17128 / 8 and gcc["total"] == 8120 + 17128 / 8
+    for mode in ("pcc", "none", "hf"):
+        assert flops_per_token(s, 10, mode) == {"matmul": 3000, "attention": 5120, "compression": 0.0,
+                                                "total": 8120}
+
+
+def test_kv_layout_tail_rule():
+    assert kv_layout(150, 140, K, BETA, "gcc") == {"prompt": 48, "final": 91, "peak": 144}
+    assert kv_layout(140, 2, K, BETA, "pcc") == {"prompt": 2 * BETA + 12, "final": 45, "peak": 45}  # tail 12 raw
+    assert kv_layout(128, 65, K, BETA, "gcc") == {"prompt": 32, "final": 48, "peak": 32 + K + BETA}
+    assert kv_layout(150, 140, K, BETA, "none") == {"prompt": 150, "final": 289, "peak": 289}
+    # interleaved: a chunk's text is held with its visual tokens while they read it
+    assert kv_layout(150, 1, K, BETA, "pcc", "interleaved")["peak"] == BETA + K + BETA
