@@ -34,6 +34,7 @@ import PIL
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+from vist2.metrics import cer, ocr_read_back  # noqa: E402
 from vist2.render import RENDER_PRESETS, Renderer  # noqa: E402
 
 
@@ -132,57 +133,9 @@ def bench_one(renderer: Renderer, chunks: list[str], min_seconds: float, repeats
     }
 
 
-def _levenshtein(a: str, b: str) -> int:
-    # Bit-parallel edit distance (Myers 1999 / Hyyro 2001), Python ints as bit vectors.
-    if len(a) < len(b):
-        a, b = b, a
-    m = len(b)
-    if m == 0:
-        return len(a)
-    peq: dict[str, int] = {}
-    for i, c in enumerate(b):
-        peq[c] = peq.get(c, 0) | (1 << i)
-    mask, last = (1 << m) - 1, 1 << (m - 1)
-    pv, mv, score = mask, 0, m
-    for c in a:
-        eq = peq.get(c, 0)
-        xv = eq | mv
-        xh = (((eq & pv) + pv) ^ pv) | eq
-        ph = mv | ~(xh | pv)
-        mh = pv & xh
-        if ph & last:
-            score += 1
-        elif mh & last:
-            score -= 1
-        ph = (ph << 1) | 1
-        mh <<= 1
-        pv = (mh | ~(xv | ph)) & mask
-        mv = ph & xv & mask
-    return score
-
-
 def ocr_cer(engine, renderer: Renderer, text: str, scale: int = 2) -> float:
-    """Character error rate (whitespace removed) of rapidocr reading the render back.
-
-    Same procedure as tests/test_render.py: LANCZOS upscale (adds no
-    information), detection + recognition without the angle classifier, boxes
-    ordered by the renderer's text rows, then by x.
-    """
-    from PIL import Image
-
-    size = renderer.font_size_for(text)
-    img = renderer.render_image(text)
-    big = img.resize((img.width * scale, img.height * scale), Image.LANCZOS)
-    result, _ = engine(np.asarray(big.convert("RGB")), use_cls=False)
-    _, ch, _, _ = renderer.grid(size)
-    m = renderer.config.margin
-    boxes = sorted(
-        (int((sum(p[1] for p in box) / len(box) / scale - m) // ch), min(p[0] for p in box), txt)
-        for box, txt, _ in (result or [])
-    )
-    ref = re.sub(r"\s+", "", text)
-    hyp = re.sub(r"\s+", "", "".join(t for _, _, t in boxes))
-    return _levenshtein(ref, hyp) / len(ref)
+    """Character error rate of rapidocr reading the render back (as tests/test_render.py does)."""
+    return cer(text, ocr_read_back(engine, renderer, text, scale))
 
 
 def main(argv: list[str] | None = None) -> int:

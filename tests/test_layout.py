@@ -7,7 +7,6 @@ import torch
 from vist2.attention import allowed_mask, block_mask, dense_mask, additive_mask
 from vist2.layout import (
     IGNORE,
-    Chunk,
     Kind,
     Raw,
     build_sample,

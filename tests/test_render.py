@@ -6,12 +6,11 @@ import importlib.util
 import json
 import os
 import re
-import unicodedata
 
 import numpy as np
 import pytest
-from PIL import Image
 
+from vist2.metrics import cer, ocr_read_back
 from vist2.render import (
     RENDER_PRESETS,
     Renderer,
@@ -457,71 +456,17 @@ def test_fonts_resolve_by_name_and_path():
 # ----------------------------------------------------------------------------- OCR legibility
 
 
-def _levenshtein(a: str, b: str) -> int:
-    # Bit-parallel edit distance (Myers 1999 / Hyyro 2001) with Python ints as
-    # bit vectors: ~10 ms for two 4000-character strings.
-    if len(a) < len(b):
-        a, b = b, a
-    m = len(b)
-    if m == 0:
-        return len(a)
-    peq: dict[str, int] = {}
-    for i, c in enumerate(b):
-        peq[c] = peq.get(c, 0) | (1 << i)
-    mask, last = (1 << m) - 1, 1 << (m - 1)
-    pv, mv, score = mask, 0, m
-    for c in a:
-        eq = peq.get(c, 0)
-        xv = eq | mv
-        xh = (((eq & pv) + pv) ^ pv) | eq
-        ph = mv | ~(xh | pv)
-        mh = pv & xh
-        if ph & last:
-            score += 1
-        elif mh & last:
-            score -= 1
-        ph = (ph << 1) | 1
-        mh <<= 1
-        pv = (mh | ~(xv | ph)) & mask
-        mv = ph & xv & mask
-    return score
-
-
-def test_levenshtein():
-    assert _levenshtein("kitten", "sitting") == 3
-    assert _levenshtein("", "abc") == 3
-    assert _levenshtein("红楼梦", "红楼") == 1
-    assert _levenshtein("a" * 100, "a" * 100) == 0
-    assert _levenshtein("abcdef" * 30, "abcxef" * 30) == 30
-
-
-def _cer(ref: str, hyp: str) -> float:
-    ref, hyp = re.sub(r"\s+", "", ref), re.sub(r"\s+", "", hyp)
-    return _levenshtein(ref, hyp) / len(ref)
+def test_cer():
+    assert cer("kitten", "sitting") == 3 / 6
+    assert cer("红楼梦", "红楼") == 1 / 3
+    assert cer("a b\nc", "abc") == 0.0  # whitespace does not count
+    assert cer("abcdef" * 30, "abcxef" * 30) == 30 / 180
 
 
 @pytest.fixture(scope="module")
 def ocr():
     mod = pytest.importorskip("rapidocr_onnxruntime")
     return mod.RapidOCR()
-
-
-def _read_back(ocr, r: Renderer, text: str) -> str:
-    size = r.font_size_for(text)
-    img = r.render_image(text)
-    # 2x LANCZOS upscaling adds no information; it only brings 11-14 px lines
-    # closer to the 48 px line height rapidocr's recogniser was trained on.
-    scale = 2
-    big = img.resize((img.width * scale, img.height * scale), Image.LANCZOS)
-    result, _ = ocr(np.asarray(big.convert("RGB")), use_cls=False)
-    # Order the detected boxes by the renderer's own text rows, then by x.
-    _, ch, _, _ = r.grid(size)
-    m = r.config.margin
-    boxes = []
-    for box, txt, _score in result or []:
-        y = sum(p[1] for p in box) / len(box) / scale
-        boxes.append((int((y - m) // ch), min(p[0] for p in box), txt))
-    return "".join(t for _, _, t in sorted(boxes))
 
 
 @pytest.mark.slow
@@ -532,7 +477,7 @@ def test_ocr_reads_back_1024_token_chunks(ocr, r):
     # at 1024x1024 (17/24 px) is about 0.012 / 0.006, so the remaining errors
     # are mostly the OCR's.  Thresholds: about 2-3x the measured values, far
     # below what an illegible render gives (paper 256x256: 0.89 / 0.47).
-    cer_en = _cer(EN_1024, _read_back(ocr, r, EN_1024))
-    cer_zh = _cer(ZH_1024, _read_back(ocr, r, ZH_1024))
+    cer_en = cer(EN_1024, ocr_read_back(ocr, r, EN_1024))
+    cer_zh = cer(ZH_1024, ocr_read_back(ocr, r, ZH_1024))
     assert cer_en < 0.035, cer_en
     assert cer_zh < 0.02, cer_zh
