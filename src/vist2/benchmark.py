@@ -141,33 +141,35 @@ def flop_shape(model) -> FlopShape:
 
 
 def kv_layout(n_prompt: int, n_new: int, K: int, beta: int, mode: str, prompt_encoding: str = "visual") -> dict:
-    """Cache entries of one sequence whose whole prompt is the query (tail rule) and which
-    generates ``n_new`` tokens: ``prompt`` (after prefill), ``final`` and ``peak``.
+    """Cache entries of one sequence whose whole prompt is the query and which generates ``n_new``
+    tokens: ``prompt`` (after prefill), ``final`` and ``peak``.
 
-    The last generated token is sampled but never fed back, so ``n_new - 1`` tokens enter the
-    cache. In gcc each full window of K generated tokens becomes beta visual tokens; while it is
-    being compressed the window and its visual tokens are both held (the peak).
+    Read off the layout plan (:mod:`vist2.layout`), not re-derived: walking the laid-out sequence,
+    every token enters the cache, and after a chunk's last visual token that chunk's evicted text
+    leaves. The last generated token is sampled but never fed, so ``n_new - 1`` tokens enter; one
+    more is laid out so that a window filled exactly at the end counts as compressed, as in the engine.
     """
-    fed = n_new - 1
+    from .layout import Kind, Raw, build_sample, olm_segments, prompt_segments
+
+    query, response = list(range(n_prompt)), list(range(n_new))
     if mode in ("none", "hf"):
-        return {"prompt": n_prompt, "final": n_prompt + fed, "peak": n_prompt + fed}
-    full, tail = divmod(n_prompt, K)
-    if 0 < tail <= beta:  # the tail rule: a short tail stays raw text
-        chunks, raw = full, tail
+        prompt = [Raw(tuple(query))]
     else:
-        chunks, raw = full + (tail > 0), 0
-    prompt = chunks * beta + raw
-    peak = prompt
-    if prompt_encoding == "interleaved":  # chunk i's text runs first, then its visual tokens read it
-        sizes = [K] * full + ([tail] if raw == 0 and tail else [])
-        peak = max([peak] + [i * beta + size + beta for i, size in enumerate(sizes)])
-    if mode == "pcc":
-        return {"prompt": prompt, "final": prompt + fed, "peak": max(peak, prompt + fed)}
-    windows, rest = divmod(fed, K)
-    final = prompt + windows * beta + rest
-    if windows:
-        peak = max(peak, prompt + (windows - 1) * beta + K + beta)
-    return {"prompt": prompt, "final": final, "peak": max(peak, final)}
+        prompt = prompt_segments([], query, [], K, beta, prompt_encoding)
+    reply = olm_segments(response, K, beta) if mode == "gcc" else [Raw(tuple(response))]
+    s = build_sample(prompt + reply)
+    alive, peak, trace = 0, 0, []
+    for t in range(len(s)):
+        alive += 1
+        peak = max(peak, alive)
+        last_visual = s.kind[t] == Kind.VISUAL and (t + 1 == len(s) or s.kind[t + 1] != Kind.VISUAL
+                                                    or s.chunk[t + 1] != s.chunk[t])
+        if last_visual:
+            alive -= sum(1 for c, e in zip(s.chunk, s.evicted) if e and c == s.chunk[t])
+        trace.append((alive, peak))
+    n_prompt_slots = len(build_sample(prompt))
+    final_alive, final_peak = trace[len(s) - 2]  # before the never-fed last token
+    return {"prompt": trace[n_prompt_slots - 1][0], "final": final_alive, "peak": final_peak}
 
 
 # -- small helpers ----------------------------------------------------------------------
