@@ -473,10 +473,10 @@ def ocr():
 def test_ocr_reads_back_1024_token_chunks(ocr, r):
     # Measured with rapidocr-onnxruntime 1.4.4 (PP-OCRv4), this geometry and 2x
     # upscaling: English CER 0.0160 (9 px, 5x11 cells), Chinese CER 0.0068
-    # (CJK 13 px in 14x14 boxes).  rapidocr's own floor on the same texts drawn
-    # at 1024x1024 (17/24 px) is about 0.012 / 0.006, so the remaining errors
-    # are mostly the OCR's.  Thresholds: about 2-3x the measured values, far
-    # below what an illegible render gives (paper 256x256: 0.89 / 0.47).
+    # (CJK 13 px in 14x14 boxes).  The same texts drawn at 1024x1024 (17/24 px)
+    # read back at 0.0003 / 0.006, so Chinese is at rapidocr's floor and English
+    # at 9 px loses ~1.5% of characters.  Thresholds: about 2-3x the measured
+    # values, far below an illegible render (paper 256x256: 0.89 / 0.47).
     cer_en = cer(EN_1024, ocr_read_back(ocr, r, EN_1024))
     cer_zh = cer(ZH_1024, ocr_read_back(ocr, r, ZH_1024))
     assert cer_en < 0.035, cer_en
