@@ -136,6 +136,8 @@ class Sampler:
         return scores[0]
 
     def __call__(self, logits_V: torch.Tensor, history: Sequence[int]) -> int:
+        if self.params.greedy and not self.needs_history and logits_V.dim() == 1:
+            return int(logits_V.argmax())  # plain greedy: no copy of the vocabulary-sized row
         scores = self.processed(logits_V, history)
         if self.params.greedy:
             return int(scores.argmax())

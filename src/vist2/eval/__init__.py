@@ -1,0 +1,30 @@
+"""Quality evaluation (the paper's Tables 2 and 3) on your own checkpoints and data.
+
+    vist2 eval ocr --model runs/tiny --data passage.txt --ratios 1,2,4,8,10,16 --samples 100 --out runs/eval/ocr.json
+    vist2 eval olm --model runs/tiny --data docs.jsonl --context-tokens 256 --out runs/eval/olm.json
+    lm_eval --model vist2 --model_args pretrained=runs/tiny,mode=gcc --tasks my_task --include_path tasks/
+
+``ocr``: transcription quality by compression ratio (:mod:`vist2.eval.ocr`); ``olm``: perplexity
+with the context as visual memory vs. as plain text (:mod:`vist2.eval.olm`); the lm-eval-harness
+model type ``vist2`` lives in :mod:`vist2.eval.lm_eval_adapter` (``pip install -e ".[eval]"``).
+"""
+
+from __future__ import annotations
+
+
+def add_parser(sub) -> None:
+    """Add ``eval`` with its sub-commands ``ocr`` and ``olm`` to an argparse sub-parsers object."""
+    from . import ocr, olm
+
+    e = sub.add_parser("eval", help="quality evaluation: OCR by compression ratio, optical-LM perplexity",
+                       description="Evaluate a VIST2 checkpoint; each sub-command writes a results JSON "
+                                   "(with the model folder, config hash, data sha256 and command) and prints a table.")
+    esub = e.add_subparsers(dest="eval_command", metavar="EVALUATION")
+    ocr.add_parser(esub)
+    olm.add_parser(esub)
+    e.set_defaults(func=lambda args: _no_evaluation(e))
+
+
+def _no_evaluation(parser) -> int:
+    parser.print_help()
+    return 2

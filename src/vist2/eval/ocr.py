@@ -1,0 +1,258 @@
+"""OCR by compression ratio (the paper's Table 2 protocol).
+
+    vist2 eval ocr --model runs/tiny --data passage.txt --ratios 1,2,4,8,10,16 --samples 100 --out runs/eval/ocr.json
+
+For each ratio r the data's tokens are cut into chunks of L = r x beta tokens; each chunk's text
+is rendered with the model's render config (the same geometry for every r, so a larger r means
+smaller glyphs), read by the vision tower and aligner, and the model writes the text back greedily
+in the MT-OCR layout ``[v, text...]`` (causal, :func:`vist2.layout.ocr_segments`). The
+transcription is scored against the rendered text with ROUGE-1/2/L (a tokenisation that splits
+CJK characters, see :class:`vist2.eval.common.CJKTokenizer`) and the character error rate.
+
+The model's own K (r = K / beta) is one point of the sweep. A ratio whose chunks do not fit the
+image even at the smallest font is a skipped point, with the reason in the JSON.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from typing import Sequence
+
+import torch
+
+from ..layout import ChunkInfo, Kind, build_sample, collate, ocr_segments
+from ..metrics import cer
+from .common import ROUGE_TYPES, rouge, rouge_scorer, table
+
+DEFAULT_RATIOS = (1, 2, 4, 8, 10, 16)
+
+
+def parse_ratios(text: str) -> list[float]:
+    """``"1,2,4"`` -> ``[1.0, 2.0, 4.0]``; ``ValueError`` for anything that is not a positive number."""
+    out = []
+    for part in text.split(","):
+        part = part.strip()
+        try:
+            r = float(part)
+        except ValueError:
+            raise ValueError(f"--ratios: {part!r} is not a number") from None
+        if not (r > 0 and math.isfinite(r)):
+            raise ValueError(f"--ratios: ratios must be positive, got {part!r}")
+        out.append(r)
+    if not out:
+        raise ValueError("--ratios: give at least one ratio")
+    return out
+
+
+def ocr_scores(reference: str, hypothesis: str, scorer=None) -> dict[str, float]:
+    """ROUGE-1/2/L F-measures and CER of one transcription (ROUGE 1.0 and CER 0 when they match)."""
+    return {**rouge(reference, hypothesis, scorer), "cer": cer(reference, hypothesis)}
+
+
+def _eos_ids(model, processor) -> set[int]:
+    tc = model.config.text_config
+    eos = tc.eos_token_id if isinstance(tc.eos_token_id, list) else [tc.eos_token_id]
+    return {e for e in (*eos, processor.tokenizer.eos_token_id) if e is not None}
+
+
+@torch.no_grad()
+def transcribe(model, visual_embeds: torch.Tensor, max_new_tokens: int, stop_ids: Sequence[int] = (),
+               n_tokens: int | None = None) -> list[list[int]]:
+    """Greedy MT-OCR transcription of a batch of images: ``(N, beta, D)`` visual embeddings -> token ids.
+
+    The layout ``[v, g_1 .. g_max]`` is planned once by :func:`ocr_segments`; since it is causal, the
+    plan of a prefix is the prefix of this plan, so each step feeds the next slot with its planned
+    position and its row of the planned mask, against a KV cache. Rows stop at a stop id (not
+    included); ``n_tokens`` masks padded vocabulary rows the tokenizer cannot decode.
+    """
+    from transformers import DynamicCache
+
+    from ..attention import additive_mask
+
+    N, beta = visual_embeds.shape[0], visual_embeds.shape[1]
+    dev, dtype = model.device, visual_embeds.dtype
+    # the token values do not change positions or visibility, so placeholders plan the whole run
+    plan = collate([build_sample(ocr_segments([[0] * max_new_tokens], beta))] * N)
+    mask = additive_mask(plan, dtype).to(dev)
+    position = plan.position.to(dev)
+    visual = plan.kind == Kind.VISUAL
+    cache = DynamicCache(config=model.config.text_config)
+    out: list[list[int]] = [[] for _ in range(N)]
+    done = torch.zeros(N, dtype=torch.bool)
+    stop = torch.tensor(sorted(stop_ids), dtype=torch.long)
+    ids = plan.input_ids[:, :beta]  # the visual slots (-1), filled from visual_embeds
+    start = 0
+    for step in range(max_new_tokens):
+        end = start + ids.shape[1]
+        logits = model(
+            input_ids=ids.to(dev), visual_mask=visual[:, start:end].to(dev),
+            visual_embeds=visual_embeds if step == 0 else None,
+            position_ids=position[:, start:end], attention_mask=mask[:, :, start:end, :end],
+            past_key_values=cache, use_cache=True, logits_to_keep=1,
+        ).logits[:, -1].float()
+        if n_tokens is not None:
+            logits[:, n_tokens:] = float("-inf")
+        nxt = logits.argmax(-1).cpu()
+        done |= torch.isin(nxt, stop)
+        for i in range(N):
+            if not done[i]:
+                out[i].append(int(nxt[i]))
+        if bool(done.all()):
+            break
+        ids, start = nxt[:, None], end
+    return out
+
+
+def _chunks(processor, docs_ids: list[list[int]], L: int, beta: int, n: int) -> list[tuple[list[int], str]]:
+    """The first ``n`` whole chunks of L tokens, in document order, with the text an image of each shows
+    (a character split by a chunk boundary is shown in the later chunk, as in training)."""
+    out = []
+    for d, ids in enumerate(docs_ids):
+        infos = [ChunkInfo(tuple(ids[i : i + L]), beta, 0, d) for i in range(0, len(ids) - L + 1, L)]
+        infos = infos[: n - len(out)]
+        out += [(list(c.tokens), t) for c, t in zip(infos, processor.chunk_texts(infos))]
+        if len(out) >= n:
+            break
+    return out
+
+
+def evaluate_ocr(model, processor, documents: Sequence[str], ratios: Sequence[float] = DEFAULT_RATIOS,
+                 samples: int = 100, batch_size: int = 8, margin: float = 0.1, progress: bool = True,
+                 examples: int = 2) -> list[dict]:
+    """One result per ratio: mean ROUGE-1/2/L F-measure and CER over up to ``samples`` images, or
+    ``{"ratio", "tokens_per_image", "skipped": reason}``.
+
+    Generation stops at EOS or after ``L + ceil(margin * L)`` tokens (MT-OCR training has no stop
+    token after a chunk, so a trained model usually runs to the cap; the margin keeps a reader that
+    drops a few tokens from being cut short).
+    """
+    from tqdm.auto import tqdm
+
+    if samples <= 0:
+        raise ValueError(f"samples must be > 0, got {samples}")
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be > 0, got {batch_size}")
+    if margin < 0:
+        raise ValueError(f"margin must be >= 0, got {margin}")
+    cfg = model.config
+    beta, K = cfg.n_visual, cfg.chunk_tokens
+    rc = processor.renderer.config
+    docs_ids = [processor.encode(d) for d in documents]
+    longest = max((len(x) for x in docs_ids), default=0)
+    stop, n_tokens = _eos_ids(model, processor), len(processor.tokenizer)
+    scorer = rouge_scorer()
+    points = []
+    for r in ratios:
+        L = int(round(r * beta))
+        point: dict = {"ratio": r, "tokens_per_image": L, "model_ratio": L == K}
+        points.append(point)
+        if L < 1:
+            point["skipped"] = f"r={r:g} gives {r * beta:g} tokens per image; at least 1 is needed"
+            continue
+        chunks = _chunks(processor, docs_ids, L, beta, samples)
+        if not chunks:
+            point["skipped"] = (f"no document has a whole chunk of L={L} tokens (r={r:g} x beta={beta}); "
+                                f"the longest has {longest} tokens")
+            continue
+        fits = [processor.renderer.fits(t) for _, t in chunks]
+        point["unfit"] = fits.count(False)
+        chunks = [c for c, ok in zip(chunks, fits) if ok]
+        if not chunks:
+            point["skipped"] = (f"a chunk of L={L} tokens does not fit the {rc.height}x{rc.width} image even at "
+                                f"min_font_size={rc.min_font_size}")
+            continue
+        cap = L + math.ceil(margin * L)
+        t0 = time.perf_counter()
+        scores: list[dict] = []
+        point["examples"] = []
+        bar = tqdm(total=len(chunks), desc=f"ocr r={r:g} L={L}", unit="img", disable=not progress, file=sys.stderr)
+        for i in range(0, len(chunks), batch_size):
+            batch = chunks[i : i + batch_size]
+            texts = [t for _, t in batch]
+            pixels = processor.pixels_from_texts(texts).to(model.device, model.dtype)
+            with torch.no_grad():
+                visual = model.model.encode_images(pixels)
+            hyps = [processor.decode(g) for g in transcribe(model, visual, cap, stop, n_tokens)]
+            for ref, hyp in zip(texts, hyps):
+                scores.append(ocr_scores(ref, hyp, scorer))
+                if len(point["examples"]) < examples:
+                    point["examples"].append({"reference": ref[:300], "transcription": hyp[:300]})
+            bar.update(len(batch))
+        bar.close()
+        point["n"] = len(scores)
+        for k in (*ROUGE_TYPES, "cer"):
+            point[k] = sum(s[k] for s in scores) / len(scores)
+        point["chars_per_image"] = sum(len(t) for _, t in chunks) / len(chunks)
+        point["font_size"] = min(processor.renderer.font_size_for(t) for _, t in chunks)
+        point["seconds"] = round(time.perf_counter() - t0, 3)
+    return points
+
+
+def format_table(points: Sequence[dict]) -> str:
+    rows = []
+    for p in points:
+        tag = " (model K)" if p.get("model_ratio") else ""
+        if "skipped" in p:
+            rows.append([f"{p['ratio']:g}{tag}", p["tokens_per_image"], 0, "-", "-", "-", "-", "skipped: " + p["skipped"]])
+        else:
+            note = f"{p['unfit']} chunk(s) did not fit" if p.get("unfit") else ""
+            rows.append([f"{p['ratio']:g}{tag}", p["tokens_per_image"], p["n"], f"{p['rouge1']:.4f}",
+                         f"{p['rouge2']:.4f}", f"{p['rougeL']:.4f}", f"{p['cer']:.4f}", note])
+    return table(rows, ["ratio", "L", "n", "ROUGE-1", "ROUGE-2", "ROUGE-L", "CER", "note"])
+
+
+def cmd_eval_ocr(args) -> int:
+    from ..cli import CLIError
+    from .common import load, provenance, read_documents, write_json
+
+    try:
+        ratios = parse_ratios(args.ratios)
+        docs = read_documents(args.data)
+        model, processor = load(args.model, args.device, args.dtype)
+    except ValueError as e:
+        raise CLIError(str(e)) from e
+    samples = min(args.samples, args.limit) if args.limit is not None else args.samples
+    try:
+        points = evaluate_ocr(model, processor, docs, ratios, samples=samples, batch_size=args.batch_size,
+                              margin=args.margin, progress=not args.no_progress)
+    except ValueError as e:
+        raise CLIError(str(e)) from e
+    cfg = model.config
+    results = {
+        "evaluation": "ocr",
+        "provenance": provenance(args.model, cfg, args.data),
+        "model_geometry": {"chunk_tokens": cfg.chunk_tokens, "n_visual": cfg.n_visual,
+                           "compression_ratio": cfg.compression_ratio, "image": [cfg.render["height"], cfg.render["width"]],
+                           "min_font_size": processor.renderer.config.min_font_size},
+        "settings": {"ratios": ratios, "samples": samples, "batch_size": args.batch_size, "margin": args.margin,
+                     "decoding": "greedy", "layout": "MT-OCR [v, text] causal", "metric": "mean F-measure"},
+        "points": points,
+    }
+    path = write_json(args.out, results)
+    print(format_table(points))
+    print(f"wrote {path}")
+    if all("skipped" in p for p in points):
+        raise CLIError("no ratio could be evaluated: " + "; ".join(f"r={p['ratio']:g}: {p['skipped']}" for p in points))
+    return 0
+
+
+def add_parser(sub) -> None:
+    q = sub.add_parser("ocr", help="OCR quality by compression ratio (ROUGE-1/2/L, CER)",
+                       description="Cut the data into chunks of L = r x beta tokens, render each, let the model "
+                                   "transcribe it greedily (MT-OCR layout) and score against the source per ratio.")
+    q.add_argument("--model", required=True, metavar="DIR", help="a VIST2 checkpoint folder")
+    q.add_argument("--data", required=True, metavar="PATH", help='plain UTF-8 text, or .jsonl with a "text" field')
+    q.add_argument("--ratios", default=",".join(str(r) for r in DEFAULT_RATIOS), metavar="LIST",
+                   help="comma-separated compression ratios r (default 1,2,4,8,10,16)")
+    q.add_argument("--samples", type=int, default=100, metavar="N", help="images per ratio (default 100)")
+    q.add_argument("--limit", type=int, default=None, metavar="N", help="quick run: at most N images per ratio")
+    q.add_argument("--batch-size", type=int, default=8, metavar="B", help="images transcribed together")
+    q.add_argument("--margin", type=float, default=0.1, metavar="F",
+                   help="new tokens are capped at L + ceil(F x L) (default 0.1)")
+    q.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+    q.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    q.add_argument("--no-progress", action="store_true", help="no progress bars")
+    q.add_argument("--out", required=True, metavar="FILE", help="results JSON")
+    q.set_defaults(func=cmd_eval_ocr)

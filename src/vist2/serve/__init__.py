@@ -1,0 +1,134 @@
+"""``vist2 serve``: an OpenAI-compatible HTTP server with global context compression.
+
+    vist2 serve --model runs/tiny                       # http://127.0.0.1:8000/v1
+    python -m vist2.serve --model runs/tiny --port 8001 --api-key "$KEY" --max-batch 8 --max-queue 64
+
+Endpoints: ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions`` (SSE streaming
+or not; ``n``, ``stop``, ``max_tokens``, ``temperature``, ``top_p``, ``seed``), ``GET /health`` and
+``GET /metrics`` (Prometheus). The compression mode is chosen per request with the body field
+``"mode": "gcc" | "pcc" | "none"`` (default: ``--mode``, itself ``gcc``); ``usage.compression``
+reports what it did. Modules: :mod:`.protocol` (bodies), :mod:`.serving` (requests to engine calls),
+:mod:`.scheduler` (the thread that owns the engine), :mod:`.app` (routes, errors).
+
+Example, once a server runs::
+
+    >>> from openai import OpenAI
+    >>> client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="none")          # doctest: +SKIP
+    >>> chat = client.chat.completions.create(model="tiny", max_tokens=32,
+    ...     messages=[{"role": "user", "content": "Hello"}], extra_body={"mode": "gcc"})  # doctest: +SKIP
+    >>> chat.choices[0].message.content, chat.usage.compression                         # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+import os
+import sys
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def _add_arguments(q: argparse.ArgumentParser) -> None:
+    q.add_argument("--model", required=True, metavar="DIR", help="a VIST2 checkpoint folder")
+    q.add_argument("--served-model-name", metavar="NAME",
+                   help="the model id clients send (default: the folder's name)")
+    q.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0 exposes it)")
+    q.add_argument("--port", type=int, default=8000)
+    q.add_argument("--api-key", metavar="KEY", default=os.environ.get("VIST2_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1/* (default: $VIST2_API_KEY; unset = open)")
+    q.add_argument("--max-batch", type=int, default=8, metavar="N", help="sequences decoded together (cache rows)")
+    q.add_argument("--max-queue", type=int, default=256, metavar="N",
+                   help="sequences allowed to wait for a row; more get 429 (default 256)")
+    q.add_argument("--max-prompt-tokens", type=int, default=None, metavar="N",
+                   help="longer prompts get 413 (default: only the memory limit, --max-cache-tokens)")
+    q.add_argument("--max-cache-tokens", type=int, default=None, metavar="N",
+                   help="KV entries one sequence may hold (default: the LLM's max positions)")
+    q.add_argument("--mode", choices=["gcc", "pcc", "none"], default="gcc",
+                   help="compression mode of requests that do not choose one (default gcc)")
+    q.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    q.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="default: bfloat16 on CUDA, float32 on CPU")
+    q.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"], default="info")
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    """Add the ``serve`` sub-command to the ``vist2`` parser's sub-parsers."""
+    q = sub.add_parser("serve", help="OpenAI-compatible HTTP server with global context compression",
+                       description="Serve a VIST2 checkpoint over /v1/completions and /v1/chat/completions "
+                                   "(FastAPI + uvicorn). Binds 127.0.0.1 unless --host says otherwise.")
+    _add_arguments(q)
+    q.set_defaults(func=cmd_serve)
+    return q
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def cmd_serve(args) -> int:
+    from ..cli import CLIError
+
+    for flag, value, low in (("--port", args.port, 0), ("--max-batch", args.max_batch, 1),
+                             ("--max-queue", args.max_queue, 1), ("--max-prompt-tokens", args.max_prompt_tokens, 1),
+                             ("--max-cache-tokens", args.max_cache_tokens, 1)):
+        if value is not None and value < low:
+            raise CLIError(f"{flag} must be >= {low}, got {value}")
+    if args.port > 65535:
+        raise CLIError(f"--port must be <= 65535, got {args.port}")
+    if args.api_key is not None and not args.api_key.strip():
+        raise CLIError("--api-key must not be empty")
+    folder = Path(args.model)
+    if not (folder / "config.json").is_file():
+        raise CLIError(f"--model {folder}: not a VIST2 checkpoint folder (no config.json)")
+
+    import torch
+    import uvicorn
+
+    from ..engine import Engine
+    from .app import create_app
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype_name = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+    dtype = getattr(torch, dtype_name)
+    try:
+        engine = Engine.from_pretrained(folder, dtype=dtype, device=device, max_batch=args.max_batch,
+                                        max_cache_tokens=args.max_cache_tokens)
+    except (ValueError, OSError) as e:
+        raise CLIError(f"--model {folder}: {e}") from e
+    name = args.served_model_name or folder.resolve().name
+    app = create_app(engine, name, api_key=args.api_key, max_queue=args.max_queue,
+                     max_prompt_tokens=args.max_prompt_tokens, default_mode=args.mode)
+    if not _is_loopback(args.host) and args.api_key is None:
+        log.warning("serving on %s without --api-key: anyone who can reach it can use it", args.host)
+    print(f"vist2 serve: {folder} as {name!r} on http://{args.host}:{args.port}/v1 ({device}, {dtype_name}; "
+          f"batch {args.max_batch}, queue {args.max_queue}, KV limit {engine.max_cache_tokens}/sequence, "
+          f"default mode {args.mode})", file=sys.stderr, flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m vist2.serve ...``: the same command without the ``vist2`` front end."""
+    from ..cli import CLIError
+
+    p = argparse.ArgumentParser(prog="vist2 serve", description=add_parser.__doc__)
+    _add_arguments(p)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    try:
+        return cmd_serve(args)
+    except CLIError as e:
+        print(f"vist2 serve: error: {e}", file=sys.stderr)
+        return 2
+
+
+__all__ = ["add_parser", "cmd_serve", "main"]

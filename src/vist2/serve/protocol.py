@@ -1,0 +1,317 @@
+"""Request and response bodies of the OpenAI-compatible API, as pydantic models.
+
+One model per endpoint and direction, so FastAPI validates every request before any engine work
+and a bad field becomes a 400 naming it. Fields OpenAI defines but this server cannot honour
+(``logprobs``, ``echo``, penalties, tools ...) are accepted only at their neutral value: a client
+asking for them gets a clear 400 instead of a silently different answer. Unknown fields are
+rejected for the same reason (a typo such as ``"mdoe"`` must not fall back to the default).
+
+VIST2 extras ride in the request body next to the OpenAI fields (``extra_body`` in the ``openai``
+client): ``mode`` (``gcc`` | ``pcc`` | ``none``), ``ignore_eos``, ``top_k``, ``repetition_penalty``,
+``no_repeat_ngram_size``, ``stop_token_ids``.
+
+Example::
+
+    >>> from vist2.serve.protocol import CompletionRequest, ErrorResponse
+    >>> r = CompletionRequest.model_validate({"model": "tiny", "prompt": "Hi", "max_tokens": 4, "mode": "pcc"})
+    >>> r.mode, r.max_tokens, r.temperature
+    ('pcc', 4, 1.0)
+    >>> ErrorResponse.of("bad", param="n").model_dump()["error"]["param"]
+    'n'
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+Mode = Literal["gcc", "pcc", "none"]
+
+
+# -- errors -----------------------------------------------------------------------------
+
+
+class ErrorInfo(BaseModel):
+    message: str
+    type: str
+    param: Optional[str] = None
+    code: Optional[str] = None
+
+
+class ErrorResponse(BaseModel):
+    """OpenAI's error body: ``{"error": {"message", "type", "param", "code"}}`` (every non-2xx answer)."""
+
+    error: ErrorInfo
+
+    @classmethod
+    def of(cls, message: str, type: str = "invalid_request_error", param: str | None = None,
+           code: str | None = None) -> "ErrorResponse":
+        return cls(error=ErrorInfo(message=message, type=type, param=param, code=code))
+
+
+class APIError(Exception):
+    """An error meant for the client: its HTTP status and OpenAI error fields (never a traceback)."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+    def response(self) -> ErrorResponse:
+        return ErrorResponse.of(self.message, self.type, self.param, self.code)
+
+
+# -- requests ---------------------------------------------------------------------------
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+def _neutral(name: str, value, neutral) -> None:
+    if value is not None and value != neutral:
+        raise ValueError(f"{name} is not supported by this server (leave it unset)")
+
+
+class _GenerationRequest(_Strict):
+    """Fields shared by /v1/completions and /v1/chat/completions."""
+
+    model: str
+    temperature: float = Field(1.0, ge=0, le=2)  # OpenAI's default; 0 = greedy
+    top_p: float = Field(1.0, gt=0, le=1)
+    n: int = Field(1, ge=1, le=128)
+    stream: bool = False
+    stream_options: Optional[StreamOptions] = None
+    stop: Union[str, list[str], None] = None
+    seed: Optional[int] = None
+    user: Optional[str] = None
+    # OpenAI fields accepted only at their neutral value
+    presence_penalty: Optional[float] = None
+    frequency_penalty: Optional[float] = None
+    logit_bias: Optional[dict[str, float]] = None
+    # VIST2 extras
+    mode: Optional[Mode] = None  # None: the server's default (gcc unless started otherwise)
+    ignore_eos: bool = False
+    top_k: int = Field(0, ge=0)
+    repetition_penalty: float = Field(1.0, gt=0)
+    no_repeat_ngram_size: int = Field(0, ge=0)
+    stop_token_ids: list[int] = Field(default_factory=list)
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, v):
+        stops = [v] if isinstance(v, str) else (v or [])
+        if len(stops) > 16 or not all(stops):
+            raise ValueError("stop must be a non-empty string or a list of at most 16 non-empty strings")
+        return v
+
+    @field_validator("presence_penalty", "frequency_penalty")
+    @classmethod
+    def _penalties(cls, v, info):
+        _neutral(info.field_name, v, 0)
+        return v
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias(cls, v):
+        _neutral("logit_bias", v or None, None)
+        return v
+
+    @property
+    def stops(self) -> tuple[str, ...]:
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class CompletionRequest(_GenerationRequest):
+    """``POST /v1/completions``: a text prompt (or a list of prompts, or token ids)."""
+
+    prompt: Union[str, list[str], list[int], list[list[int]]]
+    max_tokens: Optional[int] = Field(16, ge=1)  # OpenAI's default for completions
+    echo: Optional[bool] = None
+    logprobs: Optional[int] = None
+    best_of: Optional[int] = None
+    suffix: Optional[str] = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, v):
+        if isinstance(v, list) and (not v or any(isinstance(p, list) and not p for p in v)):
+            raise ValueError("prompt must not be empty")
+        return v
+
+    @field_validator("echo", "logprobs", "suffix")
+    @classmethod
+    def _unsupported(cls, v, info):
+        _neutral(info.field_name, v, {"echo": False, "logprobs": None, "suffix": None}[info.field_name])
+        return v
+
+    @field_validator("best_of")
+    @classmethod
+    def _best_of(cls, v):
+        _neutral("best_of", v, 1)
+        return v
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Strict):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Union[str, list[TextPart], None] = None
+    name: Optional[str] = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(p.text for p in self.content)
+        return self.content or ""
+
+
+class ChatCompletionRequest(_GenerationRequest):
+    """``POST /v1/chat/completions``: the last user message is the query that gets compressed."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: Optional[int] = Field(None, ge=1)
+    max_completion_tokens: Optional[int] = Field(None, ge=1)
+    logprobs: Optional[bool] = None
+    top_logprobs: Optional[int] = None
+    tools: Optional[list[dict]] = None
+    tool_choice: Optional[Union[str, dict]] = None
+    response_format: Optional[dict] = None
+    parallel_tool_calls: Optional[bool] = None
+
+    @field_validator("logprobs")
+    @classmethod
+    def _logprobs(cls, v):
+        _neutral("logprobs", v, False)
+        return v
+
+    @field_validator("top_logprobs", "tools", "tool_choice", "parallel_tool_calls")
+    @classmethod
+    def _unsupported(cls, v, info):
+        _neutral(info.field_name, v, {"tool_choice": "none", "tools": []}.get(info.field_name))
+        return v
+
+    @field_validator("response_format")
+    @classmethod
+    def _format(cls, v):
+        if v is not None and v.get("type") != "text":
+            raise ValueError("response_format: only {'type': 'text'} is supported")
+        return v
+
+
+# -- responses --------------------------------------------------------------------------
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+class CompressionUsage(BaseModel):
+    """What global context compression did, summed over the request's choices."""
+
+    mode: Mode
+    chunks_compressed: int = 0  # prompt and generated chunks turned into images
+    visual_tokens: int = 0  # visual tokens in the KV cache at the end
+    kv_entries: int = 0  # KV entries held at the end
+    kv_entries_peak: int = 0
+    kv_entries_uncompressed: int = 0  # what a plain LLM would hold for the same tokens
+    kv_ratio: float = 1.0  # kv_entries / kv_entries_uncompressed
+
+
+class Usage(BaseModel):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+    compression: Optional[CompressionUsage] = None
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: None = None
+    finish_reason: Optional[Literal["stop", "length"]] = None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Optional[Usage] = None
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: None = None
+    finish_reason: Optional[Literal["stop", "length"]] = None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class DeltaMessage(BaseModel):
+    role: Optional[Literal["assistant"]] = None
+    content: Optional[str] = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: DeltaMessage
+    logprobs: None = None
+    finish_reason: Optional[Literal["stop", "length"]] = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Optional[Usage] = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "vist2"
+    # VIST2 extras: how the served model compresses
+    max_cache_tokens: int
+    chunk_tokens: int  # K
+    visual_tokens_per_chunk: int  # beta
+    default_mode: Mode
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]

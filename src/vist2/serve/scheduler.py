@@ -1,0 +1,298 @@
+"""One thread owns the engine; HTTP handlers talk to it through queues.
+
+The engine is synchronous and not thread-safe, so every call into it (tokenizing, ``add``, ``step``,
+``abort``, ``result``) happens on the scheduler thread. Handlers run on the asyncio event loop:
+they :meth:`Scheduler.submit` a group of requests (the ``n`` choices of one HTTP request, added
+all or none), then read ``(choice index, Event)`` pairs from the submission's asyncio queue, which
+the thread fills through ``loop.call_soon_threadsafe``. The thread loops ``engine.step()`` while
+anything is waiting or running and sleeps on its inbox otherwise. :meth:`Scheduler.cancel` (a
+client that went away) aborts the group's engine requests, which frees their cache rows at once.
+
+Admission control is counted here: ``queue_depth`` is the number of engine requests accepted but
+not yet holding a cache row; a submission that would push it over ``max_queue`` is refused with
+429 before it touches the engine.
+
+Example::
+
+    >>> import asyncio
+    >>> from vist2.engine import Engine, SamplingParams
+    >>> from vist2.serve.scheduler import Scheduler
+    >>> engine = Engine.from_pretrained("runs/tiny", max_batch=4)                    # doctest: +SKIP
+    >>> sched = Scheduler(engine, max_queue=16); sched.start()                        # doctest: +SKIP
+    >>> async def one():
+    ...     build = lambda e: e.request("Once upon a time", params=SamplingParams(max_new_tokens=8))
+    ...     sub = await sched.submit([build])
+    ...     return "".join([ev.delta async for _, ev in sub.events()])
+    >>> asyncio.run(one())                                                            # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from typing import AsyncIterator, Callable
+
+from ..engine import Engine, Event, Request
+from .metrics import ServerMetrics
+from .protocol import APIError
+
+log = logging.getLogger(__name__)
+
+Builder = Callable[[Engine], Request]  # runs on the scheduler thread (the tokenizer is not shared across threads)
+
+
+class Submission:
+    """The engine requests of one HTTP request, and the queue their events arrive on."""
+
+    def __init__(self, builders: list[Builder], loop: asyncio.AbstractEventLoop):
+        self.builders = builders
+        self.loop = loop
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.t_submit = time.perf_counter()
+        n = len(builders)
+        self.ids: list[int | None] = [None] * n
+        self.prompt_tokens: list[int] = [0] * n
+        self.started = [False] * n  # holds a cache row (its first token was sampled)
+        self.finished = [False] * n
+        self.cancelled = False
+        self.reserved = n  # slots of the queue this submission still counts against
+
+    @property
+    def done(self) -> bool:
+        return all(self.finished)
+
+    def post(self, item) -> None:
+        """From the scheduler thread: hand an item to the handler's event loop."""
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        except RuntimeError:  # the loop has closed (server shutting down): nobody is listening
+            pass
+
+    async def events(self) -> AsyncIterator[tuple[int, Event]]:
+        """``(choice index, Event)`` until every choice is done; raises the APIError of a failure."""
+        left = len(self.finished)
+        while left:
+            item = await self.queue.get()
+            if isinstance(item, Exception):
+                raise item
+            yield item
+            if item[1].done:
+                left -= 1
+
+
+_STOP = object()
+
+
+class Scheduler:
+    def __init__(self, engine: Engine, max_queue: int = 256, metrics: ServerMetrics | None = None):
+        if max_queue < 1:
+            raise ValueError(f"max_queue must be >= 1, got {max_queue}")
+        self.engine = engine
+        self.max_queue = max_queue
+        self.metrics = metrics or ServerMetrics()
+        self._inbox: queue.Queue = queue.Queue()
+        self._lock = threading.Lock()  # guards _depth: reserved on the loop, released on the thread
+        self._depth = 0
+        self._by_id: dict[int, tuple[Submission, int]] = {}  # scheduler thread only
+        self._running = 0
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+
+    # -- event-loop side ----------------------------------------------------------------
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and not self._stopping
+
+    @property
+    def queue_depth(self) -> int:
+        return self._depth
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="vist2-scheduler", daemon=True)
+            self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stopping = True
+        if self._thread is not None:
+            self._inbox.put(_STOP)
+            self._thread.join(timeout)
+
+    async def submit(self, builders: list[Builder]) -> Submission:
+        """Queue the requests of one HTTP request (all or none). Raises APIError (400/413/429/503)."""
+        n = len(builders)
+        if not self.alive:
+            raise APIError(503, "the server is not accepting requests (starting or shutting down)",
+                           type="service_unavailable", code="service_unavailable")
+        if n > self.max_queue:
+            raise APIError(400, f"the request asks for {n} sequences; this server queues at most {self.max_queue}",
+                           param="n")
+        with self._lock:
+            if self._depth + n > self.max_queue:
+                raise APIError(429, f"the queue is full ({self._depth} requests waiting, limit {self.max_queue}); "
+                               "retry later", type="rate_limit_error", code="queue_full")
+            self._depth += n
+            self.metrics.queue_depth.set(self._depth)
+        sub = Submission(builders, asyncio.get_running_loop())
+        self._inbox.put(("add", sub))
+        try:
+            item = await sub.queue.get()  # "accepted" or the APIError that refused it
+        except BaseException:  # the handler was cancelled (client gone) while the thread was adding
+            self.cancel(sub)
+            raise
+        if isinstance(item, Exception):
+            raise item
+        return sub
+
+    def cancel(self, sub: Submission) -> None:
+        """Abort whatever of ``sub`` is still queued or running (idempotent, any thread)."""
+        if not sub.cancelled and not sub.done:
+            sub.cancelled = True
+            self._inbox.put(("abort", sub))
+
+    # -- scheduler thread -----------------------------------------------------------------
+
+    def _release(self, sub: Submission, k: int) -> None:
+        with self._lock:
+            self._depth -= k
+            sub.reserved -= k
+            self.metrics.queue_depth.set(self._depth)
+
+    def _run(self) -> None:
+        while True:
+            try:
+                # block only when there is nothing to step; otherwise take what arrived and keep going
+                cmd = self._inbox.get(block=not self.engine.busy)
+            except queue.Empty:
+                cmd = None
+            while cmd is not None:
+                if cmd is _STOP:
+                    self._fail_all(APIError(503, "the server is shutting down", type="service_unavailable"))
+                    return
+                kind, sub = cmd
+                if kind == "add":
+                    self._add(sub)
+                else:
+                    self._abort(sub)
+                try:
+                    cmd = self._inbox.get_nowait()
+                except queue.Empty:
+                    cmd = None
+            if self.engine.busy:
+                self._step()
+
+    def _add(self, sub: Submission) -> None:
+        if sub.cancelled:
+            self._release(sub, sub.reserved)
+            return
+        try:
+            reqs = [build(self.engine) for build in sub.builders]
+        except APIError as e:
+            return self._refuse(sub, e)
+        except Exception as e:  # noqa: BLE001 - a bug must not kill the thread or reach the client as a traceback
+            log.exception("building a request failed")
+            return self._refuse(sub, APIError(500, f"internal error: {type(e).__name__}", type="server_error"))
+        added: list[int] = []
+        for i, req in enumerate(reqs):
+            try:
+                rid = self.engine.add(req)
+            except ValueError as e:  # params were validated when built: what is left is the memory limit
+                for a in added:
+                    self.engine.abort(a)
+                    self._by_id.pop(a, None)
+                return self._refuse(sub, APIError(413, str(e), param="prompt", code="context_length_exceeded"))
+            added.append(rid)
+            sub.ids[i] = rid
+            sub.prompt_tokens[i] = len(req.prompt_ids)
+            self._by_id[rid] = (sub, i)
+        self.metrics.prompt_tokens.inc(sum(sub.prompt_tokens))
+        sub.post("accepted")
+
+    def _refuse(self, sub: Submission, err: APIError) -> None:
+        self._release(sub, sub.reserved)
+        sub.finished = [True] * len(sub.finished)
+        sub.post(err)
+
+    def _abort(self, sub: Submission) -> None:
+        n = 0
+        for i, rid in enumerate(sub.ids):
+            if rid is None or sub.finished[i]:
+                continue
+            self.engine.abort(rid)
+            self._by_id.pop(rid, None)
+            if sub.started[i]:
+                self._running -= 1
+            sub.finished[i] = True
+            n += 1
+        if n:
+            self.metrics.requests.labels("abort").inc(n)
+        if sub.reserved:
+            self._release(sub, sub.reserved)
+        self.metrics.running.set(self._running)
+
+    def _step(self) -> None:
+        try:
+            events = self.engine.step()
+        except Exception as e:  # noqa: BLE001
+            # the engine's state for the rows in flight is unknown: end them all, keep serving new ones
+            log.exception("engine step failed")
+            self._fail_all(APIError(500, f"the engine failed: {type(e).__name__}: {e}", type="server_error"))
+            return
+        now = time.perf_counter()
+        self.metrics.generation_tokens.inc(len(events))
+        for ev in events:
+            entry = self._by_id.get(ev.request_id)
+            if entry is None:
+                continue
+            sub, i = entry
+            if not sub.started[i]:
+                sub.started[i] = True
+                self._running += 1
+                self._release(sub, 1)
+                self.metrics.ttft.observe(now - sub.t_submit)
+            if ev.done:
+                self.engine.result(ev.request_id)  # the engine keeps results until collected: drop it
+                self._by_id.pop(ev.request_id, None)
+                self._running -= 1
+                sub.finished[i] = True
+                self._count_finished(ev)
+            if not sub.cancelled:
+                sub.post((i, ev))
+        self.metrics.running.set(self._running)
+
+    def _count_finished(self, ev: Event) -> None:
+        s = ev.stats
+        m = self.metrics
+        m.requests.labels(s.finish_reason or "stop").inc()
+        m.kv_uncompressed.inc(s.kv_tokens_uncompressed)
+        m.kv_saved.inc(max(0, s.kv_tokens_uncompressed - s.kv_tokens))
+        m.chunks.inc(s.chunks_compressed)
+
+    def _fail_all(self, err: APIError) -> None:
+        subs = {id(sub): sub for sub, _ in self._by_id.values()}.values()
+        for rid in list(self._by_id):
+            self.engine.abort(rid)
+        n = len(self._by_id)
+        self._by_id.clear()
+        self._running = 0
+        for sub in subs:
+            sub.finished = [True] * len(sub.finished)
+            if sub.reserved:
+                self._release(sub, sub.reserved)
+            sub.post(err)
+        if n:
+            self.metrics.requests.labels("error").inc(n)
+        self.metrics.running.set(0)
+        # submissions still in the inbox are refused too when stopping; otherwise they get their turn
+        if self._stopping:
+            while True:
+                try:
+                    cmd = self._inbox.get_nowait()
+                except queue.Empty:
+                    break
+                if cmd is not _STOP and cmd[0] == "add":
+                    self._refuse(cmd[1], err)

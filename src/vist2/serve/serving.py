@@ -1,0 +1,303 @@
+"""Turns OpenAI requests into engine requests and engine events into OpenAI responses.
+
+The router (:mod:`vist2.serve.app`) validates the body and calls :meth:`OpenAIServing.completions`
+or :meth:`OpenAIServing.chat`; everything protocol-specific lives here, everything about sharing
+the engine lives in :mod:`vist2.serve.scheduler`.
+
+* ``n`` choices are ``n`` engine requests submitted together; with a ``seed``, choice ``i`` uses
+  ``seed + i`` so the choices differ but the request is reproducible.
+* A list of prompts on /v1/completions gives ``len(prompts) × n`` choices, prompt-major (OpenAI's order).
+* Streams are Server-Sent Events ending in ``data: [DONE]``. A client that disconnects, streaming or
+  not, has its engine requests aborted, which frees their cache rows.
+
+Example (a running server; see :mod:`vist2.serve`)::
+
+    >>> from openai import OpenAI
+    >>> client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="none")          # doctest: +SKIP
+    >>> r = client.completions.create(model="tiny", prompt="Once upon a time", max_tokens=8,
+    ...                               extra_body={"mode": "gcc"})                        # doctest: +SKIP
+    >>> r.usage.compression["kv_entries"], r.usage.compression["kv_entries_uncompressed"]  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import dataclass
+from typing import AsyncIterator, Callable
+
+from fastapi import Request as HTTPRequest
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from ..engine import Engine, Request, SamplingParams, Stats
+from .protocol import (
+    APIError,
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionChoice,
+    CompletionRequest,
+    CompletionResponse,
+    CompressionUsage,
+    DeltaMessage,
+    ModelCard,
+    ModelList,
+    Usage,
+    new_id,
+    now,
+)
+from .scheduler import Builder, Scheduler, Submission
+
+DEFAULT_CHAT_MAX_TOKENS = 1024  # OpenAI has no chat default; an untrained model may never write EOS
+
+# SamplingParams field -> the request field a client sets (for error messages' `param`)
+_PARAM_NAMES = {"max_new_tokens": "max_tokens"}
+
+
+@dataclass
+class ServingConfig:
+    model_name: str
+    default_mode: str = "gcc"
+    max_prompt_tokens: int | None = None  # None: only the engine's memory limit applies
+
+
+def _finish_reason(stats: Stats | None) -> str:
+    return "length" if stats is not None and stats.finish_reason == "length" else "stop"
+
+
+class SSEResponse(StreamingResponse):
+    """A StreamingResponse that always runs ``on_close`` when it ends, however it ends.
+
+    The body generator's own ``finally`` does not run if the client goes away before the first
+    chunk (the generator was never started); this does, so an abandoned request is always aborted.
+    """
+
+    def __init__(self, content, on_close: Callable[[], None]):
+        super().__init__(content, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.on_close = on_close
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.on_close()
+
+
+def _sse(obj) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+async def _client_gone(raw: HTTPRequest) -> None:
+    """Returns when the client disconnects (the body has been read, so only disconnect can arrive)."""
+    while True:
+        message = await raw.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+class OpenAIServing:
+    def __init__(self, scheduler: Scheduler, config: ServingConfig):
+        self.scheduler = scheduler
+        self.engine: Engine = scheduler.engine
+        self.config = config
+        self.created = now()
+
+    # -- /v1/models ---------------------------------------------------------------------
+
+    def models(self) -> ModelList:
+        e = self.engine
+        return ModelList(data=[ModelCard(
+            id=self.config.model_name, created=self.created, max_cache_tokens=e.max_cache_tokens,
+            chunk_tokens=e.K, visual_tokens_per_chunk=e.beta, default_mode=self.config.default_mode,
+        )])
+
+    # -- request -> engine requests -------------------------------------------------------
+
+    def _check_model(self, name: str) -> None:
+        if name != self.config.model_name:
+            raise APIError(404, f"the model {name!r} does not exist; this server serves {self.config.model_name!r}",
+                           param="model", code="model_not_found")
+
+    def _params(self, body, max_tokens: int, n: int) -> list[SamplingParams]:
+        out = []
+        for i in range(n):
+            p = SamplingParams(
+                max_new_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
+                seed=None if body.seed is None else body.seed + i, repetition_penalty=body.repetition_penalty,
+                no_repeat_ngram_size=body.no_repeat_ngram_size, stop=body.stops,
+                stop_token_ids=tuple(body.stop_token_ids), ignore_eos=body.ignore_eos,
+            )
+            try:
+                out.append(p.validate())
+            except ValueError as e:
+                field = str(e).split(" ", 1)[0]
+                raise APIError(400, str(e), param=_PARAM_NAMES.get(field, field)) from e
+        return out
+
+    def _builder(self, params: SamplingParams, mode: str, *, prompt: str | None = None,
+                 ids: list[int] | None = None, messages: list[dict] | None = None) -> Builder:
+        limit = self.config.max_prompt_tokens
+        param = "messages" if messages is not None else "prompt"
+
+        def build(engine: Engine) -> Request:  # on the scheduler thread
+            try:
+                if ids is not None:
+                    vocab = len(engine.processor.tokenizer)
+                    if any(not 0 <= t < vocab for t in ids):
+                        raise ValueError(f"token ids must be in [0, {vocab})")
+                    req = Request(query=list(ids), params=params, mode=mode)
+                elif messages is not None:
+                    req = engine.request(messages=messages, params=params, mode=mode)
+                else:
+                    req = engine.request(prompt, params=params, mode=mode)
+            except ValueError as e:
+                raise APIError(400, str(e), param=param) from e
+            if limit is not None and len(req.prompt_ids) > limit:
+                raise APIError(413, f"the prompt has {len(req.prompt_ids)} tokens; this server accepts at most "
+                               f"{limit} (--max-prompt-tokens)", param=param, code="context_length_exceeded")
+            return req
+
+        return build
+
+    def _usage(self, sub: Submission, stats: list[Stats | None], n: int, mode: str) -> Usage:
+        prompt = sum(sub.prompt_tokens[k] for k in range(0, len(stats), n))  # each prompt counted once
+        done = [s for s in stats if s is not None]
+        completion = sum(s.generated_tokens for s in done)
+        held = sum(s.kv_tokens for s in done)
+        plain = sum(s.kv_tokens_uncompressed for s in done)
+        return Usage(
+            prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
+            compression=CompressionUsage(
+                mode=mode, chunks_compressed=sum(s.chunks_compressed for s in done),
+                visual_tokens=sum(s.visual_tokens for s in done), kv_entries=held,
+                kv_entries_peak=sum(s.kv_tokens_peak for s in done), kv_entries_uncompressed=plain,
+                kv_ratio=round(held / plain, 4) if plain else 1.0,
+            ),
+        )
+
+    async def _collect(self, sub: Submission, raw: HTTPRequest) -> tuple[list[str], list[Stats | None]]:
+        """Wait for every choice; abort them if the client disconnects first."""
+        k = len(sub.finished)
+        texts: list[list[str]] = [[] for _ in range(k)]
+        stats: list[Stats | None] = [None] * k
+
+        async def consume():
+            async for i, ev in sub.events():
+                texts[i].append(ev.delta)
+                if ev.done:
+                    stats[i] = ev.stats
+
+        work = asyncio.ensure_future(consume())
+        watch = asyncio.ensure_future(_client_gone(raw))
+        try:
+            await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+            if not work.done():  # nobody will read the answer
+                raise APIError(499, "the client closed the request", code="client_closed_request")
+            work.result()  # re-raise an engine failure
+            return ["".join(t) for t in texts], stats
+        finally:
+            watch.cancel()
+            work.cancel()
+            self.scheduler.cancel(sub)  # no-op when everything finished
+
+    def _stream(self, sub: Submission, chunks: AsyncIterator[str]) -> SSEResponse:
+        async def body():
+            try:
+                async for chunk in chunks:
+                    yield chunk
+            except APIError as e:  # the engine failed mid-stream: the status line is long gone
+                yield _sse(e.response().model_dump())
+                return
+            yield "data: [DONE]\n\n"
+
+        return SSEResponse(body(), on_close=lambda: self.scheduler.cancel(sub))
+
+    # -- /v1/completions ------------------------------------------------------------------
+
+    async def completions(self, body: CompletionRequest, raw: HTTPRequest):
+        self._check_model(body.model)
+        mode = body.mode or self.config.default_mode
+        params = self._params(body, body.max_tokens or 16, body.n)
+        p = body.prompt
+        if isinstance(p, str):
+            prompts = [dict(prompt=p)]
+        elif all(isinstance(x, int) for x in p):
+            prompts = [dict(ids=p)]
+        else:
+            prompts = [dict(prompt=x) if isinstance(x, str) else dict(ids=x) for x in p]
+        builders = [self._builder(params[j], mode, **pr) for pr in prompts for j in range(body.n)]
+        sub = await self.scheduler.submit(builders)
+        rid, created, name = new_id("cmpl"), now(), self.config.model_name
+
+        if not body.stream:
+            texts, stats = await self._collect(sub, raw)
+            return JSONResponse(CompletionResponse(
+                id=rid, created=created, model=name,
+                choices=[CompletionChoice(index=i, text=t, finish_reason=_finish_reason(s))
+                         for i, (t, s) in enumerate(zip(texts, stats))],
+                usage=self._usage(sub, stats, body.n, mode),
+            ).model_dump())
+
+        async def chunks():
+            stats: list[Stats | None] = [None] * len(builders)
+            async for i, ev in sub.events():
+                if ev.done:
+                    stats[i] = ev.stats
+                if ev.delta or ev.done:
+                    yield _sse(CompletionResponse(id=rid, created=created, model=name, choices=[CompletionChoice(
+                        index=i, text=ev.delta, finish_reason=_finish_reason(ev.stats) if ev.done else None,
+                    )]).model_dump())
+            if body.include_usage:
+                yield _sse(CompletionResponse(id=rid, created=created, model=name, choices=[],
+                                              usage=self._usage(sub, stats, body.n, mode)).model_dump())
+
+        return self._stream(sub, chunks())
+
+    # -- /v1/chat/completions ---------------------------------------------------------------
+
+    async def chat(self, body: ChatCompletionRequest, raw: HTTPRequest):
+        self._check_model(body.model)
+        mode = body.mode or self.config.default_mode
+        max_tokens = body.max_completion_tokens or body.max_tokens or DEFAULT_CHAT_MAX_TOKENS
+        params = self._params(body, max_tokens, body.n)
+        # the chat template knows system/user/assistant; OpenAI's "developer" is the newer name for system
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+                    for m in body.messages]
+        builders = [self._builder(params[j], mode, messages=messages) for j in range(body.n)]
+        sub = await self.scheduler.submit(builders)
+        rid, created, name = new_id("chatcmpl"), now(), self.config.model_name
+
+        if not body.stream:
+            texts, stats = await self._collect(sub, raw)
+            return JSONResponse(ChatCompletionResponse(
+                id=rid, created=created, model=name,
+                choices=[ChatChoice(index=i, message=AssistantMessage(content=t), finish_reason=_finish_reason(s))
+                         for i, (t, s) in enumerate(zip(texts, stats))],
+                usage=self._usage(sub, stats, body.n, mode),
+            ).model_dump())
+
+        def chunk(i: int, delta: DeltaMessage, finish: str | None = None, usage: Usage | None = None) -> str:
+            choices = [] if i < 0 else [ChatChunkChoice(index=i, delta=delta, finish_reason=finish)]
+            obj = ChatCompletionChunk(id=rid, created=created, model=name, choices=choices, usage=usage).model_dump()
+            for c in obj["choices"]:  # OpenAI leaves unset delta fields out rather than sending null
+                c["delta"] = {k: v for k, v in c["delta"].items() if v is not None}
+            return _sse(obj)
+
+        async def chunks():
+            stats: list[Stats | None] = [None] * body.n
+            for i in range(body.n):
+                yield chunk(i, DeltaMessage(role="assistant", content=""))
+            async for i, ev in sub.events():
+                if ev.delta:
+                    yield chunk(i, DeltaMessage(content=ev.delta))
+                if ev.done:
+                    stats[i] = ev.stats
+                    yield chunk(i, DeltaMessage(), _finish_reason(ev.stats))
+            if body.include_usage:
+                yield chunk(-1, DeltaMessage(), usage=self._usage(sub, stats, body.n, mode))
+
+        return self._stream(sub, chunks())

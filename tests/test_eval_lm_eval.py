@@ -1,0 +1,100 @@
+"""The ``vist2`` model type for lm-evaluation-harness, on small local tasks this test writes (no downloads)."""
+
+import json
+import math
+
+import pytest
+
+lm_eval = pytest.importorskip("lm_eval")
+
+pytestmark = pytest.mark.slow
+
+DOCS = [
+    {"question": "In the beginning God created the heaven and the", "choices": [" earth", " moon"], "label": 0,
+     "answer": "earth"},
+    {"question": "And God said, Let there be", "choices": [" light", " dark", " water"], "label": 0,
+     "answer": "light"},
+]
+
+
+def _write_tasks(folder, data):
+    common = (
+        "dataset_path: json\n"
+        "dataset_kwargs:\n"
+        f"  data_files:\n    test: {json.dumps(str(data))}\n"
+        f"  cache_dir: {json.dumps(str(folder / 'hf-cache'))}\n"
+        "test_split: test\n"
+    )
+    (folder / "mc.yaml").write_text(
+        "task: vist2_local_mc\n" + common + "output_type: multiple_choice\n"
+        'doc_to_text: "{{question}}"\ndoc_to_choice: "{{choices}}"\ndoc_to_target: "{{label}}"\n'
+        "metric_list:\n  - metric: acc\n"
+    )
+    (folder / "gen.yaml").write_text(
+        "task: vist2_local_gen\n" + common + "output_type: generate_until\n"
+        'doc_to_text: "{{question}}"\ndoc_to_target: "{{answer}}"\n'
+        "generation_kwargs:\n  until: [\"\\n\"]\n  max_gen_toks: 6\n  do_sample: false\n"
+        "metric_list:\n  - metric: exact_match\n"
+    )
+    (folder / "ppl.yaml").write_text(
+        "task: vist2_local_ppl\n" + common + "output_type: loglikelihood_rolling\n"
+        'doc_to_text: ""\ndoc_to_target: "{{question}}"\n'
+        "metric_list:\n  - metric: word_perplexity\n  - metric: bits_per_byte\n"
+    )
+
+
+@pytest.fixture(scope="module")
+def tasks_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("lm-eval-tasks")
+    data = folder / "data.jsonl"
+    data.write_text("".join(json.dumps(d) + "\n" for d in DOCS), encoding="utf-8")
+    _write_tasks(folder, data)
+    return folder
+
+
+def test_lm_eval_adapter_on_local_tasks(tiny_dir, tasks_dir, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import vist2.eval.lm_eval_adapter  # noqa: F401  (registers the "vist2" model type)
+    from lm_eval.tasks import TaskManager
+
+    names = ["vist2_local_mc", "vist2_local_gen", "vist2_local_ppl"]
+    out = lm_eval.simple_evaluate(
+        model="vist2", model_args={"pretrained": str(tiny_dir), "mode": "gcc"}, tasks=names,
+        task_manager=TaskManager(include_path=str(tasks_dir), include_defaults=False), batch_size=2, bootstrap_iters=0,
+    )
+    res = out["results"]
+    assert 0.0 <= res["vist2_local_mc"]["acc,none"] <= 1.0
+    assert 0.0 <= res["vist2_local_gen"]["exact_match,none"] <= 1.0
+    assert math.isfinite(res["vist2_local_ppl"]["word_perplexity,none"])
+    assert res["vist2_local_ppl"]["bits_per_byte,none"] > 0
+    assert out["config"]["model"] == "vist2"
+
+
+def test_adapter_modes_agree_where_nothing_is_compressed(tiny_dir):
+    """A context no longer than beta stays raw text under the tail rule, so gcc, pcc and none score
+    it identically; a long context is compressed in gcc/pcc and scores differently from none."""
+    from lm_eval.api.instance import Instance
+
+    from vist2.cli import sample_text
+    from vist2.eval.lm_eval_adapter import VIST2LM
+
+    lm = VIST2LM(pretrained=str(tiny_dir), mode="none")
+    long_ctx = sample_text("en")[:800]
+
+    def req(ctx, cont):
+        return Instance("loglikelihood", {}, (ctx, cont), 0)
+
+    reqs = [req("And God said", " Let there be light"), req(long_ctx, " and the evening")]
+    scores = {}
+    for mode in ("none", "pcc", "gcc"):
+        lm.mode = mode
+        scores[mode] = lm.loglikelihood(reqs, disable_tqdm=True)
+        assert all(isinstance(lp, float) and lp < 0 and isinstance(g, bool) for lp, g in scores[mode])
+    assert scores["gcc"][0][0] == pytest.approx(scores["none"][0][0], abs=1e-4)
+    assert scores["pcc"][0][0] == pytest.approx(scores["none"][0][0], abs=1e-4)
+    assert scores["gcc"][1][0] != pytest.approx(scores["none"][1][0], abs=1e-3)
+    lm.mode = "gcc"
+    (text,) = lm.generate_until([Instance("generate_until", {}, ("In the beginning", {"until": ["\n"],
+                                                                                          "max_gen_toks": 5}), 0)])
+    assert isinstance(text, str) and "\n" not in text

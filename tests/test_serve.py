@@ -1,0 +1,372 @@
+"""The OpenAI-compatible server, end to end: a real uvicorn on 127.0.0.1 and the official `openai` client.
+
+Two servers run in threads for the module: ``server`` (batch 8, prompt and memory limits set) and
+``small`` (one cache row, a queue of one, an API key) for the auth and queue-full cases. Requests use
+``temperature=0`` and ``ignore_eos`` (an extra body field) so lengths and texts are deterministic.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+import uvicorn
+
+from vist2.engine import Engine
+from vist2.serve import add_parser, main
+from vist2.serve.app import create_app
+
+FIXED = {"ignore_eos": True}  # extra body: exact lengths from a random model
+KEY = "test-key-123"
+
+
+class LiveServer:
+    """uvicorn in a thread on a socket bound to a free port of 127.0.0.1."""
+
+    def __init__(self, app):
+        self.app = app
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while not self.server.started:
+            assert self.thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.05)
+
+    def client(self, api_key: str = "none", **kw) -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=api_key, max_retries=0, timeout=60, **kw)
+
+    def metrics(self) -> dict[str, float]:
+        out = {}
+        for line in httpx.get(self.url + "/metrics").text.splitlines():
+            if line and not line.startswith("#"):
+                name, value = line.rsplit(" ", 1)
+                out[name] = float(value)
+        return out
+
+    def wait_idle(self, timeout: float = 30) -> dict[str, float]:
+        """Poll /metrics until nothing is queued or running (bounded)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            m = self.metrics()
+            if m["vist2_queue_depth"] == 0 and m["vist2_running_requests"] == 0:
+                return m
+            assert time.monotonic() < deadline, f"still busy: {m['vist2_queue_depth']=} {m['vist2_running_requests']=}"
+            time.sleep(0.1)
+
+    def close(self):
+        self.server.should_exit = True
+        self.thread.join(15)
+        self.sock.close()
+
+
+@pytest.fixture(scope="module")
+def server(tiny_dir):
+    engine = Engine.from_pretrained(tiny_dir, max_batch=8, max_cache_tokens=1024)
+    s = LiveServer(create_app(engine, "tiny", max_queue=64, max_prompt_tokens=2000))
+    yield s
+    s.close()
+
+
+@pytest.fixture(scope="module")
+def small(tiny_dir):
+    engine = Engine.from_pretrained(tiny_dir, max_batch=1)
+    s = LiveServer(create_app(engine, "tiny", api_key=KEY, max_queue=1))
+    yield s
+    s.close()
+
+
+def complete(client, prompt="Once upon a time", max_tokens=8, **kw):
+    extra = {**FIXED, **kw.pop("extra_body", {})}
+    return client.completions.create(model="tiny", prompt=prompt, max_tokens=max_tokens, temperature=0,
+                                     extra_body=extra, **kw)
+
+
+def assert_serving(s: LiveServer, **client_kw):
+    r = complete(s.client(**client_kw), max_tokens=2)
+    assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 2
+
+
+# -- happy paths ----------------------------------------------------------------------------
+
+
+def test_models_health_metrics(server):
+    [card] = server.client().models.list().data
+    assert card.id == "tiny" and card.chunk_tokens == 64 and card.visual_tokens_per_chunk == 16
+    assert card.default_mode == "gcc" and card.max_cache_tokens == 1024
+    assert httpx.get(server.url + "/health").json() == {"status": "ok"}
+    assert "vist2_time_to_first_token_seconds_bucket" in httpx.get(server.url + "/metrics").text
+
+
+def test_completion(server):
+    client = server.client()
+    r = complete(client)
+    [c] = r.choices
+    assert r.object == "text_completion" and r.model == "tiny" and c.finish_reason == "length" and c.text
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens, r.usage.total_tokens) == (4, 8, 12)
+    comp = r.usage.compression
+    assert comp["mode"] == "gcc" and comp["kv_entries_uncompressed"] == 4 + 8 - 1
+    assert complete(client).choices[0].text == c.text  # greedy: reproducible
+
+
+def test_chat(server):
+    r = server.client().chat.completions.create(
+        model="tiny", messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello"}],
+        max_tokens=6, temperature=0, extra_body=FIXED)
+    [c] = r.choices
+    assert r.object == "chat.completion" and c.message.role == "assistant" and isinstance(c.message.content, str)
+    assert c.finish_reason == "length" and r.usage.completion_tokens == 6
+    assert r.usage.prompt_tokens > 5  # the chat template wraps the messages
+
+
+def test_streaming_matches_non_streaming(server):
+    client = server.client()
+    full = complete(client, max_tokens=10).choices[0].text
+    chunks = list(complete(client, max_tokens=10, stream=True, stream_options={"include_usage": True}))
+    assert "".join(ch.choices[0].text for ch in chunks if ch.choices) == full
+    assert chunks[-2].choices[0].finish_reason == "length"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 10
+
+    chat = dict(model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=5, temperature=0,
+                extra_body=FIXED)
+    want = client.chat.completions.create(**chat).choices[0].message.content
+    stream = list(client.chat.completions.create(**chat, stream=True))
+    assert stream[0].choices[0].delta.role == "assistant"
+    assert "".join(ch.choices[0].delta.content or "" for ch in stream) == want
+    assert stream[-1].choices[0].finish_reason == "length"
+
+
+def test_n_seed_and_prompt_lists(server):
+    client = server.client()
+    kw = dict(model="tiny", prompt="Once", max_tokens=4, n=3, seed=7, temperature=1.0, extra_body=FIXED)
+    a, b = client.completions.create(**kw), client.completions.create(**kw)
+    assert [c.index for c in a.choices] == [0, 1, 2]
+    assert [c.text for c in a.choices] == [c.text for c in b.choices]  # seeded: reproducible
+    assert len({c.text for c in a.choices}) > 1  # seed + i: the choices differ
+    assert a.usage.completion_tokens == 12 and a.usage.prompt_tokens == 1  # the prompt counts once
+    r = complete(client, prompt=["Once upon a time", "Hello"], n=2, max_tokens=3)
+    assert len(r.choices) == 4 and r.choices[0].text == r.choices[1].text  # prompt-major, greedy
+    r = complete(client, prompt=[9707, 11, 1879], max_tokens=3)  # token ids
+    assert r.usage.prompt_tokens == 3 and r.usage.completion_tokens == 3
+
+
+def test_stop_string(server):
+    client = server.client()
+    deltas = [ch.choices[0].text for ch in complete(client, max_tokens=8, stream=True)]
+    full = "".join(deltas)
+    stop = next(d for d in deltas[2:] if d.strip())
+    r = complete(client, max_tokens=8, stop=[stop])
+    assert r.choices[0].finish_reason == "stop" and r.choices[0].text == full[: full.index(stop)]
+
+
+def test_compression_mode_per_request(server):
+    client = server.client()
+    prompt = " the" * 300  # 300 tokens: several K=64 chunks
+    usage = {m: complete(client, prompt=prompt, max_tokens=2, extra_body={"mode": m}).usage
+             for m in ("gcc", "pcc", "none")}
+    assert all(u.prompt_tokens == 300 for u in usage.values())
+    for m in ("gcc", "pcc"):
+        c = usage[m].compression
+        assert c["mode"] == m and c["chunks_compressed"] >= 3 and c["visual_tokens"] == 16 * c["chunks_compressed"]
+        assert c["kv_entries"] < c["kv_entries_uncompressed"] and c["kv_ratio"] < 0.5
+    c = usage["none"].compression
+    assert c["chunks_compressed"] == 0 and c["kv_entries"] == c["kv_entries_uncompressed"] == 301
+    assert server.metrics()["vist2_kv_entries_saved_total"] > 0
+
+
+# -- concurrency and disconnects ---------------------------------------------------------------
+
+
+def test_16_parallel_streams(server):
+    async def one(client, i):
+        stream = await client.completions.create(
+            model="tiny", prompt=f"Story number {i}:", max_tokens=6, temperature=0, stream=True,
+            stream_options={"include_usage": True}, extra_body=FIXED)
+        text, usage = "", None
+        async for ch in stream:
+            text += "".join(c.text for c in ch.choices)
+            usage = ch.usage or usage
+        return text, usage
+
+    async def run():
+        async with openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0,
+                                      timeout=120) as client:
+            return await asyncio.gather(*(one(client, i) for i in range(16)))
+
+    results = asyncio.run(run())
+    assert len(results) == 16 and all(u.completion_tokens == 6 and t for t, u in results)
+    m = server.wait_idle()
+    assert m["vist2_requests_finished_total{finish_reason=\"length\"}"] >= 16
+
+
+def test_disconnect_mid_stream_frees_the_slot(server):
+    before = server.metrics().get('vist2_requests_finished_total{finish_reason="abort"}', 0)
+    client = server.client()
+    stream = complete(client, max_tokens=100_000, stream=True)  # minutes of work if never aborted
+    it = iter(stream)
+    for _ in range(3):
+        next(it)
+    assert server.metrics()["vist2_running_requests"] == 1
+    stream.close()  # the client goes away mid-stream
+    m = server.wait_idle(timeout=20)
+    assert m['vist2_requests_finished_total{finish_reason="abort"}'] == before + 1
+
+    # a non-streaming client that gives up is aborted too
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.url + "/v1/completions", timeout=1.0,
+                   json={"model": "tiny", "prompt": "x", "max_tokens": 100_000, **FIXED})
+    m = server.wait_idle(timeout=20)
+    assert m['vist2_requests_finished_total{finish_reason="abort"}'] == before + 2
+    assert_serving(server)
+
+
+# -- errors ------------------------------------------------------------------------------------
+
+BAD = [  # (endpoint, body, status, param)
+    ("completions", {"prompt": "x", "temperature": -1}, 400, "temperature"),
+    ("completions", {"prompt": "x", "top_p": 0}, 400, "top_p"),
+    ("completions", {"prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
+    ("completions", {"prompt": "x", "n": 0}, 400, "n"),
+    ("completions", {"prompt": "x", "mode": "zip"}, 400, "mode"),
+    ("completions", {"prompt": "x", "stop": ["ok", 3]}, 400, "stop"),
+    ("completions", {"prompt": "x", "logprobs": 2}, 400, "logprobs"),
+    ("completions", {"prompt": "x", "no_such_field": 1}, 400, "no_such_field"),
+    ("completions", {"prompt": ""}, 400, "prompt"),
+    ("completions", {"prompt": [10**9]}, 400, "prompt"),
+    ("completions", {}, 400, "prompt"),
+    ("completions", {"prompt": "x", "n": 100}, 400, "n"),  # more than the queue holds
+    ("chat/completions", {"messages": []}, 400, "messages"),
+    ("chat/completions", {"messages": [{"role": "system", "content": "no user"}]}, 400, "messages"),
+    ("chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
+     400, "messages"),
+    ("chat/completions", {"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]},
+     400, "tools"),
+    ("completions", {"prompt": " the" * 2500}, 413, "prompt"),  # over --max-prompt-tokens 2000
+    ("completions", {"prompt": " the" * 1500, "mode": "none"}, 413, "prompt"),  # over the KV memory limit 1024
+]
+
+
+@pytest.mark.parametrize("endpoint,body,status,param", BAD, ids=[f"{s}-{p}-{i}" for i, (_, _, s, p) in enumerate(BAD)])
+def test_bad_requests_get_openai_errors(server, endpoint, body, status, param):
+    r = httpx.post(f"{server.url}/v1/{endpoint}", json={"model": "tiny", **body}, timeout=30)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"] and err["param"] == param
+    assert "Traceback" not in r.text
+    assert httpx.get(server.url + "/health").status_code == 200
+
+
+def test_error_classes_in_the_openai_client(server):
+    client = server.client()
+    with pytest.raises(openai.BadRequestError):
+        complete(client, extra_body={"top_k": -3})
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="other", prompt="x", max_tokens=2)
+    with pytest.raises(openai.APIStatusError) as e:
+        complete(client, prompt=" the" * 2500)
+    assert e.value.status_code == 413 and e.value.code == "context_length_exceeded"
+    # a long prompt under the limits is fine in gcc: 1500 tokens are held in far fewer KV entries
+    r = complete(client, prompt=" the" * 1500, max_tokens=2)
+    assert r.usage.compression["kv_entries"] < 1024 < r.usage.prompt_tokens
+    assert_serving(server)
+
+
+@pytest.mark.parametrize("raw", [b"{bad json", b"[1, 2]", b"\xff\xfe", b""])
+def test_malformed_json_is_400(server, raw):
+    r = httpx.post(server.url + "/v1/chat/completions", content=raw, headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "error" in r.json() and "Traceback" not in r.text
+    r = httpx.post(server.url + "/v1/completions", content=raw)  # no content type: still JSON errors
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_unknown_route_and_method(server):
+    assert httpx.get(server.url + "/v1/nothing").json()["error"]["code"] == "not_found"
+    r = httpx.get(server.url + "/v1/completions")
+    assert r.status_code == 405 and r.json()["error"]["message"]
+
+
+def test_engine_failure_is_a_clean_500_and_the_server_recovers(server):
+    engine = server.app.state.scheduler.engine
+    real = engine._decode
+    calls = []
+
+    def fail_once(seqs):  # fault injection: the engine raises in the middle of a step, after prefill
+        if not calls:
+            calls.append(1)
+            raise RuntimeError("injected failure")
+        return real(seqs)
+
+    engine._decode = fail_once
+    try:
+        r = httpx.post(server.url + "/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 4, **FIXED})
+        assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
+        assert "injected failure" in r.json()["error"]["message"] and "Traceback" not in r.text
+    finally:
+        del engine._decode  # back to the class's method
+    server.wait_idle()
+    assert_serving(server)
+
+
+def test_api_key(small):
+    for key in ("none", "wrong"):
+        with pytest.raises(openai.AuthenticationError):
+            small.client(api_key=key).models.list()
+    r = httpx.post(small.url + "/v1/completions", content=b"{bad")  # the key is checked before the body
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    assert httpx.get(small.url + "/health").status_code == 200  # health and metrics stay open
+    assert small.client(api_key=KEY).models.list().data[0].id == "tiny"
+    assert_serving(small, api_key=KEY)
+
+
+def test_queue_full_is_429_and_recovers(small):
+    client = small.client(api_key=KEY)
+    running = complete(client, max_tokens=100_000, stream=True)
+    next(iter(running))  # holds the only cache row
+    waiting = complete(client, max_tokens=100_000, stream=True)  # accepted: waits for the row
+    assert small.metrics()["vist2_queue_depth"] == 1
+    with pytest.raises(openai.RateLimitError) as e:
+        complete(client, max_tokens=2)
+    assert e.value.code == "queue_full" and e.value.response.headers["retry-after"]
+    running.close()  # frees the row: the waiting stream starts
+    next(iter(waiting))
+    waiting.close()
+    small.wait_idle(timeout=20)
+    assert_serving(small, api_key=KEY)
+
+
+# -- command line ---------------------------------------------------------------------------------
+
+
+def test_cli_parser_and_user_errors(tmp_path, capsys):
+    import argparse
+
+    sub = argparse.ArgumentParser(prog="vist2").add_subparsers(dest="command")
+    add_parser(sub)
+    args = sub._name_parser_map["serve"].parse_args(["--model", "m"])
+    assert (args.host, args.port, args.mode, args.max_queue) == ("127.0.0.1", 8000, "gcc", 256)
+    assert callable(args.func)
+    assert main(["--model", str(tmp_path)]) == 2
+    assert "not a VIST2 checkpoint" in capsys.readouterr().err
+    assert main(["--model", str(tmp_path), "--max-batch", "0"]) == 2
+    assert "--max-batch must be >= 1" in capsys.readouterr().err
+
+
+def test_sse_wire_format(server):
+    """The raw stream: `data: {json}` events, OpenAI's chunk objects, and a final `data: [DONE]`."""
+    with httpx.stream("POST", server.url + "/v1/completions", timeout=30,
+                      json={"model": "tiny", "prompt": "Hi", "max_tokens": 3, "stream": True, **FIXED}) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        events = [line for line in r.iter_lines() if line]
+    assert events[-1] == "data: [DONE]" and all(e.startswith("data: ") for e in events)
+    chunks = [json.loads(e[6:]) for e in events[:-1]]
+    assert all(c["object"] == "text_completion" for c in chunks) and chunks[-1]["choices"][0]["finish_reason"]
