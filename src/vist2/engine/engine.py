@@ -131,12 +131,15 @@ class Engine:
             is refused, a generation that reaches it stops with finish_reason ``length``.
         record_logits: keep the distribution behind every sampled token (tests, evaluation).
         prefill_step: raw prompt text is fed in pieces of at most this many tokens (bounds activations).
+        max_prefills_per_step: requests admitted (prefilled) per :meth:`step`; a burst of arrivals
+            then interleaves with the running rows' decoding instead of stalling it.
     """
 
     _evict = True  # switched off only by the control test that proves the invariant tests can fail
 
     def __init__(self, model: VIST2ForCausalLM, processor: VIST2Processor, max_batch: int = 8,
-                 max_cache_tokens: int | None = None, record_logits: bool = False, prefill_step: int = 2048):
+                 max_cache_tokens: int | None = None, record_logits: bool = False, prefill_step: int = 2048,
+                 max_prefills_per_step: int = 1):
         if max_batch <= 0:
             raise ValueError(f"max_batch must be > 0, got {max_batch}")
         self.model = model.eval()
@@ -148,6 +151,7 @@ class Engine:
         self.max_cache_tokens = max_cache_tokens or cfg.text_config.max_position_embeddings
         self.record_logits = record_logits
         self.prefill_step = max(1, prefill_step)
+        self.max_prefills_per_step = max(1, max_prefills_per_step)
         tc = cfg.text_config
         eos = tc.eos_token_id if isinstance(tc.eos_token_id, list) else [tc.eos_token_id]
         self.eos = [e for e in {*eos, processor.tokenizer.eos_token_id} if e is not None]
@@ -228,10 +232,13 @@ class Engine:
         return bool(self._waiting or self._running)
 
     def step(self) -> list[Event]:
-        """Admit waiting requests into free rows (prefill), then one decode step for every running row."""
+        """Admit waiting requests into free rows (prefill, at most ``max_prefills_per_step``), then one
+        decode step for every running row."""
         events: list[Event] = []
         self._ensure_cache()
-        while self._waiting and len(self._running) < self.max_batch:
+        admitted = 0
+        while self._waiting and len(self._running) < self.max_batch and admitted < self.max_prefills_per_step:
+            admitted += 1
             rid, req = self._waiting.popleft()
             row = min(set(range(self.max_batch)) - set(self._running))
             seq = _Seq(rid, req, row, self.processor, self.eos)
