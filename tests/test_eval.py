@@ -109,7 +109,7 @@ def test_eval_ocr_command(tiny_dir, en_file, tmp_path, capsys):
     res = json.loads(out.read_text())
     prov = res["provenance"]
     assert prov["model"] == str(tiny_dir) and len(prov["config_hash"]) == 16
-    assert len(prov["data_sha256"]) == 64 and "eval" in prov["command"]
+    assert len(prov["data_sha256"]) == 64 and prov["command"].startswith("vist2 eval ocr ")
     ok, skipped = res["points"]
     assert ok["ratio"] == 1 and ok["tokens_per_image"] == 16 and ok["n"] == 2
     for k in ("rouge1", "rouge2", "rougeL"):

@@ -16,7 +16,6 @@ import json
 import platform
 import re
 import shlex
-import sys
 import time
 from pathlib import Path
 from typing import Sequence
@@ -130,22 +129,31 @@ def load(model_dir: str | Path, device: str | None = None, dtype: str = "float32
     return model, VIST2Processor.from_pretrained(model_dir)
 
 
-def provenance(model_dir: str | Path, config, data_path: str | Path, argv: Sequence[str] | None = None) -> dict:
+def command_line(prog: str, args) -> str:
+    """The command that reproduces a run, rebuilt from its parsed arguments (not ``sys.argv``, which
+    names whatever launched the process: pytest, python -m, accelerate)."""
+    parts = prog.split()
+    for key, value in sorted(vars(args).items()):
+        if key in ("func", "verbose") or callable(value) or value is None or value is False:
+            continue
+        flag = "--" + key.replace("_", "-")
+        parts += [flag] if value is True else [flag, str(value)]
+    return shlex.join(parts)
+
+
+def provenance(model_dir: str | Path, config, data_path: str | Path, command: str) -> dict:
     """Where the numbers come from: model folder, config hash, data hash, the command, versions."""
     import torch
     import transformers
 
     from .. import __version__
 
-    argv = list(sys.argv if argv is None else argv)
-    if argv and Path(argv[0]).name in ("vist2", "__main__.py", "cli.py"):
-        argv = ["vist2", *argv[1:]]
     return {
         "model": str(model_dir),
         "config_hash": config.hash(),
         "data": str(data_path),
         "data_sha256": sha256_file(data_path),
-        "command": shlex.join(argv),
+        "command": command,
         "vist2": __version__,
         "torch": torch.__version__,
         "transformers": transformers.__version__,

@@ -205,7 +205,7 @@ def format_table(points: Sequence[dict]) -> str:
 
 def cmd_eval_ocr(args) -> int:
     from ..cli import CLIError
-    from .common import load, provenance, read_documents, write_json
+    from .common import command_line, load, provenance, read_documents, write_json
 
     try:
         ratios = parse_ratios(args.ratios)
@@ -222,7 +222,7 @@ def cmd_eval_ocr(args) -> int:
     cfg = model.config
     results = {
         "evaluation": "ocr",
-        "provenance": provenance(args.model, cfg, args.data),
+        "provenance": provenance(args.model, cfg, args.data, command_line("vist2 eval ocr", args)),
         "model_geometry": {"chunk_tokens": cfg.chunk_tokens, "n_visual": cfg.n_visual,
                            "compression_ratio": cfg.compression_ratio, "image": [cfg.render["height"], cfg.render["width"]],
                            "min_font_size": processor.renderer.config.min_font_size},

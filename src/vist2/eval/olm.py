@@ -132,7 +132,7 @@ def format_table(res: dict) -> str:
 
 def cmd_eval_olm(args) -> int:
     from ..cli import CLIError
-    from .common import load, provenance, read_documents, write_json
+    from .common import command_line, load, provenance, read_documents, write_json
 
     try:
         docs = read_documents(args.data)
@@ -144,7 +144,7 @@ def cmd_eval_olm(args) -> int:
     cfg = model.config
     results = {
         "evaluation": "olm",
-        "provenance": provenance(args.model, cfg, args.data),
+        "provenance": provenance(args.model, cfg, args.data, command_line("vist2 eval olm", args)),
         "model_geometry": {"chunk_tokens": cfg.chunk_tokens, "n_visual": cfg.n_visual,
                            "compression_ratio": cfg.compression_ratio},
         "layouts": {"optical": "olm_segments(context + continuation), loss on the continuation",
