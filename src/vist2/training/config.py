@@ -1,0 +1,214 @@
+"""Stage presets: what trains, the layout, and the optimiser settings of each stage.
+
+The four presets follow the paper's Table 8 (AdamW, weight decay 1e-4, warm-up
+1 %, cosine decay, one epoch, learning rate 5e-4 for pre-training and 1e-5 for
+SFT, maximum length 1024 / 4096 / 8192 / 8192). ``configs/<stage>.yaml`` holds
+the same values; a YAML file only needs the fields it changes::
+
+    stage: ocr
+    max_length: 2048
+    curriculum:
+      - {until: 0.5, min_images: 1, max_images: 1}
+      - {until: 1.0, min_images: 2, max_images: 4}
+
+    >>> from vist2.training.config import stage_preset
+    >>> cfg = stage_preset("olm")
+    >>> cfg.learning_rate, cfg.max_length, cfg.train_llm, cfg.train_vision
+    (0.0005, 8192, True, False)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+STAGES = ("caption", "ocr", "olm", "sft")
+ATTENTION = ("auto", "flex", "sdpa", "eager")
+PRECISION = ("auto", "bf16", "fp32")
+
+
+@dataclass
+class CurriculumPhase:
+    """Images per OCR sample while training progress (0..1 of all steps) is below ``until``."""
+
+    until: float
+    min_images: int
+    max_images: int
+
+    def __post_init__(self):
+        if not 0 < self.until <= 1:
+            raise ValueError(f"curriculum.until must be in (0, 1], got {self.until}")
+        if not 1 <= self.min_images <= self.max_images:
+            raise ValueError(
+                f"curriculum: need 1 <= min_images <= max_images, got {self.min_images}..{self.max_images}"
+            )
+
+
+def paper_curriculum() -> list[CurriculumPhase]:
+    """PT-2's easy -> medium -> hard schedule: 1 image, then 2-4, then more than 4."""
+    return [CurriculumPhase(0.2, 1, 1), CurriculumPhase(0.6, 2, 4), CurriculumPhase(1.0, 5, 8)]
+
+
+@dataclass
+class LoRAConfig:
+    """Low-rank adapters on the LLM (needs ``pip install peft``); merged into the weights on save."""
+
+    enabled: bool = False
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+
+    def __post_init__(self):
+        if self.r <= 0:
+            raise ValueError(f"lora.r must be > 0, got {self.r}")
+
+
+@dataclass
+class TrainConfig:
+    stage: str
+    # what trains (the LM head goes with the LLM)
+    train_vision: bool = False
+    train_aligner: bool = True
+    train_llm: bool = False
+    # layout
+    max_length: int = 1024  # slots (text + visual) per packed row
+    pack: bool = True  # several samples per row; attention never crosses samples (layout.collate)
+    prompt_encoding: str | None = None  # SFT prompt chunks: None = the model config's value
+    ocr_tokens_per_image: int | None = None  # PT-2 text tokens per image; None = the model's K
+    curriculum: list[CurriculumPhase] = field(default_factory=paper_curriculum)
+    # optimisation (Table 8)
+    learning_rate: float = 5e-4
+    weight_decay: float = 1e-4
+    warmup_ratio: float = 0.01
+    lr_scheduler: str = "cosine"
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    max_grad_norm: float = 1.0
+    epochs: float = 1.0
+    max_steps: int | None = None  # optimizer steps; overrides epochs (needed for streaming sources)
+    batch_size: int = 1  # packed rows per device and micro-step
+    grad_accum: int = 1
+    seed: int = 0
+    # runtime
+    precision: str = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    attention: str = "auto"  # auto: FlexAttention block mask on GPU, dense mask + SDPA on CPU
+    gradient_checkpointing: bool = False
+    num_workers: int = 2  # DataLoader workers that render chunks
+    shuffle_buffer: int = 1000  # records; 0 keeps the source order
+    streaming: bool = False  # read HF datasets lazily (then max_steps is required)
+    # bookkeeping
+    log_every: int = 10
+    eval_every: int = 500
+    eval_batches: int = 20
+    eval_holdout: int = 100  # without --eval-data, every n-th record is held out for eval (0: none)
+    save_every: int = 1000
+    keep_checkpoints: int = 2
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+
+    def __post_init__(self):
+        if self.stage not in STAGES:
+            raise ValueError(f"stage must be one of {STAGES}, got {self.stage!r}")
+        if isinstance(self.lora, dict):
+            self.lora = LoRAConfig(**_known(LoRAConfig, self.lora, "lora"))
+        self.curriculum = [
+            CurriculumPhase(**_known(CurriculumPhase, p, "curriculum")) if isinstance(p, dict) else p
+            for p in self.curriculum
+        ]
+        if not self.curriculum or self.curriculum[-1].until != 1.0:
+            raise ValueError("curriculum: the last phase must have until: 1.0")
+        if any(a.until >= b.until for a, b in zip(self.curriculum, self.curriculum[1:])):
+            raise ValueError("curriculum: 'until' must increase from phase to phase")
+        for name in ("max_length", "batch_size", "grad_accum", "log_every", "eval_every", "save_every"):
+            if int(getattr(self, name)) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.max_steps is not None and self.max_steps <= 0:
+            raise ValueError(f"max_steps must be > 0, got {self.max_steps}")
+        if self.learning_rate <= 0:
+            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.epochs <= 0:
+            raise ValueError(f"epochs must be > 0, got {self.epochs}")
+        if self.attention not in ATTENTION:
+            raise ValueError(f"attention must be one of {ATTENTION}, got {self.attention!r}")
+        if self.precision not in PRECISION:
+            raise ValueError(f"precision must be one of {PRECISION}, got {self.precision!r}")
+        if self.lr_scheduler not in ("cosine", "linear", "constant_with_warmup"):
+            raise ValueError(f"lr_scheduler must be cosine, linear or constant_with_warmup, got {self.lr_scheduler!r}")
+        if self.num_workers < 0 or self.shuffle_buffer < 0 or self.eval_holdout < 0 or self.keep_checkpoints < 1:
+            raise ValueError("num_workers, shuffle_buffer and eval_holdout must be >= 0, keep_checkpoints >= 1")
+        if self.lora.enabled and not self.train_llm:
+            raise ValueError("lora.enabled needs train_llm: true (the adapters are the LLM's trainable part)")
+        if not (self.train_vision or self.train_aligner or self.train_llm):
+            raise ValueError("nothing trains: set at least one of train_vision, train_aligner, train_llm")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes) -> "TrainConfig":
+        d = self.to_dict()
+        d.update(changes)
+        return TrainConfig(**d)
+
+
+# Table 8 of the paper, one entry per stage; everything else takes the dataclass defaults.
+_PRESETS: dict[str, dict[str, Any]] = {
+    # PT-1: [v, caption]; only the aligner learns to speak the LLM's language
+    "caption": dict(train_vision=False, train_aligner=True, train_llm=False, max_length=1024, learning_rate=5e-4),
+    # PT-2: [v1 c1 v2 c2 ...] multi-turn OCR; the tower learns to read rendered text
+    "ocr": dict(train_vision=True, train_aligner=True, train_llm=False, max_length=4096, learning_rate=5e-4),
+    # PT-3: [c1 v1 c2 v2 ... cn] with the sparse mask; the LLM learns to read its visual memory
+    # (the aligner is optional in the paper; set train_aligner: false to freeze it)
+    "olm": dict(train_vision=False, train_aligner=True, train_llm=True, max_length=8192, learning_rate=5e-4),
+    # SFT: compressed query + response as OLM, loss on the response; everything trains
+    # (train_vision: false, train_aligner: false gives the LLM-only variant)
+    "sft": dict(train_vision=True, train_aligner=True, train_llm=True, max_length=8192, learning_rate=1e-5),
+}
+
+
+def stage_preset(stage: str, **overrides) -> TrainConfig:
+    if stage not in _PRESETS:
+        raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+    return TrainConfig(stage=stage, **{**_PRESETS[stage], **overrides})
+
+
+def _known(cls, values: dict, where: str) -> dict:
+    if not isinstance(values, dict):
+        raise ValueError(f"{where} must be a mapping, got {type(values).__name__}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ValueError(f"{where}: unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
+    return dict(values)
+
+
+def load_config(stage: str | None, path: str | Path | None = None, **overrides) -> TrainConfig:
+    """The stage preset, updated by a YAML file (if given) and then by ``overrides`` (None values ignored).
+
+    The YAML may name its stage; a different ``stage`` argument is an error, so a
+    config written for OCR cannot silently drive SFT.
+    """
+    values: dict[str, Any] = {}
+    if path is not None:
+        import yaml
+
+        p = Path(path)
+        if not p.is_file():
+            raise ValueError(f"config {p}: no such file")
+        loaded = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        values = _known(TrainConfig, loaded, f"config {p}")
+        ystage = values.pop("stage", None)
+        if stage is None:
+            stage = ystage
+        elif ystage is not None and ystage != stage:
+            raise ValueError(f"config {p} is for stage {ystage!r}, but the stage is {stage!r}")
+    if stage is None:
+        raise ValueError("no stage given (--stage or 'stage:' in the config)")
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return stage_preset(stage, **values)

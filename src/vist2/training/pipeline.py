@@ -1,0 +1,218 @@
+"""The batch stream: records -> samples -> packed rows -> batches -> rendered pixels.
+
+Two halves, so that resuming and parallel rendering stay exact:
+
+1. the *cheap* half (:meth:`StageDataset.layouts`) reads, shuffles, tokenizes,
+   lays out and packs — a deterministic function of the seed, the rank and the
+   epoch, numbering batches ``0, 1, 2, ...`` across epochs (it cycles the
+   source; the trainer stops after its step budget);
+2. the *expensive* half (:func:`render_batch`) loads caption images, renders
+   chunk text and collates the plan. Batch ``i`` is rendered by DataLoader worker
+   ``(i - skip) % num_workers``; every worker walks the cheap half and renders
+   only its own batches, and the DataLoader hands batches back round-robin, so
+   the order — and every pixel — is the same for any number of workers.
+
+Resuming skips the first ``skip`` batches in the cheap half, without rendering.
+Randomness (shuffle buffer, OCR images per sample) is seeded per epoch and per
+record, never by worker.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+from itertools import count
+from typing import Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from ..layout import IGNORE, Kind, Plan, collate
+from .config import TrainConfig
+from .data import SkipCounter, Source
+from .stages import Item, StageBuilder, pack
+
+
+@dataclass
+class Batch:
+    plan: Plan
+    pixel_values: torch.Tensor | None
+    index: int  # global batch number in this rank's stream
+    skipped: dict = field(default_factory=dict)  # records skipped while this batch was assembled
+    n_tokens: int = 0  # real (non-pad) slots: text + visual
+    n_targets: int = 0  # tokens with a loss
+
+
+def _mix(*parts: int) -> int:
+    """A stable seed from integers (Python's hash() of ints is stable too, but explicit is clearer)."""
+    h = 0x9E3779B97F4A7C15
+    for p in parts:
+        h = (h * 0x100000001B3 ^ (int(p) & 0xFFFFFFFFFFFFFFFF)) & 0xFFFFFFFFFFFFFFFF
+    return h
+
+
+def _shuffled(records: Iterator, buffer: int, rng: random.Random) -> Iterator:
+    """A bounded shuffle buffer (streams larger than memory cannot be shuffled whole)."""
+    if buffer <= 1:
+        yield from records
+        return
+    buf = []
+    for r in records:
+        buf.append(r)
+        if len(buf) >= buffer:
+            yield buf.pop(rng.randrange(len(buf)))
+    rng.shuffle(buf)
+    yield from buf
+
+
+def load_image(image, height: int, width: int) -> np.ndarray:
+    """An image (path, PIL image, or HF ``{"bytes"|"path"}``) as uint8 RGB at the model's size."""
+    import io
+
+    from PIL import Image
+
+    if isinstance(image, dict):
+        image = io.BytesIO(image["bytes"]) if image.get("bytes") else image["path"]
+    im = image if hasattr(image, "convert") else Image.open(image)
+    im = im.convert("RGB")
+    if im.size != (width, height):
+        im = im.resize((width, height), Image.BICUBIC)
+    return np.asarray(im, dtype=np.uint8)
+
+
+def render_batch(rows: list[list[Item]], processor, index: int, skipped: dict, pad_multiple: int = 1) -> Batch:
+    """Load images, collate the rows into a plan, render its chunks."""
+    skipped = Counter(skipped)
+    rc = processor.renderer.config
+    kept_rows, images = [], []
+    for row in rows:
+        kept = []
+        for it in row:
+            if it.image is not None:
+                try:
+                    images.append(load_image(it.image, rc.height, rc.width))
+                except Exception:  # a corrupt or unreadable image costs one sample, never the run
+                    skipped["bad_image"] += 1
+                    continue
+            kept.append(it.sample)
+        if kept:
+            kept_rows.append(kept)
+    if not kept_rows:  # every image in the batch was bad: an empty batch has no targets and loss 0
+        kept_rows = [[]]
+    longest = max(sum(len(s) for s in r) for r in kept_rows)
+    pad_to = max(pad_multiple, -(-longest // pad_multiple) * pad_multiple)
+    plan = collate(kept_rows, pad_to=pad_to)
+    pixels = processor.pixels_for(plan.chunks, images) if plan.chunks else None
+    return Batch(plan=plan, pixel_values=pixels, index=index, skipped=dict(skipped),
+                 n_tokens=int((plan.kind != Kind.PAD).sum()), n_targets=int((plan.labels != IGNORE).sum()))
+
+
+class StageDataset(IterableDataset):
+    """Batches of one stage for one rank (see the module docstring for the order guarantees).
+
+    ``split="train"`` cycles the source forever (minus held-out records);
+    ``split="eval"`` is one pass over the held-out records (or a separate eval source).
+    """
+
+    def __init__(self, source: Source, builder: StageBuilder, processor, cfg: TrainConfig, *,
+                 split: str = "train", holdout: int = 0, rank: int = 0, world: int = 1,
+                 total_steps: int | None = None, skip: int = 0, pad_multiple: int = 1,
+                 max_batches: int | None = None):
+        self.source, self.builder, self.processor, self.cfg = source, builder, processor, cfg
+        self.split, self.holdout, self.rank, self.world = split, holdout, rank, world
+        self.total_steps, self.skip, self.pad_multiple, self.max_batches = total_steps, skip, pad_multiple, max_batches
+
+    def _progress(self, batch_index: int) -> float:
+        if not self.total_steps:
+            return 0.0  # counting pass: the curriculum's first phase
+        return min(1.0, (batch_index // self.cfg.grad_accum) / self.total_steps)
+
+    def _keep(self, idx: int) -> bool:
+        """Is raw record ``idx`` in this split and on this rank? Held-out records are every
+        ``holdout``-th; ranks take turns over the rest (and over the held-out ones)."""
+        if self.holdout:
+            held = idx % self.holdout == 0
+            if held != (self.split == "eval"):
+                return False
+            j = idx // self.holdout if held else idx - idx // self.holdout - 1
+        else:
+            j = idx
+        return j % self.world == self.rank
+
+    def _records(self, counter: SkipCounter) -> Iterator[tuple[int, dict]]:
+        return self.source.records(self.cfg.stage, skipped=counter, keep=self._keep)
+
+    def layouts(self, one_epoch: bool = False) -> Iterator[tuple[int, list[list[Item]], dict]]:
+        """The cheap half: (batch index, rows of items, skips since the previous batch)."""
+        cfg = self.cfg
+        counter, last = SkipCounter(), Counter()
+        batch_index, rows = 0, []
+        epochs = count() if self.split == "train" and not one_epoch else range(1)
+        for epoch in epochs:
+            shuffle_rng = random.Random(_mix(cfg.seed, epoch, self.rank))
+            records = self._records(counter)
+            if self.split == "train":
+                records = _shuffled(records, cfg.shuffle_buffer, shuffle_rng)
+            produced = False
+
+            def items():
+                nonlocal produced
+                for idx, rec in records:
+                    its, reason = self.builder.items(rec, random.Random(_mix(cfg.seed, epoch, idx)),
+                                                     self._progress(batch_index))
+                    if reason:
+                        counter[reason] += 1
+                    produced = produced or bool(its)
+                    yield from its
+
+            for row in pack(items(), cfg.max_length, cfg.pack):
+                rows.append(row)
+                if len(rows) == cfg.batch_size:
+                    delta = dict(counter - last)
+                    last = Counter(counter)
+                    yield batch_index, rows, delta
+                    batch_index, rows = batch_index + 1, []
+                    if self.max_batches is not None and batch_index >= self.max_batches:
+                        return
+            if rows:  # an epoch's last, short batch
+                delta = dict(counter - last)
+                last = Counter(counter)
+                yield batch_index, rows, delta
+                batch_index, rows = batch_index + 1, []
+            if not produced:
+                if self.split == "eval":
+                    return
+                why = f"rank {self.rank} of {self.world} gets every {self.world}-th record" if self.world > 1 else ""
+                if self.holdout:
+                    why += ("; " if why else "") + (f"every {self.holdout}-th record, from the first, is held out "
+                                                    f"for eval (eval_holdout; or pass --eval-data)")
+                raise ValueError(f"{self.source.path}: no usable training samples for stage {cfg.stage!r} "
+                                 f"({counter.report()}{'; ' + why if why else ''})")
+
+    def __iter__(self) -> Iterator[Batch]:
+        info = get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info else (0, 1)
+        for i, rows, skipped in self.layouts():
+            if i < self.skip or (i - self.skip) % nw != wid:
+                continue
+            yield render_batch(rows, self.processor, i, skipped, self.pad_multiple)
+
+    def count_batches(self) -> int:
+        """Batches in one epoch (train) or the whole pass (eval), from the cheap half alone.
+
+        ``total_steps`` is unknown while counting, so the OCR curriculum sits at its
+        first phase; with packing, images per sample barely change the row count.
+        """
+        n = 0
+        for i, _, _ in self.layouts(one_epoch=True):
+            n = i + 1
+        return n
+
+
+def make_loader(ds: StageDataset, num_workers: int) -> DataLoader:
+    # batch_size=None: the dataset yields finished batches; workers fork with the tokenizer
+    # and renderer already built (Renderer pickles by config)
+    return DataLoader(ds, batch_size=None, num_workers=num_workers, collate_fn=lambda b: b,
+                      prefetch_factor=2 if num_workers else None, persistent_workers=False)

@@ -1,0 +1,169 @@
+"""Stage builders: one record -> laid-out samples (``layout.Sample``), by the paper's four layouts.
+
+Every position, mask and chunk boundary comes from :mod:`vist2.layout`; a
+builder only decides *which* tokens form a sample:
+
+=========  =================================================  ===========================
+stage      sample                                             loss
+=========  =================================================  ===========================
+caption    ``caption_segments``: ``[v, caption <eos>]``        the caption
+ocr        ``ocr_segments``: ``[v1 c1 ... vn cn]``, n from    every ``c_i``
+           the curriculum (easy 1, medium 2-4, hard > 4)
+olm        ``olm_segments`` over a window of a document       every text token
+sft        ``sft_segments`` (``chat_prompt`` split, the       the response, ``<think>``
+           query compressed by the tail rule)                 kept
+=========  =================================================  ===========================
+
+    >>> from vist2.training.stages import StageBuilder          # doctest: +SKIP
+    >>> b = StageBuilder(cfg, tokenizer, chunk_tokens=64, n_visual=16, prompt_encoding="visual")  # doctest: +SKIP
+    >>> items, reason = b.items({"text": "In the beginning ..."}, random.Random(0), progress=0.0)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+from ..layout import Sample, build_sample, caption_segments, ocr_segments, olm_segments, sft_segments
+from .config import CurriculumPhase, TrainConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Item:
+    """One laid-out sample, plus the external image of a caption sample."""
+
+    sample: Sample
+    image: Any = None
+
+    def __len__(self) -> int:
+        return len(self.sample)
+
+
+def images_for(curriculum: list[CurriculumPhase], progress: float, rng: random.Random) -> int:
+    """Images per OCR sample at ``progress`` (0..1 of the run): drawn uniformly from the phase's range."""
+    for phase in curriculum:
+        if progress < phase.until:
+            return rng.randint(phase.min_images, phase.max_images)
+    last = curriculum[-1]
+    return rng.randint(last.min_images, last.max_images)
+
+
+@lru_cache(maxsize=64)
+def olm_text_budget(max_length: int, chunk_tokens: int, n_visual: int) -> int:
+    """Most text tokens whose OLM layout fits ``max_length`` slots (asked of the layout, not re-derived)."""
+
+    def slots(n: int) -> int:
+        return len(build_sample(olm_segments(range(n), chunk_tokens, n_visual)))
+
+    lo, hi = 0, max_length  # slots(n) >= n, so the answer is at most max_length
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if slots(mid) <= max_length else (lo, mid - 1)
+    return lo
+
+
+def special_id(tokenizer, token: str) -> int:
+    """The id of a special token, else the tokenizer's EOS (tokenizers without a chat format)."""
+    tid = tokenizer.convert_tokens_to_ids(token)
+    if isinstance(tid, int) and tid != tokenizer.unk_token_id and tid is not None and tid >= 0:
+        return tid
+    if tokenizer.eos_token_id is None:
+        raise ValueError(f"the tokenizer has neither {token!r} nor an EOS token")
+    return tokenizer.eos_token_id
+
+
+class StageBuilder:
+    """Turns records into :class:`Item` s for one stage."""
+
+    def __init__(self, cfg: TrainConfig, tokenizer, chunk_tokens: int, n_visual: int, prompt_encoding: str):
+        self.cfg, self.tok = cfg, tokenizer
+        self.K, self.nv = chunk_tokens, n_visual
+        self.prompt_encoding = cfg.prompt_encoding or prompt_encoding
+        self.doc_end = special_id(tokenizer, "<|endoftext|>")  # ends an OLM document / a caption
+        self.turn_end = special_id(tokenizer, "<|im_end|>")  # ends an assistant reply (what generation stops on)
+        M = cfg.max_length
+        if cfg.stage == "caption" and M <= n_visual + 1:
+            raise ValueError(f"max_length={M} leaves no room for a caption after {n_visual} visual tokens")
+        if cfg.stage == "ocr":
+            self.ocr_tokens = cfg.ocr_tokens_per_image or chunk_tokens
+            self.ocr_max_images = M // (n_visual + self.ocr_tokens)
+            if self.ocr_max_images < 1:
+                raise ValueError(f"max_length={M} cannot hold one OCR image ({n_visual} visual + "
+                                 f"{self.ocr_tokens} text tokens)")
+            wants = max(p.max_images for p in cfg.curriculum)
+            if wants > self.ocr_max_images:
+                log.warning("curriculum asks for up to %d images per sample but max_length=%d holds %d; "
+                            "samples are capped at %d", wants, M, self.ocr_max_images, self.ocr_max_images)
+        if cfg.stage == "olm":
+            self.olm_window = olm_text_budget(M, chunk_tokens, n_visual)
+        if cfg.stage == "sft":
+            from ..engine.engine import chat_prompt  # the exact split the engine uses at inference
+
+            self._chat_prompt = chat_prompt
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok(text, add_special_tokens=False)["input_ids"]
+
+    def items(self, record: dict, rng: random.Random, progress: float) -> tuple[list[Item], str | None]:
+        """Samples of one record, or ([], reason) when the record yields none."""
+        return getattr(self, f"_{self.cfg.stage}")(record, rng, progress)
+
+    def _caption(self, rec, rng, progress):
+        ids = self.encode(rec["caption"])[: self.cfg.max_length - self.nv - 1] + [self.doc_end]
+        return [Item(build_sample(caption_segments(self.nv, ids)), image=rec["image"])], None
+
+    def _ocr(self, rec, rng, progress):
+        ids = self.encode(rec["text"])
+        T = self.ocr_tokens
+        chunks = [ids[i : i + T] for i in range(0, len(ids), T)]
+        out, i = [], 0
+        while i < len(chunks):
+            n = min(images_for(self.cfg.curriculum, progress, rng), self.ocr_max_images)
+            out.append(Item(build_sample(ocr_segments(chunks[i : i + n], self.nv))))
+            i += n
+        return out, (None if out else "empty_text")
+
+    def _olm(self, rec, rng, progress):
+        ids = self.encode(rec["text"]) + [self.doc_end]
+        W = self.olm_window
+        # a long document becomes consecutive windows, each a sample of its own (positions restart)
+        out = [Item(build_sample(olm_segments(ids[i : i + W], self.K, self.nv)))
+               for i in range(0, len(ids), W) if len(ids[i : i + W]) >= 2]  # one token has nothing to predict
+        return out, (None if out else "too_short")
+
+    def _sft(self, rec, rng, progress):
+        msgs = rec["messages"]
+        try:
+            prefix, query, suffix = self._chat_prompt(self.tok, msgs[:-1])
+        except ValueError:
+            return [], "bad_chat"
+        response = self.encode(msgs[-1]["content"]) + [self.turn_end]  # <think>...</think> stays in the reply
+        s = build_sample(sft_segments(prefix, query, suffix, response, self.K, self.nv, self.prompt_encoding))
+        if len(s) > self.cfg.max_length:
+            return [], "too_long"
+        return [Item(s)], None
+
+
+def pack(items, max_length: int, pack: bool = True):
+    """Group items into rows of at most ``max_length`` slots, in order (greedy, deterministic).
+
+    Yields lists of items; the caller collates a row's samples side by side, and
+    the plan keeps them apart (sample ids: attention never crosses samples).
+    """
+    row, used = [], 0
+    for it in items:
+        n = len(it)
+        if n > max_length:
+            raise ValueError(f"a sample of {n} slots is longer than max_length={max_length}")
+        if row and (not pack or used + n > max_length):
+            yield row
+            row, used = [], 0
+        row.append(it)
+        used += n
+    if row:
+        yield row

@@ -1,0 +1,350 @@
+"""Training data: configs, readers, stage builders, packing, the batch stream (no model steps)."""
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from vist2.layout import IGNORE, Kind, build_sample, collate, sft_segments, split_query
+from vist2.training.checkpoint import (STATE_FILE, atomic_dir, clean_partial, latest_checkpoint, list_checkpoints,
+                                       write_json)
+from vist2.training.config import load_config, stage_preset
+from vist2.training.data import SkipCounter, check_source, open_source
+from vist2.training.pipeline import StageDataset, make_loader
+from vist2.training.stages import StageBuilder, images_for, olm_text_budget, pack
+
+ROOT = Path(__file__).resolve().parents[1]
+TEXT = ("In the beginning God created the heaven and the earth. And the earth was without form, and void; "
+        "and darkness was upon the face of the deep. ") * 6
+
+
+@pytest.fixture(scope="module")
+def proc(tiny_dir):
+    from vist2.processing import VIST2Processor
+
+    return VIST2Processor.from_pretrained(tiny_dir)
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r, ensure_ascii=False)) + "\n" for r in rows),
+                    encoding="utf-8")
+    return path
+
+
+# -- configs ------------------------------------------------------------------------------
+
+
+def test_presets_follow_table_8():
+    for stage, lr, length in (("caption", 5e-4, 1024), ("ocr", 5e-4, 4096), ("olm", 5e-4, 8192), ("sft", 1e-5, 8192)):
+        c = stage_preset(stage)
+        assert (c.learning_rate, c.max_length, c.weight_decay, c.warmup_ratio, c.lr_scheduler, c.epochs) == \
+               (lr, length, 1e-4, 0.01, "cosine", 1.0)
+    trains = {s: (c.train_vision, c.train_aligner, c.train_llm) for s in ("caption", "ocr", "olm", "sft")
+              for c in [stage_preset(s)]}
+    assert trains == {"caption": (False, True, False), "ocr": (True, True, False), "olm": (False, True, True),
+                      "sft": (True, True, True)}
+
+
+@pytest.mark.parametrize("stage", ["caption", "ocr", "olm", "sft"])
+def test_yaml_configs_match_presets(stage):
+    cfg = load_config(None, ROOT / "configs" / f"{stage}.yaml")
+    preset = stage_preset(stage)
+    for f in ("train_vision", "train_aligner", "train_llm", "max_length", "learning_rate", "weight_decay",
+              "warmup_ratio", "lr_scheduler", "epochs", "curriculum"):
+        assert getattr(cfg, f) == getattr(preset, f), f
+
+
+def test_config_errors_name_the_field(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("stage: olm\nlearning_rat: 0.1\n")
+    with pytest.raises(ValueError, match="learning_rat"):
+        load_config(None, bad)
+    with pytest.raises(ValueError, match="is for stage 'ocr'"):
+        load_config("sft", ROOT / "configs" / "ocr.yaml")
+    with pytest.raises(ValueError, match="max_length"):
+        stage_preset("olm", max_length=0)
+    with pytest.raises(ValueError, match="curriculum"):
+        stage_preset("ocr", curriculum=[{"until": 0.5, "min_images": 1, "max_images": 1}])
+    with pytest.raises(ValueError, match="nothing trains"):
+        stage_preset("caption", train_aligner=False)
+    assert load_config("olm", None, max_steps=7, lr=None).max_steps == 7
+
+
+# -- readers --------------------------------------------------------------------------------
+
+
+def test_readers_skip_and_count_bad_rows(tmp_path):
+    f = write_jsonl(tmp_path / "a.jsonl", [{"text": "good one"}, {"text": ""}, "{broken json", {"title": "no text"},
+                                           "[1, 2]", {"text": "good two"}])
+    (tmp_path / "b.txt").write_text("a whole text file is one document", encoding="utf-8")
+    src = open_source(tmp_path)
+    texts = [r["text"] for _, r in src.records("olm")]
+    assert texts == ["good one", "good two", "a whole text file is one document"]
+    assert src.skipped == {"empty_text": 1, "bad_json": 1, "no_text_field": 1, "not_an_object": 1}
+    assert "4 skipped" in src.skipped.report()
+    assert [r["text"] for _, r in open_source(f).records("ocr")] == ["good one", "good two"]
+
+
+def test_source_without_usable_text_fails_at_start(tmp_path):
+    f = write_jsonl(tmp_path / "empty.jsonl", [{"text": "  "}, {"caption": "x"}, "not json"])
+    with pytest.raises(ValueError, match=r"no usable record for stage 'olm'.*empty_text=1.*'text'"):
+        check_source(open_source(f), "olm")
+    with pytest.raises(ValueError, match="no such file"):
+        open_source(tmp_path / "missing.jsonl")
+    (tmp_path / "x.csv").write_text("a,b")
+    with pytest.raises(ValueError, match="unsupported file type"):
+        open_source(tmp_path / "x.csv")
+
+
+def test_caption_and_chat_records(tmp_path):
+    from PIL import Image
+
+    (tmp_path / "img").mkdir()
+    Image.new("RGB", (32, 32), (255, 0, 0)).save(tmp_path / "img" / "red.png")
+    f = write_jsonl(tmp_path / "cap.jsonl", [{"image": "img/red.png", "caption": "A red square."},
+                                             {"image": "img/missing.png", "caption": "gone"},
+                                             {"image": "img/red.png", "caption": ""}])
+    src = open_source(f)
+    recs = [r for _, r in src.records("caption")]
+    assert len(recs) == 1 and Path(recs[0]["image"]).is_file()  # relative to the jsonl
+    assert src.skipped == {"missing_image": 1, "empty_caption": 1}
+    chat = write_jsonl(tmp_path / "chat.jsonl", [
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]},
+        {"messages": [{"role": "user", "content": "hi"}]},
+        {"messages": [{"role": "assistant", "content": "a"}, {"role": "assistant", "content": "b"}]},
+    ])
+    src = open_source(chat)
+    assert len(list(src.records("sft"))) == 1
+    assert src.skipped == {"no_messages": 1, "no_user_message": 1}
+
+
+def test_hf_parquet_and_saved_dataset(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    ds = datasets.Dataset.from_dict({"text": ["first document", "", "second document"]})
+    ds.to_parquet(str(tmp_path / "part.parquet"))
+    ds.save_to_disk(str(tmp_path / "saved"))
+    for path, streaming in ((tmp_path / "part.parquet", True), (tmp_path / "saved", False),
+                            (tmp_path / "saved", True)):
+        src = open_source(path, streaming=streaming)
+        assert [r["text"] for _, r in src.records("olm")] == ["first document", "second document"], path
+        assert src.skipped == {"empty_text": 1}
+
+
+# -- builders ---------------------------------------------------------------------------------
+
+
+def _builder(proc, stage, **kw):
+    cfg = stage_preset(stage, **kw)
+    return StageBuilder(cfg, proc.tokenizer, 64, 16, "visual")
+
+
+def test_curriculum_schedule():
+    cur = stage_preset("ocr").curriculum
+    rng = random.Random(0)
+    assert {images_for(cur, 0.1, rng) for _ in range(50)} == {1}
+    assert {images_for(cur, 0.5, rng) for _ in range(200)} == {2, 3, 4}
+    assert {images_for(cur, 0.9, rng) for _ in range(200)} == {5, 6, 7, 8}
+
+
+def test_ocr_samples_follow_the_curriculum(proc):
+    b = _builder(proc, "ocr", max_length=2000)
+    doc = {"text": TEXT * 6}
+    easy, _ = b.items(doc, random.Random(0), progress=0.0)
+    hard, _ = b.items(doc, random.Random(0), progress=0.95)
+    assert all(len(it.sample.chunks) == 1 for it in easy)
+    assert all(5 <= len(it.sample.chunks) <= 8 for it in hard[:-1])  # the last takes what is left
+    s = easy[0].sample
+    assert s.kind[:16] == [Kind.VISUAL] * 16 and s.kind[16:80] == [Kind.TEXT] * 64  # [v1 c1]
+    # capped by max_length: 3 images of 16 + 64 slots fit in 250
+    capped, _ = _builder(proc, "ocr", max_length=250).items(doc, random.Random(0), progress=0.95)
+    assert max(len(it.sample.chunks) for it in capped) == 3 and max(len(it) for it in capped) <= 250
+
+
+def test_olm_windows_fit_and_cover_the_document(proc):
+    b = _builder(proc, "olm", max_length=200)
+    W = olm_text_budget(200, 64, 16)
+    assert W == 168  # 2 x (64 + 16) + 40 = 200 slots; asked of the layout
+    ids = b.encode(TEXT * 3) + [b.doc_end]
+    items, _ = b.items({"text": TEXT * 3}, random.Random(0), 0.0)
+    assert all(len(it) <= 200 for it in items)
+    got = [t for it in items for t, k in zip(it.sample.input_ids, it.sample.kind) if k == Kind.TEXT]
+    assert got == ids  # every token once, in order, the document end included
+
+
+def test_sft_loss_on_response_only_and_tail_rule(proc):
+    b = _builder(proc, "sft", max_length=4096)
+    query = TEXT
+    reply = "<think>\nIt is Genesis.\n</think>\n\nGenesis 1:1."
+    items, reason = b.items({"messages": [{"role": "user", "content": query},
+                                          {"role": "assistant", "content": reply}]}, random.Random(0), 0.0)
+    assert reason is None and len(items) == 1
+    plan = collate([items[0].sample])
+    targets = plan.labels[plan.labels != IGNORE].tolist()
+    want = b.encode(reply) + [b.turn_end]
+    assert targets == want  # the response and its end, <think> included; nothing of the prompt
+    assert "<think>" in proc.tokenizer.decode(targets)
+    from vist2.engine.engine import chat_prompt
+
+    prefix, q, suffix = chat_prompt(proc.tokenizer, [{"role": "user", "content": query}])
+    chunks, tail = split_query(q, 64, 16)
+    s = build_sample(sft_segments(prefix, q, suffix, want, 64, 16, "visual"))
+    assert items[0].sample.input_ids == s.input_ids and len(chunks) >= 2  # the query is compressed
+    # visual prompt encoding: 2,000 query tokens take ~500 slots, which a 300-slot row cannot hold
+    long = _builder(proc, "sft", max_length=300).items(
+        {"messages": [{"role": "user", "content": TEXT * 40}, {"role": "assistant", "content": "ok"}]},
+        random.Random(0), 0.0)
+    assert long == ([], "too_long")
+
+
+def test_caption_sample(proc):
+    b = _builder(proc, "caption", max_length=64)
+    items, _ = b.items({"image": "x.png", "caption": "A small red circle in the centre."}, random.Random(0), 0.0)
+    plan = collate([items[0].sample])
+    assert plan.kind[0, :16].tolist() == [Kind.VISUAL] * 16 and plan.chunks[0].tokens == ()
+    assert plan.labels[0, 15].item() == b.encode("A small red circle in the centre.")[0]  # v predicts the caption
+    assert plan.labels[plan.labels != IGNORE].tolist()[-1] == b.doc_end
+
+
+def test_packing_keeps_samples_apart(proc):
+    b = _builder(proc, "olm", max_length=256)
+    items = [it for t in ("one short document.", "another one.", "and a third.")
+             for it in b.items({"text": t}, random.Random(0), 0.0)[0]]
+    rows = list(pack(items, 256))
+    assert len(rows) == 1 and len(rows[0]) == 3
+    plan = collate([[it.sample for it in rows[0]]])
+    assert plan.sample[0].max().item() == 2
+    # no label crosses a sample boundary: the last token of a sample predicts nothing
+    ends = (plan.sample[0, 1:] != plan.sample[0, :-1]).nonzero().flatten()
+    assert all(plan.labels[0, e].item() == IGNORE for e in ends)
+    assert len(list(pack(items, 256, pack=False))) == 3
+
+
+# -- the batch stream ------------------------------------------------------------------------------
+
+
+def _stream(proc, path, stage="olm", **kw):
+    cfg = stage_preset(stage, max_length=kw.pop("max_length", 160), shuffle_buffer=kw.pop("shuffle_buffer", 4),
+                       batch_size=kw.pop("batch_size", 2), seed=kw.pop("seed", 0))
+    return StageDataset(open_source(path), StageBuilder(cfg, proc.tokenizer, 64, 16, "visual"), proc, cfg, **kw)
+
+
+def _key(batch):
+    return (batch.index, batch.plan.input_ids.tolist(), None if batch.pixel_values is None
+            else float(batch.pixel_values.sum()))
+
+
+def test_stream_is_deterministic_for_any_worker_count_and_skip(proc, tmp_path):
+    f = write_jsonl(tmp_path / "d.jsonl", [{"text": f"Document {i}. " + TEXT[: 40 * (i + 1)]} for i in range(12)])
+    ds = _stream(proc, f, total_steps=10)
+    ref = [_key(b) for b, _ in zip(make_loader(ds, 0), range(8))]
+    assert [k[0] for k in ref] == list(range(8))
+    two = [_key(b) for b, _ in zip(make_loader(_stream(proc, f, total_steps=10), 2), range(8))]
+    assert two == ref
+    resumed = [_key(b) for b, _ in zip(make_loader(_stream(proc, f, total_steps=10, skip=5), 2), range(3))]
+    assert resumed == ref[5:8]
+    other_seed = [_key(b) for b, _ in zip(make_loader(_stream(proc, f, total_steps=10, seed=1), 0), range(8))]
+    assert other_seed != ref
+
+
+def test_stream_shards_ranks_and_holdout(proc, tmp_path):
+    f = write_jsonl(tmp_path / "d.jsonl", [{"text": f"doc {i} " * 5} for i in range(20)])
+    seen = {}
+    for split in ("train", "eval"):
+        for rank in (0, 1):
+            ds = _stream(proc, f, split=split, holdout=5, rank=rank, world=2)
+            seen[split, rank] = {i for i in range(20) if ds._keep(i)}
+    assert seen["eval", 0] | seen["eval", 1] == {0, 5, 10, 15}
+    assert not (seen["train", 0] & seen["train", 1]) and len(seen["train", 0] | seen["train", 1]) == 16
+    assert seen["train", 0] and seen["train", 1] and seen["eval", 0] and seen["eval", 1]
+
+
+def test_stream_counts_skips_and_bad_images(proc, tmp_path):
+    from PIL import Image
+
+    Image.new("RGB", (40, 40), (0, 0, 255)).save(tmp_path / "ok.png")
+    (tmp_path / "corrupt.png").write_bytes(b"not a png at all")
+    f = write_jsonl(tmp_path / "c.jsonl", [{"image": "ok.png", "caption": "Blue."},
+                                           {"image": "corrupt.png", "caption": "Broken."},
+                                           {"image": "nothere.png", "caption": "Missing."}, "{bad"])
+    ds = _stream(proc, f, stage="caption", max_length=64, batch_size=4, split="eval")
+    batches = list(make_loader(ds, 0))
+    skipped = SkipCounter()
+    for b in batches:
+        skipped.update(b.skipped)
+    assert skipped == {"bad_image": 1, "missing_image": 1, "bad_json": 1}
+    assert batches[0].pixel_values.shape == (1, 3, 128, 128)  # the good image, resized to the model's size
+    assert batches[0].n_targets == len(proc.encode("Blue.")) + 1
+
+
+def test_every_stage_stream_renders(proc, tmp_path):
+    from PIL import Image
+
+    Image.new("RGB", (64, 64), (0, 200, 0)).save(tmp_path / "g.png")
+    data = {
+        "caption": write_jsonl(tmp_path / "c.jsonl", [{"image": "g.png", "caption": "A green square."}] * 3),
+        "ocr": write_jsonl(tmp_path / "t.jsonl", [{"text": TEXT}] * 2),
+        "olm": tmp_path / "t.jsonl",
+        "sft": write_jsonl(tmp_path / "s.jsonl", [{"messages": [{"role": "user", "content": TEXT},
+                                                                {"role": "assistant", "content": "<think>\nx\n</think>\n\nok"}]}] * 2),
+    }
+    for stage, path in data.items():
+        b = next(iter(make_loader(_stream(proc, path, stage=stage, max_length=400, pad_multiple=128), 0)))
+        assert b.plan.shape[1] % 128 == 0, stage
+        assert b.n_targets > 0 and b.pixel_values is not None, stage
+        assert b.pixel_values.shape[0] == len(b.plan.chunks) == b.plan.n_visual_slots // 16, stage
+
+
+# -- atomic checkpoints --------------------------------------------------------------------------
+
+
+def _fake_checkpoint(root, step, fail_after_files=None):
+    with atomic_dir(root / f"step-{step:08d}") as tmp:
+        for i in range(3):
+            (tmp / f"part{i}.bin").write_bytes(b"x" * 1000)
+            if fail_after_files is not None and i + 1 >= fail_after_files:
+                raise RuntimeError("killed")
+        write_json(tmp / STATE_FILE, {"complete": True, "step": step})
+
+
+def test_interrupted_save_never_looks_complete(tmp_path):
+    root = tmp_path / "checkpoints"
+    _fake_checkpoint(root, 1)
+    with pytest.raises(RuntimeError):
+        _fake_checkpoint(root, 2, fail_after_files=2)
+    assert [p.name for p in list_checkpoints(root)] == ["step-00000001"]
+    assert latest_checkpoint(root).name == "step-00000001"
+    assert (root / ".tmp-step-00000002").exists()  # left behind, ignored ...
+    clean_partial(root)  # ... and removed at the next start
+    assert not (root / ".tmp-step-00000002").exists()
+    # a folder with the right name but no complete state (e.g. copied by hand, half-way) is ignored
+    (root / "step-00000009").mkdir()
+    (root / "step-00000009" / STATE_FILE).write_text('{"complete": tr')
+    assert latest_checkpoint(root).name == "step-00000001"
+
+
+def test_sigkill_during_save_leaves_no_loadable_checkpoint(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    root = tmp_path / "checkpoints"
+    # the checkpoint module alone (stdlib only), so the child starts in a blink
+    code = f"""
+import importlib.util, time
+from pathlib import Path
+spec = importlib.util.spec_from_file_location("ckpt", {str(ROOT / 'src/vist2/training/checkpoint.py')!r})
+ckpt = importlib.util.module_from_spec(spec); spec.loader.exec_module(ckpt)
+atomic_dir, write_json = ckpt.atomic_dir, ckpt.write_json
+with atomic_dir(Path({str(root)!r}) / "step-00000005") as tmp:
+    (tmp / "model.safetensors").write_bytes(b"x" * 100)
+    print("writing", flush=True)
+    time.sleep(60)
+    write_json(tmp / "trainer_state.json", {{"complete": True}})
+"""
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "writing"
+    p.send_signal(signal.SIGKILL)
+    p.wait(timeout=30)
+    assert latest_checkpoint(root) is None
+    assert not (root / "step-00000005").exists()

@@ -1,0 +1,194 @@
+"""Training runs on the tiny model (CPU): every stage, what trains, loss falls, exact resume, 2 processes."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from vist2.training.config import stage_preset
+from vist2.training.prepare import prepare
+from vist2.training.trainer import Trainer
+
+ROOT = Path(__file__).resolve().parents[1]
+PARTS = {"vision": "model.vision.", "aligner": "model.aligner.", "llm": "model.language_model."}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """The demo sets of ``vist2 data prepare``, cut small."""
+    out = tmp_path_factory.mktemp("data")
+    prepare(out, max_docs=1, images=8, chats=12, seed=0)
+    return out
+
+
+def run(model_dir, stage, data_path, out, steps=2, **kw):
+    kw.setdefault("max_length", 128)  # the 151k-word LM head dominates CPU time; keep rows short
+    kw.setdefault("num_workers", 0)
+    kw.setdefault("eval_holdout", 0)
+    cfg = stage_preset(stage, max_steps=steps, log_every=1, **kw)
+    return Trainer(cfg, model_dir, data_path, out, progress=False).train()
+
+
+def weights(folder):
+    return load_file(str(Path(folder) / "model.safetensors"))
+
+
+def changed(before, after, prefix):
+    keys = [k for k in before if k.startswith(prefix)]
+    assert keys, prefix
+    return any(not torch.equal(before[k], after[k]) for k in keys)
+
+
+def test_prepare_uses_only_public_domain_sources(data):
+    manifest = json.loads((data / "manifest.json").read_text(encoding="utf-8"))
+    assert set(manifest["files"]) == {"text_en.jsonl", "text_zh.jsonl", "caption.jsonl", "sft.jsonl"}
+    text = json.dumps(manifest, ensure_ascii=False)
+    assert "fangfang" not in text and "340-脂砚斋重批红楼梦.txt" in text
+    first = json.loads((data / "text_zh.jsonl").read_text(encoding="utf-8").splitlines()[0])
+    assert first["text"].startswith("第一回")
+    en = [json.loads(x) for x in (data / "text_en.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert [r["source"] for r in en] == ["kjv", "web"] and en[0]["text"].startswith("Genesis\n\nIn the beginning")
+    chat = json.loads((data / "sft.jsonl").read_text(encoding="utf-8").splitlines()[0])
+    assert chat["messages"][-1]["role"] == "assistant" and "<think>" in chat["messages"][-1]["content"]
+    # deterministic for a seed
+    again = data.parent / "again"
+    prepare(again, corpora=["shapes", "chat"], images=8, chats=12, seed=0)
+    assert (again / "sft.jsonl").read_bytes() == (data / "sft.jsonl").read_bytes()
+    assert (again / "images" / "shape_00003.png").read_bytes() == (data / "images" / "shape_00003.png").read_bytes()
+
+
+STAGE_DATA = {"caption": "caption.jsonl", "ocr": "text_en.jsonl", "olm": "text_zh.jsonl", "sft": "sft.jsonl"}
+TRAINS = {"caption": {"aligner"}, "ocr": {"vision", "aligner"}, "olm": {"llm", "aligner"},
+          "sft": {"vision", "aligner", "llm"}}
+
+
+@pytest.mark.parametrize("stage", ["caption", "ocr", "olm", "sft"])
+def test_stage_runs_and_trains_only_its_parts(stage, tiny_dir, data, tmp_path):
+    kw = {}
+    if stage == "sft":  # also: periodic eval, checkpoint pruning, TensorBoard, and the output loads for generation
+        kw = dict(max_length=256, eval_holdout=3, eval_every=1, eval_batches=1, save_every=1, keep_checkpoints=1)
+    out = tmp_path / stage
+    res = run(tiny_dir, stage, data / STAGE_DATA[stage], out, steps=2, **kw)
+    assert res.steps == 2 and res.last_loss is not None and res.last_loss == res.last_loss
+    before, after = weights(tiny_dir), weights(out)
+    assert set(before) == set(after)
+    for part, prefix in PARTS.items():
+        assert changed(before, after, prefix) == (part in TRAINS[stage]), (stage, part)
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["steps"] == 2 and summary["stage"] == stage
+    assert (out / "tokenizer.json").is_file() and (out / "config.json").is_file()
+    if stage != "sft":
+        return
+    from vist2.engine import Engine, SamplingParams
+
+    assert res.eval_loss is not None and res.eval_loss > 0
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-00000002"]  # pruned to keep_checkpoints
+    assert list((out / "train").rglob("events.out.tfevents*")), "TensorBoard log"
+    engine = Engine.from_pretrained(str(out))
+    result = engine.generate_text(["In the beginning"], SamplingParams(max_new_tokens=5))[0]
+    assert result.stats.generated_tokens == 5
+
+
+def test_loss_falls_on_a_fixed_batch(tiny_dir, data):
+    """20 steps on one OLM batch (interleaved chunks and the sparse mask) drive the loss well down."""
+    from vist2.modeling import VIST2ForCausalLM
+    from vist2.processing import VIST2Processor
+    from vist2.training.data import open_source
+    from vist2.training.pipeline import StageDataset
+    from vist2.training.stages import StageBuilder
+    from vist2.training.trainer import apply_trainable, make_optimizer, make_scheduler
+
+    torch.manual_seed(0)
+    proc = VIST2Processor.from_pretrained(tiny_dir)
+    model = VIST2ForCausalLM.from_pretrained(str(tiny_dir))
+    cfg = stage_preset("olm", max_length=88, learning_rate=5e-3, warmup_ratio=0.0, lr_scheduler="constant_with_warmup")
+    ds = StageDataset(open_source(data / "text_en.jsonl"), StageBuilder(cfg, proc.tokenizer, 64, 16, "visual"),
+                      proc, cfg, split="eval")
+    batch = next(iter(ds))
+    assert len(batch.plan.chunks) >= 1  # the batch really has a compressed chunk
+    apply_trainable(model, cfg)
+    opt = make_optimizer(model, cfg)
+    sched = make_scheduler(opt, cfg, 20)
+    losses = []
+    for _ in range(20):
+        loss = model(plan=batch.plan, pixel_values=batch.pixel_values).loss
+        loss.backward()
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < 0.4 * losses[0], losses[::4]  # 11.9 -> about 2.9 on the reference machine
+
+
+def test_resume_ends_with_the_same_weights(tiny_dir, data, tmp_path):
+    kw = dict(save_every=2, shuffle_buffer=8, learning_rate=1e-3)
+    run(tiny_dir, "olm", data / "text_en.jsonl", tmp_path / "straight", steps=4, **kw)
+    cfg = stage_preset("olm", max_steps=4, log_every=1, max_length=128, num_workers=0, eval_holdout=0, **kw)
+    first = Trainer(cfg, tiny_dir, data / "text_en.jsonl", tmp_path / "resumed", progress=False).train(stop_after=2)
+    assert first.stopped_early and first.steps == 2
+    assert not (tmp_path / "resumed" / "model.safetensors").exists()
+    with pytest.raises(ValueError, match="--resume"):
+        Trainer(cfg, tiny_dir, data / "text_en.jsonl", tmp_path / "resumed", progress=False).train()
+    # the resumed half renders with two DataLoader workers: the batches must still be the same
+    second = Trainer(cfg.replace(num_workers=2), tiny_dir, data / "text_en.jsonl", tmp_path / "resumed",
+                     resume=True, progress=False).train()
+    assert second.steps == 4
+    a, b = weights(tmp_path / "straight"), weights(tmp_path / "resumed")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
+    assert not torch.equal(a["model.aligner.proj.weight"], weights(tiny_dir)["model.aligner.proj.weight"])
+
+
+def test_lora_trains_adapters_and_saves_merged(tiny_dir, data, tmp_path):
+    pytest.importorskip("peft")
+    res = run(tiny_dir, "olm", data / "text_en.jsonl", tmp_path / "lora", steps=2, learning_rate=1e-2,
+              lora={"enabled": True, "r": 4, "alpha": 8, "dropout": 0.0})
+    assert res.steps == 2
+    before, after = weights(tiny_dir), weights(tmp_path / "lora")
+    assert set(before) == set(after)  # merged: a plain checkpoint, no adapter keys
+    assert changed(before, after, "model.language_model.layers.0.self_attn.q_proj")
+    assert not changed(before, after, "model.language_model.embed_tokens")  # not a LoRA target
+    assert not changed(before, after, "model.vision.")
+
+
+def test_cli_errors_are_clear(tiny_dir, tmp_path, capsys):
+    from vist2.training.cli import main
+
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text('{"text": ""}\n{"nope": 1}\n')
+    assert main(["train", "--stage", "olm", "--model", str(tiny_dir), "--data", str(empty),
+                 "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "no usable record for stage 'olm'" in err and "empty_text=1" in err
+    assert main(["train", "--stage", "olm", "--model", str(tmp_path), "--data", str(empty),
+                 "--out", str(tmp_path / "o")]) == 2
+    assert "not a VIST2 checkpoint folder" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_two_process_cpu_run_with_accelerate_launch(tiny_dir, data, tmp_path):
+    cfg = tmp_path / "olm.yaml"
+    cfg.write_text("stage: olm\neval_holdout: 4\neval_every: 2\neval_batches: 1\n")
+    docs = [json.loads(x) for x in (data / "text_en.jsonl").read_text(encoding="utf-8").splitlines()]
+    corpus = tmp_path / "corpus.jsonl"  # several documents, so both ranks and the eval split get some
+    corpus.write_text("".join(json.dumps({"text": d["text"][i * 3000:(i + 1) * 3000]}) + "\n"
+                              for d in docs for i in range(4)), encoding="utf-8")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
+               OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="1")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(ROOT / "configs/accelerate/cpu-2proc.yaml"), "-m", "vist2.training", "train", "--stage", "olm",
+           "--model", str(tiny_dir), "--data", str(corpus), "--out", str(tmp_path / "ddp"),
+           "--max-steps", "2", "--max-length", "128", "--num-workers", "0", "--no-progress", "--save-every", "1",
+           "--config", str(cfg)]
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    summary = json.loads((tmp_path / "ddp" / "train_summary.json").read_text())
+    assert summary["steps"] == 2 and summary["eval_loss"] is not None
+    state = json.loads((tmp_path / "ddp" / "checkpoints" / "step-00000002" / "trainer_state.json").read_text())
+    assert state["world_size"] == 2
+    assert changed(weights(tiny_dir), weights(tmp_path / "ddp"), "model.language_model.")
