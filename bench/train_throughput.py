@@ -102,7 +102,7 @@ def run_one(model, batch, impl: str, steps: int, warmup: int, device, dtype) -> 
             torch.cuda.synchronize()
         t = time.perf_counter()
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            loss = model(plan=plan, pixel_values=pixels).loss
+            loss = model(plan=plan, pixel_values=pixels, logits_at_targets=True).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -191,6 +191,25 @@ def test_loss_counts_only_target_tokens():
     assert int((lab != -100).sum()) == K - 1 + 5  # every text token but the very first
 
 
+def test_logits_at_targets_gives_the_same_loss_and_gradient():
+    model = _tiny().train()
+    K, beta = model.config.chunk_tokens, model.config.n_visual
+    plan = collate([build_sample(olm_segments(range(3000, 3000 + 2 * K + 7), K, beta)),
+                    build_sample(olm_segments(range(4000, 4000 + K + 3), K, beta))])
+    px = _pixels(len(plan.chunks))
+    full = model(plan=plan, pixel_values=px)
+    full.loss.backward()
+    g_full = model.model.aligner.proj.weight.grad.clone()
+    model.zero_grad()
+    sparse = model(plan=plan, pixel_values=px, logits_at_targets=True)
+    sparse.loss.backward()
+    n = int((plan.labels != -100).sum())
+    assert sparse.logits.shape == (n, model.config.text_config.vocab_size)
+    assert torch.allclose(full.loss, sparse.loss, atol=1e-5)
+    assert torch.allclose(g_full, model.model.aligner.proj.weight.grad, atol=1e-6)
+    assert torch.allclose(full.logits[plan.labels != -100], sparse.logits, atol=1e-5)
+
+
 def test_missing_or_extra_images_are_errors():
     model = _tiny()
     K, beta = model.config.chunk_tokens, model.config.n_visual

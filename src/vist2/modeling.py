@@ -236,19 +236,36 @@ class VIST2ForCausalLM(VIST2PreTrainedModel, GenerationMixin):
         visual_embeds: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        logits_at_targets: bool = False,
         **kwargs,
     ) -> CausalLMOutputWithPast:
+        """Logits and the mean loss over the plan's targets.
+
+        ``logits_at_targets=True`` runs the LM head only at positions that carry a label and
+        returns those logits flattened, ``(n_targets, V)``: the same loss for a fraction of the
+        memory (a 151,936-word head over every slot of an 8k row is gigabytes). Training uses it.
+        """
         out = self.model(plan=plan, pixel_values=pixel_values, visual_embeds=visual_embeds, **kwargs)
         hidden = out.last_hidden_state
+        if labels is None and plan is not None:
+            labels = plan.labels
+        if logits_at_targets:
+            if labels is None:
+                raise ValueError("logits_at_targets needs labels (or a plan)")
+            labels = labels.to(hidden.device)
+            keep = labels != IGNORE
+            logits = self.lm_head(hidden[keep])  # (n_targets, V)
+            loss = F.cross_entropy(logits.float(), labels[keep], reduction="sum") / keep.sum().clamp(min=1)
+            return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values,
+                                          hidden_states=out.hidden_states)
         if isinstance(logits_to_keep, int) and logits_to_keep > 0:
             hidden = hidden[:, -logits_to_keep:]
         elif isinstance(logits_to_keep, torch.Tensor):
             hidden = hidden[:, logits_to_keep]
         logits = self.lm_head(hidden)
-        if labels is None and plan is not None:
-            labels = plan.labels.to(logits.device)
         loss = None
         if labels is not None and logits.shape[1] == labels.shape[1]:
+            labels = labels.to(logits.device)
             n = (labels != IGNORE).sum()
             # a batch without targets gives loss 0 (not NaN), so accumulation stays finite
             loss = F.cross_entropy(

@@ -278,7 +278,7 @@ class Trainer:
             for batch in loader:
                 skipped.update(batch.skipped)
                 with acc.accumulate(model):
-                    out = model(plan=batch.plan, pixel_values=None if batch.pixel_values is None
+                    out = model(plan=batch.plan, logits_at_targets=True, pixel_values=None if batch.pixel_values is None
                                 else batch.pixel_values.to(acc.device))
                     acc.backward(out.loss)
                     if acc.sync_gradients and cfg.max_grad_norm:
@@ -339,7 +339,7 @@ class Trainer:
         total = torch.zeros(2, dtype=torch.float64, device=acc.device)
         with torch.no_grad():
             for batch in make_loader(eval_ds, 0):
-                out = model(plan=batch.plan, pixel_values=None if batch.pixel_values is None
+                out = model(plan=batch.plan, logits_at_targets=True, pixel_values=None if batch.pixel_values is None
                             else batch.pixel_values.to(acc.device))
                 n = int((batch.plan.labels != IGNORE).sum())
                 total += torch.tensor([float(out.loss) * n, n], dtype=torch.float64, device=acc.device)
