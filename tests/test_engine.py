@@ -14,7 +14,7 @@ from vist2.cli import sample_text
 from vist2.config import preset_config
 from vist2.engine.engine import Engine, Request
 from vist2.engine.sampling import SamplingParams
-from vist2.engine.text import token_bytes
+from vist2.text import token_bytes
 from vist2.layout import IGNORE, Raw, build_sample, collate, prompt_segments, sft_segments
 from vist2.modeling import VIST2ForCausalLM
 from vist2.processing import VIST2Processor

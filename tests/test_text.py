@@ -1,7 +1,7 @@
 import pytest
 
 from vist2.build import load_tokenizer
-from vist2.engine.text import StreamDecoder, chunk_text, split_complete, token_bytes
+from vist2.text import StreamDecoder, chunk_text, split_complete, token_bytes
 
 MIXED = "Hello 你好，世界！🐈‍⬛ 👍🏽 𠀀𪚥 汉字 done."
 

@@ -23,6 +23,7 @@ from .build import load_tokenizer
 from .config import VIST2Config
 from .layout import ChunkInfo
 from .render import Renderer, RenderConfig
+from .text import chunk_text
 
 log = logging.getLogger(__name__)
 
@@ -66,8 +67,6 @@ class VIST2Processor:
         chunk. The rule only looks backwards, so generation can apply it the moment a chunk
         is full, and training applies the very same rule (:meth:`pixels_for`).
         """
-        from .engine.text import chunk_text
-
         return chunk_text(self.tokenizer, carry, ids)
 
     def render_chunk(self, text: str) -> np.ndarray:

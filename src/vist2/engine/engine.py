@@ -35,7 +35,7 @@ from ..modeling import VIST2ForCausalLM
 from ..processing import VIST2Processor
 from .cache import CompressedKVCache
 from .sampling import Sampler, SamplingParams
-from .text import StreamDecoder
+from ..text import StreamDecoder
 
 MODES = ("gcc", "pcc", "none")
 

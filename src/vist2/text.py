@@ -8,7 +8,7 @@ character split by a chunk boundary into the later chunk.
 Example::
 
     >>> from vist2.build import load_tokenizer
-    >>> from vist2.engine.text import StreamDecoder, chunk_text, split_complete, token_bytes
+    >>> from vist2.text import StreamDecoder, chunk_text, split_complete, token_bytes
     >>> tok = load_tokenizer()
     >>> ids = tok.encode("猫 汉字 END", add_special_tokens=False)  # " 汉" is 3 tokens
     >>> token_bytes(tok, ids).decode()
