@@ -9,7 +9,7 @@ import pytest
 from vist2.layout import IGNORE, Kind, build_sample, collate, sft_segments, split_query
 from vist2.training.checkpoint import (STATE_FILE, atomic_dir, clean_partial, latest_checkpoint, list_checkpoints,
                                        write_json)
-from vist2.training.config import load_config, stage_preset
+from vist2.training.config import PAPER_BATCH, load_config, ocr_images_per_row, paper_batch, stage_preset
 from vist2.training.data import SkipCounter, check_source, open_source
 from vist2.training.pipeline import StageDataset, make_loader
 from vist2.training.stages import StageBuilder, images_for, olm_text_budget, pack
@@ -36,7 +36,8 @@ def write_jsonl(path, rows):
 
 
 def test_presets_follow_table_8():
-    for stage, lr, length in (("caption", 5e-4, 1024), ("ocr", 5e-4, 4096), ("olm", 5e-4, 8192), ("sft", 1e-5, 8192)):
+    # ocr: Table 8 says 4096, which holds 3 images of 1024 + 256 slots; the hard phase needs 8 (below)
+    for stage, lr, length in (("caption", 5e-4, 1024), ("ocr", 5e-4, 10240), ("olm", 5e-4, 8192), ("sft", 1e-5, 8192)):
         c = stage_preset(stage)
         assert (c.learning_rate, c.max_length, c.weight_decay, c.warmup_ratio, c.lr_scheduler, c.epochs) == \
                (lr, length, 1e-4, 0.01, "cosine", 1.0)
@@ -156,9 +157,48 @@ def test_ocr_samples_follow_the_curriculum(proc):
     assert all(5 <= len(it.sample.chunks) <= 8 for it in hard[:-1])  # the last takes what is left
     s = easy[0].sample
     assert s.kind[:16] == [Kind.VISUAL] * 16 and s.kind[16:80] == [Kind.TEXT] * 64  # [v1 c1]
-    # capped by max_length: 3 images of 16 + 64 slots fit in 250
-    capped, _ = _builder(proc, "ocr", max_length=250).items(doc, random.Random(0), progress=0.95)
-    assert max(len(it.sample.chunks) for it in capped) == 3 and max(len(it) for it in capped) <= 250
+    # 3 images of 16 + 64 slots fit in 250, the hard phase wants 8: an error, not a silently easier schedule
+    with pytest.raises(ValueError, match=r"max_length=250 holds 3 OCR images.*up to 8.*max_length to 640"):
+        _builder(proc, "ocr", max_length=250)
+
+
+@pytest.mark.parametrize("preset", ["qwen3-0.6b", "qwen3-4b-paper", "tiny"])
+def test_the_ocr_preset_reaches_its_hard_phase(proc, preset):
+    """At the stage preset's max_length, the last phase's samples hold 5-8 images (paper: hard > 4)."""
+    from vist2.config import preset_config
+
+    mc = preset_config(preset)
+    cfg = stage_preset("ocr")
+    assert ocr_images_per_row(cfg, mc.chunk_tokens, mc.n_visual) >= 8
+    b = StageBuilder(cfg, proc.tokenizer, mc.chunk_tokens, mc.n_visual, "visual")
+    b.encode = lambda text: list(range(100, 100 + 20 * mc.chunk_tokens))  # a 20-chunk document, no tokenizing
+    hard, _ = b.items({"text": "x"}, random.Random(0), progress=0.95)
+    counts = [len(it.sample.chunks) for it in hard]
+    assert sum(counts) == 20 and all(5 <= n <= 8 for n in counts[:-1]) and max(counts) > 4
+    assert max(len(it) for it in hard) <= cfg.max_length
+    assert max(len(it) for it in hard) == max(counts) * (mc.chunk_tokens + mc.n_visual)
+
+
+def test_paper_batch_presets_give_table_8_per_optimizer_step():
+    """batch_size x grad_accum x devices = Table 8's batch (packed rows per optimizer step)."""
+    assert PAPER_BATCH == {"0.6b": {"caption": 96, "ocr": 64, "olm": 64, "sft": 64},
+                           "4b": {"caption": 64, "ocr": 32, "olm": 16, "sft": 16},
+                           "8b": {"caption": 48, "ocr": 24, "olm": 8, "sft": 8}}
+    for size, stages in PAPER_BATCH.items():
+        for stage, rows in stages.items():
+            for devices in (1, 8):
+                c = load_config(stage, paper_batch=size, devices=devices)
+                assert c.batch_size * c.grad_accum * devices == rows, (size, stage, devices)
+    assert paper_batch("4b", "olm", devices=8) == {"batch_size": 1, "grad_accum": 2}
+    assert paper_batch("0.6b", "caption", devices=8, batch_size=4) == {"batch_size": 4, "grad_accum": 3}
+    c = load_config("olm", ROOT / "configs" / "olm.yaml", paper_batch="8b", devices=2, batch_size=2)
+    assert (c.batch_size, c.grad_accum) == (2, 2)
+    with pytest.raises(ValueError, match=r"paper_batch.*8 rows.*batch_size=1 x devices=16"):
+        paper_batch("8b", "sft", devices=16)
+    with pytest.raises(ValueError, match=r"paper_batch '4b'.*grad_accum=3"):
+        load_config("olm", paper_batch="4b", devices=1, grad_accum=3)
+    with pytest.raises(ValueError, match="paper_batch"):
+        paper_batch("2b", "olm")
 
 
 def test_olm_windows_fit_and_cover_the_document(proc):
@@ -289,7 +329,8 @@ def test_every_stage_stream_renders(proc, tmp_path):
                                                                 {"role": "assistant", "content": "<think>\nx\n</think>\n\nok"}]}] * 2),
     }
     for stage, path in data.items():
-        b = next(iter(make_loader(_stream(proc, path, stage=stage, max_length=400, pad_multiple=128), 0)))
+        length = 640 if stage == "ocr" else 400  # ocr: the hard phase's 8 images of 16 + 64 slots
+        b = next(iter(make_loader(_stream(proc, path, stage=stage, max_length=length, pad_multiple=128), 0)))
         assert b.plan.shape[1] % 128 == 0, stage
         assert b.n_targets > 0 and b.pixel_values is not None, stage
         assert b.pixel_values.shape[0] == len(b.plan.chunks) == b.plan.n_visual_slots // 16, stage

@@ -4,6 +4,7 @@
     vist2 train --stage caption --model runs/tiny --data data/caption.jsonl --out runs/pt1 --max-steps 100
     vist2 train --stage olm --model runs/pt1 --data data/text_en.jsonl --out runs/pt3 --config configs/olm.yaml
     vist2 train --stage olm ... --out runs/pt3 --resume          # continue after an interruption
+    vist2 train --stage olm ... --paper-batch 4b --devices 8     # Table 8's 16 rows per step: grad_accum 2
     accelerate launch --config_file configs/accelerate/ddp.yaml -m vist2.training train --stage olm ...
 
 ``python -m vist2.training train|data ...`` is the same parser, for ``accelerate launch -m``.
@@ -35,7 +36,8 @@ def cmd_train(args) -> int:
     if not Path(args.data).exists():
         raise _cli_error(f"--data {args.data}: no such file or folder")
     try:
-        cfg = load_config(args.stage, args.config, max_steps=args.max_steps, seed=args.seed,
+        cfg = load_config(args.stage, args.config, paper_batch=args.paper_batch, devices=args.devices,
+                          max_steps=args.max_steps, seed=args.seed,
                           num_workers=args.num_workers, batch_size=args.batch_size, grad_accum=args.grad_accum,
                           learning_rate=args.lr, max_length=args.max_length, save_every=args.save_every,
                           eval_every=args.eval_every, log_every=args.log_every)
@@ -86,6 +88,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
     q.add_argument("--max-length", type=int, metavar="N", help="slots per packed row")
     q.add_argument("--batch-size", type=int, metavar="N", help="rows per device and micro-step")
     q.add_argument("--grad-accum", type=int, metavar="N", help="micro-steps per optimizer step")
+    q.add_argument("--paper-batch", choices=["0.6b", "4b", "8b"],
+                   help="Table 8's batch for this model size: grad_accum = rows / (batch-size x devices)")
+    q.add_argument("--devices", type=int, metavar="N",
+                   help="devices the run uses, for --paper-batch (default: $WORLD_SIZE, else 1)")
     q.add_argument("--lr", type=float, metavar="LR", help="peak learning rate")
     q.add_argument("--num-workers", type=int, metavar="N", help="DataLoader workers rendering chunks")
     q.add_argument("--save-every", type=int, metavar="N", help="checkpoint every N steps")

@@ -2,8 +2,13 @@
 
 The four presets follow the paper's Table 8 (AdamW, weight decay 1e-4, warm-up
 1 %, cosine decay, one epoch, learning rate 5e-4 for pre-training and 1e-5 for
-SFT, maximum length 1024 / 4096 / 8192 / 8192). ``configs/<stage>.yaml`` holds
-the same values; a YAML file only needs the fields it changes::
+SFT, maximum length 1024 / 4096 / 8192 / 8192), with one departure: PT-2 rows
+are 10240 slots, not 4096, because its curriculum's hard phase (up to 8 images
+of K = 1024 text + beta = 256 visual tokens) does not fit in 4096 (3 images).
+Table 8's batch sizes per model size are ``paper_batch``: a "batch" is packed
+rows (each at most ``max_length`` slots) per optimizer step over all devices,
+``batch_size x grad_accum x devices``. ``configs/<stage>.yaml`` holds the same
+values; a YAML file only needs the fields it changes::
 
     stage: ocr
     max_length: 2048
@@ -11,15 +16,19 @@ the same values; a YAML file only needs the fields it changes::
       - {until: 0.5, min_images: 1, max_images: 1}
       - {until: 1.0, min_images: 2, max_images: 4}
 
-    >>> from vist2.training.config import stage_preset
+    >>> from vist2.training.config import load_config, stage_preset
     >>> cfg = stage_preset("olm")
     >>> cfg.learning_rate, cfg.max_length, cfg.train_llm, cfg.train_vision
     (0.0005, 8192, True, False)
+    >>> cfg = load_config("olm", paper_batch="4b", devices=8)  # VIST2-4B's 16 rows per step on 8 GPUs
+    >>> cfg.batch_size, cfg.grad_accum
+    (1, 2)
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -162,7 +171,8 @@ _PRESETS: dict[str, dict[str, Any]] = {
     # PT-1: [v, caption]; only the aligner learns to speak the LLM's language
     "caption": dict(train_vision=False, train_aligner=True, train_llm=False, max_length=1024, learning_rate=5e-4),
     # PT-2: [v1 c1 v2 c2 ...] multi-turn OCR; the tower learns to read rendered text
-    "ocr": dict(train_vision=True, train_aligner=True, train_llm=False, max_length=4096, learning_rate=5e-4),
+    # (max_length: Table 8 says 4096, which holds 3 images of 1024 + 256 slots; the hard phase needs 8)
+    "ocr": dict(train_vision=True, train_aligner=True, train_llm=False, max_length=10240, learning_rate=5e-4),
     # PT-3: [c1 v1 c2 v2 ... cn] with the sparse mask; the LLM learns to read its visual memory
     # (the aligner is optional in the paper; set train_aligner: false to freeze it)
     "olm": dict(train_vision=False, train_aligner=True, train_llm=True, max_length=8192, learning_rate=5e-4),
@@ -170,6 +180,58 @@ _PRESETS: dict[str, dict[str, Any]] = {
     # (train_vision: false, train_aligner: false gives the LLM-only variant)
     "sft": dict(train_vision=True, train_aligner=True, train_llm=True, max_length=8192, learning_rate=1e-5),
 }
+
+
+# Table 8's batch size per model size (VIST2-0.6B / 4B / 8B) and stage: packed rows of at most
+# max_length slots per optimizer step, all devices together (the paper trained on 8 GPUs, some
+# entries through gradient accumulation).
+PAPER_BATCH: dict[str, dict[str, int]] = {
+    "0.6b": {"caption": 96, "ocr": 64, "olm": 64, "sft": 64},
+    "4b": {"caption": 64, "ocr": 32, "olm": 16, "sft": 16},
+    "8b": {"caption": 48, "ocr": 24, "olm": 8, "sft": 8},
+}
+
+
+def paper_batch(size: str, stage: str, devices: int = 1, batch_size: int = 1) -> dict[str, int]:
+    """``{"batch_size", "grad_accum"}`` giving Table 8's rows per optimizer step on ``devices`` devices.
+
+    ``batch_size`` (rows per device and micro-step) is what fits in memory; gradient
+    accumulation makes up the rest. Raises ``ValueError`` when they cannot multiply to the
+    paper's batch exactly.
+
+        >>> paper_batch("0.6b", "caption", devices=8)
+        {'batch_size': 1, 'grad_accum': 12}
+    """
+    if size not in PAPER_BATCH:
+        raise ValueError(f"paper_batch must be one of {sorted(PAPER_BATCH)} (the model size), got {size!r}")
+    if stage not in STAGES:
+        raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+    if devices <= 0 or batch_size <= 0:
+        raise ValueError(f"devices and batch_size must be > 0, got {devices} and {batch_size}")
+    rows = PAPER_BATCH[size][stage]
+    if rows % (batch_size * devices):
+        raise ValueError(f"paper_batch {size!r}: the {stage} stage takes {rows} rows per optimizer step, which "
+                         f"batch_size={batch_size} x devices={devices} does not divide (grad_accum must be whole)")
+    return {"batch_size": batch_size, "grad_accum": rows // (batch_size * devices)}
+
+
+_paper_batch = paper_batch  # load_config's argument of the same name shadows the function
+
+
+def ocr_images_per_row(cfg: TrainConfig, chunk_tokens: int, n_visual: int) -> int:
+    """OCR images one sample can hold at ``cfg.max_length``; ``ValueError`` when the curriculum asks
+    for more (a silently easier schedule would skip the paper's hard phase)."""
+    text = cfg.ocr_tokens_per_image or chunk_tokens
+    per_image = n_visual + text
+    fits = cfg.max_length // per_image
+    wants = max(p.max_images for p in cfg.curriculum)
+    if wants > fits:
+        raise ValueError(
+            f"max_length={cfg.max_length} holds {fits} OCR images of {n_visual} visual + {text} text tokens, but "
+            f"the curriculum asks for up to {wants} per sample: raise max_length to {wants * per_image}, or lower "
+            f"the curriculum's max_images or ocr_tokens_per_image"
+        )
+    return fits
 
 
 def stage_preset(stage: str, **overrides) -> TrainConfig:
@@ -188,11 +250,16 @@ def _known(cls, values: dict, where: str) -> dict:
     return dict(values)
 
 
-def load_config(stage: str | None, path: str | Path | None = None, **overrides) -> TrainConfig:
+def load_config(stage: str | None, path: str | Path | None = None, paper_batch: str | None = None,
+                devices: int | None = None, **overrides) -> TrainConfig:
     """The stage preset, updated by a YAML file (if given) and then by ``overrides`` (None values ignored).
 
     The YAML may name its stage; a different ``stage`` argument is an error, so a
-    config written for OCR cannot silently drive SFT.
+    config written for OCR cannot silently drive SFT. ``paper_batch`` (``0.6b``, ``4b``,
+    ``8b``) sets ``grad_accum`` so that ``batch_size x grad_accum x devices`` is Table 8's
+    batch for that model size (it replaces a YAML's ``grad_accum``; a disagreeing
+    ``grad_accum`` override is an error); ``devices`` defaults to ``$WORLD_SIZE`` (set by
+    ``accelerate launch``), else 1.
     """
     values: dict[str, Any] = {}
     if path is not None:
@@ -211,4 +278,13 @@ def load_config(stage: str | None, path: str | Path | None = None, **overrides) 
     if stage is None:
         raise ValueError("no stage given (--stage or 'stage:' in the config)")
     values.update({k: v for k, v in overrides.items() if v is not None})
+    if paper_batch is not None:
+        devices = devices or int(os.environ.get("WORLD_SIZE", "1"))
+        batch = _paper_batch(paper_batch, stage, devices, values.get("batch_size", 1))
+        if overrides.get("grad_accum") not in (None, batch["grad_accum"]):  # a YAML's grad_accum gives way
+            raise ValueError(f"paper_batch {paper_batch!r} on {devices} device(s) with batch_size="
+                             f"{batch['batch_size']} needs grad_accum={batch['grad_accum']}, but "
+                             f"grad_accum={overrides['grad_accum']} is given (drop one of the two)")
+        values.update(batch)
     return stage_preset(stage, **values)
+

@@ -28,7 +28,7 @@ from functools import lru_cache
 from typing import Any
 
 from ..layout import Sample, build_sample, caption_segments, ocr_segments, olm_segments, sft_segments
-from .config import CurriculumPhase, TrainConfig
+from .config import CurriculumPhase, TrainConfig, ocr_images_per_row
 
 log = logging.getLogger(__name__)
 
@@ -91,14 +91,7 @@ class StageBuilder:
             raise ValueError(f"max_length={M} leaves no room for a caption after {n_visual} visual tokens")
         if cfg.stage == "ocr":
             self.ocr_tokens = cfg.ocr_tokens_per_image or chunk_tokens
-            self.ocr_max_images = M // (n_visual + self.ocr_tokens)
-            if self.ocr_max_images < 1:
-                raise ValueError(f"max_length={M} cannot hold one OCR image ({n_visual} visual + "
-                                 f"{self.ocr_tokens} text tokens)")
-            wants = max(p.max_images for p in cfg.curriculum)
-            if wants > self.ocr_max_images:
-                log.warning("curriculum asks for up to %d images per sample but max_length=%d holds %d; "
-                            "samples are capped at %d", wants, M, self.ocr_max_images, self.ocr_max_images)
+            self.ocr_max_images = ocr_images_per_row(cfg, chunk_tokens, n_visual)  # the curriculum fits, or fails
         if cfg.stage == "olm":
             self.olm_window = olm_text_budget(M, chunk_tokens, n_visual)
         if cfg.stage == "sft":
