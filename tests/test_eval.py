@@ -13,7 +13,7 @@ from vist2.cli import CLIError, sample_text  # noqa: E402
 from vist2.eval import add_parser  # noqa: E402
 from vist2.eval.common import CJKTokenizer, load, read_documents  # noqa: E402
 from vist2.eval.ocr import ocr_scores, parse_ratios, transcribe  # noqa: E402
-from vist2.eval.olm import evaluate_olm  # noqa: E402
+from vist2.eval.olm import evaluate_generation, evaluate_olm, judge_nll, load_judge  # noqa: E402
 from vist2.layout import build_sample, collate, ocr_segments  # noqa: E402
 
 
@@ -185,17 +185,87 @@ def test_olm_text_perplexity_is_the_backbone_loss(tiny):
     assert res["optical"]["context_kv_entries"] == 2 * model.config.n_visual
 
 
-def test_eval_olm_command_and_bad_input(tiny_dir, en_file, tmp_path, capsys):
+@pytest.fixture(scope="module")
+def judge_dir(tmp_path_factory):
+    """A tiny random Qwen3 causal LM with the Qwen3 tokenizer, saved as an ordinary HF folder."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from vist2.build import load_tokenizer
+
+    torch.manual_seed(3)
+    path = tmp_path_factory.mktemp("judge")
+    cfg = Qwen3Config(vocab_size=151936, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, head_dim=16, tie_word_embeddings=True)
+    Qwen3ForCausalLM(cfg).save_pretrained(path)
+    load_tokenizer(None).save_pretrained(path)
+    return path
+
+
+def test_judged_generation_is_the_engine_text_scored_by_the_judge(tiny, judge_dir):
+    """Paper Table 3: VIST2 (gcc) and its backbone (none) write from the same prompt with the engine;
+    the judge's perplexity is a plain causal-LM loss on the generated text after the prompt's text."""
+    from transformers import AutoModelForCausalLM
+
+    from vist2.engine import Engine, Request, SamplingParams
+
+    model, proc = tiny
+    judge, jtok = load_judge(judge_dir, "cpu")
+    text = sample_text("en")
+    P, G = 2 * model.config.chunk_tokens, 80  # G > K: gcc compresses a generated chunk too
+    res = evaluate_generation(model, proc, [text, "too short"], judge, jtok, prompt_tokens=P, max_new_tokens=G,
+                              progress=False)
+    assert res["documents"] == 1  # the short document cannot give the prompt
+    prompt = proc.encode(text)[:P]
+    direct = AutoModelForCausalLM.from_pretrained(str(judge_dir)).eval()
+    engine = Engine(model, proc, max_batch=1)
+    for name, mode in (("vist2", "gcc"), ("backbone", "none")):
+        [r] = engine.generate([Request(query=prompt, params=SamplingParams(max_new_tokens=G), mode=mode)])
+        side = res[name]
+        assert side["mode"] == mode and side["samples"][0]["text"] == r.text and side["generated_tokens"] == G
+        ctx = jtok(proc.decode(prompt), add_special_tokens=False)["input_ids"]
+        gen = jtok(r.text, add_special_tokens=False)["input_ids"]
+        ids = torch.tensor([ctx + gen])
+        labels = ids.clone()
+        labels[:, : len(ctx)] = -100
+        with torch.no_grad():
+            loss = direct(input_ids=ids, labels=labels).loss.item()
+        assert side["judged_tokens"] == len(gen) > 0
+        assert side["judge_perplexity"] == pytest.approx(math.exp(loss), rel=1e-4)
+        assert side["judge_nll_nats"] == pytest.approx(loss * len(gen), rel=1e-4)
+    assert res["vist2"]["samples"][0]["kv_tokens_peak"] < res["backbone"]["samples"][0]["kv_tokens_peak"]
+    # an empty text scores nothing; a judge folder without tokenizer files is refused
+    assert judge_nll(judge, jtok, "context", "") == (0.0, 0)
+    with pytest.raises(ValueError, match="no document has the 100000 prompt tokens"):
+        evaluate_generation(model, proc, [text], judge, jtok, prompt_tokens=100_000, progress=False)
+
+
+def test_eval_olm_command_and_bad_input(tiny_dir, judge_dir, qwen3_dir, en_file, tmp_path, capsys):
     out = tmp_path / "olm.json"
     base = ["eval", "olm", "--model", str(tiny_dir), "--no-progress", "--out", str(out)]
     rc, err = run_eval(base + ["--data", str(en_file), "--context-tokens", "128", "--continuation-tokens", "16",
                                "--limit", "1"])
     assert rc == 0, err
     res = json.loads(out.read_text())
-    assert res["windows"] == 1 and res["provenance"]["config_hash"]
+    tf = res["teacher_forced"]
+    assert tf["windows"] == 1 and res["provenance"]["config_hash"] and "judged_generation" not in res
+    assert tf["protocol"].startswith("teacher-forced perplexity")
     for k in ("optical", "text"):
-        assert res[k]["tokens"] == 16 and math.isfinite(res[k]["perplexity"]) and res[k]["bits_per_character"] > 0
-    assert "bits/char" in capsys.readouterr().out
+        assert tf[k]["tokens"] == 16 and math.isfinite(tf[k]["perplexity"]) and tf[k]["bits_per_character"] > 0
+    printed = capsys.readouterr().out
+    assert "bits/char" in printed and "teacher-forced" in printed
+
+    rc, err = run_eval(base + ["--data", str(en_file), "--context-tokens", "128", "--continuation-tokens", "16",
+                               "--limit", "1", "--judge", str(judge_dir), "--prompt-tokens", "64",
+                               "--max-new-tokens", "8"])
+    assert rc == 0, err
+    jg = json.loads(out.read_text())["judged_generation"]
+    assert jg["judge"] == str(judge_dir) and jg["documents"] == 1 and jg["protocol"].startswith("paper Table 3")
+    for name, mode in (("vist2", "gcc"), ("backbone", "none")):
+        assert jg[name]["mode"] == mode and jg[name]["generated_tokens"] == 8
+        assert math.isfinite(jg[name]["judge_perplexity"]) and jg[name]["judge_perplexity"] > 1
+    assert "judge perplexity" in capsys.readouterr().out
+    rc, err = run_eval(base + ["--data", str(en_file), "--context-tokens", "128", "--judge", str(qwen3_dir)])
+    assert rc == 2 and "no tokenizer files" in err
 
     rc, err = run_eval(base + ["--data", str(en_file), "--context-tokens", "100"])
     assert rc == 2 and "multiple of the model's K=64" in err

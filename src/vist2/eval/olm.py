@@ -1,10 +1,12 @@
-"""Optical language modelling: perplexity with the context as visual memory vs. as plain text
-(the paper's Table 3 protocol).
+"""Optical language modelling, two ways: the model's own teacher-forced perplexity, and the
+paper's Table 3 protocol (generate, then let a judge LM score what was written).
 
     vist2 eval olm --model runs/tiny --data docs.jsonl --context-tokens 256 --continuation-tokens 64 --out runs/eval/olm.json
+    vist2 eval olm --model runs/tiny --data docs.jsonl --judge path/to/judge-lm --out runs/eval/olm.json
 
-Each document is cut into windows of N context tokens followed by M continuation tokens. The
-continuation is scored twice by the same model, on identical tokens:
+**Teacher-forced perplexity** (always). Each document is cut into windows of N context tokens
+followed by M continuation tokens. The document's true continuation is scored twice by the same
+model, on identical tokens:
 
 - **optical**: :func:`vist2.layout.olm_segments` over context + continuation, the layout the model
   trains on and generates in: every K-token chunk of the context is rendered and, once its β
@@ -15,6 +17,14 @@ continuation is scored twice by the same model, on identical tokens:
 
 Reported: perplexity (per token), bits per token and bits per character (total NLL in bits over
 the characters of the continuation), so models with different tokenizers compare.
+
+**Judged generation** (``--judge DIR``, the paper's Table 3). From the first P tokens of each
+document (default 1024) the model writes up to G tokens (default 4096) with the engine, greedy,
+twice: in mode ``gcc`` (VIST2, context and output compressed) and in mode ``none`` (the same
+model as a plain LLM: its backbone, nothing compressed). A judge causal LM (a local HF folder;
+the paper used GPT-4) reads the context as text and scores each generated text:
+``exp(total NLL of the generated text's judge tokens / their number)``, over all documents.
+Lower is better; the backbone's row is the reference a compressed memory should come close to.
 """
 
 from __future__ import annotations
@@ -23,6 +33,7 @@ import math
 import sys
 import time
 from dataclasses import replace
+from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -32,6 +43,8 @@ from ..layout import IGNORE, Raw, Segment, build_sample, collate, olm_segments
 from .common import table
 
 LAYOUTS = ("optical", "text")
+# judged generation: (row name, engine mode); ``none`` is the backbone LLM writing on its own
+GENERATORS = (("vist2", "gcc"), ("backbone", "none"))
 
 
 def optical_segments(context: Sequence[int], continuation: Sequence[int], chunk_tokens: int,
@@ -122,12 +135,104 @@ def evaluate_olm(model, processor, documents: Sequence[str], context_tokens: int
     return res
 
 
+def load_judge(folder, device: str | None = None, dtype: str = "float32"):
+    """``(judge, tokenizer)``: any causal LM in a local HF folder, with its own tokenizer files."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ..build import has_tokenizer
+
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise ValueError(f"--judge {folder}: not a transformers checkpoint folder (no config.json)")
+    if not has_tokenizer(folder):
+        raise ValueError(f"--judge {folder}: no tokenizer files (the judge must read text its own way)")
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    judge = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch_dtype).to(device).eval()
+    return judge, AutoTokenizer.from_pretrained(str(folder))
+
+
+@torch.no_grad()
+def judge_nll(judge, tokenizer, context: str, text: str) -> tuple[float, int]:
+    """Total NLL (nats) the judge gives ``text`` right after ``context``, and the number of scored
+    tokens. The two are tokenized apart, so exactly the text's own tokens are scored."""
+    ctx = tokenizer(context, add_special_tokens=False)["input_ids"]
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if not ctx:  # the first token needs something before it
+        ctx, ids = ids[:1], ids[1:]
+    if not ids:
+        return 0.0, 0
+    x = torch.tensor([ctx + ids], device=judge.device)
+    # only the last len(ids) + 1 positions' logits: the predictions of the text's tokens (and one spare)
+    logits = judge(input_ids=x, logits_to_keep=len(ids) + 1).logits[0, :-1]
+    return float(F.cross_entropy(logits.float(), x[0, len(ctx):], reduction="sum")), len(ids)
+
+
+def evaluate_generation(model, processor, documents: Sequence[str], judge, judge_tokenizer,
+                        prompt_tokens: int = 1024, max_new_tokens: int = 4096, limit: int | None = None,
+                        max_batch: int = 8, progress: bool = True) -> dict:
+    """The paper's Table 3 protocol: ``{"vist2": {...}, "backbone": {...}, "documents": n, ...}``.
+
+    Each document's first ``prompt_tokens`` tokens are the prompt; both generators write up to
+    ``max_new_tokens`` greedily (stopping at EOS), and the judge scores the generated text after
+    the prompt's text. ``ValueError`` when no document is long enough.
+    """
+    from ..engine import Engine, Request, SamplingParams
+
+    if prompt_tokens <= 0 or max_new_tokens <= 0:
+        raise ValueError(f"--prompt-tokens and --max-new-tokens must be > 0, got {prompt_tokens}, {max_new_tokens}")
+    docs_ids = [processor.encode(d) for d in documents]
+    prompts = [ids[:prompt_tokens] for ids in docs_ids if len(ids) >= prompt_tokens]
+    if not prompts:
+        raise ValueError(f"no document has the {prompt_tokens} prompt tokens of the judged generation; "
+                         f"the longest has {max((len(x) for x in docs_ids), default=0)}")
+    if limit is not None:
+        prompts = prompts[:limit]
+    engine = Engine(model, processor, max_batch=min(max_batch, len(prompts)))
+    params = SamplingParams(max_new_tokens=max_new_tokens)
+    t0 = time.perf_counter()
+    res: dict = {}
+    for name, mode in GENERATORS:
+        results = engine.generate([Request(query=list(p), params=params, mode=mode) for p in prompts])
+        nll = judged = generated = 0
+        samples = []
+        for p, r in zip(_bar(prompts, f"judge {name}", progress), results):
+            n_nll, n = judge_nll(judge, judge_tokenizer, processor.decode(p), r.text)
+            nll, judged, generated = nll + n_nll, judged + n, generated + r.stats.generated_tokens
+            samples.append({"generated_tokens": r.stats.generated_tokens, "judged_tokens": n,
+                            "judge_perplexity": math.exp(n_nll / n) if n else None,
+                            "finish_reason": r.stats.finish_reason, "kv_tokens_peak": r.stats.kv_tokens_peak,
+                            "text": r.text})
+        res[name] = {"mode": mode, "generated_tokens": generated, "judged_tokens": judged, "judge_nll_nats": nll,
+                     "judge_perplexity": math.exp(nll / judged) if judged else None, "samples": samples}
+    res.update(documents=len(prompts), prompt_tokens=prompt_tokens, max_new_tokens=max_new_tokens,
+               seconds=round(time.perf_counter() - t0, 3))
+    return res
+
+
+def _bar(items, desc: str, progress: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc=desc, unit="doc", disable=not progress, file=sys.stderr)
+
+
 def format_table(res: dict) -> str:
     rows = [[k, res[k]["context_kv_entries"], res[k]["tokens"], f"{res[k]['perplexity']:.3f}",
              f"{res[k]['bits_per_token']:.4f}", f"{res[k]['bits_per_character']:.4f}"] for k in LAYOUTS]
-    head = ["context as", "context KV", "tokens", "perplexity", "bits/token", "bits/char"]
-    return (table(rows, head) + f"\n{res['windows']} window(s) of {res['context_tokens']} context + "
+    head = ["context as", "context KV", "tokens", "teacher-forced ppl", "bits/token", "bits/char"]
+    return ("teacher-forced perplexity (the model scoring the documents' own continuations):\n" + table(rows, head)
+            + f"\n{res['windows']} window(s) of {res['context_tokens']} context + "
             f"{res['continuation_tokens']} continuation tokens; optical/text perplexity = {res['perplexity_ratio']:.4f}")
+
+
+def format_generation_table(res: dict, judge: str) -> str:
+    rows = [[name, res[name]["mode"], res[name]["generated_tokens"], res[name]["judged_tokens"],
+             "-" if res[name]["judge_perplexity"] is None else f"{res[name]['judge_perplexity']:.3f}"]
+            for name, _ in GENERATORS]
+    head = ["writer", "mode", "generated tokens", "judge tokens", "judge perplexity"]
+    return (f"judged generation (paper Table 3; judge {judge}):\n" + table(rows, head)
+            + f"\n{res['documents']} document(s): {res['prompt_tokens']} prompt tokens, up to "
+              f"{res['max_new_tokens']} generated, greedy")
 
 
 def cmd_eval_olm(args) -> int:
@@ -137,8 +242,14 @@ def cmd_eval_olm(args) -> int:
     try:
         docs = read_documents(args.data)
         model, processor = load(args.model, args.device, args.dtype)
+        judge = load_judge(args.judge, args.device, args.dtype) if args.judge else None
         res = evaluate_olm(model, processor, docs, args.context_tokens, args.continuation_tokens,
                            limit=args.limit, progress=not args.no_progress)
+        gen = None
+        if judge is not None:
+            gen = evaluate_generation(model, processor, docs, *judge, prompt_tokens=args.prompt_tokens,
+                                      max_new_tokens=args.max_new_tokens, limit=args.limit,
+                                      max_batch=args.max_batch, progress=not args.no_progress)
     except ValueError as e:
         raise CLIError(str(e)) from e
     cfg = model.config
@@ -147,27 +258,49 @@ def cmd_eval_olm(args) -> int:
         "provenance": provenance(args.model, cfg, args.data, command_line("vist2 eval olm", args)),
         "model_geometry": {"chunk_tokens": cfg.chunk_tokens, "n_visual": cfg.n_visual,
                            "compression_ratio": cfg.compression_ratio},
-        "layouts": {"optical": "olm_segments(context + continuation), loss on the continuation",
-                    "text": "[Raw(context), Raw(continuation, loss=True)] (the backbone LLM)"},
-        **res,
+        "teacher_forced": {
+            "protocol": "teacher-forced perplexity: the model scores each window's true continuation",
+            "layouts": {"optical": "olm_segments(context + continuation), loss on the continuation",
+                        "text": "[Raw(context), Raw(continuation, loss=True)] (the backbone LLM)"},
+            **res,
+        },
     }
+    if gen is not None:
+        results["judged_generation"] = {
+            "protocol": "paper Table 3: greedy generation from the prompt, perplexity of the generated text "
+                        "under the judge LM given the prompt's text",
+            "judge": str(args.judge), **gen,
+        }
     path = write_json(args.out, results)
     print(format_table(res))
+    if gen is not None:
+        print(format_generation_table(gen, str(args.judge)))
     print(f"wrote {path}")
     return 0
 
 
 def add_parser(sub) -> None:
-    q = sub.add_parser("olm", help="perplexity with the context as visual memory vs. as plain text",
-                       description="Score a continuation with its context compressed (OLM layout) and with the "
-                                   "context as plain text through the same LLM; identical tokens.")
+    q = sub.add_parser("olm", help="teacher-forced perplexity with the context as visual memory vs. as plain "
+                                   "text; with --judge, the paper's judged generation",
+                       description="Teacher-forced: score a continuation with its context compressed (OLM layout) "
+                                   "and with the context as plain text through the same LLM; identical tokens. "
+                                   "With --judge (paper Table 3): generate from each document's first "
+                                   "--prompt-tokens tokens as VIST2 (gcc) and as the plain backbone (none), and "
+                                   "report the judge LM's perplexity of each generated text.")
     q.add_argument("--model", required=True, metavar="DIR", help="a VIST2 checkpoint folder")
     q.add_argument("--data", required=True, metavar="PATH", help='plain UTF-8 text, or .jsonl with a "text" field')
     q.add_argument("--context-tokens", type=int, default=None, metavar="N",
                    help="context tokens per window, a multiple of K (default 4 x K)")
     q.add_argument("--continuation-tokens", type=int, default=None, metavar="M",
                    help="scored tokens per window (default K)")
-    q.add_argument("--limit", type=int, default=None, metavar="N", help="quick run: at most N windows")
+    q.add_argument("--limit", type=int, default=None, metavar="N", help="quick run: at most N windows / documents")
+    q.add_argument("--judge", metavar="DIR",
+                   help="a local causal-LM folder (with tokenizer) that scores generated text (paper: GPT-4)")
+    q.add_argument("--prompt-tokens", type=int, default=1024, metavar="P",
+                   help="judged generation: prompt tokens from each document's start (default 1024)")
+    q.add_argument("--max-new-tokens", type=int, default=4096, metavar="G",
+                   help="judged generation: tokens to generate at most (default 4096)")
+    q.add_argument("--max-batch", type=int, default=8, metavar="N", help="judged generation: documents at once")
     q.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
     q.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     q.add_argument("--no-progress", action="store_true", help="no progress bars")
