@@ -4,8 +4,9 @@
     vist2 eval olm --model runs/tiny --data docs.jsonl --context-tokens 256 --out runs/eval/olm.json
     lm_eval --model vist2 --model_args pretrained=runs/tiny,mode=gcc --tasks my_task --include_path tasks/
 
-``ocr``: transcription quality by compression ratio (:mod:`vist2.eval.ocr`); ``olm``: perplexity
-with the context as visual memory vs. as plain text (:mod:`vist2.eval.olm`); the lm-eval-harness
+``ocr``: transcription quality by compression ratio (:mod:`vist2.eval.ocr`); ``olm``: teacher-forced
+perplexity with the context as visual memory vs. as plain text, and with ``--judge DIR`` the paper's
+judged generation against the plain backbone (:mod:`vist2.eval.olm`); the lm-eval-harness
 model type ``vist2`` lives in :mod:`vist2.eval.lm_eval_adapter` (``pip install -e ".[eval]"``).
 """
 
@@ -16,7 +17,8 @@ def add_parser(sub) -> None:
     """Add ``eval`` with its sub-commands ``ocr`` and ``olm`` to an argparse sub-parsers object."""
     from . import ocr, olm
 
-    e = sub.add_parser("eval", help="quality evaluation: OCR by compression ratio, optical-LM perplexity",
+    e = sub.add_parser("eval", help="quality evaluation: OCR by compression ratio, optical-LM perplexity "
+                                    "(teacher-forced; judged generation with --judge)",
                        description="Evaluate a VIST2 checkpoint; each sub-command writes a results JSON "
                                    "(with the model folder, config hash, data sha256 and command) and prints a table.")
     esub = e.add_subparsers(dest="eval_command", metavar="EVALUATION")
