@@ -50,6 +50,11 @@ def cmd_train(args) -> int:
         ev = f", eval loss {result.eval_loss:.4f}" if result.eval_loss is not None else ""
         print(f"{cfg.stage}: {result.steps} steps, loss {result.last_loss:.4f}{ev}; "
               f"records: {SkipCounter(result.skipped).report()}", file=sys.stderr)
+    if result.probe is not None:
+        p = result.probe
+        print(f"visual path at step {p['step']}: blind gap {p['blind_gap']:.4f} nats, aligner spread {p['spread']:.3g}, "
+              f"{p['saturated']:.1%} saturated" + (f"; COLLAPSED: {'; '.join(p['reasons'])}" if p["collapsed"] else ""),
+              file=sys.stderr)
     print(f"wrote {result.out} (load it with: vist2 generate --model {result.out} ...)", file=sys.stderr)
     return 0
 
