@@ -253,7 +253,7 @@ def size_overrides(preset: str | None, values: dict, tokenizer=None) -> dict[str
     own (a small trained tokenizer has none of Qwen3's ids).
 
         >>> size_overrides("tiny", {"llm_layers": 4, "llm_hidden_size": 128})["text"]
-        {'num_hidden_layers': 4, 'hidden_size': 128, 'head_dim': 32}
+        {'hidden_size': 128, 'num_hidden_layers': 4, 'head_dim': 32}
     """
     given = {f: values[_dest(f)] for f in SIZE_FLAGS if values.get(_dest(f)) is not None}
     if preset is None:
