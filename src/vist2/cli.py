@@ -1,11 +1,13 @@
 """The ``vist2`` command line.
 
     vist2 init --preset tiny --out runs/tiny
+    vist2 init --preset tiny --tokenizer runs/tok --llm-hidden-size 128 --llm-layers 4 --out runs/nano
     vist2 init --llm path/to/Qwen3-0.6B --vision path/to/siglip2-large-patch16-256 --ratio 4 --out runs/vist2-0.6b
     vist2 render --file passage.txt --out chunk.png --model runs/tiny
     vist2 generate --model runs/tiny --prompt "Once upon a time" --max-new-tokens 200 --stats-json stats.json
     vist2 bench --preset tiny --prompt-tokens 2000 --new-tokens 1000 --out runs/bench
     vist2 data prepare --out data
+    vist2 tokenizer train --data data/text_en.jsonl data/text_zh.jsonl --vocab-size 4096 --out runs/tok
     vist2 train --stage olm --model runs/tiny --data data/text_en.jsonl --out runs/olm
     vist2 serve --model runs/tiny --port 8000
     vist2 eval olm --model runs/tiny --data passage.txt --out runs/olm.json
@@ -24,12 +26,13 @@ from importlib import resources
 from pathlib import Path
 
 from .benchmark import add_parser as add_bench_parser
-from .config import PRESETS
+from .config import PRESETS, SIZE_FLAGS
 from .eval import add_parser as add_eval_parser
 from .serve import add_parser as add_serve_parser
 from .training.cli import add_data_parser
 from .training.cli import add_parser as add_train_parser
 from .render import RENDER_PRESETS
+from .tokenizer import add_parser as add_tokenizer_parser
 
 
 class CLIError(Exception):
@@ -55,6 +58,7 @@ def sample_text(lang: str = "en") -> str:
 
 def cmd_init(args) -> int:
     from .build import build_from_preset, compose, load_tokenizer, save_checkpoint
+    from .config import size_overrides
 
     overrides = {}
     if args.render:
@@ -69,13 +73,15 @@ def cmd_init(args) -> int:
         if args.preset:
             if args.llm or args.vision:
                 raise CLIError("give either --preset or --llm/--vision, not both")
+            tokenizer = load_tokenizer(args.tokenizer)
+            sizes = size_overrides(args.preset, vars(args), tokenizer if args.tokenizer else None)
             # r stays the preset's unless --ratio or --chunk-tokens says otherwise (preset_config)
             model = build_from_preset(args.preset, seed=args.seed, chunk_tokens=args.chunk_tokens,
-                                      compression_ratio=args.ratio, **overrides)
-            tokenizer = load_tokenizer(args.tokenizer)
+                                      compression_ratio=args.ratio, **overrides, **sizes)
         else:
             if not (args.llm and args.vision):
                 raise CLIError("give --preset NAME, or both --llm DIR and --vision DIR")
+            size_overrides(None, vars(args))  # size flags need a preset
             for flag, folder in (("--llm", args.llm), ("--vision", args.vision)):
                 if not (Path(folder) / "config.json").is_file():
                     raise CLIError(f"{flag} {folder}: not a transformers checkpoint folder (no config.json)")
@@ -328,6 +334,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--prompt-encoding", choices=["visual", "interleaved"], help="how prompt chunks enter the LLM")
     q.add_argument("--seed", type=int, default=0, help="seed of the random init")
     q.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    for flag, (part, field) in SIZE_FLAGS.items():  # model sizes over the preset's
+        q.add_argument(flag, type=int, metavar="N", help=f"{'LLM' if part == 'text' else 'vision tower'} {field}"
+                       + (" (default: the --tokenizer's length, else the preset's)" if flag == "--vocab-size" else ""))
     q.set_defaults(func=cmd_init)
 
     r = sub.add_parser("render", help="render text to the image a model reads",
@@ -371,6 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench_parser(sub)
     add_data_parser(sub)
     add_train_parser(sub)
+    add_tokenizer_parser(sub)
     add_eval_parser(sub)
     add_serve_parser(sub)
     return p

@@ -220,8 +220,9 @@ PRESETS: dict[str, dict] = {
 }
 
 
-def preset_config(name: str, **overrides) -> VIST2Config:
-    """A VIST2Config from a named preset, with field overrides (e.g. ``chunk_tokens=512``).
+def preset_config(name: str, text: dict | None = None, vision: dict | None = None, **overrides) -> VIST2Config:
+    """A VIST2Config from a named preset, with field overrides (e.g. ``chunk_tokens=512``);
+    ``text`` / ``vision`` override fields of the sub-configs (see :func:`size_overrides`).
 
     The preset's compression ratio r = K / beta is kept when the geometry changes: a
     ``render`` override brings its own merge (``paper``: 1) unless ``merge`` is given, and
@@ -235,8 +236,8 @@ def preset_config(name: str, **overrides) -> VIST2Config:
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; known: {sorted(PRESETS)}")
     p = copy.deepcopy(PRESETS[name])
-    text = Qwen3Config(**p.pop("text"))
-    vision = Siglip2VisionConfig(**p.pop("vision"))
+    text = Qwen3Config(**{**p.pop("text"), **(text or {})})
+    vision = Siglip2VisionConfig(**{**p.pop("vision"), **(vision or {})})
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if "chunk_tokens" not in overrides:  # K = r x beta, r the given one or the preset's
         if "compression_ratio" not in overrides:
@@ -246,3 +247,71 @@ def preset_config(name: str, **overrides) -> VIST2Config:
         p["merge"] = None  # the new render's own merge
     p.update(overrides)
     return VIST2Config(text_config=text, vision_config=vision, **p)
+
+
+# ---------------------------------------------------------------------------
+# Model sizes from the command line (``vist2 init --preset P --llm-layers 4 ...``)
+# ---------------------------------------------------------------------------
+
+SIZE_FLAGS: dict[str, tuple[str, str]] = {  # flag -> (sub-config, field)
+    "--llm-hidden-size": ("text", "hidden_size"),
+    "--llm-layers": ("text", "num_hidden_layers"),
+    "--llm-heads": ("text", "num_attention_heads"),
+    "--llm-kv-heads": ("text", "num_key_value_heads"),
+    "--llm-intermediate-size": ("text", "intermediate_size"),
+    "--vocab-size": ("text", "vocab_size"),
+    "--vision-hidden-size": ("vision", "hidden_size"),
+    "--vision-layers": ("vision", "num_hidden_layers"),
+    "--vision-heads": ("vision", "num_attention_heads"),
+    "--vision-intermediate-size": ("vision", "intermediate_size"),
+}
+
+
+def _dest(flag: str) -> str:
+    return flag[2:].replace("-", "_")
+
+
+def size_overrides(preset: str | None, values: dict, tokenizer=None) -> dict[str, dict]:
+    """``{"text": {...}, "vision": {...}}`` for :func:`preset_config` from the size flags in ``values``
+    (argparse names: ``llm_layers`` ...; None = the preset's). Checked after merging with the preset, so
+    errors name the flags.
+
+    With a ``tokenizer``, the vocabulary defaults to its length and the LLM's end/padding ids to its
+    own (a small trained tokenizer has none of Qwen3's ids).
+
+        >>> size_overrides("tiny", {"llm_layers": 4, "llm_hidden_size": 128})["text"]
+        {'hidden_size': 128, 'num_hidden_layers': 4, 'head_dim': 32}
+    """
+    given = {f: values[_dest(f)] for f in SIZE_FLAGS if values.get(_dest(f)) is not None}
+    if preset is None:
+        if given:
+            raise ValueError(f"{', '.join(given)}: size flags apply to --preset (a composed model keeps its sizes)")
+        return {"text": {}, "vision": {}}
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; known: {sorted(PRESETS)}")
+    for flag, v in given.items():
+        if not isinstance(v, int) or v <= 0:
+            raise ValueError(f"{flag} must be a positive integer, got {v!r}")
+    out: dict[str, dict] = {"text": {}, "vision": {}}
+    for flag, v in given.items():
+        part, name = SIZE_FLAGS[flag]
+        out[part][name] = v
+    if tokenizer is not None:
+        out["text"].setdefault("vocab_size", len(tokenizer))
+        if len(tokenizer) > out["text"]["vocab_size"]:
+            raise ValueError(f"--vocab-size {out['text']['vocab_size']} is smaller than the tokenizer "
+                             f"({len(tokenizer)} tokens)")
+        eos, pad, bos = tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.bos_token_id
+        out["text"].update(eos_token_id=eos, pad_token_id=pad, bos_token_id=bos if bos is not None else pad)
+    for part, prefix in (("text", "--llm"), ("vision", "--vision")):
+        merged = {**PRESETS[preset][part], **out[part]}
+        width, heads = merged["hidden_size"], merged["num_attention_heads"]
+        if width % heads:
+            raise ValueError(f"{prefix}-heads {heads} must divide {prefix}-hidden-size {width}")
+        if part == "text":
+            kv = merged.get("num_key_value_heads") or heads
+            if heads % kv:
+                raise ValueError(f"--llm-kv-heads {kv} must divide --llm-heads {heads}")
+            if {"hidden_size", "num_attention_heads"} & set(out["text"]):
+                out["text"]["head_dim"] = width // heads  # Qwen3 keeps head_dim apart; follow the width
+    return out

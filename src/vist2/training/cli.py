@@ -1,6 +1,7 @@
 """Command-line entry points: ``vist2 train`` and ``vist2 data prepare``.
 
     vist2 data prepare --out data
+    vist2 train --stage lm --model runs/nano --data data/text_en.jsonl --out runs/lm --max-steps 2000
     vist2 train --stage caption --model runs/tiny --data data/caption.jsonl --out runs/pt1 --max-steps 100
     vist2 train --stage olm --model runs/pt1 --data data/text_en.jsonl --out runs/pt3 --config configs/olm.yaml
     vist2 train --stage olm ... --out runs/pt3 --resume          # continue after an interruption
@@ -51,6 +52,11 @@ def cmd_train(args) -> int:
         ev = f", eval loss {result.eval_loss:.4f}" if result.eval_loss is not None else ""
         print(f"{cfg.stage}: {result.steps} steps, loss {result.last_loss:.4f}{ev}; "
               f"records: {SkipCounter(result.skipped).report()}", file=sys.stderr)
+    if result.probe is not None:
+        p = result.probe
+        print(f"visual path at step {p['step']}: blind gap {p['blind_gap']:.4f} nats, aligner spread {p['spread']:.3g}, "
+              f"{p['saturated']:.1%} saturated" + (f"; COLLAPSED: {'; '.join(p['reasons'])}" if p["collapsed"] else ""),
+              file=sys.stderr)
     print(f"wrote {result.out} (load it with: vist2 generate --model {result.out} ...)", file=sys.stderr)
     return 0
 
@@ -71,12 +77,12 @@ def cmd_prepare(args) -> int:
 def add_parser(sub) -> argparse.ArgumentParser:
     """Add ``train`` to an argparse sub-parsers object."""
     q = sub.add_parser(
-        "train", help="train one stage (caption | ocr | olm | sft) on accelerate",
+        "train", help="train one stage (lm | caption | ocr | olm | sft) on accelerate",
         description="Train one VIST2 stage from a checkpoint folder; writes an HF folder to --out. "
                     "Stage presets follow the paper's Table 8; --config YAML and the flags below override them.",
     )
     q.add_argument("--stage", required=True, choices=STAGES,
-                   help="caption (PT-1, aligner), ocr (PT-2, vision + aligner), olm (PT-3, LLM + aligner), sft")
+                   help="lm (text-only backbone, LLM), caption (PT-1, aligner), ocr (PT-2, vision + aligner), olm (PT-3, LLM + aligner), sft")
     q.add_argument("--model", required=True, metavar="DIR", help="the VIST2 checkpoint to start from")
     q.add_argument("--data", required=True, metavar="PATH",
                    help="a .txt/.jsonl/.parquet/.arrow file, a folder of them, or a datasets.save_to_disk folder")

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-STAGES = ("caption", "ocr", "olm", "sft")
+STAGES = ("lm", "caption", "ocr", "olm", "sft")
 ATTENTION = ("auto", "flex", "sdpa", "eager")
 PRECISION = ("auto", "bf16", "fp32")
 
@@ -154,6 +154,8 @@ class TrainConfig:
             raise ValueError("num_workers, shuffle_buffer and eval_holdout must be >= 0, keep_checkpoints >= 1")
         if self.lora.enabled and not self.train_llm:
             raise ValueError("lora.enabled needs train_llm: true (the adapters are the LLM's trainable part)")
+        if self.stage == "lm" and (self.train_vision or self.train_aligner):
+            raise ValueError("stage lm reads no images: train_vision and train_aligner must be false")
         if not (self.train_vision or self.train_aligner or self.train_llm):
             raise ValueError("nothing trains: set at least one of train_vision, train_aligner, train_llm")
 
@@ -168,6 +170,8 @@ class TrainConfig:
 
 # Table 8 of the paper, one entry per stage; everything else takes the dataclass defaults.
 _PRESETS: dict[str, dict[str, Any]] = {
+    # backbone: plain causal LM on text, no images (what a pretrained Qwen3 brings; needed from scratch)
+    "lm": dict(train_vision=False, train_aligner=False, train_llm=True, max_length=1024, learning_rate=5e-4),
     # PT-1: [v, caption]; only the aligner learns to speak the LLM's language
     "caption": dict(train_vision=False, train_aligner=True, train_llm=False, max_length=1024, learning_rate=5e-4),
     # PT-2: [v1 c1 v2 c2 ...] multi-turn OCR; the tower learns to read rendered text

@@ -31,7 +31,7 @@ TEXT_SUFFIXES = (".txt", ".md")
 JSONL_SUFFIXES = (".jsonl", ".json")
 HF_SUFFIXES = (".parquet", ".arrow")
 # the field each stage needs
-STAGE_FIELD = {"caption": "caption", "ocr": "text", "olm": "text", "sft": "messages"}
+STAGE_FIELD = {"lm": "text", "caption": "caption", "ocr": "text", "olm": "text", "sft": "messages"}
 
 
 class SkipCounter(Counter):

@@ -6,6 +6,7 @@ builder only decides *which* tokens form a sample:
 =========  =================================================  ===========================
 stage      sample                                             loss
 =========  =================================================  ===========================
+lm         ``[t1 ... tn <eos>]`` plain text, no images         every token
 caption    ``caption_segments``: ``[v, caption <eos>]``        the caption
 ocr        ``ocr_segments``: ``[v1 c1 ... vn cn]``, n from    every ``c_i``
            the curriculum (easy 1, medium 2-4, hard > 4)
@@ -27,7 +28,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
-from ..layout import Sample, build_sample, caption_segments, ocr_segments, olm_segments, sft_segments
+from ..layout import Raw, Sample, build_sample, caption_segments, ocr_segments, olm_segments, sft_segments
 from .config import CurriculumPhase, TrainConfig, ocr_images_per_row
 
 log = logging.getLogger(__name__)
@@ -105,6 +106,14 @@ class StageBuilder:
     def items(self, record: dict, rng: random.Random, progress: float) -> tuple[list[Item], str | None]:
         """Samples of one record, or ([], reason) when the record yields none."""
         return getattr(self, f"_{self.cfg.stage}")(record, rng, progress)
+
+    def _lm(self, rec, rng, progress):
+        ids = self.encode(rec["text"]) + [self.doc_end]
+        M = self.cfg.max_length
+        # plain causal LM: consecutive windows of max_length tokens, no chunks, no images
+        out = [Item(build_sample([Raw(tuple(ids[i : i + M]), loss=True)]))
+               for i in range(0, len(ids), M) if len(ids[i : i + M]) >= 2]
+        return out, (None if out else "too_short")
 
     def _caption(self, rec, rng, progress):
         ids = self.encode(rec["caption"])[: self.cfg.max_length - self.nv - 1] + [self.doc_end]

@@ -37,6 +37,8 @@ from .checkpoint import (STATE_FILE, atomic_dir, checkpoint_name, clean_partial,
 from .config import TrainConfig
 from .data import SkipCounter, check_source, open_source
 from .pipeline import StageDataset, make_loader
+from .probe import PROBED_STAGES, VisualProbe
+from .probe import report as report_probe
 from .stages import StageBuilder
 
 log = logging.getLogger(__name__)
@@ -53,6 +55,7 @@ class TrainResult:
     tokens: int = 0
     seconds: float = 0.0
     stopped_early: bool = False
+    probe: dict | None = None  # the last eval's visual-path probe (blind gap, aligner spread, collapse)
 
 
 def runtime_choices(cfg: TrainConfig, device_type: str) -> tuple[str, str, int]:
@@ -312,6 +315,10 @@ class Trainer:
                         acc.log({"eval/loss": result.eval_loss}, step=step)
                         if main and self.progress:
                             bar.write(f"step {step}: eval loss {result.eval_loss:.4f}")
+                    if self.probe is not None:  # is the visual path alive? (warns on a collapse)
+                        warm = step >= max(math.ceil(cfg.warmup_ratio * total), total // 10, 1)
+                        result.probe = report_probe(self.probe, step, warm, acc.log,
+                                                    bar.write if main and self.progress else None, main)
                     model.train()
                 if step % cfg.save_every == 0 and step < total:
                     save(step)
@@ -337,13 +344,18 @@ class Trainer:
         """Mean loss per target token over the eval batches (all ranks together)."""
         model.eval()
         total = torch.zeros(2, dtype=torch.float64, device=acc.device)
+        probe = (VisualProbe(acc.unwrap_model(model), blank=eval_ds.processor.renderer.config.background / 255)
+                 if self.cfg.stage in PROBED_STAGES else None)
         with torch.no_grad():
             for batch in make_loader(eval_ds, 0):
                 out = model(plan=batch.plan, logits_at_targets=True, pixel_values=None if batch.pixel_values is None
                             else batch.pixel_values.to(acc.device))
                 n = int((batch.plan.labels != IGNORE).sum())
                 total += torch.tensor([float(out.loss) * n, n], dtype=torch.float64, device=acc.device)
+                if probe is not None and batch.pixel_values is not None:  # the same batch with blank pages
+                    probe.observe(model, batch.plan, batch.pixel_values.to(acc.device), float(out.loss), n)
         total = acc.reduce(total, "sum")
+        self.probe = probe.finish(lambda t: acc.reduce(t, "sum")) if probe is not None else None
         return float(total[0] / total[1]) if total[1] > 0 else None
 
     def _export(self, model, acc, processor, original_attn: str, result: TrainResult) -> None:
@@ -364,6 +376,7 @@ class Trainer:
                 "stage": self.cfg.stage, "steps": result.steps, "total_steps": result.total_steps,
                 "last_loss": result.last_loss, "eval_loss": result.eval_loss, "skipped": result.skipped,
                 "tokens": result.tokens, "seconds": round(result.seconds, 3), "config": self.cfg.to_dict(),
+                "probe": result.probe,
             })
             log.info("records skipped: %s", SkipCounter(result.skipped).report())
         acc.wait_for_everyone()
