@@ -101,7 +101,7 @@ def test_training_logs_the_probe_and_warns_on_collapse(tiny_dir, tmp_path, capsy
     text.write_text(sample_text("en"), encoding="utf-8")
     capsys.readouterr()
     assert main(["train", "--stage", "ocr", "--model", str(collapsed), "--data", str(text), "--eval-data", str(text),
-                 "--out", str(tmp_path / "ocr"), "--max-steps", "1", "--max-length", "160", "--num-workers", "0",
+                 "--out", str(tmp_path / "ocr"), "--max-steps", "1", "--max-length", "640", "--num-workers", "0",
                  "--eval-every", "1", "--no-progress"]) == 0
     err = capsys.readouterr().err
     assert "COLLAPSED" in err and "same output for every image" in err

@@ -107,7 +107,7 @@ def test_pipeline_runs_with_the_small_tokenizer(tok_dir, corpus, tmp_path, capsy
     assert main(["init", "--preset", "tiny", "--tokenizer", str(tok_dir), *NANO, "--out", str(model)]) == 0
     assert main(["train", "--stage", "ocr", "--model", str(model), "--data", str(corpus / "en.txt"),
                  "--eval-data", str(corpus / "mixed.jsonl"), "--out", str(tmp_path / "ocr"), "--max-steps", "1",
-                 "--max-length", "160", "--num-workers", "0",
+                 "--max-length", "640", "--num-workers", "0",
                  "--no-progress"]) == 0
     capsys.readouterr()
     from vist2.modeling import VIST2ForCausalLM
