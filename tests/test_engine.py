@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from vist2.build import load_tokenizer
-from vist2.cli import sample_text
+from vist2.samples import sample_text
 from vist2.config import preset_config
 from vist2.engine.engine import Engine, Request
 from vist2.engine.sampling import SamplingParams

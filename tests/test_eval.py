@@ -9,12 +9,14 @@ import torch
 
 pytest.importorskip("rouge_score")
 
-from vist2.cli import CLIError, sample_text  # noqa: E402
+from vist2.errors import CLIError  # noqa: E402
 from vist2.eval import add_parser  # noqa: E402
-from vist2.eval.common import CJKTokenizer, load, read_documents  # noqa: E402
+from vist2.eval.common import CJKTokenizer, read_documents  # noqa: E402
 from vist2.eval.ocr import ocr_scores, parse_ratios, transcribe  # noqa: E402
 from vist2.eval.olm import evaluate_olm  # noqa: E402
 from vist2.layout import build_sample, collate, ocr_segments  # noqa: E402
+from vist2.runtime import load_checkpoint  # noqa: E402
+from vist2.samples import sample_text  # noqa: E402
 
 
 def run_eval(argv):
@@ -30,7 +32,7 @@ def run_eval(argv):
 
 @pytest.fixture(scope="module")
 def tiny(tiny_dir):
-    return load(tiny_dir, "cpu")
+    return load_checkpoint(tiny_dir, "cpu")
 
 
 @pytest.fixture(scope="module")

@@ -76,7 +76,7 @@ def test_adapter_modes_agree_where_nothing_is_compressed(tiny_dir):
     it identically; a long context is compressed in gcc/pcc and scores differently from none."""
     from lm_eval.api.instance import Instance
 
-    from vist2.cli import sample_text
+    from vist2.samples import sample_text
     from vist2.eval.lm_eval_adapter import VIST2LM
 
     lm = VIST2LM(pretrained=str(tiny_dir), mode="none")

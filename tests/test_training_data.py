@@ -329,13 +329,16 @@ def test_sigkill_during_save_leaves_no_loadable_checkpoint(tmp_path):
     import sys
 
     root = tmp_path / "checkpoints"
-    # the checkpoint module alone (stdlib only), so the child starts in a blink
+    # the checkpoint and runtime modules alone (stdlib only), so the child starts in a blink
     code = f"""
 import importlib.util, time
 from pathlib import Path
-spec = importlib.util.spec_from_file_location("ckpt", {str(ROOT / 'src/vist2/training/checkpoint.py')!r})
-ckpt = importlib.util.module_from_spec(spec); spec.loader.exec_module(ckpt)
-atomic_dir, write_json = ckpt.atomic_dir, ckpt.write_json
+def load(name, path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec); spec.loader.exec_module(module)
+    return module
+atomic_dir = load("ckpt", {str(ROOT / 'src/vist2/training/checkpoint.py')!r}).atomic_dir
+write_json = load("runtime", {str(ROOT / 'src/vist2/runtime.py')!r}).write_json
 with atomic_dir(Path({str(root)!r}) / "step-00000005") as tmp:
     (tmp / "model.safetensors").write_bytes(b"x" * 100)
     print("writing", flush=True)

@@ -131,8 +131,10 @@ def format_table(res: dict) -> str:
 
 
 def cmd_eval_olm(args) -> int:
-    from ..cli import CLIError
-    from .common import command_line, load, provenance, read_documents, write_json
+    from ..errors import CLIError
+    from ..runtime import load_checkpoint as load
+    from ..runtime import write_json
+    from .common import command_line, provenance, read_documents
 
     try:
         docs = read_documents(args.data)
