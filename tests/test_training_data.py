@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from vist2.layout import IGNORE, Kind, build_sample, collate, sft_segments, split_query
-from vist2.training.checkpoint import (STATE_FILE, atomic_dir, clean_partial, latest_checkpoint, list_checkpoints,
-                                       write_json)
+from vist2.runtime import write_json
+from vist2.training.checkpoint import STATE_FILE, atomic_dir, clean_partial, latest_checkpoint, list_checkpoints
 from vist2.training.config import load_config, stage_preset
 from vist2.training.data import SkipCounter, check_source, open_source
 from vist2.training.pipeline import StageDataset, make_loader

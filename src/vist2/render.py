@@ -83,7 +83,7 @@ from typing import Any, Union
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from .runtime import is_int as _is_int
+from .checks import is_int as _is_int
 
 __all__ = [
     "RenderConfig",

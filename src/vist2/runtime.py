@@ -108,19 +108,6 @@ def kv_geometry(text_config) -> KVGeometry:
     return KVGeometry(tc.num_hidden_layers, kv_heads, head_dim)
 
 
-def is_int(v: Any) -> bool:
-    """An integer that is not a bool (numpy integers count): ``is_int(3)``, not ``is_int(True)``."""
-    if isinstance(v, bool):
-        return False
-    if isinstance(v, int):
-        return True
-    try:
-        import numpy as np
-    except ImportError:  # pragma: no cover - numpy comes with torch
-        return False
-    return isinstance(v, np.integer)
-
-
 def write_json(path: str | Path, obj) -> Path:
     """Write ``obj`` as JSON (UTF-8, indented) through a temporary file, an fsync and a rename:
     a reader sees the old file or the whole new one, never half of it. Creates the parent folder."""

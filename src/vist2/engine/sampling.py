@@ -29,7 +29,7 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from ..runtime import is_int as _is_int
+from ..checks import is_int as _is_int
 
 
 def _is_number(x) -> bool:
