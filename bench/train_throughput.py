@@ -41,6 +41,7 @@ from vist2.build import build_from_preset, load_tokenizer
 from vist2.layout import Kind
 from vist2.modeling import VIST2ForCausalLM
 from vist2.processing import VIST2Processor
+from vist2.runtime import default_device
 from vist2.samples import sample_text
 from vist2.training.config import stage_preset
 from vist2.training.pipeline import render_batch
@@ -123,7 +124,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(default_device())
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     if args.model:
         model = VIST2ForCausalLM.from_pretrained(args.model, dtype=torch.float32)
