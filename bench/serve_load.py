@@ -107,7 +107,7 @@ async def _level(url: str, prompts: list[list[int]], concurrency: int, args) -> 
 def _prompts(model_dir: str, n_tokens: int, count: int) -> list[list[int]]:
     from transformers import AutoTokenizer
 
-    from vist2.cli import sample_text
+    from vist2.samples import sample_text
 
     ids = AutoTokenizer.from_pretrained(model_dir)(sample_text("en"), add_special_tokens=False)["input_ids"]
     while len(ids) < n_tokens + count * 37:

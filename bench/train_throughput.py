@@ -41,6 +41,8 @@ from vist2.build import build_from_preset, load_tokenizer
 from vist2.layout import Kind
 from vist2.modeling import VIST2ForCausalLM
 from vist2.processing import VIST2Processor
+from vist2.runtime import default_device
+from vist2.samples import sample_text
 from vist2.training.config import stage_preset
 from vist2.training.pipeline import render_batch
 from vist2.training.stages import StageBuilder, pack
@@ -49,18 +51,12 @@ from vist2.training.trainer import apply_trainable, make_optimizer, set_attentio
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 
 
-def sample_text() -> str:
-    from importlib import resources
-
-    return resources.files("vist2").joinpath("data/sample_en.txt").read_text(encoding="utf-8")
-
-
 def one_row(processor, model_cfg, length: int, pad_multiple: int):
     """One packed OLM row of about ``length`` slots from the embedded sample, repeated."""
     cfg = stage_preset("olm", max_length=length)
     builder = StageBuilder(cfg, processor.tokenizer, model_cfg.chunk_tokens, model_cfg.n_visual,
                            model_cfg.prompt_encoding)
-    text = sample_text()
+    text = sample_text("en")
     need = length * 5  # characters: plenty for `length` tokens
     doc = (text + "\n\n") * (need // len(text) + 1)
     items, _ = builder.items({"text": doc}, __import__("random").Random(0), 0.0)
@@ -128,7 +124,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(default_device())
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     if args.model:
         model = VIST2ForCausalLM.from_pretrained(args.model, dtype=torch.float32)

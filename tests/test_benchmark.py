@@ -8,7 +8,7 @@ import torch
 
 from vist2 import benchmark
 from vist2.benchmark import FlopShape, chunk_flops, decode_flops, flops_per_token, image_flops, kv_layout
-from vist2.cli import CLIError
+from vist2.errors import CLIError
 
 N, M = 150, 140
 K, BETA = 64, 16  # the tiny preset

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from vist2.build import load_tokenizer
-from vist2.cli import sample_text
+from vist2.samples import sample_text
 from vist2.config import preset_config
 from vist2.engine.engine import Engine, Request
 from vist2.engine.sampling import SamplingParams
@@ -151,11 +151,13 @@ def test_sampling_is_reproducible_and_stops(tok):
     a = eng.generate([Request(query=_ids(tok, 20), params=p)])[0]
     b = eng.generate([Request(query=_ids(tok, 20), params=p)])[0]
     assert a.token_ids == b.token_ids
-    stop_at = eng.processor.decode(a.token_ids[10:12])
-    if stop_at.strip():
-        p2 = SamplingParams(max_new_tokens=30, temperature=1.0, top_p=0.9, seed=7, ignore_eos=True, stop=(stop_at,))
-        c = eng.generate([Request(query=_ids(tok, 20), params=p2)])[0]
-        assert c.stats.finish_reason == "stop" and stop_at not in c.text
+    # a stop string taken from the seeded run's own text: the same run stops just before its first occurrence
+    stop_at = a.text[len(a.text) // 2 :][:4]
+    assert len(stop_at.strip()) >= 2, repr(a.text)
+    p2 = SamplingParams(max_new_tokens=30, temperature=1.0, top_p=0.9, seed=7, ignore_eos=True, stop=(stop_at,))
+    c = eng.generate([Request(query=_ids(tok, 20), params=p2)])[0]
+    assert c.stats.finish_reason == "stop"
+    assert c.text == a.text[: a.text.index(stop_at)]
 
 
 def test_stream_yields_the_same_text(tok):
@@ -203,13 +205,15 @@ def test_bad_requests(tok):
 def test_odd_text_generates_without_crash(tok):
     eng = _engine(tok)
     prompt = "ctrl\x00\x07\x1b[0m emoji 🧪👩‍🔬 中文测试 עברית العربية " * 6
-    res = eng.generate([eng.request(prompt, params=SamplingParams(max_new_tokens=2 * eng.K, ignore_eos=True))])[0]
+    req = eng.request(prompt, params=SamplingParams(max_new_tokens=2 * eng.K, ignore_eos=True))
+    res = eng.generate([req])[0]
     assert res.stats.generated_tokens == 2 * eng.K and res.stats.chunks_compressed >= 2
+    check(eng, req, res)  # and what it generates is what the model computes on that layout
 
 
 def test_chat_prompt_splits_around_the_user_message(tok):
     eng = _engine(tok)
     req = eng.request(messages=[{"role": "user", "content": "Tell me a story about the sea."}])
     assert eng.processor.decode(req.query) == "Tell me a story about the sea."
-    assert "<|im_start|>user" in eng.processor.decode(req.prefix)
-    assert eng.processor.decode(req.suffix).rstrip().endswith("assistant") or "<think>" in eng.processor.decode(req.suffix)
+    assert eng.processor.decode(req.prefix) == "<|im_start|>user\n"
+    assert eng.processor.decode(req.suffix) == "<|im_end|>\n<|im_start|>assistant\n"

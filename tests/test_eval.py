@@ -9,12 +9,14 @@ import torch
 
 pytest.importorskip("rouge_score")
 
-from vist2.cli import CLIError, sample_text  # noqa: E402
+from vist2.errors import CLIError  # noqa: E402
 from vist2.eval import add_parser  # noqa: E402
-from vist2.eval.common import CJKTokenizer, load, read_documents  # noqa: E402
+from vist2.eval.common import CJKTokenizer, read_documents  # noqa: E402
 from vist2.eval.ocr import ocr_scores, parse_ratios, transcribe  # noqa: E402
 from vist2.eval.olm import evaluate_generation, evaluate_olm, judge_nll, load_judge  # noqa: E402
 from vist2.layout import build_sample, collate, ocr_segments  # noqa: E402
+from vist2.runtime import load_checkpoint  # noqa: E402
+from vist2.samples import sample_text  # noqa: E402
 
 
 def run_eval(argv):
@@ -30,7 +32,7 @@ def run_eval(argv):
 
 @pytest.fixture(scope="module")
 def tiny(tiny_dir):
-    return load(tiny_dir, "cpu")
+    return load_checkpoint(tiny_dir, "cpu")
 
 
 @pytest.fixture(scope="module")
@@ -43,6 +45,32 @@ def en_file(tmp_path_factory):
 # -- metrics ---------------------------------------------------------------------------------
 
 
+def rouge_by_hand(reference: str, hypothesis: str) -> dict[str, float]:
+    """ROUGE-1/2/L F-measures from their definitions (clipped n-gram overlap; longest common
+    subsequence), on the CJK-aware tokens; what the library's scores are checked against."""
+    from collections import Counter
+
+    ref, hyp = CJKTokenizer().tokenize(reference), CJKTokenizer().tokenize(hypothesis)
+
+    def f(overlap, n_hyp, n_ref):
+        p, r = overlap / max(n_hyp, 1), overlap / max(n_ref, 1)
+        return 2 * p * r / (p + r) if p + r else 0.0
+
+    def ngrams(tokens, n):
+        return Counter(tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1))
+
+    out = {}
+    for n in (1, 2):
+        a, b = ngrams(ref, n), ngrams(hyp, n)
+        out[f"rouge{n}"] = f(sum((a & b).values()), sum(b.values()), sum(a.values()))
+    lcs = [[0] * (len(hyp) + 1) for _ in range(len(ref) + 1)]
+    for i, x in enumerate(ref):
+        for j, y in enumerate(hyp):
+            lcs[i + 1][j + 1] = lcs[i][j] + 1 if x == y else max(lcs[i][j + 1], lcs[i + 1][j])
+    out["rougeL"] = f(lcs[-1][-1], len(hyp), len(ref))
+    return out
+
+
 def test_ocr_metric_is_one_for_the_source_and_falls_when_corrupted():
     ref = sample_text("en")[:600]
     exact = ocr_scores(ref, ref)
@@ -53,6 +81,10 @@ def test_ocr_metric_is_one_for_the_source_and_falls_when_corrupted():
     s1, s2 = ocr_scores(ref, some), ocr_scores(ref, many)
     for k in ("rouge1", "rouge2", "rougeL"):
         assert 0.0 < s2[k] < s1[k] < 1.0, k
+        assert s1[k] == pytest.approx(rouge_by_hand(ref, some)[k], abs=1e-12), k
+        assert s2[k] == pytest.approx(rouge_by_hand(ref, many)[k], abs=1e-12), k
+    # 17 of the 118 words (one token each) replaced: 101 unigrams shared, precision = recall = 101 / 118
+    assert s1["rouge1"] == pytest.approx(101 / 118)
     assert 0 < s1["cer"] < s2["cer"]
     assert ocr_scores(ref, "")["rougeL"] == 0.0
 
@@ -101,7 +133,13 @@ def test_greedy_transcription_matches_teacher_forcing(tiny):
     assert transcribe(model, visual[:1], 10, stop_ids=[first], n_tokens=n_tok) == [[]]
 
 
-def test_eval_ocr_command(tiny_dir, en_file, tmp_path, capsys):
+def test_eval_ocr_command(tiny, tiny_dir, en_file, tmp_path, capsys, monkeypatch):
+    import vist2.eval.ocr
+
+    # a random model transcribes noise (every score 0); a fixed transcription that shares words with
+    # the first chunk but not the second makes the scores, and their mean over chunks, tell apart
+    said = tiny[1].encode(" In the beginning God created the earth")
+    monkeypatch.setattr(vist2.eval.ocr, "transcribe", lambda model, visual, *rest: [said] * len(visual))
     out = tmp_path / "ocr.json"
     rc, err = run_eval(["eval", "ocr", "--model", str(tiny_dir), "--data", str(en_file), "--ratios", "1,64",
                         "--limit", "2", "--no-progress", "--out", str(out)])
@@ -112,8 +150,12 @@ def test_eval_ocr_command(tiny_dir, en_file, tmp_path, capsys):
     assert len(prov["data_sha256"]) == 64 and prov["command"].startswith("vist2 eval ocr ")
     ok, skipped = res["points"]
     assert ok["ratio"] == 1 and ok["tokens_per_image"] == 16 and ok["n"] == 2
+    assert len(ok["examples"]) == 2  # both chunks: the mean below covers every scored chunk
+    assert [e["transcription"] for e in ok["examples"]] == [" In the beginning God created the earth"] * 2
+    by_hand = [rouge_by_hand(e["reference"], e["transcription"]) for e in ok["examples"]]
+    assert by_hand[0]["rouge1"] > 0.4 and by_hand[1]["rouge1"] < by_hand[0]["rouge1"]
     for k in ("rouge1", "rouge2", "rougeL"):
-        assert 0.0 <= ok[k] <= 1.0
+        assert ok[k] == pytest.approx((by_hand[0][k] + by_hand[1][k]) / 2, abs=1e-12), k
     # 64 x beta = 1024 tokens cannot be drawn into a 128x128 image
     assert skipped["tokens_per_image"] == 1024 and "does not fit" in skipped["skipped"]
     table = capsys.readouterr().out

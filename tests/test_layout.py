@@ -155,7 +155,12 @@ def test_packing_and_padding_never_cross_samples():
     assert r[6] == {4, 5, 6}
     assert r[9] == {9}  # padding: only itself, so no softmax row is empty
     assert rows(plan, 1)[5] == {5}
-    # chunk ids stay distinct across packed samples and rows
+    # chunk ids stay distinct across packed samples in a row (a's c1+v1 is chunk 0, its open c2 chunk 1)
+    assert plan.chunk[0].tolist() == [0] * 6 + [1] + [-1] * 3 and plan.chunk[1].tolist() == [-1] * 10
+    twice = collate([[a, a], [a]])
+    assert twice.chunk[0].tolist() == [0] * 6 + [1] + [2] * 6 + [3]  # the second a does not reuse 0 and 1
+    assert twice.chunk[1].tolist() == [0] * 6 + [1] + [-1] * 7
+    assert [(c.row, c.sample) for c in twice.chunks] == [(0, 0), (0, 1), (1, 0)]
     I = IGNORE
     assert plan.labels[0].tolist() == [11, 12, 13, I, I, 20, I, 6, I, I]
     assert plan.labels[1].tolist() == [6, I] + [I] * 8

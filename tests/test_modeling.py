@@ -59,7 +59,8 @@ def test_composed_vision_equals_siglip2_with_its_own_processor(composed, siglip2
     with torch.no_grad():
         ref = tower(batch["pixel_values"], batch["pixel_attention_mask"], batch["spatial_shapes"]).last_hidden_state
         ours = model.model.encode_images(torch.from_numpy(img)[None, None].float() / 255)
-        expect = model.model.aligner(ref)
+        proj = model.model.aligner.proj
+        expect = torch.tanh(ref @ proj.weight.T + proj.bias)  # the paper's aligner, tanh(x W + b)
     assert torch.allclose(ours, expect, atol=1e-5), (ours - expect).abs().max()
 
 
@@ -73,7 +74,8 @@ def test_siglip_v1_tower_is_accepted(tmp_path, qwen3_dir, siglip_dir):
     x = _pixels(2)
     with torch.no_grad():
         ref = tower(x.expand(2, 3, 128, 128) * 2 - 1).last_hidden_state
-        expect = model.model.aligner(merge_patches(ref, 8, 8, 2))
+        proj = model.model.aligner.proj
+        expect = torch.tanh(merge_patches(ref, 8, 8, 2) @ proj.weight.T + proj.bias)
         assert torch.allclose(model.model.encode_images(x), expect, atol=1e-5)
 
 
@@ -231,6 +233,26 @@ def test_set_trainable_freezes_parts():
     model.set_trainable(vision=True)
     assert all(p.requires_grad for p in model.model.vision.parameters())
     assert not any(p.requires_grad for p in model.model.language_model.parameters())
+
+
+@pytest.mark.parametrize("kind", ["linear_tanh", "mlp"])
+def test_aligner_is_tanh_of_its_projection(kind):
+    """Computed here from the module's weights, not by calling the aligner on both sides."""
+    model = _tiny(aligner=kind, aligner_hidden_size=48)
+    a = model.model.aligner
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, a.proj.in_features if kind == "linear_tanh" else a.fc1.in_features, generator=g)
+    with torch.no_grad():
+        for p in a.parameters():  # weights large enough that tanh bends
+            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+        if kind == "linear_tanh":
+            pre = x @ a.proj.weight.T + a.proj.bias
+        else:
+            pre = torch.nn.functional.gelu(x @ a.fc1.weight.T + a.fc1.bias) @ a.fc2.weight.T + a.fc2.bias
+        out = a(x)
+    assert out.shape == pre.shape
+    assert torch.allclose(out, torch.tanh(pre), atol=1e-6)
+    assert (pre - torch.tanh(pre)).abs().max() > 0.1  # the inputs reach where tanh bends
 
 
 def test_mlp_aligner_runs_and_saves(tmp_path):

@@ -173,7 +173,12 @@ def test_deterministic_pixels():
 
 
 def test_renderer_cache_and_render_text():
-    assert Renderer.get(DEFAULT) is Renderer.get(RenderConfig())
+    assert Renderer.get(DEFAULT) is Renderer.get(RenderConfig()) is Renderer.get()
+    # the cache is keyed by the whole config: another config gets its own renderer, which draws as a fresh one
+    small = RenderConfig(width=256, height=128, font_size=12)
+    assert Renderer.get(small) is not Renderer.get(DEFAULT) and Renderer.get(small).config == small
+    assert Renderer.get(small).render("hello").shape == (128, 256)
+    assert np.array_equal(Renderer.get(small).render("hello"), Renderer(small).render("hello"))
     img = render_text("hello")
     assert img.mode == "L" and img.size == (512, 512)
     assert np.array_equal(np.asarray(img), Renderer.get(DEFAULT).render("hello"))

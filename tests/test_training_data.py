@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from vist2.layout import IGNORE, Kind, build_sample, collate, sft_segments, split_query
-from vist2.training.checkpoint import (STATE_FILE, atomic_dir, clean_partial, latest_checkpoint, list_checkpoints,
-                                       write_json)
+from vist2.runtime import write_json
+from vist2.training.checkpoint import STATE_FILE, atomic_dir, clean_partial, latest_checkpoint, list_checkpoints
 from vist2.training.config import PAPER_BATCH, load_config, ocr_images_per_row, paper_batch, stage_preset
 from vist2.training.data import SkipCounter, check_source, open_source
 from vist2.training.pipeline import StageDataset, make_loader
@@ -370,13 +370,16 @@ def test_sigkill_during_save_leaves_no_loadable_checkpoint(tmp_path):
     import sys
 
     root = tmp_path / "checkpoints"
-    # the checkpoint module alone (stdlib only), so the child starts in a blink
+    # the checkpoint and runtime modules alone (stdlib only), so the child starts in a blink
     code = f"""
 import importlib.util, time
 from pathlib import Path
-spec = importlib.util.spec_from_file_location("ckpt", {str(ROOT / 'src/vist2/training/checkpoint.py')!r})
-ckpt = importlib.util.module_from_spec(spec); spec.loader.exec_module(ckpt)
-atomic_dir, write_json = ckpt.atomic_dir, ckpt.write_json
+def load(name, path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec); spec.loader.exec_module(module)
+    return module
+atomic_dir = load("ckpt", {str(ROOT / 'src/vist2/training/checkpoint.py')!r}).atomic_dir
+write_json = load("runtime", {str(ROOT / 'src/vist2/runtime.py')!r}).write_json
 with atomic_dir(Path({str(root)!r}) / "step-00000005") as tmp:
     (tmp / "model.safetensors").write_bytes(b"x" * 100)
     print("writing", flush=True)

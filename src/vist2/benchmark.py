@@ -48,6 +48,10 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from .errors import CLIError
+from .runtime import default_device, eos_ids, kv_geometry, load_checkpoint, torch_dtype
+from .samples import sample_text
+
 BENCH_MODES = ("gcc", "pcc", "none", "hf")
 MAX_CURVE_POINTS = 2000  # longer runs are stored as means over equal bins of steps
 
@@ -124,7 +128,7 @@ def flops_per_token(s: FlopShape, kv_len: float, mode: str) -> dict:
 def flop_shape(model) -> FlopShape:
     tc, vc, c = model.config.text_config, model.config.vision_config, model.config
     lm = model.model.language_model
-    head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
+    head_dim = kv_geometry(tc).head_dim
     body = sum(p.numel() for n, p in lm.named_parameters() if "embed_tokens" not in n)
     vit = sum(p.numel() for n, p in model.model.vision.named_parameters() if "position_embedding" not in n)
     gh, gw = c.patch_grid
@@ -254,8 +258,6 @@ def _buckets(context: list[int], ms: list[float], lo: int, hi: int, n: int) -> l
 
 
 def _prompt_ids(tokenizer, n: int) -> list[int]:
-    from .cli import sample_text
-
     text = sample_text("en")
     per_passage = len(tokenizer(text, add_special_tokens=False)["input_ids"])
     # whole passages tokenized together, so the joins tokenize as real text would
@@ -409,14 +411,14 @@ def _run_hf(model, ids, args, device, fshape, memory, progress) -> dict:
 
     x = torch.tensor([ids] * B, device=device)
     tc = model.config.text_config
-    eos = tc.eos_token_id[0] if isinstance(tc.eos_token_id, list) else tc.eos_token_id
+    pad = eos_ids(tc)[0]  # generate() wants one pad id; every row has the same length, so none is padded
     with progress(total=M, desc="hf  ") as bar, torch.no_grad():
         clock = Clock(bar)
         _sync(device)
         t0 = time.perf_counter()
         out = hf.generate(
             x, attention_mask=torch.ones_like(x), max_new_tokens=M, min_new_tokens=M, do_sample=False,
-            logits_processor=LogitsProcessorList([clock]), pad_token_id=eos, return_dict_in_generate=True,
+            logits_processor=LogitsProcessorList([clock]), pad_token_id=pad, return_dict_in_generate=True,
         )
         _sync(device)
     peak_mem = memory.peak()
@@ -431,9 +433,7 @@ def _run_hf(model, ids, args, device, fshape, memory, progress) -> dict:
     ms = [(b - a) * 1e3 for a, b in zip(t[:-1], t[1:])]
     kv = list(context)
     elem = next(hf.parameters()).element_size()
-    head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
-    n_kv = getattr(tc, "num_key_value_heads", None) or tc.num_attention_heads
-    per_entry = 2 * tc.num_hidden_layers * n_kv * head_dim * elem
+    per_entry = kv_geometry(tc).bytes_per_entry(elem)
     dflops = [sum(decode_flops(fshape, k).values()) for k in kv]
     end = flops_per_token(fshape, kv_final, "hf")
     del out, hf
@@ -610,8 +610,6 @@ def _model_info(model, fshape: FlopShape) -> dict:
 
 
 def _parse_modes(text: str) -> list[str]:
-    from .cli import CLIError
-
     modes = []
     for m in (x.strip() for x in text.split(",")):
         if m not in BENCH_MODES:
@@ -622,31 +620,20 @@ def _parse_modes(text: str) -> list[str]:
 
 
 def _load(args, device, dtype):
-    from .cli import CLIError
-
     if args.model:
-        from .modeling import VIST2ForCausalLM
-        from .processing import VIST2Processor
+        return load_checkpoint(args.model, device, dtype)
+    from .build import build_from_preset, load_tokenizer
+    from .config import PRESETS
+    from .processing import VIST2Processor
 
-        if not (Path(args.model) / "config.json").is_file():
-            raise CLIError(f"--model {args.model}: not a VIST2 checkpoint folder (no config.json)")
-        model = VIST2ForCausalLM.from_pretrained(str(args.model), dtype=dtype)
-        processor = VIST2Processor.from_pretrained(args.model)
-    else:
-        from .build import build_from_preset, load_tokenizer
-        from .config import PRESETS
-        from .processing import VIST2Processor
-
-        if args.preset not in PRESETS:
-            raise CLIError(f"--preset {args.preset}: unknown; choose from {', '.join(PRESETS)}")
-        model = build_from_preset(args.preset, seed=args.seed).to(dtype)
-        processor = VIST2Processor(load_tokenizer(), model.config.render_config)
+    if args.preset not in PRESETS:
+        raise CLIError(f"--preset {args.preset}: unknown; choose from {', '.join(PRESETS)}")
+    model = build_from_preset(args.preset, seed=args.seed).to(dtype)
+    processor = VIST2Processor(load_tokenizer(), model.config.render_config)
     return model.to(device).eval(), processor
 
 
 def cmd_bench(args) -> int:
-    from .cli import CLIError
-
     if bool(args.model) == bool(args.preset):
         raise CLIError("give exactly one of --model DIR or --preset NAME")
     if args.prompt_tokens <= 0 or args.new_tokens <= 0:
@@ -669,10 +656,10 @@ def cmd_bench(args) -> int:
     if args.device and args.device.startswith("cuda") and not torch.cuda.is_available():
         raise CLIError(f"--device {args.device}: CUDA is not available")
     try:
-        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        device = torch.device(default_device(args.device))
     except RuntimeError as e:
         raise CLIError(f"--device {args.device}: {e}") from e
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    dtype = torch_dtype(args.dtype)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)

@@ -22,21 +22,19 @@ import argparse
 import json
 import logging
 import sys
-from importlib import resources
 from pathlib import Path
 
 from .benchmark import add_parser as add_bench_parser
 from .config import PRESETS, SIZE_FLAGS
+from .errors import CLIError
 from .eval import add_parser as add_eval_parser
 from .serve import add_parser as add_serve_parser
 from .training.cli import add_data_parser
 from .training.cli import add_parser as add_train_parser
 from .render import RENDER_PRESETS
 from .tokenizer import add_parser as add_tokenizer_parser
-
-
-class CLIError(Exception):
-    """A mistake in the command line: printed as ``vist2: error: ...`` with exit code 2."""
+from .runtime import default_device, is_checkpoint, require_checkpoint, torch_dtype
+from .samples import sample_text
 
 
 def _read_text(args) -> str:
@@ -46,11 +44,6 @@ def _read_text(args) -> str:
     if not path.is_file():
         raise CLIError(f"--file {path}: no such file")
     return path.read_text(encoding="utf-8")
-
-
-def sample_text(lang: str = "en") -> str:
-    """The embedded public-domain sample passages (KJV Genesis; Hong Lou Meng, chapter 1)."""
-    return resources.files("vist2").joinpath(f"data/sample_{lang}.txt").read_text(encoding="utf-8")
 
 
 # -- init ---------------------------------------------------------------------------
@@ -83,7 +76,7 @@ def cmd_init(args) -> int:
                 raise CLIError("give --preset NAME, or both --llm DIR and --vision DIR")
             size_overrides(None, vars(args))  # size flags need a preset
             for flag, folder in (("--llm", args.llm), ("--vision", args.vision)):
-                if not (Path(folder) / "config.json").is_file():
+                if not is_checkpoint(folder):
                     raise CLIError(f"{flag} {folder}: not a transformers checkpoint folder (no config.json)")
             model = compose(args.llm, args.vision, chunk_tokens=args.chunk_tokens, ratio=args.ratio, **overrides)
             tokenizer = load_tokenizer(args.tokenizer or args.llm)
@@ -107,8 +100,7 @@ def _render_config(args):
     from .config import VIST2Config, preset_config
 
     if args.model:
-        if not (Path(args.model) / "config.json").is_file():
-            raise CLIError(f"--model {args.model}: not a VIST2 checkpoint folder (no config.json)")
+        require_checkpoint(args.model, error=CLIError)
         return VIST2Config.from_pretrained(args.model).render_config
     name = args.preset or "default"
     if name in PRESETS:
@@ -151,9 +143,9 @@ def cmd_demo(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     model_dir = Path(args.model) if args.model else out / "model"
-    if not (model_dir / "config.json").is_file():
+    if not is_checkpoint(model_dir):
         if args.model:
-            raise CLIError(f"--model {model_dir}: not a VIST2 checkpoint folder (no config.json)")
+            require_checkpoint(model_dir, error=CLIError)
         print(f"building the random '{args.preset}' model in {model_dir}")
         save_checkpoint(build_from_preset(args.preset), model_dir)
     model = VIST2ForCausalLM.from_pretrained(str(model_dir)).eval()
@@ -209,16 +201,12 @@ def cmd_demo(args) -> int:
 
 
 def _load_engine(args, **engine_kwargs):
-    import torch
-
     from .engine import Engine
 
-    if not (Path(args.model) / "config.json").is_file():
-        raise CLIError(f"--model {args.model}: not a VIST2 checkpoint folder (no config.json)")
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    require_checkpoint(args.model, error=CLIError)
     try:
-        return Engine.from_pretrained(args.model, dtype=dtype, device=device, **engine_kwargs)
+        return Engine.from_pretrained(args.model, dtype=torch_dtype(args.dtype), device=default_device(args.device),
+                                      **engine_kwargs)
     except ValueError as e:
         raise CLIError(str(e)) from e
 

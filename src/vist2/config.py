@@ -62,7 +62,7 @@ class VIST2Config(PretrainedConfig):
         aligner: ``linear_tanh`` (paper eq.: tanh(xW+b)) or ``mlp`` (paper §4.1).
         aligner_hidden_size: hidden width of the ``mlp`` aligner (paper: 19,456).
         prompt_encoding: how prompt chunks enter the LLM, ``visual`` or ``interleaved``
-            (see DESIGN.md); the same value is used in training and inference.
+            (see :func:`vist2.layout.prompt_segments`); the same value is used in training and inference.
         render: the render config (a dict, see :class:`vist2.render.RenderConfig`), or
             the name of a render preset. A model is tied to how it learned to read.
         visual_tokens / compression_ratio: optional checks; when given they must match

@@ -83,6 +83,8 @@ from typing import Any, Union
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from .checks import is_int as _is_int
+
 __all__ = [
     "RenderConfig",
     "RENDER_PRESETS",
@@ -207,10 +209,6 @@ def _check_color(value: Any, what: str, allow_none: bool) -> Color | None:
             return out[0]
         return (out[0], out[1], out[2])
     raise ValueError(f"{what} must be an int 0..255 or an (r, g, b) triple, got {value!r}")
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
 
 
 @dataclass(frozen=True)

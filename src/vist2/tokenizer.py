@@ -111,7 +111,7 @@ def train_tokenizer(paths: Iterable[str | Path], vocab_size: int, min_frequency:
 
 
 def cmd_tokenizer_train(args) -> int:
-    from .cli import CLIError
+    from .errors import CLIError
 
     for p in args.data:
         if not Path(p).exists():

@@ -33,6 +33,7 @@ import torch
 from ..layout import Chunk, Raw, Segment, prompt_segments
 from ..modeling import VIST2ForCausalLM
 from ..processing import VIST2Processor
+from ..runtime import eos_ids, kv_geometry, load_checkpoint
 from .cache import CompressedKVCache
 from .sampling import Sampler, SamplingParams
 from ..text import StreamDecoder
@@ -152,9 +153,7 @@ class Engine:
         self.record_logits = record_logits
         self.prefill_step = max(1, prefill_step)
         self.max_prefills_per_step = max(1, max_prefills_per_step)
-        tc = cfg.text_config
-        eos = tc.eos_token_id if isinstance(tc.eos_token_id, list) else [tc.eos_token_id]
-        self.eos = [e for e in {*eos, processor.tokenizer.eos_token_id} if e is not None]
+        self.eos = eos_ids(cfg.text_config, processor.tokenizer)
         self._cache: CompressedKVCache | None = None
         self._waiting: deque[tuple[int, Request]] = deque()
         self._running: dict[int, _Seq] = {}  # row -> seq
@@ -164,10 +163,8 @@ class Engine:
 
     @classmethod
     def from_pretrained(cls, folder, dtype: torch.dtype | None = None, device: str | None = None, **kwargs) -> "Engine":
-        model = VIST2ForCausalLM.from_pretrained(str(folder), dtype=dtype or torch.float32)
-        if device:
-            model.to(device)
-        return cls(model, VIST2Processor.from_pretrained(folder), **kwargs)
+        model, processor = load_checkpoint(folder, device, dtype or torch.float32)
+        return cls(model, processor, **kwargs)
 
     # -- requests ---------------------------------------------------------------------
 
@@ -311,9 +308,8 @@ class Engine:
             return
         tc = self.model.config.text_config
         p = next(self.model.parameters())
-        head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
-        n_kv = getattr(tc, "num_key_value_heads", None) or tc.num_attention_heads
-        self._cache = CompressedKVCache(tc.num_hidden_layers, self.max_batch, n_kv, head_dim,
+        g = kv_geometry(tc)
+        self._cache = CompressedKVCache(g.layers, self.max_batch, g.kv_heads, g.head_dim,
                                         min(self.max_cache_tokens, 2 * (self.K + self.beta)), p.dtype, p.device,
                                         limit=self.max_cache_tokens)
 

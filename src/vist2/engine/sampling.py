@@ -29,9 +29,7 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-
-def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
+from ..checks import is_int as _is_int
 
 
 def _is_number(x) -> bool:

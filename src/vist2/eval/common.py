@@ -111,22 +111,7 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
-# -- model ------------------------------------------------------------------------------
-
-
-def load(model_dir: str | Path, device: str | None = None, dtype: str = "float32"):
-    """``(model, processor)`` from a VIST2 checkpoint folder, in eval mode."""
-    import torch
-
-    from ..modeling import VIST2ForCausalLM
-    from ..processing import VIST2Processor
-
-    if not (Path(model_dir) / "config.json").is_file():
-        raise ValueError(f"--model {model_dir}: not a VIST2 checkpoint folder (no config.json)")
-    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = VIST2ForCausalLM.from_pretrained(str(model_dir), dtype=torch_dtype).to(device).eval()
-    return model, VIST2Processor.from_pretrained(model_dir)
+# -- provenance -------------------------------------------------------------------------
 
 
 def command_line(prog: str, args) -> str:
@@ -160,13 +145,6 @@ def provenance(model_dir: str | Path, config, data_path: str | Path, command: st
         "python": platform.python_version(),
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-
-
-def write_json(path: str | Path, results: dict) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(results, ensure_ascii=False, indent=1), encoding="utf-8")
-    return path
 
 
 def table(rows: Sequence[Sequence], header: Sequence[str]) -> str:

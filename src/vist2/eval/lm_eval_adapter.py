@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 from ..engine import Engine, Request, SamplingParams
 from ..engine.engine import MODES
 from ..layout import IGNORE, Raw, Segment, build_sample, collate, olm_segments, prompt_segments
-from .common import load
+from ..runtime import eos_ids, load_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -57,18 +57,15 @@ class VIST2LM(LM):
             # lm-eval's command line asks for cuda by default; a CPU-only machine still runs
             log.warning("device %s requested but CUDA is not available; using cpu", device)
             device = "cpu"
-        self.model, self.processor = load(pretrained, device, dtype)
+        self.model, self.processor = load_checkpoint(pretrained, device, dtype)
         self._device = self.model.device
         cfg = self.model.config
         self.K, self.beta, self.prompt_encoding = cfg.chunk_tokens, cfg.n_visual, cfg.prompt_encoding
         # "auto" (lm-eval's adaptive batch size) is not supported: fall back to a fixed size
         self.batch_size = int(batch_size) if str(batch_size or "").isdigit() else 1
         self.max_gen_toks = int(max_gen_toks)
-        tok = self.processor.tokenizer
-        tc = cfg.text_config
-        eos = tc.eos_token_id[0] if isinstance(tc.eos_token_id, list) else tc.eos_token_id
-        # the token a context-free request is conditioned on (lm-eval's "prefix token")
-        self.prefix_token_id = tok.eos_token_id if tok.eos_token_id is not None else eos
+        # the one token a context-free request is conditioned on (lm-eval's "prefix token"): an EOS
+        self.prefix_token_id = eos_ids(cfg.text_config, self.processor.tokenizer)[0]
         self.engine = Engine(self.model, self.processor, max_batch=max(1, self.batch_size))
 
     # -- lm-eval plumbing ---------------------------------------------------------------

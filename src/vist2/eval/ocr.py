@@ -24,6 +24,7 @@ import torch
 
 from ..layout import ChunkInfo, Kind, build_sample, collate, ocr_segments
 from ..metrics import cer
+from ..runtime import eos_ids
 from .common import ROUGE_TYPES, rouge, rouge_scorer, table
 
 DEFAULT_RATIOS = (1, 2, 4, 8, 10, 16)
@@ -49,12 +50,6 @@ def parse_ratios(text: str) -> list[float]:
 def ocr_scores(reference: str, hypothesis: str, scorer=None) -> dict[str, float]:
     """ROUGE-1/2/L F-measures and CER of one transcription (ROUGE 1.0 and CER 0 when they match)."""
     return {**rouge(reference, hypothesis, scorer), "cer": cer(reference, hypothesis)}
-
-
-def _eos_ids(model, processor) -> set[int]:
-    tc = model.config.text_config
-    eos = tc.eos_token_id if isinstance(tc.eos_token_id, list) else [tc.eos_token_id]
-    return {e for e in (*eos, processor.tokenizer.eos_token_id) if e is not None}
 
 
 @torch.no_grad()
@@ -141,7 +136,7 @@ def evaluate_ocr(model, processor, documents: Sequence[str], ratios: Sequence[fl
     rc = processor.renderer.config
     docs_ids = [processor.encode(d) for d in documents]
     longest = max((len(x) for x in docs_ids), default=0)
-    stop, n_tokens = _eos_ids(model, processor), len(processor.tokenizer)
+    stop, n_tokens = eos_ids(model.config.text_config, processor.tokenizer), len(processor.tokenizer)
     scorer = rouge_scorer()
     points = []
     for r in ratios:
@@ -204,8 +199,10 @@ def format_table(points: Sequence[dict]) -> str:
 
 
 def cmd_eval_ocr(args) -> int:
-    from ..cli import CLIError
-    from .common import command_line, load, provenance, read_documents, write_json
+    from ..errors import CLIError
+    from ..runtime import load_checkpoint as load
+    from ..runtime import write_json
+    from .common import command_line, provenance, read_documents
 
     try:
         ratios = parse_ratios(args.ratios)

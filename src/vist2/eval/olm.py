@@ -140,15 +140,14 @@ def load_judge(folder, device: str | None = None, dtype: str = "float32"):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ..build import has_tokenizer
+    from ..runtime import default_device, is_checkpoint, torch_dtype
 
     folder = Path(folder)
-    if not (folder / "config.json").is_file():
+    if not is_checkpoint(folder):
         raise ValueError(f"--judge {folder}: not a transformers checkpoint folder (no config.json)")
     if not has_tokenizer(folder):
         raise ValueError(f"--judge {folder}: no tokenizer files (the judge must read text its own way)")
-    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    judge = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch_dtype).to(device).eval()
+    judge = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch_dtype(dtype)).to(default_device(device)).eval()
     return judge, AutoTokenizer.from_pretrained(str(folder))
 
 
@@ -236,8 +235,10 @@ def format_generation_table(res: dict, judge: str) -> str:
 
 
 def cmd_eval_olm(args) -> int:
-    from ..cli import CLIError
-    from .common import command_line, load, provenance, read_documents, write_json
+    from ..errors import CLIError
+    from ..runtime import load_checkpoint as load
+    from ..runtime import write_json
+    from .common import command_line, provenance, read_documents
 
     try:
         docs = read_documents(args.data)

@@ -26,7 +26,6 @@ import ipaddress
 import logging
 import os
 import sys
-from pathlib import Path
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +74,8 @@ def _is_loopback(host: str) -> bool:
 
 
 def cmd_serve(args) -> int:
-    from ..cli import CLIError
+    from ..errors import CLIError
+    from ..runtime import default_device, require_checkpoint, torch_dtype
 
     for flag, value, low in (("--port", args.port, 0), ("--max-batch", args.max_batch, 1),
                              ("--max-queue", args.max_queue, 1), ("--max-prompt-tokens", args.max_prompt_tokens, 1),
@@ -86,19 +86,16 @@ def cmd_serve(args) -> int:
         raise CLIError(f"--port must be <= 65535, got {args.port}")
     if args.api_key is not None and not args.api_key.strip():
         raise CLIError("--api-key must not be empty")
-    folder = Path(args.model)
-    if not (folder / "config.json").is_file():
-        raise CLIError(f"--model {folder}: not a VIST2 checkpoint folder (no config.json)")
+    folder = require_checkpoint(args.model, error=CLIError)
 
-    import torch
     import uvicorn
 
     from ..engine import Engine
     from .app import create_app
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device(args.device)
     dtype_name = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
-    dtype = getattr(torch, dtype_name)
+    dtype = torch_dtype(dtype_name)
     try:
         engine = Engine.from_pretrained(folder, dtype=dtype, device=device, max_batch=args.max_batch,
                                         max_cache_tokens=args.max_cache_tokens)
@@ -118,7 +115,7 @@ def cmd_serve(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m vist2.serve ...``: the same command without the ``vist2`` front end."""
-    from ..cli import CLIError
+    from ..errors import CLIError
 
     p = argparse.ArgumentParser(prog="vist2 serve", description=add_parser.__doc__)
     _add_arguments(p)

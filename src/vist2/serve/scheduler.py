@@ -107,10 +107,6 @@ class Scheduler:
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and not self._stopping
 
-    @property
-    def queue_depth(self) -> int:
-        return self._depth
-
     def start(self) -> None:
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="vist2-scheduler", daemon=True)

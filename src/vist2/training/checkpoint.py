@@ -38,16 +38,6 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_json(path: Path, obj) -> None:
-    """Write JSON through a temporary file and a rename (readers never see half a file)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 @contextmanager
 def atomic_dir(final: Path, is_main: bool = True, barrier=lambda: None):
     """Yield a temporary folder; on a clean exit it becomes ``final`` (an existing ``final`` is kept).

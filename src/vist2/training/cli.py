@@ -17,13 +17,9 @@ import argparse
 import logging
 import sys
 
+from ..errors import CLIError
+from ..runtime import require_checkpoint
 from .config import STAGES
-
-
-def _cli_error(msg: str):
-    from ..cli import CLIError  # imported here: vist2.cli imports this module to wire the parsers
-
-    return CLIError(msg)
 
 
 def cmd_train(args) -> int:
@@ -32,10 +28,9 @@ def cmd_train(args) -> int:
     from .config import load_config
     from .trainer import Trainer
 
-    if not (Path(args.model) / "config.json").is_file():
-        raise _cli_error(f"--model {args.model}: not a VIST2 checkpoint folder (no config.json)")
+    require_checkpoint(args.model, error=CLIError)
     if not Path(args.data).exists():
-        raise _cli_error(f"--data {args.data}: no such file or folder")
+        raise CLIError(f"--data {args.data}: no such file or folder")
     try:
         cfg = load_config(args.stage, args.config, paper_batch=args.paper_batch, devices=args.devices,
                           max_steps=args.max_steps, seed=args.seed,
@@ -45,7 +40,7 @@ def cmd_train(args) -> int:
         result = Trainer(cfg, args.model, args.data, args.out, eval_data=args.eval_data, resume=args.resume,
                          progress=not args.no_progress).train()
     except ValueError as e:
-        raise _cli_error(str(e)) from e
+        raise CLIError(str(e)) from e
     from .data import SkipCounter
 
     if result.steps and result.last_loss is not None:
@@ -68,7 +63,7 @@ def cmd_prepare(args) -> int:
         manifest = prepare(args.out, corpora=[c.strip() for c in args.corpora.split(",") if c.strip()],
                            max_docs=args.max_docs, images=args.images, chats=args.chats, seed=args.seed)
     except ValueError as e:
-        raise _cli_error(str(e)) from e
+        raise CLIError(str(e)) from e
     for name, info in manifest["files"].items():
         print(f"{args.out}/{name}: {info['records']} records ({'; '.join(info['sources'])})")
     return 0
@@ -143,8 +138,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except Exception as e:
-        from ..cli import CLIError
-
         if isinstance(e, CLIError):
             print(f"vist2: error: {e}", file=sys.stderr)
             return 2

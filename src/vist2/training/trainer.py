@@ -32,8 +32,8 @@ from pathlib import Path
 import torch
 
 from ..layout import IGNORE
-from .checkpoint import (STATE_FILE, atomic_dir, checkpoint_name, clean_partial, latest_checkpoint, prune,
-                         write_json)
+from ..runtime import default_device, require_checkpoint, write_json
+from .checkpoint import STATE_FILE, atomic_dir, checkpoint_name, clean_partial, latest_checkpoint, prune
 from .config import TrainConfig
 from .data import SkipCounter, check_source, open_source
 from .pipeline import StageDataset, make_loader
@@ -186,9 +186,8 @@ class Trainer:
 
         cfg = self.cfg
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # DataLoader workers fork after tokenizing
-        if not (self.model_dir / "config.json").is_file():
-            raise ValueError(f"--model {self.model_dir}: not a VIST2 checkpoint folder (no config.json)")
-        device_type = "cuda" if torch.cuda.is_available() else "cpu"
+        require_checkpoint(self.model_dir)
+        device_type = default_device()
         precision, attn, pad_multiple = runtime_choices(cfg, device_type)
         acc = self._accelerator(precision)
         main = acc.is_main_process
