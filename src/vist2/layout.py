@@ -257,16 +257,16 @@ def split_query(tokens: Sequence[int], chunk_tokens: int, n_visual: int,
     """The paper's tail rule: closed chunks (K tokens, or fewer when the fit rule closed them)
     are always compressed; the open tail of m tokens is compressed too if m > beta, else it stays
     raw text. Returns (chunks, raw_tail)."""
-    c = _split_query(tokens, chunk_tokens, n_visual, chunker)
-    return c[0], c[1]
+    chunks, tail, _, _ = _split_query(tokens, chunk_tokens, n_visual, chunker)
+    return chunks, tail
 
 
 def _split_query(tokens, chunk_tokens, n_visual, chunker, carry=b""):
     _check_sizes(chunk_tokens, n_visual)
     cuts = _cut(tokens, chunk_tokens, chunker, carry)
     if len(cuts.tail) > n_visual:
-        return cuts.closed + [cuts.tail], [], cuts.carry_tail
-    return cuts.closed, cuts.tail, cuts.carry
+        return cuts.closed + [cuts.tail], [], cuts.carry_tail, cuts.fit_cut + [False]
+    return cuts.closed, cuts.tail, cuts.carry, cuts.fit_cut
 
 
 def prompt_segments(
@@ -290,9 +290,9 @@ def prompt_segments(
 def _prompt(prefix, query, suffix, chunk_tokens, n_visual, prompt_encoding, chunker):
     if prompt_encoding not in PROMPT_ENCODINGS:
         raise ValueError(f"prompt_encoding must be one of {PROMPT_ENCODINGS}, got {prompt_encoding!r}")
-    chunks, tail, carry = _split_query(query, chunk_tokens, n_visual, chunker)
+    chunks, tail, carry, fit = _split_query(query, chunk_tokens, n_visual, chunker)
     segs: list[Segment] = [Raw(tuple(prefix))] if len(prefix) else []
-    segs += [Chunk(tuple(c), n_visual, prompt_encoding, style="user") for c in chunks]
+    segs += [Chunk(tuple(c), n_visual, prompt_encoding, fit_cut=f, style="user") for c, f in zip(chunks, fit)]
     if tail:
         segs.append(Raw(tuple(tail)))
     if len(suffix):
