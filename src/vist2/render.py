@@ -926,17 +926,25 @@ class LineFit:
     (True, False)
     """
 
-    __slots__ = ("renderer", "cols", "rows", "done", "cur")
+    __slots__ = ("renderer", "cols", "rows", "done", "cur", "room")
 
     def __init__(self, renderer: "Renderer") -> None:
         g = renderer._geometry(renderer.config.min_font_size)
         self.renderer, self.cols, self.rows = renderer, g.cols, g.rows
         self.done = 0  # final lines already counted
         self.cur = ""  # the raw text of the lines that are not final yet
+        self.room = self.cols  # free cells at the end of the last line
 
     def try_append(self, text: str) -> bool:
         """Append ``text`` if everything still fits (True); else change nothing (False)."""
         if not text:
+            return True
+        # Fast path: plain ASCII (one cell a character, no marks, nothing to compose) that fits the
+        # rest of the last line adds no line: greedy wrapping never revisits earlier lines.
+        if (len(text) <= self.room and text.isascii() and text.isprintable() and "  " not in text
+                and not (text[0] == " " and self.cur.endswith(" "))):
+            self.cur += text
+            self.room -= len(text)
             return True
         cand = self.cur + text
         chars, _ = self.renderer._prepare(cand)
@@ -944,6 +952,8 @@ class LineFit:
         if lines is None:
             return False
         self.cur = cand
+        s, e = lines[-1]
+        self.room = self.cols - int(chars.cum[e] - chars.cum[s])
         if len(lines) > 2 and unicodedata.is_normalized("NFC", cand):
             drawn = layout_marks(cand)
             for i in range(len(lines) - 1, 0, -1):
@@ -960,7 +970,7 @@ class LineFit:
 def _raw_index(raw: str, drawn_index: int) -> int:
     """The index in ``raw`` of the character drawn at ``drawn_index`` of ``layout_marks(raw)``
     (which must not fall inside a mark)."""
-    shift, pos = 0, 0  # shift: drawn length - raw length so far
+    shift = 0  # drawn length - raw length so far
     for m in _LAYOUT_RE.finditer(raw):
         start_drawn = m.start() + shift
         if start_drawn >= drawn_index:
