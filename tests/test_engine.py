@@ -46,10 +46,11 @@ def _ids(tok, n, lang="en", offset=0):
 def teacher(engine, req: Request, generated):
     """Logits of the plain forward over the full layout, at the positions that predict ``generated``."""
     m, K, beta = engine.model, engine.K, engine.beta
+    fit = engine.processor.chunker(K)  # the fit rule, as training cuts
     if req.mode == "gcc":
-        segs = sft_segments(req.prefix, req.query, req.suffix, generated, K, beta, engine.prompt_encoding)
+        segs = sft_segments(req.prefix, req.query, req.suffix, generated, K, beta, engine.prompt_encoding, fit)
     elif req.mode == "pcc":
-        segs = prompt_segments(req.prefix, req.query, req.suffix, K, beta, engine.prompt_encoding)
+        segs = prompt_segments(req.prefix, req.query, req.suffix, K, beta, engine.prompt_encoding, fit)
         segs += [Raw(tuple(generated), loss=True)]
     else:
         segs = [Raw(tuple(req.prompt_ids)), Raw(tuple(generated), loss=True)]
@@ -217,3 +218,39 @@ def test_chat_prompt_splits_around_the_user_message(tok):
     assert eng.processor.decode(req.query) == "Tell me a story about the sea."
     assert eng.processor.decode(req.prefix) == "<|im_start|>user\n"
     assert eng.processor.decode(req.suffix) == "<|im_end|>\n<|im_start|>assistant\n"
+
+
+def _fit_engine(tok, prompt_encoding="visual"):
+    """The tiny model read through a coarser font (8 px cells: 25 x 12 of them): the fit rule, not K,
+    closes many of its chunks, in the prompt and in generated text."""
+    model = _model(prompt_encoding)
+    rc = model.config.render_config.replace(font_size=8, min_font_size=8)
+    return Engine(model, VIST2Processor(tok, rc, model.config.chunk_tokens), record_logits=True)
+
+
+@pytest.mark.parametrize("encoding", ["visual", "interleaved"])
+@pytest.mark.parametrize("mode", ["gcc", "pcc"])
+def test_chunks_cut_short_by_the_fit_rule(tok, mode, encoding):
+    from vist2.layout import Chunk
+
+    eng = _fit_engine(tok, encoding)
+    K = eng.K
+    req = Request(query=_ids(tok, 3 * K), prefix=_ids(tok, 3, offset=500),
+                  params=SamplingParams(max_new_tokens=2 * K + 10, ignore_eos=True), mode=mode)
+    res = eng.generate([req])[0]
+    check(eng, req, res)
+    fit = eng.processor.chunker(K)
+    segs = sft_segments(req.prefix, req.query, req.suffix, res.token_ids, K, eng.beta, encoding, fit)
+    query_chunks = [s for s in segs if isinstance(s, Chunk) and not s.loss]
+    reply_chunks = [s for s in segs if isinstance(s, Chunk) and s.loss and s.mode != "open"]
+    # 3K tokens: two chunks closed early by the fit rule, a raw tail of 2 (<= beta)
+    assert [len(c.tokens) for c in query_chunks] == [64, 63, 63]
+    assert [c.fit_cut for c in query_chunks] == [False, True, True]
+    n_images = len(query_chunks)
+    if mode == "gcc":
+        assert any(c.fit_cut for c in reply_chunks)  # a generated window closed by the fit rule
+        n_images += len(reply_chunks)
+    assert res.stats.chunks_compressed == n_images
+    # the engine's images show exactly the texts of the chunks the layout (chunk_ids) cuts
+    plan = collate([build_sample(segs)])
+    assert res.memory == eng.processor.chunk_texts(plan.chunks)[:n_images]

@@ -148,7 +148,7 @@ def test_eval_ocr_command(tiny, tiny_dir, en_file, tmp_path, capsys, monkeypatch
     prov = res["provenance"]
     assert prov["model"] == str(tiny_dir) and len(prov["config_hash"]) == 16
     assert len(prov["data_sha256"]) == 64 and prov["command"].startswith("vist2 eval ocr ")
-    ok, skipped = res["points"]
+    ok, dense = res["points"]
     assert ok["ratio"] == 1 and ok["tokens_per_image"] == 16 and ok["n"] == 2
     assert len(ok["examples"]) == 2  # both chunks: the mean below covers every scored chunk
     assert [e["transcription"] for e in ok["examples"]] == [" In the beginning God created the earth"] * 2
@@ -156,10 +156,12 @@ def test_eval_ocr_command(tiny, tiny_dir, en_file, tmp_path, capsys, monkeypatch
     assert by_hand[0]["rouge1"] > 0.4 and by_hand[1]["rouge1"] < by_hand[0]["rouge1"]
     for k in ("rouge1", "rouge2", "rougeL"):
         assert ok[k] == pytest.approx((by_hand[0][k] + by_hand[1][k]) / 2, abs=1e-12), k
-    # 64 x beta = 1024 tokens cannot be drawn into a 128x128 image
-    assert skipped["tokens_per_image"] == 1024 and "does not fit" in skipped["skipped"]
+    assert ok["mean_tokens_per_image"] == 16
+    # 64 x beta = 1024 tokens cannot be drawn into a 128x128 image: the fit rule closes each chunk early
+    assert dense["tokens_per_image"] == 1024 and dense["n"] == 2 and "skipped" not in dense
+    assert 64 < dense["mean_tokens_per_image"] < 1024
     table = capsys.readouterr().out
-    assert "ROUGE-L" in table and "skipped" in table
+    assert "ROUGE-L" in table
 
 
 def test_eval_ocr_bad_input(tiny_dir, tmp_path):

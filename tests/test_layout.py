@@ -203,3 +203,29 @@ def test_allowed_mask_is_the_one_rule():
     assert not allowed_mask(f["sample"][q], f["sample"][k], f["chunk"][q], f["chunk"][k], f["evicted"][k], q, k)
     q, k = torch.tensor(4), torch.tensor(2)  # v1[0] looking at c1[2]
     assert allowed_mask(f["sample"][q], f["sample"][k], f["chunk"][q], f["chunk"][k], f["evicted"][k], q, k)
+
+
+def test_tail_rule_when_k_is_at_most_beta():
+    # K=2 <= beta=3: a closed (full) chunk is always compressed; only the open tail faces m > beta
+    assert split_query(list(range(4)), 2, 3) == ([[0, 1], [2, 3]], [])
+    assert split_query(list(range(5)), 2, 3) == ([[0, 1], [2, 3]], [4])
+    # a chunk the fit rule closed early (1 token) is closed, so compressed too
+    from vist2.layout import Cuts
+
+    def fit(tokens, carry=b""):
+        return Cuts([list(tokens[:1]), list(tokens[1:3])], [True, False], list(tokens[3:]))
+
+    assert split_query([7, 8, 9, 10], 2, 3, chunker=fit) == ([[7], [8, 9]], [10])
+
+
+def test_fit_cut_chunk_predicts_next_token_from_its_text():
+    from vist2.layout import Cuts
+
+    def fit(tokens, carry=b""):
+        return Cuts([list(tokens[:2])], [True], list(tokens[2:]))
+
+    plan = collate([build_sample(olm_segments([10, 11, 12, 13], K, BETA, chunker=fit))])
+    I = IGNORE
+    # c1 = [10, 11] (closed early), v1 v1, c2 = [12, 13]: 11 predicts 12 (the text was in sight)
+    assert plan.input_ids[0].tolist() == [10, 11, -1, -1, 12, 13]
+    assert plan.labels[0].tolist() == [11, 12, I, I, 13, I]

@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 
 from vist2.metrics import cer, ocr_read_back
-from vist2.render import (
+from vist2.render import (  # noqa: I001
+    layout_marks,
+    unmark,
     RENDER_PRESETS,
     Renderer,
     RenderConfig,
@@ -156,7 +158,8 @@ def test_empty_text_is_blank(r):
     assert a.shape == (512, 512) and a.dtype == np.uint8
     assert (a == 255).all()
     assert (r.render([]) == 255).all()
-    assert (r.render("\n\n  \n") == 255).all()
+    assert (r.render(" ") == 255).all()
+    assert (r.render("\n") < INK).any()  # a line break is a visible mark
 
 
 def test_deterministic_pixels():
@@ -243,22 +246,29 @@ def test_too_long_text_raises_not_truncates(r):
         r.font_size_for(text)
     # Too many short lines is also an overflow, not a silent cut.
     with pytest.raises(ValueError, match="did not fit"):
-        r.render("x\n" * 60)
+        r.render("x\n" * 3000)
 
 
 # ----------------------------------------------------------------------------- layout
 
 
 def test_newlines_tabs_crlf(r):
+    # layout characters are drawn as marks in the text flow (layout_marks), never as new rows
+    assert layout_marks("a\r\nb\rc\n\td    e f") == "a\u21b5b\u21b5c\u21b5\u21e5d\u2423\u2084e f"
+    assert layout_marks("x" + " " * 12 + "y") == "x\u2423\u2081\u2082y"
+    assert unmark(layout_marks("a\n\tb    c")) == "a  b c"
     assert not np.array_equal(r.render("a\nb"), r.render("a b"))
+    assert np.array_equal(r.render("a\nb"), r.render("a\u21b5b"))
     assert np.array_equal(r.render("a\r\nb"), r.render("a\nb"))
     assert np.array_equal(r.render("a\rb"), r.render("a\nb"))
-    assert np.array_equal(r.render("\tx"), r.render("    x"))
-    assert np.array_equal(r.render("ab\tx"), r.render("ab  x"))
-    # An empty line is kept: "c" lands on row 2.
+    assert np.array_equal(r.render("\tx"), r.render("\u21e5x"))
+    assert np.array_equal(r.render("ab    x"), r.render("ab\u2423\u2084x"))
+    # "c" stays on row 0, after two marks: a line break costs one cell, not a row
     a = r.render("a\n\nc")
     assert _ink(_cell(r, a, 16, 1, 0)) == 0
-    assert _ink(_cell(r, a, 16, 2, 0)) > 0
+    assert _ink(_cell(r, a, 16, 0, 3)) > 0
+    # 2000 short lines fit one image (they would need 2000 rows)
+    assert r.fits("x\n" * 2000)
 
 
 def test_word_wrap_and_char_break():
@@ -355,19 +365,18 @@ def test_styled_render_pixels(r):
     a = r.render(spans)
     assert a.shape == (512, 512, 3) and r.font_size_for(spans) == 16
     cw, ch, cols, _ = r.grid(16)
-    # Row 0 (user): the unused end of the line is the grey user background.
-    user_tail = _cell(r, a, 16, 0, 20, 10)
-    assert (user_tail == 224).all()
-    # Row 1 (assistant): white background, black ink.
-    asst = _cell(r, a, 16, 1, 0, 7)
-    assert (_cell(r, a, 16, 1, 20, 10) == 255).all()
-    assert asst.min() == 0 and (asst[..., 0] == asst[..., 1]).all()
-    # Row 2 (question): red ink on grey.
-    q = _cell(r, a, 16, 2, 0, 9).astype(int)
+    # One row: "Context line.↵" (user, cells 0-13), "Answer.↵" (14-21), "Question?↵" (22-31).
+    user = _cell(r, a, 16, 0, 0, 14)
+    assert (user == 224).any() and user.min() < INK and not (user == 255).all(axis=-1).any()
+    # assistant: white background, black ink
+    asst = _cell(r, a, 16, 0, 14, 8)
+    assert asst.min() == 0 and asst.max() == 255 and (asst[..., 0] == asst[..., 1]).all()
+    # question: red ink on grey
+    q = _cell(r, a, 16, 0, 22, 9).astype(int)
     red = (q[..., 0] - q[..., 1] > 80) & (q[..., 0] - q[..., 2] > 80)
     assert red.sum() > 50
     assert q[..., 0].max() >= 200 and q[..., 1].min() <= 40
-    assert (_cell(r, a, 16, 2, 20, 10) == 224).all()
+    assert (_cell(r, a, 16, 0, 32, 10) == 255).all()  # past the text: plain
     # Below the text and in the margins: plain white.
     assert (a[200:] == 255).all() and (a[:, :2] == 255).all()
     # Plain spans and greys only stay single-channel.

@@ -286,19 +286,19 @@ def _run_engine(model, processor, ids, mode, args, device, fshape, memory, progr
     feed_visual, pixels_from_texts = engine._feed_visual, processor.pixels_from_texts
     own_pixels = vars(processor).get("pixels_from_texts")
 
-    def timed_feed_visual(seqs, texts, n_text):
+    def timed_feed_visual(seqs, texts, n_text, styles=None):
         _sync(device)
         t = time.perf_counter()
         if phase["now"] == "decode":
             compress_kv.extend(int(engine._cache.length[s.row]) for s in seqs)
-        feed_visual(seqs, texts, n_text)
+        feed_visual(seqs, texts, n_text, styles)
         _sync(device)
         comp[phase["now"]][0] += len(seqs)
         comp[phase["now"]][1] += time.perf_counter() - t
 
-    def timed_pixels(texts):
+    def timed_pixels(texts, styles=None):
         t = time.perf_counter()
-        out = pixels_from_texts(texts)
+        out = pixels_from_texts(texts, styles)
         render[phase["now"]] += time.perf_counter() - t
         return out
 

@@ -46,7 +46,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import Literal, Sequence
+from typing import Callable, Literal, Sequence
 
 import torch
 
@@ -74,10 +74,17 @@ class Raw:
 
 @dataclass(frozen=True)
 class Chunk:
+    """``fit_cut``: the fit rule closed this chunk before K tokens. Generation learns that only
+    after sampling the next token (from the chunk's last text token, the text still in sight), so
+    that token is predicted there, not after the visual tokens. ``style``: the render style of
+    the chunk's image (``user`` for a prompt's query, paper Fig. 7)."""
+
     tokens: tuple[int, ...]
     n_visual: int
     mode: ChunkMode = "interleaved"
     loss: bool = False
+    fit_cut: bool = False
+    style: str = "plain"
 
     def __post_init__(self):
         object.__setattr__(self, "tokens", tuple(int(t) for t in self.tokens))
@@ -101,6 +108,7 @@ class ChunkInfo:
     n_visual: int
     row: int = 0
     sample: int = 0
+    style: str = "plain"  # the render style (see Chunk.style)
 
 
 @dataclass
@@ -113,13 +121,16 @@ class Sample:
     position: list[int] = field(default_factory=list)
     evicted: list[bool] = field(default_factory=list)
     loss: list[bool] = field(default_factory=list)  # this token is a prediction target
-    chunks: list[tuple[tuple[int, ...], int]] = field(default_factory=list)  # (tokens, n_visual) in visual order
+    chunks: list[tuple[tuple[int, ...], int, str]] = field(default_factory=list)  # (tokens, n_visual, style)
+    # index of the slot each token predicts (normally the next one; -1: none)
+    predicts: list[int] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.kind)
 
     def _add(self, ids, kind, chunk, positions, evicted, loss):
         for i, p in zip(ids, positions):
+            self.predicts.append(len(self.kind) + 1)
             self.input_ids.append(i)
             self.kind.append(kind)
             self.chunk.append(chunk)
@@ -145,6 +156,8 @@ def build_sample(segments: Sequence[Segment]) -> Sample:
         if seg.mode == "interleaved":
             s._add(c, Kind.TEXT, idx, range(base, base + len(c)), True, seg.loss)
             s._add(visual_ids, Kind.VISUAL, idx, range(base, base + nv), False, False)
+            if seg.fit_cut and c:  # the next token is predicted by the chunk's last text token
+                s.predicts[-nv - 1], s.predicts[-1] = len(s.kind), -1
             base += nv
         elif seg.mode == "visual":
             s._add(visual_ids, Kind.VISUAL, idx, range(base, base + nv), False, False)
@@ -157,7 +170,7 @@ def build_sample(segments: Sequence[Segment]) -> Sample:
             s._add(c, Kind.TEXT, idx, range(base, base + len(c)), False, seg.loss)
             base += len(c)
         if nv:
-            s.chunks.append((c, nv))
+            s.chunks.append((c, nv, seg.style))
         n_chunks += 1
     return s
 
@@ -174,9 +187,39 @@ def _check_sizes(chunk_tokens: int, n_visual: int) -> None:
         raise ValueError(f"n_visual must be > 0, got {n_visual}")
 
 
-def _split(tokens: Sequence[int], size: int) -> list[list[int]]:
-    tokens = list(tokens)
-    return [tokens[i : i + size] for i in range(0, len(tokens), size)]
+@dataclass(frozen=True)
+class Cuts:
+    """How a token sequence is cut into chunks: ``closed`` chunks (always compressed) and the open
+    ``tail`` after the last cut (shorter than a chunk, possibly empty). ``fit_cut[i]``: chunk i was
+    closed by the fit rule, before K tokens. ``carry`` / ``carry_tail``: bytes of a split character
+    left after the closed chunks / after the tail too, for the sample's next chunk."""
+
+    closed: list[list[int]]
+    fit_cut: list[bool]
+    tail: list[int]
+    carry: bytes = b""
+    carry_tail: bytes = b""
+
+
+# (tokens, carry) -> Cuts. The processor's fit rule (``VIST2Processor.chunker``) is the real one;
+# without one, chunks are cut every ``chunk_tokens`` tokens (pure layout tests, slot counting).
+Chunker = Callable[[Sequence[int], bytes], Cuts]
+
+
+def fixed_chunker(chunk_tokens: int) -> Chunker:
+    """Cut every ``chunk_tokens`` tokens (no image to fit)."""
+
+    def cut(tokens: Sequence[int], carry: bytes = b"") -> Cuts:
+        t = [int(x) for x in tokens]
+        n_full = len(t) // chunk_tokens * chunk_tokens
+        closed = [t[i : i + chunk_tokens] for i in range(0, n_full, chunk_tokens)]
+        return Cuts(closed, [False] * len(closed), t[n_full:])
+
+    return cut
+
+
+def _cut(tokens, chunk_tokens: int, chunker: Chunker | None, carry: bytes = b"") -> Cuts:
+    return (chunker or fixed_chunker(chunk_tokens))(tokens, carry)
 
 
 def caption_segments(n_visual: int, caption: Sequence[int]) -> list[Segment]:
@@ -189,28 +232,41 @@ def ocr_segments(chunks: Sequence[Sequence[int]], n_visual: int) -> list[Segment
     return [Chunk(tuple(c), n_visual, "ocr", loss=True) for c in chunks]
 
 
-def olm_segments(tokens: Sequence[int], chunk_tokens: int, n_visual: int, loss: bool = True) -> list[Segment]:
+def olm_segments(tokens: Sequence[int], chunk_tokens: int, n_visual: int, loss: bool = True,
+                 chunker: Chunker | None = None, carry: bytes = b"") -> list[Segment]:
     """PT-3 optical language modelling: ``[c1, v1, c2, v2, ..., c_n]`` with the sparse mask.
 
-    The last chunk stays open (no visual tokens): nothing after it would read them.
-    The same layout describes generated text, which is why SFT responses use it.
+    Chunks are cut by ``chunker`` (the fit rule; every K tokens without one). The last chunk
+    stays open (no visual tokens): nothing after it would read them. The same layout describes
+    generated text, which is why SFT responses use it.
     """
     _check_sizes(chunk_tokens, n_visual)
-    parts = _split(tokens, chunk_tokens)
-    segs: list[Segment] = [Chunk(tuple(p), n_visual, "interleaved", loss) for p in parts[:-1]]
-    if parts:
+    cuts = _cut(tokens, chunk_tokens, chunker, carry)
+    parts, fit = list(cuts.closed), list(cuts.fit_cut)
+    if cuts.tail or not parts:
+        parts.append(cuts.tail)
+        fit.append(False)
+    segs: list[Segment] = [Chunk(tuple(p), n_visual, "interleaved", loss, f) for p, f in zip(parts[:-1], fit)]
+    if parts[-1]:
         segs.append(Chunk(tuple(parts[-1]), 0, "open", loss))
     return segs
 
 
-def split_query(tokens: Sequence[int], chunk_tokens: int, n_visual: int) -> tuple[list[list[int]], list[int]]:
-    """The paper's tail rule: full chunks of K are compressed; a tail of m tokens is
-    compressed too if m > beta, else it stays raw text. Returns (chunks, raw_tail)."""
+def split_query(tokens: Sequence[int], chunk_tokens: int, n_visual: int,
+                chunker: Chunker | None = None) -> tuple[list[list[int]], list[int]]:
+    """The paper's tail rule: closed chunks (K tokens, or fewer when the fit rule closed them)
+    are always compressed; the open tail of m tokens is compressed too if m > beta, else it stays
+    raw text. Returns (chunks, raw_tail)."""
+    chunks, tail, _, _ = _split_query(tokens, chunk_tokens, n_visual, chunker)
+    return chunks, tail
+
+
+def _split_query(tokens, chunk_tokens, n_visual, chunker, carry=b""):
     _check_sizes(chunk_tokens, n_visual)
-    parts = _split(tokens, chunk_tokens)
-    if parts and len(parts[-1]) <= n_visual:
-        return parts[:-1], parts[-1]
-    return parts, []
+    cuts = _cut(tokens, chunk_tokens, chunker, carry)
+    if len(cuts.tail) > n_visual:
+        return cuts.closed + [cuts.tail], [], cuts.carry_tail, cuts.fit_cut + [False]
+    return cuts.closed, cuts.tail, cuts.carry, cuts.fit_cut
 
 
 def prompt_segments(
@@ -220,22 +276,28 @@ def prompt_segments(
     chunk_tokens: int,
     n_visual: int,
     prompt_encoding: str,
+    chunker: Chunker | None = None,
 ) -> list[Segment]:
     """A prompt: raw prefix, the query compressed by the tail rule, raw suffix.
 
     ``prompt_encoding`` is ``visual`` (only the query's visual tokens enter the
     LLM) or ``interleaved`` (its text runs first and the visual tokens read it).
+    Query chunks render in the ``user`` style (grey background, paper Fig. 7).
     """
+    return _prompt(prefix, query, suffix, chunk_tokens, n_visual, prompt_encoding, chunker)[0]
+
+
+def _prompt(prefix, query, suffix, chunk_tokens, n_visual, prompt_encoding, chunker):
     if prompt_encoding not in PROMPT_ENCODINGS:
         raise ValueError(f"prompt_encoding must be one of {PROMPT_ENCODINGS}, got {prompt_encoding!r}")
-    chunks, tail = split_query(query, chunk_tokens, n_visual)
+    chunks, tail, carry, fit = _split_query(query, chunk_tokens, n_visual, chunker)
     segs: list[Segment] = [Raw(tuple(prefix))] if len(prefix) else []
-    segs += [Chunk(tuple(c), n_visual, prompt_encoding) for c in chunks]
+    segs += [Chunk(tuple(c), n_visual, prompt_encoding, fit_cut=f, style="user") for c, f in zip(chunks, fit)]
     if tail:
         segs.append(Raw(tuple(tail)))
     if len(suffix):
         segs.append(Raw(tuple(suffix)))
-    return segs
+    return segs, carry
 
 
 def sft_segments(
@@ -246,10 +308,12 @@ def sft_segments(
     chunk_tokens: int,
     n_visual: int,
     prompt_encoding: str,
+    chunker: Chunker | None = None,
 ) -> list[Segment]:
-    """SFT: the prompt (see :func:`prompt_segments`), then the response as OLM with loss."""
-    segs = prompt_segments(prefix, query, suffix, chunk_tokens, n_visual, prompt_encoding)
-    return segs + olm_segments(response, chunk_tokens, n_visual, loss=True)
+    """SFT: the prompt (see :func:`prompt_segments`), then the response as OLM with loss
+    (its first image also shows a character split by the query's last image, as in generation)."""
+    segs, carry = _prompt(prefix, query, suffix, chunk_tokens, n_visual, prompt_encoding, chunker)
+    return segs + olm_segments(response, chunk_tokens, n_visual, loss=True, chunker=chunker, carry=carry)
 
 
 # ---------------------------------------------------------------------------
@@ -360,12 +424,20 @@ def collate(rows: Sequence[Sample | Sequence[Sample]], pad_to: int | None = None
             out["position"][b, sl] = torch.tensor(s.position, dtype=torch.long)
             out["evicted"][b, sl] = torch.tensor(s.evicted, dtype=torch.bool)
             out["loss"][b, sl] = torch.tensor(s.loss, dtype=torch.bool)
-            chunks += [ChunkInfo(toks, nv, b, si) for toks, nv in s.chunks]
+            chunks += [ChunkInfo(toks, nv, b, si, st) for toks, nv, st in s.chunks]
             chunk_base += max(s.chunk, default=-1) + 1
             t += n
+    # position t predicts the slot Sample.predicts names (normally t + 1), if that slot is a loss target
     labels = torch.full((B, T), IGNORE, dtype=torch.long)
-    if T > 1:
-        # position t predicts the next slot of the same sample, if that slot is a loss target
-        nxt_ok = out["loss"][:, 1:] & (out["sample"][:, 1:] == out["sample"][:, :-1])
-        labels[:, :-1] = torch.where(nxt_ok, out["input_ids"][:, 1:], IGNORE)
+    for b, row in enumerate(rows):
+        t = 0
+        for s in row:
+            n = len(s)
+            if n:
+                tgt = torch.tensor(s.predicts, dtype=torch.long)
+                ok = (tgt >= 0) & (tgt < n)
+                idx = t + tgt.clamp(0, n - 1)
+                ok &= out["loss"][b, idx]
+                labels[b, t : t + n] = torch.where(ok, out["input_ids"][b, idx], IGNORE)
+            t += n
     return Plan(**out, labels=labels, chunks=chunks)

@@ -13,6 +13,7 @@ Example::
 from __future__ import annotations
 
 import logging
+import unicodedata
 from pathlib import Path
 from typing import Sequence
 
@@ -21,9 +22,9 @@ import torch
 
 from .build import load_tokenizer
 from .config import VIST2Config
-from .layout import ChunkInfo
-from .render import Renderer, RenderConfig
-from .text import chunk_text
+from .layout import ChunkInfo, Cuts
+from .render import LineFit, Renderer, RenderConfig, Span
+from .text import chunk_text, split_complete, token_bytes
 
 log = logging.getLogger(__name__)
 
@@ -44,15 +45,20 @@ def to_pixels(images: Sequence[np.ndarray]) -> torch.Tensor:
 class VIST2Processor:
     """Tokenizer + renderer of one model (the render config comes from the model's config)."""
 
-    def __init__(self, tokenizer, render_config: RenderConfig):
+    def __init__(self, tokenizer, render_config: RenderConfig, chunk_tokens: int | None = None):
         self.tokenizer = tokenizer
         self.renderer = Renderer(render_config)
-        self.overflows = 0  # chunks cut to fit the image (see render_chunk)
+        self.chunk_tokens = chunk_tokens  # the model's K (the default of chunk_ids)
 
     @classmethod
     def from_pretrained(cls, folder: str | Path) -> "VIST2Processor":
         config = VIST2Config.from_pretrained(str(folder))
-        return cls(load_tokenizer(folder), config.render_config)
+        return cls(load_tokenizer(folder), config.render_config, config.chunk_tokens)
+
+    def chunker(self, chunk_tokens: int | None = None):
+        """The fit rule as the layout functions take it (``vist2.layout.Chunker``)."""
+        K = self._k(chunk_tokens)
+        return lambda ids, carry=b"": self.cuts(ids, carry, K)
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -69,29 +75,77 @@ class VIST2Processor:
         """
         return chunk_text(self.tokenizer, carry, ids)
 
-    def render_chunk(self, text: str) -> np.ndarray:
-        """Render one chunk's text.
+    def render_chunk(self, text: str, style: str = "plain") -> np.ndarray:
+        """Render one chunk's text (in a render style: ``plain``, or ``user`` for a query chunk).
 
-        A chunk of K tokens fits the image for ordinary text; text that cannot fit even at
-        ``min_font_size`` (say, K tokens of long symbol runs from an untrained model) keeps its
-        longest prefix that fits, with a warning, and is counted in ``self.overflows``.
-        Training and generation both render through here, so they see the same pixels.
+        :meth:`chunk_ids` cuts chunks so that their text always fits; text that does not fit
+        is an error (``ValueError``), never cut. Training and generation both render through
+        here, so they see the same pixels.
         """
-        try:
-            return self.renderer.render(text)
-        except ValueError:
-            if self.renderer.fits(text):
-                raise  # not an overflow
-        lo, hi = 0, len(text)
-        while lo < hi:  # longest prefix that fits
-            mid = (lo + hi + 1) // 2
-            lo, hi = (mid, hi) if self.renderer.fits(text[:mid]) else (lo, mid - 1)
-        self.overflows += 1
-        log.warning("chunk text of %d characters does not fit the image; %d characters rendered", len(text), lo)
-        return self.renderer.render(text[:lo])
+        return self.renderer.render(text if style == "plain" else Span(text, style))
 
-    def pixels_from_texts(self, texts: Sequence[str]) -> torch.Tensor:
-        return to_pixels([self.render_chunk(t) for t in texts])
+    # -- the fit rule ------------------------------------------------------------------
+
+    def chunk_fit(self, chunk_tokens: int | None = None, carry: bytes = b"") -> "ChunkFit":
+        """A running fit state for one chunk being filled token by token (generation)."""
+        return ChunkFit(self, self._k(chunk_tokens), carry)
+
+    def _k(self, chunk_tokens: int | None) -> int:
+        K = self.chunk_tokens if chunk_tokens is None else chunk_tokens
+        if not isinstance(K, int) or K <= 0:
+            raise ValueError(f"chunk_tokens must be a positive int (the model's K), got {K!r}")
+        return K
+
+    def cuts(self, ids: Sequence[int], carry: bytes = b"", chunk_tokens: int | None = None) -> Cuts:
+        """Cut ``ids`` into chunks by the fit rule (see :meth:`chunk_ids`), starting with the bytes
+        ``carry`` left by an earlier chunk of the same sample."""
+        K = self._k(chunk_tokens)
+        ids = [int(i) for i in ids]
+        closed, by_fit = [], []
+        i, n = 0, len(ids)
+        while True:
+            window = ids[i : i + K]
+            text, after = self.chunk_text(carry, window)
+            # fast path: every prefix of a window that fits fits too (greedy wrapping is monotone)
+            if unicodedata.is_normalized("NFC", text) and self.renderer.fits(text):
+                if len(window) < K:
+                    return Cuts(closed, by_fit, window, carry, after)
+                closed.append(window)
+                by_fit.append(False)
+                carry, i = after, i + K
+                continue
+            fit = ChunkFit(self, K, carry)
+            for j, t in enumerate(window):
+                if not fit.push(t):
+                    break
+            else:  # only reached when NFC made the fast path unsure: the whole window fits
+                if len(window) < K:
+                    return Cuts(closed, by_fit, window, carry, fit.carry)
+                closed.append(window)
+                by_fit.append(False)
+                carry, i = fit.carry, i + K
+                continue
+            closed.append(window[:j])
+            by_fit.append(True)
+            carry, i = fit.carry, i + j
+
+    def chunk_ids(self, ids: Sequence[int], chunk_tokens: int | None = None) -> list[list[int]]:
+        """The chunks a token sequence is cut into, exactly as training, prefill and generation cut it.
+
+        A chunk ends after K tokens, or earlier: before the first token whose text would no longer
+        fit the image at ``min_font_size``. Every list but the last is a closed chunk (compressed);
+        the last is the open tail (possibly empty). A token whose text cannot fit even alone raises
+        ``ValueError`` naming it.
+
+        >>> proc.chunk_ids(ids)           # doctest: +SKIP
+        [[...1024 ids], [...981 ids], [...37 ids]]
+        """
+        c = self.cuts(ids, b"", chunk_tokens)
+        return [list(x) for x in c.closed] + [list(c.tail)]
+
+    def pixels_from_texts(self, texts: Sequence[str], styles: Sequence[str] | None = None) -> torch.Tensor:
+        styles = styles or ["plain"] * len(texts)
+        return to_pixels([self.render_chunk(t, st) for t, st in zip(texts, styles)])
 
     def chunk_texts(self, chunks: Sequence[ChunkInfo]) -> list[str | None]:
         """The text of every chunk of a plan (None for an external image), carrying split
@@ -115,9 +169,9 @@ class VIST2Processor:
         """
         external = list(images or [])
         out = []
-        for text in self.chunk_texts(chunks):
+        for c, text in zip(chunks, self.chunk_texts(chunks)):
             if text is not None:
-                out.append(self.render_chunk(text))
+                out.append(self.render_chunk(text, c.style))
             elif external:
                 out.append(external.pop(0))
             else:
@@ -125,3 +179,47 @@ class VIST2Processor:
         if external:
             raise ValueError(f"{len(external)} image(s) left over: the plan has fewer image slots")
         return to_pixels(out)
+
+
+class ChunkFit:
+    """The fit rule for one chunk filled token by token: :meth:`push` says whether the next token
+    still belongs to it. Generation keeps one per open window; :meth:`VIST2Processor.cuts` uses the
+    same object, so both cut in the same place.
+
+    The chunk's text is ``carry`` + its tokens' bytes, up to the last complete character (a split
+    character is shown by the next chunk), as :func:`vist2.text.chunk_text` defines it.
+    """
+
+    __slots__ = ("processor", "K", "tokens", "carry", "_fit")
+
+    def __init__(self, processor: VIST2Processor, chunk_tokens: int, carry: bytes = b""):
+        self.processor, self.K = processor, chunk_tokens
+        self.tokens: list[int] = []
+        self.carry = bytes(carry)  # incomplete bytes at the end so far (the next chunk's carry)
+        self._fit = LineFit(processor.renderer)
+
+    @property
+    def full(self) -> bool:
+        """K tokens: the chunk is closed without waiting for the next token."""
+        return len(self.tokens) >= self.K
+
+    def push(self, token_id: int) -> bool:
+        """Add the token if the chunk has room for it (True); else leave the state as it was (False).
+
+        Raises ``ValueError`` if the token does not fit even as the first token of a chunk.
+        """
+        if self.full:
+            return False
+        complete, pending = split_complete(self.carry + token_bytes(self.processor.tokenizer, [token_id]))
+        text = complete.decode("utf-8", errors="replace")
+        if not self._fit.try_append(text):
+            if not self.tokens:
+                raise ValueError(
+                    f"token {token_id} ({text[:40]!r}{'...' if len(text) > 40 else ''}) does not fit a "
+                    f"{self.processor.renderer.config.width}x{self.processor.renderer.config.height} image even "
+                    f"alone at min_font_size={self.processor.renderer.config.min_font_size}"
+                )
+            return False
+        self.tokens.append(int(token_id))
+        self.carry = pending
+        return True

@@ -32,8 +32,10 @@ shaping and no bidi reordering is done: right-to-left scripts are drawn
 character by character in logical order.  With the default 512x512 a
 1024-token English chunk renders at 9 px on 5x11 px cells (101 x 46 grid).
 
-* ``\\n`` (also ``\\r\\n``, ``\\r``, ``\\v``, ``\\f``, U+0085, U+2028, U+2029) ends a
-  line; empty lines are kept.  Tabs expand to ``tab_size`` columns.
+* Layout characters are drawn as marks in the text flow (:func:`layout_marks`): a line
+  break (``\\n``, ``\\r\\n``, ``\\r``, ``\\v``, ``\\f``, U+0085, U+2028, U+2029) is ``↵``
+  (a line may break after it), a tab ``⇥``, a run of n >= 2 spaces ``␣`` + n in subscript
+  digits.  No character starts a new row (``tab_size`` is no longer used).
 * Long lines wrap greedily at the last break opportunity that fits: after
   spaces and hyphens, and between wide (CJK) characters, but never before
   closing punctuation (``，。」)`` ...) nor after opening punctuation.  A word
@@ -74,6 +76,7 @@ import dataclasses
 import functools
 import importlib.util
 import os
+import re
 import threading
 import unicodedata
 from collections.abc import Mapping, Sequence
@@ -94,6 +97,9 @@ __all__ = [
     "chat_spans",
     "render_text",
     "resolve_font",
+    "layout_marks",
+    "unmark",
+    "LineFit",
 ]
 
 Color = Union[int, tuple[int, int, int]]
@@ -413,6 +419,47 @@ def chat_spans(
     return spans
 
 
+# --------------------------------------------------------------------------- layout marks
+
+_MARK_NEWLINE = 0x21B5  # ↵
+_MARK_TAB = "\u21e5"  # ⇥
+_MARK_SPACES = "\u2423"  # ␣, followed by the run's width in subscript digits
+_SUBSCRIPT = str.maketrans("0123456789", "\u2080\u2081\u2082\u2083\u2084\u2085\u2086\u2087\u2088\u2089")
+_LAYOUT_RE = re.compile("\r\n|[\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029]|\t| {2,}")
+
+
+def _mark(m: "re.Match[str]") -> str:
+    s = m.group()
+    if s == "\t":
+        return _MARK_TAB
+    if s[0] == " ":
+        return _MARK_SPACES + str(len(s)).translate(_SUBSCRIPT)
+    return chr(_MARK_NEWLINE)
+
+
+def layout_marks(text: str) -> str:
+    """The text as drawn: layout characters become compact marks inside the text flow.
+
+    A line break (``\\n``, ``\\r\\n``, ``\\r`` and the other Unicode line/paragraph
+    separators) becomes ``↵``, a tab ``⇥``, and a run of n >= 2 spaces ``␣`` followed by n
+    in subscript digits (8 spaces of indentation: ``␣₈``); a single space stays a space.
+    Nothing starts a new row, so a line break costs one cell instead of the rest of a row,
+    and the structure stays readable (and learnable) from the image.
+
+    >>> layout_marks("def f():\\n        return 1\\tx")
+    'def f():↵␣₈return 1⇥x'
+    """
+    if not _LAYOUT_RE.search(text):
+        return text
+    return _LAYOUT_RE.sub(_mark, text)
+
+
+def unmark(text: str) -> str:
+    """Marks back to plain whitespace (a space each): what an OCR engine that cannot read the
+    marks should be compared with."""
+    return re.sub(_MARK_SPACES + "[\u2080-\u2089]+|[\u21b5\u21e5]", " ", text)
+
+
 # --------------------------------------------------------------------------- character classes
 
 _NEWLINES = frozenset(map(ord, "\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029"))
@@ -609,10 +656,7 @@ class Renderer:
             styled = any(s for _, s in parts)
         norm = []
         for t, s in parts:
-            if "\r" in t:
-                t = t.replace("\r\n", "\n")
-            if "\t" in t:
-                t = t.expandtabs(cfg.tab_size)
+            t = layout_marks(t)
             if not unicodedata.is_normalized("NFC", t):
                 # One cell per character: compose "e" + U+0301 into "é" where possible.
                 t = unicodedata.normalize("NFC", t)
@@ -650,6 +694,8 @@ class Renderer:
             kind, width, font = _K_GLYPH, wide, 1
         else:
             kind, width = _K_TOFU, wide
+        if cp == _MARK_NEWLINE:
+            flags |= _BA  # a line break mark ends a line of text: wrapping prefers to break after it
         if kind in (_K_GLYPH, _K_TOFU):
             closing = cat in ("Pe", "Pf", "Po")
             opening = cat in ("Ps", "Pi")
@@ -865,6 +911,74 @@ class Renderer:
         return canvas
 
 
+class LineFit:
+    """Does the text so far still fit the image at ``min_font_size``?  Answered incrementally.
+
+    Text arrives in pieces (a token's characters at a time).  Only the lines that are not
+    final yet are re-wrapped on each :meth:`try_append`: greedy wrapping restarts at a line
+    start, so lines that ended before a *safe* start (a letter that no later text can merge
+    with: not a space run, a line break or a combining sequence) are counted and forgotten.
+    The answer is exactly ``renderer.fits(everything appended)``; the cost per piece is one
+    wrap of the last line or two.
+
+    >>> fit = LineFit(Renderer.get(RENDER_PRESETS["tiny"]))
+    >>> fit.try_append("hello "), fit.try_append("x" * 10_000)
+    (True, False)
+    """
+
+    __slots__ = ("renderer", "cols", "rows", "done", "cur", "room")
+
+    def __init__(self, renderer: "Renderer") -> None:
+        g = renderer._geometry(renderer.config.min_font_size)
+        self.renderer, self.cols, self.rows = renderer, g.cols, g.rows
+        self.done = 0  # final lines already counted
+        self.cur = ""  # the raw text of the lines that are not final yet
+        self.room = self.cols  # free cells at the end of the last line
+
+    def try_append(self, text: str) -> bool:
+        """Append ``text`` if everything still fits (True); else change nothing (False)."""
+        if not text:
+            return True
+        # Fast path: plain ASCII (one cell a character, no marks, nothing to compose) that fits the
+        # rest of the last line adds no line: greedy wrapping never revisits earlier lines.
+        if (len(text) <= self.room and text.isascii() and text.isprintable() and "  " not in text
+                and not (text[0] == " " and self.cur.endswith(" "))):
+            self.cur += text
+            self.room -= len(text)
+            return True
+        cand = self.cur + text
+        chars, _ = self.renderer._prepare(cand)
+        lines = chars.wrap(self.cols, self.rows - self.done)
+        if lines is None:
+            return False
+        self.cur = cand
+        s, e = lines[-1]
+        self.room = self.cols - int(chars.cum[e] - chars.cum[s])
+        if len(lines) > 2 and unicodedata.is_normalized("NFC", cand):
+            drawn = layout_marks(cand)
+            for i in range(len(lines) - 1, 0, -1):
+                b = lines[i][0]
+                if b < len(drawn) and drawn[b].isalpha() and unicodedata.combining(drawn[b]) == 0 and (
+                    unicodedata.is_normalized("NFC", drawn[b - 1 : b + 1])
+                ):
+                    self.done += i
+                    self.cur = cand[_raw_index(cand, b) :]
+                    break
+        return True
+
+
+def _raw_index(raw: str, drawn_index: int) -> int:
+    """The index in ``raw`` of the character drawn at ``drawn_index`` of ``layout_marks(raw)``
+    (which must not fall inside a mark)."""
+    shift = 0  # drawn length - raw length so far
+    for m in _LAYOUT_RE.finditer(raw):
+        start_drawn = m.start() + shift
+        if start_drawn >= drawn_index:
+            break
+        shift += len(_mark(m)) - len(m.group())
+    return drawn_index - shift
+
+
 class _Chars:
     """One text as slot arrays, with the line breaker."""
 
@@ -914,6 +1028,9 @@ class _Chars:
                 e = bisect.bisect_right(cum, cum[s] + cols, s, pe + 1) - 1
                 if space[e]:
                     b = e + 1  # the space that overflows is the break itself
+                    if b == pe:  # ... and nothing follows it: no empty line after (keeps prefixes monotone)
+                        lines.append((s, b))
+                        break
                 else:
                     k = bisect.bisect_right(opp, e) - 1
                     b = opp[k] if k >= 0 and opp[k] > s else e

@@ -6,9 +6,12 @@ edge turns chunk tokens into pixels and generated ids into text. Per sequence:
 1. **prefill** — the prompt is laid out by :func:`vist2.layout.prompt_segments`
    (query chunks compressed, the tail rule, raw prefix/suffix) and fed one
    segment at a time, so peak memory is the visual memory plus one chunk;
-2. **decode** — one token at a time; in ``gcc`` mode, when the text window holds
-   K tokens it is rendered, read by the vision tower and aligner, and its β visual
-   tokens run through the LLM attending to the cache; their K/V replace the window.
+2. **decode** — one token at a time; in ``gcc`` mode the text window is closed when it holds
+   K tokens, or when a sampled token's text would no longer fit the image (the processor's
+   running fit state decides; the token then begins the next window). The closed window is
+   rendered, read by the vision tower and aligner, and its β visual tokens run through the
+   LLM attending to the cache; their K/V replace the window. Chunks are cut exactly where
+   ``VIST2Processor.chunk_ids`` cuts them in training.
 
 Modes share this one code path: ``gcc`` (prompt and output compressed, the
 paper), ``pcc`` (prompt only, the Glyph-style baseline) and ``none`` (a plain LLM).
@@ -112,6 +115,7 @@ class _Seq:
         self.window: list[int] = []  # generated text tokens not yet compressed (gcc)
         self.window_start = 0
         self.carry = b""  # bytes of a character split by a chunk boundary, shown in the next image
+        self.fit = None  # the open window's fit state (gcc), from the processor
         self.memory: list[str] = []
         self.logits: torch.Tensor | None = None
         self.recorded: list[torch.Tensor] = []
@@ -206,7 +210,8 @@ class Engine:
     def _segments(self, req: Request) -> list[Segment]:
         if req.mode == "none":
             return [Raw(tuple(req.prompt_ids))]
-        return prompt_segments(req.prefix, req.query, req.suffix, self.K, self.beta, self.prompt_encoding)
+        return prompt_segments(req.prefix, req.query, req.suffix, self.K, self.beta, self.prompt_encoding,
+                               chunker=self.processor.chunker(self.K))
 
     def _prompt_footprint(self, req: Request) -> int:
         """Cache entries the prompt needs at its peak (a compressed chunk briefly holds text + visual)."""
@@ -344,14 +349,15 @@ class Engine:
             self._cache.length[s.row] += n
             s.logits = lg
 
-    def _feed_visual(self, seqs: list[_Seq], texts: list[str], n_text: list[int]) -> None:
+    def _feed_visual(self, seqs: list[_Seq], texts: list[str], n_text: list[int],
+                     styles: list[str] | None = None) -> None:
         """Compress: render each row's chunk text, run its beta visual tokens through the LLM.
 
         A row with ``n_text > 0`` has that chunk's text at the end of its cache (interleaved): the
         visual tokens are written after it, attend to it, then move to where it began.
         """
         cache = self._cache
-        pixels = self.processor.pixels_from_texts(texts).to(self.model.device, self.model.dtype)
+        pixels = self.processor.pixels_from_texts(texts, styles).to(self.model.device, self.model.dtype)
         visual = self.model.model.encode_images(pixels)  # (b, beta, D)
         end = torch.stack([cache.length[s.row] for s in seqs])
         base = end - torch.tensor(n_text)  # where the chunk's text began = the visual tokens' position
@@ -392,37 +398,56 @@ class Engine:
                 text = self._chunk_text(seq, seg.tokens)
                 if seg.mode == "interleaved":
                     self._feed_text([seq], [list(seg.tokens)])
-                    self._feed_visual([seq], [text], [len(seg.tokens)])
+                    self._feed_visual([seq], [text], [len(seg.tokens)], [seg.style])
                 else:
-                    self._feed_visual([seq], [text], [0])
+                    self._feed_visual([seq], [text], [0], [seg.style])
         seq.window_start = int(self._cache.length[seq.row])
+        seq.fit = self.processor.chunk_fit(self.K, seq.carry)
         self._update_kv_stats(seq)
 
     def _decode(self, seqs: list[_Seq]) -> None:
+        # the fit rule: a token whose text would not fit the open window's image closes the window
+        # first (it was sampled with the window's text in sight, as the layout's fit_cut says)
+        overflow = [s for s in seqs if s.req.mode == "gcc" and s.window and not s.fit.push(s.generated[-1])]
+        if overflow and not self._compress(overflow):
+            seqs = [s for s in seqs if s not in overflow]
+            if not seqs:
+                return
+        for s in overflow:
+            assert s.fit.push(s.generated[-1])  # it begins the new window (or raises if it never fits)
+        for s in seqs:
+            if s.req.mode == "gcc" and not s.window and s not in overflow:
+                s.fit.push(s.generated[-1])
         try:
             self._feed_text(seqs, [[s.generated[-1]] for s in seqs])
         except _CacheFull:
             for s in seqs:  # the memory limit is reached: these rows cannot continue
                 self._finish(s, "length")
             return
-        full = []
         for s in seqs:
             s.window.append(s.generated[-1])
-            if s.req.mode == "gcc" and len(s.window) == self.K:
-                full.append(s)
             self._update_kv_stats(s)
+        full = [s for s in seqs if s.req.mode == "gcc" and s.fit.full]  # K tokens: closed right away
         if full:
-            texts = [self._chunk_text(s, s.window) for s in full]
-            try:
-                self._feed_visual(full, texts, [len(s.window) for s in full])
-            except _CacheFull:
-                for s in full:
-                    self._finish(s, "length")
-                return
-            for s in full:
-                s.window = []
-                s.window_start = int(self._cache.length[s.row])
-                self._update_kv_stats(s)
+            self._compress(full)
+
+    def _compress(self, seqs: list[_Seq]) -> bool:
+        """Close the open windows of these rows: render, feed their visual tokens. False if the
+        memory limit was reached (the rows are finished)."""
+        texts = [self._chunk_text(s, s.window) for s in seqs]
+        try:
+            self._feed_visual(seqs, texts, [len(s.window) for s in seqs])
+        except _CacheFull:
+            for s in seqs:
+                self._finish(s, "length")
+            return False
+        for s in seqs:
+            assert s.carry == s.fit.carry  # the fit state saw exactly the bytes the image shows
+            s.window = []
+            s.fit = self.processor.chunk_fit(self.K, s.carry)
+            s.window_start = int(self._cache.length[s.row])
+            self._update_kv_stats(s)
+        return True
 
     def _sample(self, seq: _Seq) -> int:
         if self.record_logits:

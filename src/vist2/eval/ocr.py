@@ -101,11 +101,12 @@ def transcribe(model, visual_embeds: torch.Tensor, max_new_tokens: int, stop_ids
 
 
 def _chunks(processor, docs_ids: list[list[int]], L: int, beta: int, n: int) -> list[tuple[list[int], str]]:
-    """The first ``n`` whole chunks of L tokens, in document order, with the text an image of each shows
-    (a character split by a chunk boundary is shown in the later chunk, as in training)."""
+    """The first ``n`` closed chunks of at most L tokens (cut by the fit rule, as in training), in
+    document order, with the text an image of each shows (a character split by a chunk boundary is
+    shown in the later chunk)."""
     out = []
     for d, ids in enumerate(docs_ids):
-        infos = [ChunkInfo(tuple(ids[i : i + L]), beta, 0, d) for i in range(0, len(ids) - L + 1, L)]
+        infos = [ChunkInfo(tuple(c), beta, 0, d) for c in processor.chunk_ids(ids, L)[:-1]]
         infos = infos[: n - len(out)]
         out += [(list(c.tokens), t) for c, t in zip(infos, processor.chunk_texts(infos))]
         if len(out) >= n:
@@ -180,6 +181,8 @@ def evaluate_ocr(model, processor, documents: Sequence[str], ratios: Sequence[fl
         for k in (*ROUGE_TYPES, "cer"):
             point[k] = sum(s[k] for s in scores) / len(scores)
         point["chars_per_image"] = sum(len(t) for _, t in chunks) / len(chunks)
+        # the fit rule closes a chunk before L tokens when its text would not fit the image
+        point["mean_tokens_per_image"] = sum(len(c) for c, _ in chunks) / len(chunks)
         point["font_size"] = min(processor.renderer.font_size_for(t) for _, t in chunks)
         point["seconds"] = round(time.perf_counter() - t0, 3)
     return points

@@ -28,7 +28,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
-from ..layout import Raw, Sample, build_sample, caption_segments, ocr_segments, olm_segments, sft_segments
+from ..layout import (Raw, Sample, build_sample, caption_segments, fixed_chunker, ocr_segments, olm_segments,
+                      sft_segments)
 from .config import CurriculumPhase, TrainConfig, ocr_images_per_row
 
 log = logging.getLogger(__name__)
@@ -81,9 +82,13 @@ def special_id(tokenizer, token: str) -> int:
 class StageBuilder:
     """Turns records into :class:`Item` s for one stage."""
 
-    def __init__(self, cfg: TrainConfig, tokenizer, chunk_tokens: int, n_visual: int, prompt_encoding: str):
+    def __init__(self, cfg: TrainConfig, tokenizer, chunk_tokens: int, n_visual: int, prompt_encoding: str,
+                 processor=None):
         self.cfg, self.tok = cfg, tokenizer
         self.K, self.nv = chunk_tokens, n_visual
+        # the fit rule (VIST2Processor.chunker), so chunks are cut as generation cuts them; without a
+        # processor (slot counting, pure layout tests) every K tokens
+        self.processor = processor
         self.prompt_encoding = cfg.prompt_encoding or prompt_encoding
         self.doc_end = special_id(tokenizer, "<|endoftext|>")  # ends an OLM document / a caption
         self.turn_end = special_id(tokenizer, "<|im_end|>")  # ends an assistant reply (what generation stops on)
@@ -99,6 +104,10 @@ class StageBuilder:
             from ..engine.engine import chat_prompt  # the exact split the engine uses at inference
 
             self._chat_prompt = chat_prompt
+
+    def chunker(self, chunk_tokens: int | None = None):
+        K = chunk_tokens or self.K
+        return self.processor.chunker(K) if self.processor is not None else fixed_chunker(K)
 
     def encode(self, text: str) -> list[int]:
         return self.tok(text, add_special_tokens=False)["input_ids"]
@@ -121,8 +130,8 @@ class StageBuilder:
 
     def _ocr(self, rec, rng, progress):
         ids = self.encode(rec["text"])
-        T = self.ocr_tokens
-        chunks = [ids[i : i + T] for i in range(0, len(ids), T)]
+        cuts = self.chunker(self.ocr_tokens)(ids, b"")
+        chunks = cuts.closed + ([cuts.tail] if cuts.tail else [])
         out, i = [], 0
         while i < len(chunks):
             n = min(images_for(self.cfg.curriculum, progress, rng), self.ocr_max_images)
@@ -132,10 +141,19 @@ class StageBuilder:
 
     def _olm(self, rec, rng, progress):
         ids = self.encode(rec["text"]) + [self.doc_end]
-        W = self.olm_window
-        # a long document becomes consecutive windows, each a sample of its own (positions restart)
-        out = [Item(build_sample(olm_segments(ids[i : i + W], self.K, self.nv)))
-               for i in range(0, len(ids), W) if len(ids[i : i + W]) >= 2]  # one token has nothing to predict
+        W, M, fit = self.olm_window, self.cfg.max_length, self.chunker()
+        # a long document becomes consecutive windows, each a sample of its own (positions restart);
+        # chunks the fit rule closes early add images, so a window shrinks until its layout fits
+        out, i = [], 0
+        while len(ids) - i >= 2:  # one token has nothing to predict
+            w = W
+            while True:
+                s = build_sample(olm_segments(ids[i : i + w], self.K, self.nv, chunker=fit))
+                if len(s) <= M:
+                    break
+                w -= len(s) - M
+            out.append(Item(s))
+            i += w
         return out, (None if out else "too_short")
 
     def _sft(self, rec, rng, progress):
@@ -145,7 +163,8 @@ class StageBuilder:
         except ValueError:
             return [], "bad_chat"
         response = self.encode(msgs[-1]["content"]) + [self.turn_end]  # <think>...</think> stays in the reply
-        s = build_sample(sft_segments(prefix, query, suffix, response, self.K, self.nv, self.prompt_encoding))
+        s = build_sample(sft_segments(prefix, query, suffix, response, self.K, self.nv, self.prompt_encoding,
+                                      self.chunker()))
         if len(s) > self.cfg.max_length:
             return [], "too_long"
         return [Item(s)], None

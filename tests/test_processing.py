@@ -1,0 +1,122 @@
+"""The fit rule (VIST2Processor.chunk_ids): nothing dropped, images kept full, the same cuts and
+the same styled pixels in training and in generation."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from vist2.build import load_tokenizer
+from vist2.config import preset_config
+from vist2.layout import ChunkInfo, build_sample, collate, sft_segments
+from vist2.processing import VIST2Processor
+from vist2.render import RENDER_PRESETS, LineFit, Renderer
+
+DATA = Path(__file__).parent / "data"
+TEXTS = {
+    "prose": (DATA / "prose_hard_breaks.txt").read_text() * 3,
+    "code": (DATA / "code_sample.py.txt").read_text(),
+    "zh": (Path(__file__).parents[1] / "src/vist2/data/sample_zh.txt").read_text() * 3,
+}
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer()
+
+
+def _proc(tok, preset):
+    cfg = preset_config(preset)
+    return VIST2Processor(tok, cfg.render_config, cfg.chunk_tokens)
+
+
+@pytest.mark.parametrize("preset, fill", [("qwen3-0.6b", {"prose": 0.95, "code": 0.80, "zh": 0.95}),
+                                          ("tiny", {"prose": 0.5, "code": 0.3, "zh": 0.5})])
+@pytest.mark.parametrize("kind", ["prose", "code", "zh"])
+def test_no_character_dropped_and_images_stay_full(tok, preset, fill, kind):
+    proc = _proc(tok, preset)
+    ids = tok(TEXTS[kind], add_special_tokens=False)["input_ids"]
+    chunks = proc.chunk_ids(ids)
+    assert sum(chunks, []) == ids
+    texts = proc.chunk_texts([ChunkInfo(tuple(c), 1) for c in chunks])
+    assert "".join(texts) == proc.decode(ids)  # every character is in exactly one image
+    for t in texts:
+        assert proc.renderer.fits(t)
+    closed = chunks[:-1]
+    assert all(0 < len(c) <= proc.chunk_tokens for c in closed) and len(chunks[-1]) < proc.chunk_tokens
+    assert sum(map(len, closed)) / (len(closed) * proc.chunk_tokens) >= fill[kind]
+
+
+def test_fit_rule_cuts_exactly_where_the_next_token_would_overflow(tok):
+    cfg = preset_config("tiny")  # read through a coarser font (25 x 12 cells), as in test_engine
+    proc = VIST2Processor(tok, cfg.render_config.replace(font_size=8, min_font_size=8), cfg.chunk_tokens)
+    ids = tok(TEXTS["prose"], add_special_tokens=False)["input_ids"]
+    cuts = proc.cuts(ids)
+    assert any(cuts.fit_cut)
+    carry, i = b"", 0
+    for c, by_fit in zip(cuts.closed, cuts.fit_cut):
+        text, nxt = proc.chunk_text(carry, c)
+        assert proc.renderer.fits(text)
+        if by_fit:  # one more token would not fit
+            assert len(c) < proc.chunk_tokens
+            assert not proc.renderer.fits(proc.chunk_text(carry, ids[i : i + len(c) + 1])[0])
+        carry, i = nxt, i + len(c)
+
+
+@pytest.mark.parametrize("preset", ["tiny", "default"])
+@pytest.mark.parametrize("kind", ["prose", "code", "zh"])
+def test_running_fit_state_equals_a_full_fit_check(preset, kind):
+    r = Renderer.get(RENDER_PRESETS[preset])
+    rng = np.random.default_rng(0)
+    src = TEXTS[kind]
+    for start in rng.integers(0, len(src) - 3000, 5).tolist():
+        fit, acc, i = LineFit(r), "", start
+        while i < len(src):
+            piece = src[i : i + int(rng.integers(1, 7))]
+            i += len(piece)
+            ok = fit.try_append(piece)
+            assert ok == r.fits(acc + piece)
+            if not ok:
+                break
+            acc += piece
+        assert not ok  # the text ran out of room
+
+
+def test_a_token_that_cannot_fit_alone_is_an_error_naming_it(tok):
+    cfg = preset_config("tiny")
+    proc = VIST2Processor(tok, cfg.render_config.replace(width=32, height=32, font_size=8, min_font_size=8), 64)
+    ids = tok("a" + "汉" * 20, add_special_tokens=False)["input_ids"]
+    big = tok("=" * 32, add_special_tokens=False)["input_ids"]
+    assert len(big) == 1
+    with pytest.raises(ValueError, match=f"token {big[0]}"):
+        proc.chunk_ids(ids[:1] + big)
+    with pytest.raises(ValueError, match="does not fit"):
+        proc.render_chunk("=" * 200)  # no silent truncation
+
+
+def test_query_chunks_render_in_the_user_style_in_training_and_prefill(tok):
+    from vist2.engine.engine import Engine, Request
+    from vist2.engine.sampling import SamplingParams
+    from vist2.modeling import VIST2ForCausalLM
+
+    torch.manual_seed(0)
+    model = VIST2ForCausalLM(preset_config("tiny")).eval()
+    proc = VIST2Processor(tok, model.config.render_config, model.config.chunk_tokens)
+    K, beta = model.config.chunk_tokens, model.config.n_visual
+    query = tok(TEXTS["prose"], add_special_tokens=False)["input_ids"][: 2 * K + 30]
+    segs = sft_segments([1], query, [2], [5, 6, 7], K, beta, "visual", proc.chunker())
+    plan = collate([build_sample(segs)])
+    assert [c.style for c in plan.chunks] == ["user"] * 3
+    train_px = proc.pixels_for(plan.chunks)
+    # the engine's prefill renders the same chunks with the same style
+    seen = []
+    eng = Engine(model, proc)
+    orig = proc.pixels_from_texts
+    proc.pixels_from_texts = lambda texts, styles=None: seen.append(orig(texts, styles)) or seen[-1]
+    eng.generate([Request(query=query, prefix=[1], suffix=[2], params=SamplingParams(max_new_tokens=1), mode="pcc")])
+    assert torch.equal(torch.cat(seen), train_px)
+    # grey background: the user style is not the plain render
+    plain = proc.pixels_from_texts(proc.chunk_texts(plan.chunks)[:1])
+    assert not torch.equal(plain, train_px[:1])
+    assert ((train_px[0] * 255).round() == 224).float().mean() > 0.3
