@@ -488,6 +488,8 @@ def chat_prompt(tokenizer, messages: list[dict]) -> tuple[list[int], list[int], 
         raise ValueError("messages need at least one user message")
     last = users[-1]
     marker = "\x00VIST2_QUERY\x00"
+    while any(marker in m["content"] for m in messages):  # a message may contain anything, even the marker
+        marker += "\x00"
     msgs = [dict(m) for m in messages]
     content = msgs[last]["content"]
     msgs[last]["content"] = marker

@@ -100,12 +100,26 @@ class Scheduler:
         self._running = 0
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._draining = False
 
     # -- event-loop side ----------------------------------------------------------------
 
     @property
     def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive() and not self._stopping
+        return self._thread is not None and self._thread.is_alive() and not (self._stopping or self._draining)
+
+    @property
+    def in_flight(self) -> int:
+        """Engine requests accepted and not finished (queued or holding a row)."""
+        return self._depth + self._running
+
+    @property
+    def idle(self) -> bool:
+        return self.in_flight == 0
+
+    def begin_drain(self) -> None:
+        """Refuse new submissions (503) from now on; those accepted carry on."""
+        self._draining = True
 
     @property
     def queue_depth(self) -> int:
@@ -117,8 +131,9 @@ class Scheduler:
             self._thread.start()
 
     def stop(self, timeout: float = 10.0) -> None:
+        """End everything in flight with a 503 error and the thread (idempotent)."""
         self._stopping = True
-        if self._thread is not None:
+        if self._thread is not None and self._thread.is_alive():
             self._inbox.put(_STOP)
             self._thread.join(timeout)
 
