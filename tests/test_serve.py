@@ -557,3 +557,32 @@ def test_graceful_shutdown(tiny_dir):
         assert out["error"]["type"] == "service_unavailable" and out["done"], out
     r = nonstream["r"]
     assert r.status_code == 503 and r.json()["error"]["type"] == "service_unavailable", r.text
+
+
+def test_a_failing_row_fails_only_its_request(server, monkeypatch):
+    """Defence in depth: whatever validation misses, one row's sampling failing ends that request only."""
+    import vist2.engine.engine as engine_module
+
+    real = engine_module.Sampler
+
+    class Flaky(real):
+        def __init__(self, params, *a, **kw):
+            if params.seed == 4243:
+                raise OverflowError("injected at admission")
+            super().__init__(params, *a, **kw)
+
+        def __call__(self, logits, history):
+            if self.params.seed == 4242:
+                raise RuntimeError("injected sampling failure")
+            return super().__call__(logits, history)
+
+    monkeypatch.setattr(engine_module, "Sampler", Flaky)
+    t, out = _background(server, 80)
+    for seed, needle in ((4242, "injected sampling failure"), (4243, "injected at admission")):
+        r = httpx.post(server.url + "/v1/completions", timeout=30, json={
+            "model": "tiny", "prompt": "x", "max_tokens": 4, "seed": seed, "n": 2, **FIXED})
+        assert r.status_code == 500 and needle in r.json()["error"]["message"], r.text
+    t.join(120)
+    assert out.get("error") is None and out["finish"] == "length" and out["events"] == 80, out
+    server.wait_idle()
+    assert_serving(server)

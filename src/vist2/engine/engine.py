@@ -68,7 +68,8 @@ class Stats:
     kv_bytes_peak: int = 0
     ttft_s: float = 0.0
     tokens_per_s: float = 0.0
-    finish_reason: str = ""  # stop | length | eos
+    finish_reason: str = ""  # stop | length | eos | error (this request failed; the others carry on)
+    error: str = ""  # what failed, with finish_reason "error"
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -241,7 +242,13 @@ class Engine:
             admitted += 1
             rid, req = self._waiting.popleft()
             row = min(set(range(self.max_batch)) - set(self._running))
-            seq = _Seq(rid, req, row, self.processor, self.eos)
+            try:
+                seq = _Seq(rid, req, row, self.processor, self.eos)
+            except Exception as e:  # noqa: BLE001 - e.g. its sampler refused its params: fail this request only
+                stats = Stats(prompt_tokens=len(req.prompt_ids), finish_reason="error", error=f"{type(e).__name__}: {e}")
+                self._finished[rid] = Result(rid, "", [], stats, [], None)
+                events.append(Event(rid, "", None, True, stats))
+                continue
             self._running[row] = seq
             self._prefill(seq)
         if not self._running:
@@ -249,7 +256,13 @@ class Engine:
         # sample one token per row from its current distribution
         feed: list[_Seq] = []
         for seq in list(self._running.values()):
-            tok = self._sample(seq)
+            try:
+                tok = self._sample(seq)
+            except Exception as e:  # noqa: BLE001 - one row's sampling failing must not end the other rows
+                seq.stats.error = f"{type(e).__name__}: {e}"
+                self._finish(seq, "error")
+                events.append(Event(seq.rid, "", None, True, seq.stats))
+                continue
             # an end-of-sequence token ends the text; it is not part of it
             delta = "" if tok in seq.stop_ids else seq.decoder.push(tok)
             reason = self._finish_reason(seq, tok)

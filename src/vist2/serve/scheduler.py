@@ -275,7 +275,14 @@ class Scheduler:
                 self._running -= 1
                 sub.finished[i] = True
                 self._count_finished(ev)
-            if not sub.cancelled:
+            if sub.cancelled:
+                continue
+            if ev.done and ev.stats is not None and ev.stats.finish_reason == "error":
+                # this row failed alone (say, its sampling): its request gets the error, the others go on
+                log.error("request %d failed: %s", ev.request_id, ev.stats.error)
+                sub.post(APIError(500, f"generating this request failed: {ev.stats.error}", type="server_error"))
+                self.cancel(sub)
+            else:
                 sub.post((i, ev))
         self.metrics.running.set(self._running)
 
