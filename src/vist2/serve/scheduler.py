@@ -1,7 +1,8 @@
 """One thread owns the engine; HTTP handlers talk to it through queues.
 
-The engine is synchronous and not thread-safe, so every call into it (tokenizing, ``add``, ``step``,
-``abort``, ``result``) happens on the scheduler thread. Handlers run on the asyncio event loop:
+The engine is synchronous and not thread-safe, so every call into it (``add``, ``step``, ``abort``,
+``result``) happens on the scheduler thread. Prompts arrive tokenized (the server tokenizes them on a
+thread of its own), so nothing slow but the model runs here. Handlers run on the asyncio event loop:
 they :meth:`Scheduler.submit` a group of requests (the ``n`` choices of one HTTP request, added
 all or none), then read ``(choice index, Event)`` pairs from the submission's asyncio queue, which
 the thread fills through ``loop.call_soon_threadsafe``. The thread loops ``engine.step()`` while
@@ -41,7 +42,7 @@ from .protocol import APIError
 
 log = logging.getLogger(__name__)
 
-Builder = Callable[[Engine], Request]  # runs on the scheduler thread (the tokenizer is not shared across threads)
+Builder = Callable[[Engine], Request]  # runs on the scheduler thread; may raise APIError to refuse the request
 
 
 class Submission:
