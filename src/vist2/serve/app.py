@@ -197,6 +197,8 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, m
     async def drain() -> None:
         """Refuse new requests (503), give the running ones ``shutdown_grace`` seconds, end the rest."""
         scheduler.begin_drain()
+        log.info("shutdown: new requests get 503; %d in flight get up to %.1f s", scheduler.in_flight,
+                 shutdown_grace)
         deadline = time.monotonic() + shutdown_grace
         while not scheduler.idle and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
