@@ -507,7 +507,6 @@ def test_max_tokens_limit_caps_every_mode(tiny_dir):
     finally:
         s.close()
     # the default: the model's positions (tiny: 8192)
-    from vist2.serve.serving import OpenAIServing, ServingConfig  # noqa: F401
     app = create_app(engine, "tiny")
     assert app.state.serving.max_tokens_limit == engine.model.config.text_config.max_position_embeddings
 
@@ -515,48 +514,51 @@ def test_max_tokens_limit_caps_every_mode(tiny_dir):
 def test_graceful_shutdown(tiny_dir):
     """Shutdown: new requests get 503 JSON, in-flight ones get the grace period, the rest end cleanly."""
     engine = Engine.from_pretrained(tiny_dir, max_batch=3)
-    s = LiveServer(create_app(engine, "tiny", max_queue=8, shutdown_grace=4.0))
-    long_a, a = _background(s, 8000)  # never finishes by itself
-    long_b, b = _background(s, 8000)
-    waiting: dict = {}
-    queued = threading.Thread(target=_stream_tokens, args=(s, 8000, waiting), daemon=True)
-    short_out: dict = {}
-    short = threading.Thread(target=_stream_tokens, args=(s, 12, short_out), daemon=True)
-    short.start()
-    time.sleep(0.3)
-    queued.start()  # no row left: it waits in the queue
-    nonstream = {}
+    s = LiveServer(create_app(engine, "tiny", max_queue=8, shutdown_grace=10.0))
+    try:
+        long_a, a = _background(s, 8000)  # would run for minutes
+        nonstream = {}
 
-    def post():
-        nonstream["r"] = httpx.post(s.url + "/v1/completions", timeout=60,
-                                    json={"model": "tiny", "prompt": "x", "max_tokens": 8000, **FIXED})
+        def post():
+            nonstream["r"] = httpx.post(s.url + "/v1/completions", timeout=60,
+                                        json={"model": "tiny", "prompt": "x", "max_tokens": 8000, **FIXED})
 
-    ns = threading.Thread(target=post, daemon=True)
-    ns.start()
-    deadline = time.monotonic() + 30
-    while s.metrics()["vist2_queue_depth"] < 2:  # the queued stream and the non-streaming request wait
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    s.server.should_exit = True
-    deadline = time.monotonic() + 10
-    while True:  # during the grace period: refused with OpenAI's JSON
-        r = httpx.post(s.url + "/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 2}, timeout=10)
-        if r.status_code == 503:
-            break
-        assert time.monotonic() < deadline, r.text
-        time.sleep(0.05)
-    assert r.json()["error"]["type"] == "service_unavailable" and r.headers["retry-after"]
-    for t in (long_a, long_b, queued, short, ns):
-        t.join(30)
-        assert not t.is_alive()
-    s.thread.join(15)
-    assert not s.thread.is_alive()  # uvicorn exited
-    s.sock.close()
-    assert short_out["finish"] == "length" and short_out["events"] == 12 and short_out["done"]  # finished in grace
-    for out in (a, b, waiting):  # cut at the end of the grace: an error event, then [DONE]
-        assert out["error"]["type"] == "service_unavailable" and out["done"], out
-    r = nonstream["r"]
-    assert r.status_code == 503 and r.json()["error"]["type"] == "service_unavailable", r.text
+        ns = threading.Thread(target=post, daemon=True)
+        ns.start()
+        deadline = time.monotonic() + 30
+        while s.metrics()["vist2_running_requests"] < 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        short, short_out = _background(s, 24)  # the last row: finishes within the grace period
+        waiting: dict = {}
+        queued = threading.Thread(target=_stream_tokens, args=(s, 8000, waiting), daemon=True)
+        queued.start()  # no row left while `short` runs: it waits in the queue
+        while waiting.get("status") != 200:  # accepted (the stream's headers came)
+            assert queued.is_alive() and time.monotonic() < deadline, waiting
+            time.sleep(0.02)
+        s.server.should_exit = True
+        deadline = time.monotonic() + 10
+        while True:  # during the grace period: refused with OpenAI's JSON
+            r = httpx.post(s.url + "/v1/completions", timeout=10,
+                           json={"model": "tiny", "prompt": "x", "max_tokens": 2})
+            if r.status_code == 503:
+                break
+            assert time.monotonic() < deadline, r.text
+            time.sleep(0.05)
+        assert r.json()["error"]["type"] == "service_unavailable" and r.headers["retry-after"]
+        for t in (long_a, queued, short, ns):
+            t.join(40)
+            assert not t.is_alive()
+        s.thread.join(15)
+        assert not s.thread.is_alive()  # uvicorn exited
+        s.sock.close()
+        assert short_out["finish"] == "length" and short_out["events"] == 24 and short_out["done"]  # not cut
+        for out in (a, waiting):  # cut at the end of the grace period: an error event, then [DONE]
+            assert out["error"]["type"] == "service_unavailable" and out["done"], out
+        r = nonstream["r"]
+        assert r.status_code == 503 and r.json()["error"]["type"] == "service_unavailable", r.text
+    finally:
+        s.close()  # a no-op once it exited; on a failure, no server is left running
 
 
 def test_a_failing_row_fails_only_its_request(server, monkeypatch):

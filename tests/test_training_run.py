@@ -227,7 +227,7 @@ def test_one_text_file_trains_with_a_held_out_slice(tiny_dir, tmp_path, capfd):
         logging.getLogger().removeHandler(h)
     assert res.steps == 2 and res.eval_loss is not None and res.eval_loss > 0
     printed = capfd.readouterr().out
-    assert f"ocr step 1/2: loss " in printed and f"step 2: eval loss {res.eval_loss:.4f}" in printed
+    assert "ocr step 1/2: loss " in printed and f"step 2: eval loss {res.eval_loss:.4f}" in printed
     assert not [m for m in h.messages if "Removed shared tensor" in m], h.messages
     step1 = tmp_path / "out" / "checkpoints" / "step-00000001"
     assert (step1 / "config.json").is_file() and (step1 / "tokenizer.json").is_file()

@@ -245,7 +245,8 @@ class Engine:
             try:
                 seq = _Seq(rid, req, row, self.processor, self.eos)
             except Exception as e:  # noqa: BLE001 - e.g. its sampler refused its params: fail this request only
-                stats = Stats(prompt_tokens=len(req.prompt_ids), finish_reason="error", error=f"{type(e).__name__}: {e}")
+                stats = Stats(prompt_tokens=len(req.prompt_ids), finish_reason="error",
+                              error=f"{type(e).__name__}: {e}")
                 self._finished[rid] = Result(rid, "", [], stats, [], None)
                 events.append(Event(rid, "", None, True, stats))
                 continue

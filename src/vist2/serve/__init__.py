@@ -89,7 +89,8 @@ def cmd_serve(args) -> int:
     for flag, value, low in (("--port", args.port, 0), ("--max-batch", args.max_batch, 1),
                              ("--max-queue", args.max_queue, 1), ("--max-prompt-tokens", args.max_prompt_tokens, 1),
                              ("--max-cache-tokens", args.max_cache_tokens, 1),
-                             ("--max-tokens-limit", args.max_tokens_limit, 1), ("--max-body-bytes", args.max_body_bytes, 1),
+                             ("--max-tokens-limit", args.max_tokens_limit, 1),
+                             ("--max-body-bytes", args.max_body_bytes, 1),
                              ("--shutdown-grace", args.shutdown_grace, 0)):
         if value is not None and value < low:
             raise CLIError(f"{flag} must be >= {low}, got {value}")

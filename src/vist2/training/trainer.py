@@ -38,8 +38,8 @@ from pathlib import Path
 import torch
 
 from ..layout import IGNORE
-from .checkpoint import (STATE_FILE, TRAINING_STATE_DIR, atomic_dir, checkpoint_name, clean_partial, latest_checkpoint, prune,
-                         write_json)
+from .checkpoint import (STATE_FILE, TRAINING_STATE_DIR, atomic_dir, checkpoint_name, clean_partial,
+                         latest_checkpoint, prune, write_json)
 from .config import TrainConfig
 from .data import SkipCounter, check_source, open_source
 from .pipeline import StageDataset, make_loader
