@@ -11,10 +11,17 @@ the same prompt) and exactly ``--max-tokens`` new tokens (``ignore_eos``), greed
   when the server holds back bytes of an incomplete character or a possible stop string).
 * **TPOT**: per request, (last chunk − first chunk) / (tokens − 1).
 * **req/s** and **tok/s**: finished requests and generated tokens per second of wall time.
+* **Long-prompt client** (``--long-prompt-mb``, 0 = off): alongside the C clients, one more client
+  keeps sending oversized prompts (alternately ``--long-prompt-mb`` MB, refused by the body-size
+  limit unread, and a fifth of it, which is tokenized and refused by the memory limit), one every
+  ``--long-prompt-every`` seconds. Reported: its refusal times, and ``itl_s.max``, the longest stall
+  the regular streams saw.
 
 Run (CPU, the tiny model built on the fly; about two minutes on 2 cores)::
 
     python bench/serve_load.py --out bench/results/serve-cpu-tiny/load.json
+    python bench/serve_load.py --concurrency 1 8 --long-prompt-mb 6 \
+        --out bench/results/serve-cpu-tiny/load-long-prompts.json
 
     python bench/serve_load.py --model runs/vist2-0.6b-random --device cuda --dtype bfloat16 \\
         --prompt-tokens 4096 --max-tokens 256 --out bench/results/serve-gpu-qwen3-0.6b/load.json
@@ -52,8 +59,27 @@ def _pct(xs: list[float], q: float) -> float:
 
 
 def _summary(xs: list[float]) -> dict:
-    return {"p50": _pct(xs, 50), "p99": _pct(xs, 99), "mean": statistics.fmean(xs) if xs else float("nan"),
-            "n": len(xs)}
+    return {"p50": _pct(xs, 50), "p99": _pct(xs, 99), "max": max(xs, default=float("nan")),
+            "mean": statistics.fmean(xs) if xs else float("nan"), "n": len(xs)}
+
+
+async def _long_prompts(client: httpx.AsyncClient, url: str, args, stop: asyncio.Event) -> list[dict]:
+    """Oversized prompts, one every ``--long-prompt-every`` s until ``stop``: (size, status, seconds)."""
+    big = "word " * int(args.long_prompt_mb * 1e6 / 5)
+    sizes = [big, big[: len(big) // 5]]
+    out, i = [], 0
+    while not stop.is_set():
+        prompt = sizes[i % 2]
+        i += 1
+        t0 = time.perf_counter()
+        r = await client.post(url, json={"model": "bench", "prompt": prompt, "max_tokens": 4})
+        out.append({"bytes": len(prompt), "status": r.status_code, "seconds": time.perf_counter() - t0,
+                    "code": (r.json().get("error") or {}).get("code") if r.status_code != 200 else None})
+        try:
+            await asyncio.wait_for(stop.wait(), args.long_prompt_every)
+        except asyncio.TimeoutError:
+            pass
+    return out
 
 
 async def _one(client: httpx.AsyncClient, url: str, body: dict) -> dict:
@@ -91,11 +117,20 @@ async def _level(url: str, prompts: list[list[int]], concurrency: int, args) -> 
 
     limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
     async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+        stop = asyncio.Event()
+        long = asyncio.ensure_future(_long_prompts(client, url, args, stop)) if args.long_prompt_mb else None
         t0 = time.perf_counter()
         await asyncio.gather(*(worker(client) for _ in range(concurrency)))
         wall = time.perf_counter() - t0
+        stop.set()
+        refusals = await long if long else []
     tokens = sum(r["tokens"] for r in results)
-    return {
+    extra = {}
+    if refusals:
+        extra["long_prompts"] = {
+            "sent": len(refusals), "statuses": sorted({r["status"] for r in refusals}),
+            "refusal_s": _summary([r["seconds"] for r in refusals]), "requests": refusals}
+    return {**extra,
         "concurrency": concurrency, "requests": len(results), "wall_s": wall,
         "requests_per_s": len(results) / wall, "output_tokens_per_s": tokens / wall,
         "ttft_s": _summary([r["ttft"] for r in results]),
@@ -125,6 +160,9 @@ def main(argv=None) -> int:
     p.add_argument("--max-batch", type=int, default=32, help="server cache rows")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32")
+    p.add_argument("--long-prompt-mb", type=float, default=0.0,
+                   help="also run a client sending prompts this large (MB) and a fifth of it (0: off)")
+    p.add_argument("--long-prompt-every", type=float, default=1.0, metavar="S", help="seconds between them")
     p.add_argument("--out", default="bench/results/serve-cpu-tiny/load.json")
     args = p.parse_args(argv)
 
@@ -166,7 +204,12 @@ def main(argv=None) -> int:
             print(f"C={c:3d}  {lv['requests']:3d} req  {lv['requests_per_s']:6.2f} req/s  "
                   f"{lv['output_tokens_per_s']:7.1f} tok/s  TTFT p50 {lv['ttft_s']['p50'] * 1e3:7.0f} ms "
                   f"p99 {lv['ttft_s']['p99'] * 1e3:7.0f} ms  ITL p50 {lv['itl_s']['p50'] * 1e3:6.1f} ms "
-                  f"p99 {lv['itl_s']['p99'] * 1e3:6.1f} ms", flush=True)
+                  f"p99 {lv['itl_s']['p99'] * 1e3:6.1f} ms max {lv['itl_s']['max'] * 1e3:6.0f} ms", flush=True)
+            if "long_prompts" in lv:
+                lp = lv["long_prompts"]
+                print(f"       long prompts: {lp['sent']} sent, statuses {lp['statuses']}, refused in "
+                      f"p50 {lp['refusal_s']['p50'] * 1e3:.0f} ms, max {lp['refusal_s']['max'] * 1e3:.0f} ms",
+                      flush=True)
         metrics = httpx.get(base + "/metrics").text
     finally:
         server.terminate()

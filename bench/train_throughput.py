@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
@@ -121,6 +122,9 @@ def main(argv=None) -> int:
     p.add_argument("--attention", default="flex,sdpa", help="comma-separated: flex, sdpa, eager")
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--peak-tflops", type=float, default=None)
+    p.add_argument("--threads", default=None,
+                   help="CPU: comma-separated torch thread counts, timed in turn (--rounds times each, interleaved)")
+    p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
 
@@ -146,7 +150,22 @@ def main(argv=None) -> int:
               "images": len(batch.plan.chunks), "dtype": str(dtype), "flops_per_step": flops,
               "peak_tflops": peak, "gradient_checkpointing": args.gradient_checkpointing,
               "command": " ".join([sys.executable.rsplit("/", 1)[-1], *sys.argv]), "runs": {}}
-    for impl in [a.strip() for a in args.attention.split(",") if a.strip()]:
+    if args.threads:  # interleaved rounds, so a change in the machine's load hits every count alike
+        counts = [int(t) for t in args.threads.split(",")]
+        impl = args.attention.split(",")[0].strip()
+        times = {t: [] for t in counts}
+        for _ in range(args.rounds):
+            for t in counts:
+                torch.set_num_threads(t)
+                times[t].append(run_one(model, batch, impl, args.steps, args.warmup, device, dtype)["step_s_median"])
+        for t in counts:
+            xs = sorted(times[t])
+            result["runs"][f"{impl}@{t}threads"] = {"step_s_median": xs[len(xs) // 2], "step_s_rounds": times[t],
+                                                    "tokens_per_s": tokens / xs[len(xs) // 2]}
+            print(f"{t} thread(s): step {xs[len(xs) // 2] * 1e3:8.1f} ms (rounds: "
+                  f"{', '.join(f'{x * 1e3:.0f}' for x in times[t])} ms)")
+        result["loadavg_1min_after"] = os.getloadavg()[0]
+    for impl in ([] if args.threads else [a.strip() for a in args.attention.split(",") if a.strip()]):
         key = {"flex": "flex_attention"}.get(impl, impl)
         if key == "flex_attention" and device.type != "cuda":
             print("skipping flex: needs CUDA", file=sys.stderr)

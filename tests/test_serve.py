@@ -20,7 +20,7 @@ import uvicorn
 
 from vist2.engine import Engine
 from vist2.serve import add_parser, main
-from vist2.serve.app import create_app
+from vist2.serve.app import Server, create_app
 
 FIXED = {"ignore_eos": True}  # extra body: exact lengths from a random model
 KEY = "test-key-123"
@@ -35,7 +35,7 @@ class LiveServer:
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
+        self.server = Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
         self.thread.start()
         deadline = time.monotonic() + 60
@@ -73,7 +73,7 @@ class LiveServer:
 @pytest.fixture(scope="module")
 def server(tiny_dir):
     engine = Engine.from_pretrained(tiny_dir, max_batch=8, max_cache_tokens=1024)
-    s = LiveServer(create_app(engine, "tiny", max_queue=64, max_prompt_tokens=2000))
+    s = LiveServer(create_app(engine, "tiny", max_queue=64, max_prompt_tokens=2000, max_tokens_limit=100_000))
     yield s
     s.close()
 
@@ -81,7 +81,7 @@ def server(tiny_dir):
 @pytest.fixture(scope="module")
 def small(tiny_dir):
     engine = Engine.from_pretrained(tiny_dir, max_batch=1)
-    s = LiveServer(create_app(engine, "tiny", api_key=KEY, max_queue=1))
+    s = LiveServer(create_app(engine, "tiny", api_key=KEY, max_queue=1, max_tokens_limit=100_000))
     yield s
     s.close()
 
@@ -370,3 +370,221 @@ def test_sse_wire_format(server):
     assert events[-1] == "data: [DONE]" and all(e.startswith("data: ") for e in events)
     chunks = [json.loads(e[6:]) for e in events[:-1]]
     assert all(c["object"] == "text_completion" for c in chunks) and chunks[-1]["choices"][0]["finish_reason"]
+
+
+# -- one request never harms another ------------------------------------------------------------
+
+POISON = [  # (body, param): values the engine cannot take; each must be a 400 for its own request only
+    ({"seed": 2**70}, "seed"),  # past int64: torch's manual_seed overflowed in the shared step
+    ({"seed": 2**64 - 1, "n": 2}, "seed"),  # seed + 1 past 64 bits
+    ({"temperature": 1e-45}, "temperature"),  # denormal: logits / t are inf
+    ({"repetition_penalty": 1e-300}, "repetition_penalty"),
+    ({"repetition_penalty": 1e300}, "repetition_penalty"),
+    ({"top_k": 10**30}, "top_k"),
+    ({"no_repeat_ngram_size": 10**30}, "no_repeat_ngram_size"),
+    ({"stop_token_ids": [2**70]}, "stop_token_ids"),
+    ({"stream": "yes"}, "stream"),  # loose types: OpenAI rejects them rather than converting
+    ({"max_tokens": "3"}, "max_tokens"),
+    ({"max_tokens": 1e30}, "max_tokens"),
+    ({"max_tokens": 10**30}, "max_tokens"),  # over --max-tokens-limit
+    ({"max_tokens": 100_001}, "max_tokens"),
+    ({"user": "u" * 100_000}, "user"),
+]
+
+
+def _stream_tokens(server, max_tokens, out: dict, prompt="A long story:"):
+    """A background stream: records the gaps between its events and how it ended."""
+    gaps, n, last = [], 0, time.perf_counter()
+    with httpx.stream("POST", server.url + "/v1/completions", timeout=120, json={
+            "model": "tiny", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            **FIXED}) as r:
+        out["status"] = r.status_code
+        if r.status_code != 200:
+            out["error"] = json.loads(r.read())["error"]
+            return
+        for line in r.iter_lines():
+            if not line:
+                continue
+            now = time.perf_counter()
+            gaps.append(now - last)
+            last = now
+            if line == "data: [DONE]":
+                out["done"] = True
+                break
+            obj = json.loads(line[6:])
+            if "error" in obj:
+                out["error"] = obj["error"]
+                continue
+            n += 1
+            out["finish"] = obj["choices"][0]["finish_reason"] or out.get("finish")
+            out["started"] = True
+    out["events"], out["max_gap"] = n, max(gaps[1:], default=0.0)
+
+
+def _background(server, max_tokens, **kw) -> tuple[threading.Thread, dict]:
+    out: dict = {}
+    t = threading.Thread(target=_stream_tokens, args=(server, max_tokens, out), kwargs=kw, daemon=True)
+    t.start()
+    deadline = time.monotonic() + 60
+    while not out.get("started"):
+        assert t.is_alive() and time.monotonic() < deadline, out
+        time.sleep(0.02)
+    return t, out
+
+
+def test_values_the_engine_cannot_take_fail_only_their_request(server):
+    t, out = _background(server, 150)
+    for body, param in POISON:
+        r = httpx.post(f"{server.url}/v1/completions", timeout=30,
+                       json={"model": "tiny", "prompt": "x", "max_tokens": 2, **FIXED, **body})
+        assert r.status_code == 400, (body, r.text)
+        assert r.json()["error"]["param"] == param, (body, r.text)
+    t.join(120)
+    assert out.get("error") is None and out["finish"] == "length" and out["done"], out
+    assert out["events"] == 150  # ignore_eos: every token arrived (some deltas may be empty; none here dropped)
+    assert_serving(server)
+
+
+@pytest.mark.parametrize("raw,needle", [
+    (b'{"model": "tiny", "prompt": "x", "temperature": NaN}', "NaN"),
+    (b'{"model": "tiny", "prompt": "x", "top_p": Infinity}', "Infinity"),
+    (b'{"model": "tiny", "prompt": "a\\ud800b"}', "surrogate"),
+    (b'{"model": "tiny", "prompt": ["ok", "\\udfff"]}', "surrogate"),
+])
+def test_non_numbers_and_lone_surrogates_are_400(server, raw, needle):
+    r = httpx.post(server.url + "/v1/completions", content=raw, timeout=30)
+    assert r.status_code == 400 and needle in r.json()["error"]["message"], r.text
+    assert "<= 2" not in r.text and "\u2264 2" not in r.text
+
+
+def test_chat_surrogate_marker_and_messages(server):
+    raw = b'{"model": "tiny", "messages": [{"role": "user", "content": "hi \\ud83d"}]}'
+    r = httpx.post(server.url + "/v1/chat/completions", content=raw, timeout=30)
+    assert r.status_code == 400 and "surrogate" in r.json()["error"]["message"]
+    # a system message may contain anything, the engine's own query marker included
+    chat = server.client().chat.completions.create(
+        model="tiny", max_tokens=2, temperature=0, extra_body=FIXED,
+        messages=[{"role": "system", "content": "\x00VIST2_QUERY\x00 and text"}, {"role": "user", "content": "Hi"}])
+    assert chat.usage.completion_tokens == 2
+    r = httpx.post(server.url + "/v1/chat/completions", timeout=30, json={
+        "model": "tiny", "messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}})
+    assert r.status_code == 400 and r.json()["error"]["message"].count("response_format") == 1, r.text
+
+
+def test_huge_prompt_is_refused_fast_while_streams_flow(server):
+    """A 6 MB prompt used to be tokenized whole on the engine's thread (tens of seconds, every stream
+    frozen). Now the body limit refuses it unread; nothing else waits for it."""
+    t, out = _background(server, 120)
+    for body in ({"prompt": "word " * 1_200_000},  # 6 MB: over the body limit
+                 {"prompt": "word " * 150_000}):  # 750 kB: under it, but too long for 2000 tokens uncounted
+        t0 = time.perf_counter()
+        r = httpx.post(server.url + "/v1/completions", json={"model": "tiny", "max_tokens": 2, **body}, timeout=60)
+        took = time.perf_counter() - t0
+        assert r.status_code == 413 and r.json()["error"]["code"] in ("request_too_large", "context_length_exceeded")
+        assert took < 5.0, took  # well under a second on an idle machine; before: 15-60 s
+    t.join(120)
+    assert out["finish"] == "length" and out["events"] == 120 and out.get("error") is None
+    assert out["max_gap"] < 3.0, out["max_gap"]  # the concurrent stream never stalled for the huge prompt
+    r = httpx.post(server.url + "/v1/chat/completions", timeout=60, json={
+        "model": "tiny", "messages": [{"role": "user", "content": "x"}], "user": "u" * 2_000_000})
+    assert r.status_code == 413  # any field: the limit is on the body
+
+
+def test_max_tokens_limit_caps_every_mode(tiny_dir):
+    engine = Engine.from_pretrained(tiny_dir, max_batch=2)
+    s = LiveServer(create_app(engine, "tiny", max_tokens_limit=6))
+    try:
+        client = s.client()
+        assert client.models.list().data[0].id == "tiny"
+        for mode in ("gcc", "pcc", "none"):
+            with pytest.raises(openai.BadRequestError) as e:
+                complete(client, max_tokens=7, extra_body={"mode": mode})
+            assert e.value.body["param"] == "max_tokens" and "--max-tokens-limit" in e.value.body["message"]
+            # chat without max_tokens: the default is capped too, so gcc stops at the limit
+            r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}],
+                                               temperature=0, extra_body={**FIXED, "mode": mode})
+            assert r.usage.completion_tokens == 6 and r.choices[0].finish_reason == "length"
+    finally:
+        s.close()
+    # the default: the model's positions (tiny: 8192)
+    app = create_app(engine, "tiny")
+    assert app.state.serving.max_tokens_limit == engine.model.config.text_config.max_position_embeddings
+
+
+def test_graceful_shutdown(tiny_dir):
+    """Shutdown: new requests get 503 JSON, in-flight ones get the grace period, the rest end cleanly."""
+    engine = Engine.from_pretrained(tiny_dir, max_batch=3)
+    s = LiveServer(create_app(engine, "tiny", max_queue=8, shutdown_grace=10.0))
+    try:
+        long_a, a = _background(s, 8000)  # would run for minutes
+        nonstream = {}
+
+        def post():
+            nonstream["r"] = httpx.post(s.url + "/v1/completions", timeout=60,
+                                        json={"model": "tiny", "prompt": "x", "max_tokens": 8000, **FIXED})
+
+        ns = threading.Thread(target=post, daemon=True)
+        ns.start()
+        deadline = time.monotonic() + 30
+        while s.metrics()["vist2_running_requests"] < 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        short, short_out = _background(s, 24)  # the last row: finishes within the grace period
+        waiting: dict = {}
+        queued = threading.Thread(target=_stream_tokens, args=(s, 8000, waiting), daemon=True)
+        queued.start()  # no row left while `short` runs: it waits in the queue
+        while waiting.get("status") != 200:  # accepted (the stream's headers came)
+            assert queued.is_alive() and time.monotonic() < deadline, waiting
+            time.sleep(0.02)
+        s.server.should_exit = True
+        deadline = time.monotonic() + 10
+        while True:  # during the grace period: refused with OpenAI's JSON
+            r = httpx.post(s.url + "/v1/completions", timeout=10,
+                           json={"model": "tiny", "prompt": "x", "max_tokens": 2})
+            if r.status_code == 503:
+                break
+            assert time.monotonic() < deadline, r.text
+            time.sleep(0.05)
+        assert r.json()["error"]["type"] == "service_unavailable" and r.headers["retry-after"]
+        for t in (long_a, queued, short, ns):
+            t.join(40)
+            assert not t.is_alive()
+        s.thread.join(15)
+        assert not s.thread.is_alive()  # uvicorn exited
+        s.sock.close()
+        assert short_out["finish"] == "length" and short_out["events"] == 24 and short_out["done"]  # not cut
+        for out in (a, waiting):  # cut at the end of the grace period: an error event, then [DONE]
+            assert out["error"]["type"] == "service_unavailable" and out["done"], out
+        r = nonstream["r"]
+        assert r.status_code == 503 and r.json()["error"]["type"] == "service_unavailable", r.text
+    finally:
+        s.close()  # a no-op once it exited; on a failure, no server is left running
+
+
+def test_a_failing_row_fails_only_its_request(server, monkeypatch):
+    """Defence in depth: whatever validation misses, one row's sampling failing ends that request only."""
+    import vist2.engine.engine as engine_module
+
+    real = engine_module.Sampler
+
+    class Flaky(real):
+        def __init__(self, params, *a, **kw):
+            if params.seed == 4243:
+                raise OverflowError("injected at admission")
+            super().__init__(params, *a, **kw)
+
+        def __call__(self, logits, history):
+            if self.params.seed == 4242:
+                raise RuntimeError("injected sampling failure")
+            return super().__call__(logits, history)
+
+    monkeypatch.setattr(engine_module, "Sampler", Flaky)
+    t, out = _background(server, 80)
+    for seed, needle in ((4242, "injected sampling failure"), (4243, "injected at admission")):
+        r = httpx.post(server.url + "/v1/completions", timeout=30, json={
+            "model": "tiny", "prompt": "x", "max_tokens": 4, "seed": seed, "n": 2, **FIXED})
+        assert r.status_code == 500 and needle in r.json()["error"]["message"], r.text
+    t.join(120)
+    assert out.get("error") is None and out["finish"] == "length" and out["events"] == 80, out
+    server.wait_idle()
+    assert_serving(server)

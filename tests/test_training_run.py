@@ -194,3 +194,56 @@ def test_two_process_cpu_run_with_accelerate_launch(tiny_dir, data, tmp_path):
     state = json.loads((tmp_path / "ddp" / "checkpoints" / "step-00000002" / "trainer_state.json").read_text())
     assert state["world_size"] == 2
     assert changed(weights(tiny_dir), weights(tmp_path / "ddp"), "model.language_model.")
+
+
+def test_one_text_file_trains_with_a_held_out_slice(tiny_dir, tmp_path, capfd):
+    """`vist2 train --stage ocr --data novel.txt` with the default eval_holdout (100): the single document
+    used to be the held-out record, leaving nothing to train on. Now its last 1% is the eval split, and
+    every saved step is a model folder the engine loads; --no-progress prints the loss."""
+    import logging
+
+    from vist2.engine import Engine, SamplingParams
+    from vist2.training.pipeline import holdout_cut
+
+    sample = (ROOT / "src/vist2/data/sample_en.txt").read_text(encoding="utf-8")
+    novel = tmp_path / "novel.txt"
+    novel.write_text((sample + "\n") * 6, encoding="utf-8")  # ~35k characters: one record
+    text = novel.read_text(encoding="utf-8")
+    cut = holdout_cut(text, 100)
+    assert len(text) - 400 < cut < len(text) - 300 and text[cut - 1].isspace()
+
+    class Collect(logging.Handler):
+        def __init__(self):
+            super().__init__()
+            self.messages = []
+
+        def emit(self, record):
+            self.messages.append(record.getMessage())
+
+    h = Collect()
+    logging.getLogger().addHandler(h)
+    try:
+        res = run(tiny_dir, "ocr", novel, tmp_path / "out", steps=2, eval_holdout=100, eval_every=2,
+                  eval_batches=1, save_every=1, max_length=192)
+    finally:
+        logging.getLogger().removeHandler(h)
+    assert res.steps == 2 and res.eval_loss is not None and res.eval_loss > 0
+    printed = capfd.readouterr().out
+    assert "ocr step 1/2: loss " in printed and f"step 2: eval loss {res.eval_loss:.4f}" in printed
+    assert not [m for m in h.messages if "Removed shared tensor" in m], h.messages
+    step1 = tmp_path / "out" / "checkpoints" / "step-00000001"
+    assert (step1 / "config.json").is_file() and (step1 / "tokenizer.json").is_file()
+    engine = Engine.from_pretrained(step1)  # an intermediate step loads like the final model
+    assert engine.generate_text(["The"], SamplingParams(max_new_tokens=3))[0].stats.generated_tokens == 3
+    final = tmp_path / "out" / "checkpoints" / "step-00000002"
+    for k, v in weights(tmp_path / "out").items():  # the last step's model is the exported one
+        assert torch.equal(v, weights(final)[k]), k
+
+
+def test_intermediate_checkpoint_is_loadable_by_the_cli(tiny_dir, data, tmp_path, capsys):
+    from vist2.cli import main
+
+    run(tiny_dir, "olm", data / "text_en.jsonl", tmp_path / "o", steps=2, save_every=1)
+    step1 = tmp_path / "o" / "checkpoints" / "step-00000001"
+    assert main(["generate", "--model", str(step1), "--prompt", "In the beginning", "--max-new-tokens", "3"]) == 0
+    assert capsys.readouterr().out.strip()

@@ -72,7 +72,8 @@ class Stats:
     kv_bytes_peak: int = 0
     ttft_s: float = 0.0
     tokens_per_s: float = 0.0
-    finish_reason: str = ""  # stop | length | eos
+    finish_reason: str = ""  # stop | length | eos | error (this request failed; the others carry on)
+    error: str = ""  # what failed, with finish_reason "error"
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -243,7 +244,14 @@ class Engine:
             admitted += 1
             rid, req = self._waiting.popleft()
             row = min(set(range(self.max_batch)) - set(self._running))
-            seq = _Seq(rid, req, row, self.processor, self.eos)
+            try:
+                seq = _Seq(rid, req, row, self.processor, self.eos)
+            except Exception as e:  # noqa: BLE001 - e.g. its sampler refused its params: fail this request only
+                stats = Stats(prompt_tokens=len(req.prompt_ids), finish_reason="error",
+                              error=f"{type(e).__name__}: {e}")
+                self._finished[rid] = Result(rid, "", [], stats, [], None)
+                events.append(Event(rid, "", None, True, stats))
+                continue
             self._running[row] = seq
             self._prefill(seq)
         if not self._running:
@@ -251,7 +259,13 @@ class Engine:
         # sample one token per row from its current distribution
         feed: list[_Seq] = []
         for seq in list(self._running.values()):
-            tok = self._sample(seq)
+            try:
+                tok = self._sample(seq)
+            except Exception as e:  # noqa: BLE001 - one row's sampling failing must not end the other rows
+                seq.stats.error = f"{type(e).__name__}: {e}"
+                self._finish(seq, "error")
+                events.append(Event(seq.rid, "", None, True, seq.stats))
+                continue
             # an end-of-sequence token ends the text; it is not part of it
             delta = "" if tok in seq.stop_ids else seq.decoder.push(tok)
             reason = self._finish_reason(seq, tok)
@@ -509,6 +523,8 @@ def chat_prompt(tokenizer, messages: list[dict]) -> tuple[list[int], list[int], 
         raise ValueError("messages need at least one user message")
     last = users[-1]
     marker = "\x00VIST2_QUERY\x00"
+    while any(marker in m["content"] for m in messages):  # a message may contain anything, even the marker
+        marker += "\x00"
     msgs = [dict(m) for m in messages]
     content = msgs[last]["content"]
     msgs[last]["content"] = marker

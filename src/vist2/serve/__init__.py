@@ -46,6 +46,15 @@ def _add_arguments(q: argparse.ArgumentParser) -> None:
                    help="longer prompts get 413 (default: only the memory limit, --max-cache-tokens)")
     q.add_argument("--max-cache-tokens", type=int, default=None, metavar="N",
                    help="KV entries one sequence may hold (default: the LLM's max positions)")
+    q.add_argument("--max-tokens-limit", type=int, default=None, metavar="N",
+                   help="the most tokens one choice may generate; larger max_tokens get 400 (default: the "
+                        "LLM's max positions; in gcc the memory limit alone would never stop a generation)")
+    q.add_argument("--max-body-bytes", type=int, default=None, metavar="N",
+                   help="larger request bodies get 413 unread (default: 1 MiB + 32 bytes per token of the "
+                        "longest prompt accepted)")
+    q.add_argument("--shutdown-grace", type=float, default=10.0, metavar="SECONDS",
+                   help="on shutdown, requests in flight get this long to finish before they end with a "
+                        "503 error; new ones get 503 at once (default 10)")
     q.add_argument("--mode", choices=["gcc", "pcc", "none"], default="gcc",
                    help="compression mode of requests that do not choose one (default gcc)")
     q.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
@@ -79,7 +88,10 @@ def cmd_serve(args) -> int:
 
     for flag, value, low in (("--port", args.port, 0), ("--max-batch", args.max_batch, 1),
                              ("--max-queue", args.max_queue, 1), ("--max-prompt-tokens", args.max_prompt_tokens, 1),
-                             ("--max-cache-tokens", args.max_cache_tokens, 1)):
+                             ("--max-cache-tokens", args.max_cache_tokens, 1),
+                             ("--max-tokens-limit", args.max_tokens_limit, 1),
+                             ("--max-body-bytes", args.max_body_bytes, 1),
+                             ("--shutdown-grace", args.shutdown_grace, 0)):
         if value is not None and value < low:
             raise CLIError(f"{flag} must be >= {low}, got {value}")
     if args.port > 65535:
@@ -91,7 +103,7 @@ def cmd_serve(args) -> int:
     import uvicorn
 
     from ..engine import Engine
-    from .app import create_app
+    from .app import Server, create_app
 
     device = default_device(args.device)
     dtype_name = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
@@ -103,13 +115,18 @@ def cmd_serve(args) -> int:
         raise CLIError(f"--model {folder}: {e}") from e
     name = args.served_model_name or folder.resolve().name
     app = create_app(engine, name, api_key=args.api_key, max_queue=args.max_queue,
-                     max_prompt_tokens=args.max_prompt_tokens, default_mode=args.mode)
+                     max_prompt_tokens=args.max_prompt_tokens, default_mode=args.mode,
+                     max_tokens_limit=args.max_tokens_limit, max_body_bytes=args.max_body_bytes,
+                     shutdown_grace=args.shutdown_grace)
     if not _is_loopback(args.host) and args.api_key is None:
         log.warning("serving on %s without --api-key: anyone who can reach it can use it", args.host)
     print(f"vist2 serve: {folder} as {name!r} on http://{args.host}:{args.port}/v1 ({device}, {dtype_name}; "
           f"batch {args.max_batch}, queue {args.max_queue}, KV limit {engine.max_cache_tokens}/sequence, "
-          f"default mode {args.mode})", file=sys.stderr, flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
+          f"default mode {args.mode}; at most {app.state.serving.max_tokens_limit} generated tokens/choice)",
+          file=sys.stderr, flush=True)
+    # the app drains itself first (Server.shutdown); uvicorn's own grace is only a backstop after that
+    Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                          timeout_graceful_shutdown=5)).run()
     return 0
 
 

@@ -17,10 +17,14 @@ Example (in-process, without a socket)::
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import secrets
+import time
 from contextlib import asynccontextmanager
+
+import uvicorn
 
 from fastapi import FastAPI
 from fastapi import Request as HTTPRequest
@@ -33,7 +37,10 @@ from ..engine import Engine
 from .metrics import ServerMetrics
 from .protocol import APIError, ChatCompletionRequest, CompletionRequest, ErrorResponse
 from .scheduler import Scheduler
-from .serving import OpenAIServing, ServingConfig
+from .serving import OpenAIServing, ServingConfig, prompt_token_bound
+
+BODY_BYTES_PER_TOKEN = 32  # JSON-escaped text is rarely over 8 bytes a token; the rest is headroom
+BODY_BYTES_BASE = 1 << 20  # room for the other fields and short prompts
 
 log = logging.getLogger(__name__)
 
@@ -46,15 +53,25 @@ def _error(status: int, message: str, type: str = "invalid_request_error", param
                         headers=headers)
 
 
+def default_max_body_bytes(engine: Engine, max_prompt_tokens: int | None) -> int:
+    """The body-size limit when none is given: sized from the longest prompt the server accepts."""
+    return BODY_BYTES_BASE + BODY_BYTES_PER_TOKEN * prompt_token_bound(engine, max_prompt_tokens)
+
+
+def _too_large(limit: int) -> APIError:
+    return APIError(413, f"the request body is over {limit} bytes (--max-body-bytes)", code="request_too_large")
+
+
 class _Gate:
-    """Pure ASGI middleware: the API key on /v1/*, and request counts by endpoint and status.
+    """Pure ASGI middleware: the API key on /v1/*, the body-size limit, and request counts.
 
     Pure ASGI rather than a FastAPI dependency so the key is checked before the body is parsed
-    (a malformed body without a key is a 401, not a 400) and streams pass through untouched.
+    (a malformed body without a key is a 401, not a 400), an oversized body is refused from its
+    Content-Length before it is read into memory, and streams pass through untouched.
     """
 
-    def __init__(self, app, api_key: str | None, metrics: ServerMetrics):
-        self.app, self.api_key, self.metrics = app, api_key, metrics
+    def __init__(self, app, api_key: str | None, metrics: ServerMetrics, max_body_bytes: int):
+        self.app, self.api_key, self.metrics, self.max_body = app, api_key, metrics, max_body_bytes
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -73,9 +90,42 @@ class _Gate:
                 response = _error(401, "missing or wrong API key (send 'Authorization: Bearer KEY')",
                                   code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
                 return await response(scope, receive, counting_send)
-            await self.app(scope, receive, counting_send)
+            length = self._content_length(scope)
+            if length is not None and length > self.max_body:
+                await self._discard_body(receive)  # read and dropped, so the client gets to read the answer
+                return await _error(413, _too_large(self.max_body).message, code="request_too_large")(
+                    scope, receive, counting_send)
+            seen = 0
+
+            async def limited_receive():  # a body without Content-Length (chunked) is counted as it comes
+                nonlocal seen
+                message = await receive()
+                if message["type"] == "http.request":
+                    seen += len(message.get("body", b""))
+                    if seen > self.max_body:
+                        raise _too_large(self.max_body)
+                return message
+
+            await self.app(scope, limited_receive, counting_send)
         finally:
             self.metrics.http_requests.labels(endpoint, str(status.get("code", 499))).inc()
+
+    @staticmethod
+    def _content_length(scope) -> int | None:
+        for name, value in scope["headers"]:
+            if name == b"content-length":
+                try:
+                    return int(value)
+                except ValueError:
+                    return None
+        return None
+
+    @staticmethod
+    async def _discard_body(receive) -> None:
+        while True:
+            message = await receive()
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                return
 
     def _authorized(self, scope) -> bool:
         for name, value in scope["headers"]:
@@ -98,15 +148,24 @@ def _describe(errors: list[dict]) -> tuple[str, str | None]:
     return "; ".join(parts), param
 
 
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
+
+
 async def _parse(raw: HTTPRequest, model: type[BaseModel]) -> BaseModel:
     """Read the body as JSON whatever the Content-Type says (curl -d sends form-encoded), then validate."""
     data = await raw.body()
     try:
-        obj = json.loads(data)
+        obj = json.loads(data, parse_constant=_no_constant)
     except ValueError as e:  # JSONDecodeError and UnicodeDecodeError are both ValueErrors
         raise APIError(400, f"the body is not valid JSON: {e}") from None
     if not isinstance(obj, dict):
         raise APIError(400, "the body must be a JSON object")
+    try:  # "\ud800" is valid JSON but no valid text: the tokenizer cannot take it
+        json.dumps(obj, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise APIError(400, f"the body contains a lone UTF-16 surrogate ({e.object[e.start:e.end]!a}), "
+                       "which is not valid Unicode text") from None
     try:
         return model.model_validate(obj)
     except ValidationError as e:
@@ -115,13 +174,38 @@ async def _parse(raw: HTTPRequest, model: type[BaseModel]) -> BaseModel:
 
 
 def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, max_queue: int = 256,
-               max_prompt_tokens: int | None = None, default_mode: str = "gcc") -> FastAPI:
-    """The app serving ``engine``; its scheduler thread starts and stops with the app's lifespan."""
+               max_prompt_tokens: int | None = None, default_mode: str = "gcc", max_tokens_limit: int | None = None,
+               max_body_bytes: int | None = None, shutdown_grace: float = 10.0) -> FastAPI:
+    """The app serving ``engine``; its scheduler thread starts and stops with the app's lifespan.
+
+    ``max_tokens_limit``: generated tokens a choice may ask for (default: the LLM's positions).
+    ``max_body_bytes``: larger bodies get 413 unread (default: sized from the longest prompt accepted).
+    ``shutdown_grace``: seconds in-flight requests may still run once shutdown begins (see :class:`Server`).
+    """
     if default_mode not in ("gcc", "pcc", "none"):
         raise ValueError(f"default_mode must be gcc, pcc or none, got {default_mode!r}")
+    for name, value in (("max_tokens_limit", max_tokens_limit), ("max_body_bytes", max_body_bytes)):
+        if value is not None and value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    if shutdown_grace < 0:
+        raise ValueError(f"shutdown_grace must be >= 0, got {shutdown_grace}")
     metrics = ServerMetrics()
     scheduler = Scheduler(engine, max_queue=max_queue, metrics=metrics)
-    serving = OpenAIServing(scheduler, ServingConfig(model_name, default_mode, max_prompt_tokens))
+    serving = OpenAIServing(scheduler, ServingConfig(model_name, default_mode, max_prompt_tokens, max_tokens_limit))
+    max_body = max_body_bytes or default_max_body_bytes(engine, max_prompt_tokens)
+
+    async def drain() -> None:
+        """Refuse new requests (503), give the running ones ``shutdown_grace`` seconds, end the rest."""
+        scheduler.begin_drain()
+        log.info("shutdown: new requests get 503; %d in flight get up to %.1f s", scheduler.in_flight,
+                 shutdown_grace)
+        deadline = time.monotonic() + shutdown_grace
+        while not scheduler.idle and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if not scheduler.idle:
+            log.warning("shutdown: ending %d request(s) still running after %.1f s", scheduler.in_flight,
+                        shutdown_grace)
+        await asyncio.to_thread(scheduler.stop)  # what is left ends with a 503 error (an error event in streams)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -130,10 +214,12 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, m
             yield
         finally:
             scheduler.stop()
+            serving.close()
 
     app = FastAPI(title="vist2", description="OpenAI-compatible server with global context compression",
                   lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.serving, app.state.scheduler, app.state.metrics = serving, scheduler, metrics
+    app.state.drain = drain
 
     @app.exception_handler(APIError)
     async def _api_error(request, exc: APIError):
@@ -158,7 +244,8 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, m
     @app.get("/health")
     async def health():
         if not scheduler.alive:
-            return _error(503, "the scheduler is not running", type="service_unavailable")
+            return _error(503, "the server is not accepting requests (starting or shutting down)",
+                          type="service_unavailable")
         return {"status": "ok"}
 
     @app.get("/metrics")
@@ -178,5 +265,21 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, m
     async def chat(raw: HTTPRequest):
         return await serving.chat(await _parse(raw, ChatCompletionRequest), raw)
 
-    app.add_middleware(_Gate, api_key=api_key, metrics=metrics)
+    app.add_middleware(_Gate, api_key=api_key, metrics=metrics, max_body_bytes=max_body)
     return app
+
+
+class Server(uvicorn.Server):
+    """``uvicorn.Server`` that shuts a vist2 app down gracefully.
+
+    uvicorn alone cancels the handlers still running after its grace period (a plain-text 500, a
+    stream cut without ``[DONE]``). This first runs the app's drain while the socket is still open:
+    new requests get a 503 JSON error, requests in flight get ``shutdown_grace`` seconds to finish,
+    and whatever is left ends with a 503 error (streams: an error event, then ``data: [DONE]``).
+    """
+
+    async def shutdown(self, sockets=None):
+        drain = getattr(getattr(self.config.app, "state", None), "drain", None)
+        if drain is not None:
+            await drain()
+        await super().shutdown(sockets=sockets)

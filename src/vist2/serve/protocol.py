@@ -68,7 +68,16 @@ class APIError(Exception):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # strict: JSON types as OpenAI takes them ("stream": "yes" or "max_tokens": "3" are 400s, not converted)
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+# Bounds of what the engine can take. Outside them a value either overflows (a seed beyond 64 bits,
+# a temperature or penalty so small that logits divided by it are inf) or only costs memory.
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1  # OpenAI's seed is an int64; seed + i (i < n <= 128) still fits torch
+MIN_TEMPERATURE = 1e-4  # below it (but > 0) logits / temperature overflow float32: use 0 for greedy
+PENALTY_MIN, PENALTY_MAX = 0.01, 100.0
+MAX_TOKEN_ID = 2**31 - 1
 
 
 class StreamOptions(_Strict):
@@ -84,14 +93,14 @@ class _GenerationRequest(_Strict):
     """Fields shared by /v1/completions and /v1/chat/completions."""
 
     model: str
-    temperature: float = Field(1.0, ge=0, le=2)  # OpenAI's default; 0 = greedy
-    top_p: float = Field(1.0, gt=0, le=1)
+    temperature: float = Field(1.0, ge=0, le=2, allow_inf_nan=False)  # OpenAI's default; 0 = greedy
+    top_p: float = Field(1.0, gt=0, le=1, allow_inf_nan=False)
     n: int = Field(1, ge=1, le=128)
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     stop: Union[str, list[str], None] = None
-    seed: Optional[int] = None
-    user: Optional[str] = None
+    seed: Optional[int] = Field(None, ge=SEED_MIN, le=SEED_MAX)
+    user: Optional[str] = Field(None, max_length=256)
     # OpenAI fields accepted only at their neutral value
     presence_penalty: Optional[float] = None
     frequency_penalty: Optional[float] = None
@@ -99,10 +108,24 @@ class _GenerationRequest(_Strict):
     # VIST2 extras
     mode: Optional[Mode] = None  # None: the server's default (gcc unless started otherwise)
     ignore_eos: bool = False
-    top_k: int = Field(0, ge=0)
-    repetition_penalty: float = Field(1.0, gt=0)
-    no_repeat_ngram_size: int = Field(0, ge=0)
-    stop_token_ids: list[int] = Field(default_factory=list)
+    top_k: int = Field(0, ge=0, le=MAX_TOKEN_ID)
+    repetition_penalty: float = Field(1.0, ge=PENALTY_MIN, le=PENALTY_MAX, allow_inf_nan=False)
+    no_repeat_ngram_size: int = Field(0, ge=0, le=1024)
+    stop_token_ids: list[int] = Field(default_factory=list, max_length=64)
+
+    @field_validator("temperature")
+    @classmethod
+    def _temperature(cls, v):
+        if 0 < v < MIN_TEMPERATURE:
+            raise ValueError(f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE}, got {v!r}")
+        return v
+
+    @field_validator("stop_token_ids")
+    @classmethod
+    def _stop_ids(cls, v):
+        if not all(0 <= t <= MAX_TOKEN_ID for t in v):
+            raise ValueError(f"stop_token_ids must be token ids in [0, {MAX_TOKEN_ID}]")
+        return v
 
     @field_validator("stop")
     @classmethod
@@ -148,6 +171,8 @@ class CompletionRequest(_GenerationRequest):
     def _prompt(cls, v):
         if isinstance(v, list) and (not v or any(isinstance(p, list) and not p for p in v)):
             raise ValueError("prompt must not be empty")
+        if isinstance(v, list) and len(v) > 128 and not all(isinstance(t, int) for t in v):
+            raise ValueError("prompt: at most 128 prompts per request")
         return v
 
     @field_validator("echo", "logprobs", "suffix")
@@ -208,7 +233,7 @@ class ChatCompletionRequest(_GenerationRequest):
     @classmethod
     def _format(cls, v):
         if v is not None and v.get("type") != "text":
-            raise ValueError("response_format: only {'type': 'text'} is supported")
+            raise ValueError("only {'type': 'text'} is supported")
         return v
 
 

@@ -1,7 +1,8 @@
 """One thread owns the engine; HTTP handlers talk to it through queues.
 
-The engine is synchronous and not thread-safe, so every call into it (tokenizing, ``add``, ``step``,
-``abort``, ``result``) happens on the scheduler thread. Handlers run on the asyncio event loop:
+The engine is synchronous and not thread-safe, so every call into it (``add``, ``step``, ``abort``,
+``result``) happens on the scheduler thread. Prompts arrive tokenized (the server tokenizes them on a
+thread of its own), so nothing slow but the model runs here. Handlers run on the asyncio event loop:
 they :meth:`Scheduler.submit` a group of requests (the ``n`` choices of one HTTP request, added
 all or none), then read ``(choice index, Event)`` pairs from the submission's asyncio queue, which
 the thread fills through ``loop.call_soon_threadsafe``. The thread loops ``engine.step()`` while
@@ -41,7 +42,7 @@ from .protocol import APIError
 
 log = logging.getLogger(__name__)
 
-Builder = Callable[[Engine], Request]  # runs on the scheduler thread (the tokenizer is not shared across threads)
+Builder = Callable[[Engine], Request]  # runs on the scheduler thread; may raise APIError to refuse the request
 
 
 class Submission:
@@ -100,12 +101,26 @@ class Scheduler:
         self._running = 0
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._draining = False
 
     # -- event-loop side ----------------------------------------------------------------
 
     @property
     def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive() and not self._stopping
+        return self._thread is not None and self._thread.is_alive() and not (self._stopping or self._draining)
+
+    @property
+    def in_flight(self) -> int:
+        """Engine requests accepted and not finished (queued or holding a row)."""
+        return self._depth + self._running
+
+    @property
+    def idle(self) -> bool:
+        return self.in_flight == 0
+
+    def begin_drain(self) -> None:
+        """Refuse new submissions (503) from now on; those accepted carry on."""
+        self._draining = True
 
     def start(self) -> None:
         if self._thread is None:
@@ -113,8 +128,9 @@ class Scheduler:
             self._thread.start()
 
     def stop(self, timeout: float = 10.0) -> None:
+        """End everything in flight with a 503 error and the thread (idempotent)."""
         self._stopping = True
-        if self._thread is not None:
+        if self._thread is not None and self._thread.is_alive():
             self._inbox.put(_STOP)
             self._thread.join(timeout)
 
@@ -256,7 +272,14 @@ class Scheduler:
                 self._running -= 1
                 sub.finished[i] = True
                 self._count_finished(ev)
-            if not sub.cancelled:
+            if sub.cancelled:
+                continue
+            if ev.done and ev.stats is not None and ev.stats.finish_reason == "error":
+                # this row failed alone (say, its sampling): its request gets the error, the others go on
+                log.error("request %d failed: %s", ev.request_id, ev.stats.error)
+                sub.post(APIError(500, f"generating this request failed: {ev.stats.error}", type="server_error"))
+                self.cancel(sub)
+            else:
                 sub.post((i, ev))
         self.metrics.running.set(self._running)
 

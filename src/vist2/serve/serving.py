@@ -22,7 +22,11 @@ Example (a running server; see :mod:`vist2.serve`)::
 from __future__ import annotations
 
 import asyncio
+import copy
+import dataclasses
 import json
+import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import AsyncIterator, Callable
 
@@ -62,6 +66,26 @@ class ServingConfig:
     model_name: str
     default_mode: str = "gcc"
     max_prompt_tokens: int | None = None  # None: only the engine's memory limit applies
+    max_tokens_limit: int | None = None  # generated tokens per choice; None: the model's context length
+
+
+def model_max_tokens(engine: Engine) -> int:
+    """The default cap on generated tokens: the LLM's positions (gcc would otherwise never stop)."""
+    return int(engine.model.config.text_config.max_position_embeddings)
+
+
+def prompt_token_bound(engine: Engine, max_prompt_tokens: int | None) -> int:
+    """The most prompt tokens any request can have: ``--max-prompt-tokens``, else what the memory limit
+    holds once compressed (every K tokens become beta visual tokens)."""
+    if max_prompt_tokens is not None:
+        return max_prompt_tokens
+    return engine.max_cache_tokens * max(1, math.ceil(engine.K / engine.beta))
+
+
+def max_token_chars(tokenizer) -> int:
+    """The longest vocabulary entry in characters; byte-level BPE spells each byte as one character,
+    so no token covers more text than this (a cheap lower bound on a text's token count)."""
+    return max(len(t) for t in tokenizer.get_vocab())
 
 
 def _finish_reason(stats: Stats | None) -> str:
@@ -105,6 +129,20 @@ class OpenAIServing:
         self.engine: Engine = scheduler.engine
         self.config = config
         self.created = now()
+        self.max_tokens_limit = config.max_tokens_limit or model_max_tokens(self.engine)
+        self.prompt_limit = prompt_token_bound(self.engine, config.max_prompt_tokens)
+        # Prompts are tokenized on their own thread, off the event loop (other requests keep being
+        # answered) and off the scheduler thread (running streams keep decoding). It gets its own
+        # tokenizer: the scheduler thread's one is not shared across threads.
+        processor = copy.copy(self.engine.processor)
+        processor.tokenizer = copy.deepcopy(processor.tokenizer)
+        self._tokenizing = copy.copy(self.engine)  # a view for Engine.request() only: it reads the processor
+        self._tokenizing.processor = processor
+        self._chars_per_token = max_token_chars(processor.tokenizer)
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="vist2-tokenize")
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
     # -- /v1/models ---------------------------------------------------------------------
 
@@ -122,7 +160,10 @@ class OpenAIServing:
             raise APIError(404, f"the model {name!r} does not exist; this server serves {self.config.model_name!r}",
                            param="model", code="model_not_found")
 
-    def _params(self, body, max_tokens: int, n: int) -> list[SamplingParams]:
+    def _params(self, body, max_tokens: int, n: int, field: str = "max_tokens") -> list[SamplingParams]:
+        if max_tokens > self.max_tokens_limit:
+            raise APIError(400, f"{field} is {max_tokens}; this server generates at most {self.max_tokens_limit} "
+                           "tokens per choice (--max-tokens-limit)", param=field)
         out = []
         for i in range(n):
             p = SamplingParams(
@@ -138,30 +179,45 @@ class OpenAIServing:
                 raise APIError(400, str(e), param=_PARAM_NAMES.get(field, field)) from e
         return out
 
-    def _builder(self, params: SamplingParams, mode: str, *, prompt: str | None = None,
-                 ids: list[int] | None = None, messages: list[dict] | None = None) -> Builder:
-        limit = self.config.max_prompt_tokens
+    def _too_long(self, n_tokens: int, param: str, at_least: bool = False) -> APIError:
+        limit = self.prompt_limit
+        flag = "--max-prompt-tokens" if self.config.max_prompt_tokens is not None else "the memory limit"
+        return APIError(413, f"the prompt has {'at least ' if at_least else ''}{n_tokens} tokens; this server "
+                        f"accepts at most {limit} ({flag})", param=param, code="context_length_exceeded")
+
+    def _request(self, params: SamplingParams, mode: str, *, prompt: str | None = None,
+                 ids: list[int] | None = None, messages: list[dict] | None = None) -> Request:
+        """Tokenize and check one prompt (on the tokenizer thread). Raises APIError 400 / 413."""
         param = "messages" if messages is not None else "prompt"
+        # cheap first: no token covers more than _chars_per_token characters, so a text this long
+        # is over the limit whatever it says, and is refused before it is tokenized
+        chars = len(prompt) if prompt is not None else sum(len(m["content"]) for m in messages or ())
+        if ids is None and chars > self.prompt_limit * self._chars_per_token:
+            raise self._too_long(math.ceil(chars / self._chars_per_token), param, at_least=True)
+        try:
+            if ids is not None:
+                vocab = len(self._tokenizing.processor.tokenizer)
+                if any(not 0 <= t < vocab for t in ids):
+                    raise ValueError(f"token ids must be in [0, {vocab})")
+                req = Request(query=list(ids), params=params, mode=mode)
+            elif messages is not None:
+                req = self._tokenizing.request(messages=messages, params=params, mode=mode)
+            else:
+                req = self._tokenizing.request(prompt, params=params, mode=mode)
+        except ValueError as e:
+            raise APIError(400, str(e), param=param) from e
+        if len(req.prompt_ids) > self.prompt_limit and self.config.max_prompt_tokens is not None:
+            raise self._too_long(len(req.prompt_ids), param)
+        return req
 
-        def build(engine: Engine) -> Request:  # on the scheduler thread
-            try:
-                if ids is not None:
-                    vocab = len(engine.processor.tokenizer)
-                    if any(not 0 <= t < vocab for t in ids):
-                        raise ValueError(f"token ids must be in [0, {vocab})")
-                    req = Request(query=list(ids), params=params, mode=mode)
-                elif messages is not None:
-                    req = engine.request(messages=messages, params=params, mode=mode)
-                else:
-                    req = engine.request(prompt, params=params, mode=mode)
-            except ValueError as e:
-                raise APIError(400, str(e), param=param) from e
-            if limit is not None and len(req.prompt_ids) > limit:
-                raise APIError(413, f"the prompt has {len(req.prompt_ids)} tokens; this server accepts at most "
-                               f"{limit} (--max-prompt-tokens)", param=param, code="context_length_exceeded")
-            return req
-
-        return build
+    async def _builders(self, params: list[SamplingParams], mode: str, prompts: list[dict]) -> list[Builder]:
+        """One builder per (prompt, choice), prompt-major; the prompts are tokenized once, off the loop."""
+        loop = asyncio.get_running_loop()
+        reqs = []
+        for pr in prompts:
+            first = await loop.run_in_executor(self._pool, lambda pr=pr: self._request(params[0], mode, **pr))
+            reqs += [first] + [dataclasses.replace(first, params=p) for p in params[1:]]
+        return [lambda engine, r=r: r for r in reqs]
 
     def _usage(self, sub: Submission, stats: list[Stats | None], n: int, mode: str) -> Usage:
         prompt = sum(sub.prompt_tokens[k] for k in range(0, len(stats), n))  # each prompt counted once
@@ -209,9 +265,8 @@ class OpenAIServing:
             try:
                 async for chunk in chunks:
                     yield chunk
-            except APIError as e:  # the engine failed mid-stream: the status line is long gone
+            except APIError as e:  # the engine failed or the server stops: the status line is long gone
                 yield _sse(e.response().model_dump())
-                return
             yield "data: [DONE]\n\n"
 
         return SSEResponse(body(), on_close=lambda: self.scheduler.cancel(sub))
@@ -229,7 +284,7 @@ class OpenAIServing:
             prompts = [dict(ids=p)]
         else:
             prompts = [dict(prompt=x) if isinstance(x, str) else dict(ids=x) for x in p]
-        builders = [self._builder(params[j], mode, **pr) for pr in prompts for j in range(body.n)]
+        builders = await self._builders(params, mode, prompts)
         sub = await self.scheduler.submit(builders)
         rid, created, name = new_id("cmpl"), now(), self.config.model_name
 
@@ -262,12 +317,14 @@ class OpenAIServing:
     async def chat(self, body: ChatCompletionRequest, raw: HTTPRequest):
         self._check_model(body.model)
         mode = body.mode or self.config.default_mode
-        max_tokens = body.max_completion_tokens or body.max_tokens or DEFAULT_CHAT_MAX_TOKENS
-        params = self._params(body, max_tokens, body.n)
+        field = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
+        max_tokens = body.max_completion_tokens or body.max_tokens or min(DEFAULT_CHAT_MAX_TOKENS,
+                                                                          self.max_tokens_limit)
+        params = self._params(body, max_tokens, body.n, field)
         # the chat template knows system/user/assistant; OpenAI's "developer" is the newer name for system
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
                     for m in body.messages]
-        builders = [self._builder(params[j], mode, messages=messages) for j in range(body.n)]
+        builders = await self._builders(params, mode, [dict(messages=messages)])
         sub = await self.scheduler.submit(builders)
         rid, created, name = new_id("chatcmpl"), now(), self.config.model_name
 

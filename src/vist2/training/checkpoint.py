@@ -1,9 +1,11 @@
 """Checkpoints written atomically: a finished checkpoint is there whole, or not at all.
 
 A checkpoint is written into ``OUT/checkpoints/.tmp-step-00000100/``; only when
-every file (weights as safetensors, optimizer, scheduler, RNG states, and
-``trainer_state.json`` last) is on disk is the folder renamed to
-``step-00000100``. A rename within one file system is atomic, so a process
+every file is on disk — the model as an ordinary model folder (``config.json``
+with the render settings, safetensors weights, tokenizer: ``vist2 generate``,
+``eval`` and ``serve`` load it as it is), the training state under
+``training_state/`` (weights, optimizer, scheduler, RNG states), and
+``trainer_state.json`` last — is the folder renamed to ``step-00000100``. A rename within one file system is atomic, so a process
 killed mid-save leaves a ``.tmp-*`` folder, which :func:`latest_checkpoint`
 never returns and :func:`clean_partial` deletes on the next start.
 """
@@ -18,6 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 STATE_FILE = "trainer_state.json"
+TRAINING_STATE_DIR = "training_state"  # accelerate's save_state, beside the model files of the same step
 _NAME = re.compile(r"^step-(\d{8})$")
 
 

@@ -109,6 +109,25 @@ def render_batch(rows: list[list[Item]], processor, index: int, skipped: dict, p
                  n_tokens=int((plan.kind != Kind.PAD).sum()), n_targets=int((plan.labels != IGNORE).sum()))
 
 
+MIN_EVAL_SLICE = 256  # characters: a text whose 1/holdout share is at least this long is split, not held whole
+
+
+def holdout_cut(text: str, holdout: int) -> int:
+    """Where a text splits into training (before) and eval (after): its last ``1/holdout``,
+    moved forward to the next whitespace (within 64 characters) so no word is cut.
+
+        >>> text = "word " * 1000
+        >>> cut = holdout_cut(text, 100)
+        >>> cut, text[cut - 5:cut + 5]
+        (4955, 'word word ')
+    """
+    cut = len(text) - len(text) // holdout
+    for i in range(cut, min(cut + 64, len(text))):
+        if text[i].isspace():
+            return i + 1
+    return cut
+
+
 class StageDataset(IterableDataset):
     """Batches of one stage for one rank (see the module docstring for the order guarantees).
 
@@ -131,20 +150,34 @@ class StageDataset(IterableDataset):
             return 0.0  # counting pass: the curriculum's first phase
         return min(1.0, (batch_index // self.cfg.grad_accum) / self.total_steps)
 
-    def _keep(self, idx: int) -> bool:
-        """Is raw record ``idx`` in this split and on this rank? Held-out records are every
-        ``holdout``-th; ranks take turns over the rest (and over the held-out ones)."""
+    def _on_rank(self, idx: int) -> bool:
+        """Is raw record ``idx`` this rank's? Ranks take turns over the held-out records and
+        over the rest separately, so each rank gets a share of both."""
         if self.holdout:
             held = idx % self.holdout == 0
-            if held != (self.split == "eval"):
-                return False
             j = idx // self.holdout if held else idx - idx // self.holdout - 1
         else:
             j = idx
         return j % self.world == self.rank
 
+    def _keep(self, idx: int) -> bool:
+        """Is raw record ``idx`` in this split and on this rank? Held-out records are every
+        ``holdout``-th (a long text is split instead, see :func:`holdout_cut`)."""
+        return self._on_rank(idx) and (not self.holdout or (idx % self.holdout == 0) == (self.split == "eval"))
+
     def _records(self, counter: SkipCounter) -> Iterator[tuple[int, dict]]:
-        return self.source.records(self.cfg.stage, skipped=counter, keep=self._keep)
+        if not self.holdout:
+            yield from self.source.records(self.cfg.stage, skipped=counter, keep=self._keep)
+            return
+        # Records are read on both splits here: a text long enough is split (its end held out, so a
+        # single book can be trained on), any other record goes whole to the split _keep gives it.
+        for idx, rec in self.source.records(self.cfg.stage, skipped=counter, keep=self._on_rank):
+            text = rec.get("text")
+            if isinstance(text, str) and len(text) >= self.holdout * MIN_EVAL_SLICE:
+                cut = holdout_cut(text, self.holdout)
+                yield idx, {**rec, "text": text[cut:] if self.split == "eval" else text[:cut]}
+            elif self._keep(idx):
+                yield idx, rec
 
     def layouts(self, one_epoch: bool = False) -> Iterator[tuple[int, list[list[Item]], dict]]:
         """The cheap half: (batch index, rows of items, skips since the previous batch)."""
@@ -188,8 +221,10 @@ class StageDataset(IterableDataset):
                     return
                 why = f"rank {self.rank} of {self.world} gets every {self.world}-th record" if self.world > 1 else ""
                 if self.holdout:
-                    why += ("; " if why else "") + (f"every {self.holdout}-th record, from the first, is held out "
-                                                    f"for eval (eval_holdout; or pass --eval-data)")
+                    why += ("; " if why else "") + (
+                        f"every {self.holdout}-th record, from the first, is held out for eval, and a text shorter "
+                        f"than {self.holdout * MIN_EVAL_SLICE} characters is held out whole: pass --eval-data FILE, "
+                        f"or set eval_holdout: 0 in a --config file (no eval)")
                 raise ValueError(f"{self.source.path}: no usable training samples for stage {cfg.stage!r} "
                                  f"({counter.report()}{'; ' + why if why else ''})")
 

@@ -9,9 +9,12 @@ GPU), freeze what the stage does not train (optionally LoRA on the LLM), open
 and check the data, fix the number of optimizer steps (``max_steps``, or one
 epoch counted from the data), then loop: micro-batches with gradient
 accumulation, clipping, AdamW, warm-up + cosine; a tqdm bar with loss, LR and
-tokens/s; TensorBoard scalars under ``OUT/logs``; eval loss every
-``eval_every`` steps; atomic checkpoints under ``OUT/checkpoints`` (weights as
-safetensors, optimizer, scheduler, RNG states, data position). ``--resume``
+tokens/s (with ``--no-progress``: a printed line every ``log_every`` steps);
+TensorBoard scalars under ``OUT/logs``; eval loss every ``eval_every`` steps;
+atomic checkpoints under ``OUT/checkpoints`` (each step folder is a model folder
+that generate / eval / serve load, plus the training state: optimizer,
+scheduler, RNG states, data position). On CPU, torch uses half the cores unless
+``OMP_NUM_THREADS`` says otherwise. ``--resume``
 continues from the newest complete checkpoint exactly: the data stream skips
 the batches already consumed, and the RNG states come back.
 
@@ -21,10 +24,13 @@ LoRA merged) that ``vist2 generate --model OUT`` loads.
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import os
+import re
 import time
+from contextlib import contextmanager
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +39,8 @@ import torch
 
 from ..layout import IGNORE
 from ..runtime import default_device, require_checkpoint, write_json
-from .checkpoint import STATE_FILE, atomic_dir, checkpoint_name, clean_partial, latest_checkpoint, prune
+from .checkpoint import (STATE_FILE, TRAINING_STATE_DIR, atomic_dir, checkpoint_name, clean_partial,
+                         latest_checkpoint, prune)
 from .config import TrainConfig
 from .data import SkipCounter, check_source, open_source
 from .pipeline import StageDataset, make_loader
@@ -188,6 +195,8 @@ class Trainer:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # DataLoader workers fork after tokenizing
         require_checkpoint(self.model_dir)
         device_type = default_device()
+        if device_type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+            torch.set_num_threads(default_cpu_threads())
         precision, attn, pad_multiple = runtime_choices(cfg, device_type)
         acc = self._accelerator(precision)
         main = acc.is_main_process
@@ -241,7 +250,8 @@ class Trainer:
         step, batches = 0, 0
         skipped = SkipCounter()
         if state:
-            acc.load_state(str(latest))
+            # the training state has its own subfolder (older checkpoints kept it at the top)
+            acc.load_state(str(latest / TRAINING_STATE_DIR if (latest / TRAINING_STATE_DIR).is_dir() else latest))
             step, batches = int(state["step"]), int(state["batches"])
             if main:
                 skipped.update(state.get("skipped", {}))
@@ -256,7 +266,10 @@ class Trainer:
             gathered = gather_object([dict(skipped)])
             total_skipped = sum((Counter(d) for d in gathered), Counter())
             with atomic_dir(self.ckpt_root / checkpoint_name(at_step), main, acc.wait_for_everyone) as tmp:
-                acc.save_state(str(tmp), safe_serialization=True)
+                with _quiet_tied_weights(acc.unwrap_model(model)):
+                    acc.save_state(str(tmp / TRAINING_STATE_DIR), safe_serialization=True)
+                # the step folder is also a model folder: generate, eval and serve load it as it is
+                self._write_model(tmp, model, acc, processor, original_attn, final=False)
                 if main:  # written last: its presence with complete=true marks a whole checkpoint
                     write_json(tmp / STATE_FILE, {
                         "complete": True, "stage": cfg.stage, "step": at_step, "batches": batches,
@@ -295,7 +308,6 @@ class Trainer:
                     continue
                 scheduler.step()
                 step += 1
-                bar.update(1)
                 if step % cfg.log_every == 0 or step == total:
                     counts = torch.tensor([window_n, window_tokens], dtype=torch.float64, device=acc.device)
                     stats = acc.reduce(torch.cat([window_loss.double()[None], counts]), "sum")
@@ -304,20 +316,25 @@ class Trainer:
                     tps = float(stats[2]) / max(dt, 1e-9)
                     tokens_all += int(stats[2])
                     lr = scheduler.get_last_lr()[0]
-                    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}")
+                    # set before the bar moves, so the line for this step shows this window's loss
+                    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}", refresh=False)
+                    if main and not self.progress:
+                        print(f"{cfg.stage} step {step}/{total}: loss {loss:.4f}, lr {lr:.2e}, {tps:,.0f} tokens/s",
+                              flush=True)
                     acc.log({"train/loss": loss, "train/lr": lr, "train/tokens_per_s": tps}, step=step)
                     result.last_loss = loss
                     window_loss, window_n, window_tokens, t_window = fresh_window()
+                bar.update(1)
                 if eval_ds is not None and (step % cfg.eval_every == 0 or step == total):
                     result.eval_loss = self.evaluate(model, eval_ds, acc)
                     if result.eval_loss is not None:
                         acc.log({"eval/loss": result.eval_loss}, step=step)
-                        if main and self.progress:
-                            bar.write(f"step {step}: eval loss {result.eval_loss:.4f}")
+                        if main:
+                            (bar.write if self.progress else print)(f"step {step}: eval loss {result.eval_loss:.4f}")
                     if self.probe is not None:  # is the visual path alive? (warns on a collapse)
                         warm = step >= max(math.ceil(cfg.warmup_ratio * total), total // 10, 1)
                         result.probe = report_probe(self.probe, step, warm, acc.log,
-                                                    bar.write if main and self.progress else None, main)
+                                                    (bar.write if self.progress else print) if main else None, main)
                     model.train()
                 if step % cfg.save_every == 0 and step < total:
                     save(step)
@@ -335,7 +352,7 @@ class Trainer:
             acc.end_training()
             return result
         save(step)  # the final state, so a longer follow-up run (more --max-steps) can resume
-        self._export(model, acc, processor, original_attn, result)
+        self._export(model, acc, processor, original_attn, attn, result)
         acc.end_training()
         return result
 
@@ -357,20 +374,35 @@ class Trainer:
         self.probe = probe.finish(lambda t: acc.reduce(t, "sum")) if probe is not None else None
         return float(total[0] / total[1]) if total[1] > 0 else None
 
-    def _export(self, model, acc, processor, original_attn: str, result: TrainResult) -> None:
+    def _write_model(self, folder: Path, model, acc, processor, original_attn: str, final: bool) -> None:
+        """``folder`` as an ordinary HF model folder (config with the render settings, safetensors
+        weights, tokenizer), LoRA merged. Between steps LoRA is merged into a copy, and the model
+        keeps training as it was."""
+        state_dict = acc.get_state_dict(model)  # gathers FSDP / DeepSpeed shards on every rank
+        if not acc.is_main_process:
+            return
+        m = acc.unwrap_model(model)
+        if self.cfg.lora.enabled:
+            if not final:
+                m = copy.deepcopy(m)
+            merge_lora(m)
+            state_dict = m.state_dict()
+        train_attn = m.config.text_config._attn_implementation
+        set_attention(m, original_attn)  # inference picks its own kernel
+        try:
+            m.save_pretrained(str(folder), state_dict=state_dict, safe_serialization=True)
+        finally:
+            if not final:
+                set_attention(m, train_attn)
+        processor.tokenizer.save_pretrained(str(folder))
+
+    def _export(self, model, acc, processor, original_attn: str, attn: str, result: TrainResult) -> None:
         """Write OUT as an ordinary HF folder (LoRA merged), plus train_summary.json."""
         acc.wait_for_everyone()
-        state_dict = acc.get_state_dict(model)  # gathers FSDP / DeepSpeed shards on every rank
+        if self.cfg.gradient_checkpointing:
+            acc.unwrap_model(model).gradient_checkpointing_disable()
+        self._write_model(self.out, model, acc, processor, original_attn, final=True)
         if acc.is_main_process:
-            m = acc.unwrap_model(model)
-            if self.cfg.lora.enabled:
-                merge_lora(m)
-                state_dict = m.state_dict()
-            if self.cfg.gradient_checkpointing:
-                m.gradient_checkpointing_disable()
-            set_attention(m, original_attn)  # inference picks its own kernel
-            m.save_pretrained(str(self.out), state_dict=state_dict, safe_serialization=True)
-            processor.tokenizer.save_pretrained(str(self.out))
             write_json(self.out / "train_summary.json", {
                 "stage": self.cfg.stage, "steps": result.steps, "total_steps": result.total_steps,
                 "last_loss": result.last_loss, "eval_loss": result.eval_loss, "skipped": result.skipped,
@@ -379,3 +411,43 @@ class Trainer:
             })
             log.info("records skipped: %s", SkipCounter(result.skipped).report())
         acc.wait_for_everyone()
+
+
+class _TiedWeightsFilter(logging.Filter):
+    """Drops accelerate's "Removed shared tensor ..." warning when every name it removed is a tied
+    alias of another weight (``lm_head.weight`` with tied embeddings): that removal is the intended
+    way to store them, and loading ties them again."""
+
+    def __init__(self, aliases: set[str]):
+        super().__init__()
+        self.aliases = aliases
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()  # accelerate may prefix it with "[RANK n] "
+        start = msg.find("Removed shared tensor {")
+        if start < 0:
+            return True
+        names = set(re.findall(r"'([^']+)'", msg[start: msg.index("}", start) + 1]))
+        return not (names and names <= self.aliases)
+
+
+@contextmanager
+def _quiet_tied_weights(model):
+    named = dict(model.named_parameters(remove_duplicate=False))
+    aliases = set(named) - {n for n, _ in model.named_parameters()}  # the second name of a shared weight
+    logger = logging.getLogger("accelerate.utils.other")
+    f = _TiedWeightsFilter(aliases)
+    logger.addFilter(f)
+    try:
+        yield
+    finally:
+        logger.removeFilter(f)
+
+
+def default_cpu_threads() -> int:
+    """Torch threads for CPU training when ``OMP_NUM_THREADS`` does not say: half the cores.
+
+    Tiny steps gain little from a second thread and lose a lot when other processes share the
+    cores (bench/notes/train.md), so the default leaves room for the data workers and the rest.
+    """
+    return max(1, (os.cpu_count() or 1) // 2)
