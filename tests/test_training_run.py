@@ -224,7 +224,8 @@ def test_one_text_file_trains_with_a_held_out_slice(tiny_dir, tmp_path, capfd):
     logging.getLogger().addHandler(h)
     try:
         res = run(tiny_dir, "ocr", novel, tmp_path / "out", steps=2, eval_holdout=100, eval_every=2,
-                  eval_batches=1, save_every=1, max_length=192)
+                  eval_batches=1, save_every=1, max_length=192,
+                  curriculum=[{"until": 1.0, "min_images": 1, "max_images": 2}])
     finally:
         logging.getLogger().removeHandler(h)
     assert res.steps == 2 and res.eval_loss is not None and res.eval_loss > 0
