@@ -20,7 +20,7 @@ TRAIN = [(1, 11.940818786621094, 1e-3), (2, 11.943859100341797, 7.5e-4), (3, 11.
          (4, 11.790262222290039, 0.0)]
 EVAL = [(2, 11.900150299072266), (4, 11.860838890075684)]
 BLIND_GAP = -0.00048160552978515625  # probe/blind_gap at the last eval
-TOKENS = 1024  # batch tokens over the 4 steps x 2 micro-batches
+TOKENS = 1024  # real (non-pad) slots over the 4 steps x 2 micro-batches
 
 
 @pytest.fixture
