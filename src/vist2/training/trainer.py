@@ -28,19 +28,17 @@ import copy
 import logging
 import math
 import os
-import re
 import time
-from contextlib import contextmanager
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from ..layout import IGNORE
 from ..runtime import default_device, require_checkpoint, write_json
-from .checkpoint import (STATE_FILE, TRAINING_STATE_DIR, atomic_dir, checkpoint_name, clean_partial,
-                         latest_checkpoint, prune)
+from .checkpoint_manager import CheckpointManager
 from .config import TrainConfig
 from .data import SkipCounter, check_source, open_source
 from .pipeline import StageDataset, make_loader
@@ -129,13 +127,130 @@ def _tensorboard_available() -> bool:
     return importlib.util.find_spec("tensorboard") is not None
 
 
+def forward(model, batch, device):
+    """The model's output (with ``loss``) on one batch, logits only where a target is."""
+    pixels = None if batch.pixel_values is None else batch.pixel_values.to(device)
+    return model(plan=batch.plan, logits_at_targets=True, pixel_values=pixels)
+
+
+def train_step(model, batch, optimizer, acc, max_grad_norm: float) -> torch.Tensor:
+    """One micro-batch: forward and backward; on the last micro-batch of an optimizer step also clip
+    and step (``acc.accumulate`` turns ``optimizer.step`` into a no-op before that). Returns the loss,
+    detached, on the device."""
+    with acc.accumulate(model):
+        out = forward(model, batch, acc.device)
+        acc.backward(out.loss)
+        if acc.sync_gradients and max_grad_norm:
+            acc.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return out.loss.detach()
+
+
+class StepLog:
+    """The loss window between two log lines, and where the run's lines go.
+
+    Micro-batch losses add up on the device (no sync per micro-batch); :meth:`flush` sums the window
+    over the ranks once and reports mean loss, LR and tokens/s to the tqdm bar (or, without
+    ``progress``, a printed line) and to the trackers (TensorBoard).
+    """
+
+    def __init__(self, acc, stage: str, total: int, initial: int, progress: bool):
+        from tqdm.auto import tqdm
+
+        self.acc, self.stage, self.total, self.progress = acc, stage, total, progress
+        self.main = acc.is_main_process
+        self.bar = tqdm(total=total, initial=initial, disable=not (self.main and progress), dynamic_ncols=True,
+                        desc=f"{stage}")
+        self.tokens_all = 0  # real slots of all ranks, counted at each flush
+        self._fresh()
+
+    def _fresh(self) -> None:
+        self.loss, self.n, self.tokens = torch.zeros((), device=self.acc.device), 0, 0
+        self.t0 = time.perf_counter()
+
+    def add(self, loss: torch.Tensor, n_tokens: int) -> None:
+        self.loss += loss.float()
+        self.n += 1
+        self.tokens += n_tokens
+
+    def flush(self, step: int, lr: float) -> float:
+        """Report the window (all ranks) for ``step``, start a new one; returns the window's mean loss."""
+        counts = torch.tensor([self.n, self.tokens], dtype=torch.float64, device=self.acc.device)
+        stats = self.acc.reduce(torch.cat([self.loss.double()[None], counts]), "sum")
+        loss = float(stats[0] / max(stats[1], 1))
+        tps = float(stats[2]) / max(time.perf_counter() - self.t0, 1e-9)
+        self.tokens_all += int(stats[2])
+        # set before the bar moves, so the line for this step shows this window's loss
+        self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}", refresh=False)
+        if self.main and not self.progress:
+            print(f"{self.stage} step {step}/{self.total}: loss {loss:.4f}, lr {lr:.2e}, {tps:,.0f} tokens/s",
+                  flush=True)
+        self.acc.log({"train/loss": loss, "train/lr": lr, "train/tokens_per_s": tps}, step=step)
+        self._fresh()
+        return loss
+
+    def advance(self) -> None:
+        self.bar.update(1)
+
+    def writer(self):
+        """Where a line for the user goes on this rank (above the bar, or printed); None off the main rank."""
+        if not self.main:
+            return None
+        return self.bar.write if self.progress else print
+
+    def write(self, line: str) -> None:
+        if self.main:
+            self.writer()(line)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _all_ranks(skipped) -> dict:
+    """The skipped-record counts of every rank, added up (each rank calls it)."""
+    from accelerate.utils import gather_object
+
+    return dict(sum((Counter(d) for d in gather_object([dict(skipped)])), Counter()))
+
+
+@dataclass
+class _Run:
+    """What one ``Trainer.train`` call sets up and the loop's parts share."""
+
+    acc: Any
+    ckpt: CheckpointManager
+    processor: Any
+    model: Any
+    optimizer: Any
+    scheduler: Any
+    train_ds: StageDataset
+    eval_ds: StageDataset | None
+    total: int
+    attn: str  # the attention implementation for training
+    original_attn: str  # the one the model was saved with; exported folders get it back
+    result: TrainResult
+    step: int = 0
+    batches: int = 0  # micro-batches consumed (the data position a resume skips to)
+    skipped: SkipCounter = field(default_factory=SkipCounter)
+
+
 class Trainer:
+    """One stage's run. :meth:`train` is :meth:`_setup` (accelerator, resume point, model, data,
+    optimizer), then :meth:`_loop`: :func:`train_step` per micro-batch and, after each optimizer
+    step, :meth:`_after_step` (log through :class:`StepLog`, :meth:`_eval_step`, :meth:`_save`
+    through :class:`~vist2.training.checkpoint_manager.CheckpointManager`), then the final save and export.
+
+        res = Trainer(stage_preset("olm", max_steps=200), "runs/tiny", "data/text_en.jsonl", "runs/olm").train()
+    """
+
     def __init__(self, cfg: TrainConfig, model_dir: str | Path, data: str | Path, out: str | Path,
                  eval_data: str | Path | None = None, resume: bool = False, progress: bool = True):
         self.cfg, self.model_dir, self.data, self.out = cfg, Path(model_dir), Path(data), Path(out)
         self.eval_data = Path(eval_data) if eval_data else None
         self.resume, self.progress = resume, progress
         self.ckpt_root = self.out / "checkpoints"
+        self.probe = None  # the last eval's visual-path probe result (stages with images)
 
     # -- setup ------------------------------------------------------------------------
 
@@ -180,15 +295,36 @@ class Trainer:
         n = int(acc.reduce(n, "min")) if acc.num_processes > 1 else int(n)  # every rank must stop together
         return max(1, math.ceil(cfg.epochs * n / cfg.grad_accum))
 
-    # -- the run ----------------------------------------------------------------------
-
-    def train(self, stop_after: int | None = None) -> TrainResult:
-        """Run the stage; ``stop_after`` ends the loop after that many steps without the final
-        save (what a preempted job looks like; used by the resume tests)."""
-        from accelerate.utils import gather_object
-        from tqdm.auto import tqdm
-
+    def _load_model(self, attn: str):
+        """The model in fp32 (master weights), with the stage's trainable parts; returns it and the
+        attention implementation it was saved with (the exported folders get that one back)."""
         from ..modeling import VIST2ForCausalLM
+
+        model = VIST2ForCausalLM.from_pretrained(str(self.model_dir), dtype=torch.float32)
+        original_attn = model.config.text_config._attn_implementation
+        set_attention(model, attn)
+        apply_trainable(model, self.cfg)
+        if self.cfg.gradient_checkpointing:
+            # non-reentrant: frozen embeddings give inputs without grad, which reentrant checkpointing drops
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return model, original_attn
+
+    def _optimization(self, model, acc, total: int):
+        """AdamW and the LR schedule for ``total`` steps; the model and optimizer prepared by accelerate."""
+        cfg = self.cfg
+        optimizer = make_optimizer(model, cfg)
+        scheduler = make_scheduler(optimizer, cfg, total)
+        ds_plugin = getattr(acc.state, "deepspeed_plugin", None)
+        if ds_plugin is not None:
+            # DeepSpeed reads the micro-batch size off a prepared DataLoader; ours is not prepared
+            # (every rank builds its own shard), so it is given here
+            ds_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.batch_size
+        model, optimizer = acc.prepare(model, optimizer)
+        acc.register_for_checkpointing(scheduler)  # stepped by hand: once per optimizer step, on every rank
+        return model, optimizer, scheduler
+
+    def _setup(self) -> _Run:
+        """Everything before the first step: device, accelerator, resume state, model, data, optimizer."""
         from ..processing import VIST2Processor
 
         cfg = self.cfg
@@ -199,162 +335,108 @@ class Trainer:
             torch.set_num_threads(default_cpu_threads())
         precision, attn, pad_multiple = runtime_choices(cfg, device_type)
         acc = self._accelerator(precision)
-        main = acc.is_main_process
+        ckpt = CheckpointManager(self.ckpt_root, acc, cfg)
+        latest, state = ckpt.open(self.out, self.resume)
 
-        state = None
-        if main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            clean_partial(self.ckpt_root)
-        acc.wait_for_everyone()
-        latest = latest_checkpoint(self.ckpt_root)
-        if latest is not None and not self.resume:
-            raise ValueError(f"--out {self.out} already has checkpoints ({latest.name}); "
-                             f"pass --resume to continue, or choose another --out")
-        if self.resume:
-            if latest is None:
-                log.warning("--resume: no checkpoint in %s yet; starting from the beginning", self.ckpt_root)
-            else:
-                import json
-
-                state = json.loads((latest / STATE_FILE).read_text(encoding="utf-8"))
-                if state.get("stage") != cfg.stage:
-                    raise ValueError(f"--resume: the checkpoint is for stage {state.get('stage')!r}, not {cfg.stage!r}")
-
-        acc.wait_for_everyone()
         torch.manual_seed(cfg.seed)
         processor = VIST2Processor.from_pretrained(self.model_dir)
-        model = VIST2ForCausalLM.from_pretrained(str(self.model_dir), dtype=torch.float32)
-        original_attn = model.config.text_config._attn_implementation
-        set_attention(model, attn)
-        apply_trainable(model, cfg)
-        if cfg.gradient_checkpointing:
-            # non-reentrant: frozen embeddings give inputs without grad, which reentrant checkpointing drops
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model, original_attn = self._load_model(attn)
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
         n_all = sum(p.numel() for p in model.parameters())
-
         skip = int(state["batches"]) if state else 0
         train_ds, eval_ds = self._datasets(processor, model.config, acc, None, skip, pad_multiple)
         total = int(cfg.max_steps or (state["total_steps"] if state else self._total_steps(train_ds, acc)))
         train_ds.total_steps = total
-
-        optimizer = make_optimizer(model, cfg)
-        scheduler = make_scheduler(optimizer, cfg, total)
-        ds_plugin = getattr(acc.state, "deepspeed_plugin", None)
-        if ds_plugin is not None:
-            # DeepSpeed reads the micro-batch size off a prepared DataLoader; ours is not prepared
-            # (every rank builds its own shard), so it is given here
-            ds_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.batch_size
-        model, optimizer = acc.prepare(model, optimizer)
-        acc.register_for_checkpointing(scheduler)  # stepped by hand: once per optimizer step, on every rank
-        step, batches = 0, 0
-        skipped = SkipCounter()
+        model, optimizer, scheduler = self._optimization(model, acc, total)
+        run = _Run(acc=acc, ckpt=ckpt, processor=processor, model=model, optimizer=optimizer, scheduler=scheduler,
+                   train_ds=train_ds, eval_ds=eval_ds, total=total, attn=attn, original_attn=original_attn,
+                   result=TrainResult(out=self.out, steps=0, total_steps=total))
         if state:
-            # the training state has its own subfolder (older checkpoints kept it at the top)
-            acc.load_state(str(latest / TRAINING_STATE_DIR if (latest / TRAINING_STATE_DIR).is_dir() else latest))
-            step, batches = int(state["step"]), int(state["batches"])
-            if main:
-                skipped.update(state.get("skipped", {}))
-        if main:
+            ckpt.load(latest)
+            run.step, run.batches = int(state["step"]), int(state["batches"])
+            run.result.steps = run.step
+            if acc.is_main_process:
+                run.skipped.update(state.get("skipped", {}))
+        if acc.is_main_process:
             log.info("stage %s: %d of %d parameters train; %d steps of %d micro-batches x %d rows x %d slots",
                      cfg.stage, n_train, n_all, total, cfg.grad_accum, cfg.batch_size, cfg.max_length)
             if acc.log_with:
                 acc.init_trackers("train", config={k: v for k, v in cfg.to_dict().items()
                                                    if isinstance(v, (int, float, str, bool))})
+        return run
 
-        def save(at_step: int) -> None:
-            gathered = gather_object([dict(skipped)])
-            total_skipped = sum((Counter(d) for d in gathered), Counter())
-            with atomic_dir(self.ckpt_root / checkpoint_name(at_step), main, acc.wait_for_everyone) as tmp:
-                with _quiet_tied_weights(acc.unwrap_model(model)):
-                    acc.save_state(str(tmp / TRAINING_STATE_DIR), safe_serialization=True)
-                # the step folder is also a model folder: generate, eval and serve load it as it is
-                self._write_model(tmp, model, acc, processor, original_attn, final=False)
-                if main:  # written last: its presence with complete=true marks a whole checkpoint
-                    write_json(tmp / STATE_FILE, {
-                        "complete": True, "stage": cfg.stage, "step": at_step, "batches": batches,
-                        "total_steps": total, "skipped": dict(total_skipped), "config": cfg.to_dict(),
-                        "world_size": acc.num_processes,
-                    })
-            if main:
-                prune(self.ckpt_root, cfg.keep_checkpoints)
+    # -- the run ----------------------------------------------------------------------
 
-        result = TrainResult(out=self.out, steps=step, total_steps=total)
-        bar = tqdm(total=total, initial=step, disable=not (main and self.progress), dynamic_ncols=True,
-                   desc=f"{cfg.stage}")
-        def fresh_window():
-            return torch.zeros((), device=acc.device), 0, 0, time.perf_counter()
+    def train(self, stop_after: int | None = None) -> TrainResult:
+        """Run the stage; ``stop_after`` ends the loop after that many steps without the final
+        save (what a preempted job looks like; used by the resume tests)."""
+        run = self._setup()
+        self._loop(run, stop_after)
+        run.result.skipped = _all_ranks(run.skipped)
+        if not run.result.stopped_early:
+            self._save(run)  # the final state, so a longer follow-up run (more --max-steps) can resume
+            self._export(run.model, run.acc, run.processor, run.original_attn, run.attn, run.result)
+        run.acc.end_training()
+        return run.result
 
-        window_loss, window_n, window_tokens, t_window = fresh_window()
-        t_start, tokens_all = time.perf_counter(), 0
-        model.train()
-        loader = make_loader(train_ds, cfg.num_workers)
-        if step < total:
+    def _loop(self, run: _Run, stop_after: int | None) -> None:
+        """Micro-batches until ``run.total`` optimizer steps (or ``stop_after``)."""
+        cfg, acc, result = self.cfg, run.acc, run.result
+        logs = StepLog(acc, cfg.stage, run.total, run.step, self.progress)
+        t_start = time.perf_counter()
+        run.model.train()
+        loader = make_loader(run.train_ds, cfg.num_workers)
+        if run.step < run.total:
             for batch in loader:
-                skipped.update(batch.skipped)
-                with acc.accumulate(model):
-                    out = model(plan=batch.plan, logits_at_targets=True, pixel_values=None if batch.pixel_values is None
-                                else batch.pixel_values.to(acc.device))
-                    acc.backward(out.loss)
-                    if acc.sync_gradients and cfg.max_grad_norm:
-                        acc.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.max_grad_norm)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                batches += 1
-                window_loss += out.loss.detach().float()  # stays on the device: no sync per micro-batch
-                window_n += 1
-                window_tokens += batch.n_tokens
+                run.skipped.update(batch.skipped)
+                loss = train_step(run.model, batch, run.optimizer, acc, cfg.max_grad_norm)
+                run.batches += 1
+                logs.add(loss, batch.n_tokens)
                 if not acc.sync_gradients:
                     continue
-                scheduler.step()
-                step += 1
-                if step % cfg.log_every == 0 or step == total:
-                    counts = torch.tensor([window_n, window_tokens], dtype=torch.float64, device=acc.device)
-                    stats = acc.reduce(torch.cat([window_loss.double()[None], counts]), "sum")
-                    loss = float(stats[0] / max(stats[1], 1))
-                    dt = time.perf_counter() - t_window
-                    tps = float(stats[2]) / max(dt, 1e-9)
-                    tokens_all += int(stats[2])
-                    lr = scheduler.get_last_lr()[0]
-                    # set before the bar moves, so the line for this step shows this window's loss
-                    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}", refresh=False)
-                    if main and not self.progress:
-                        print(f"{cfg.stage} step {step}/{total}: loss {loss:.4f}, lr {lr:.2e}, {tps:,.0f} tokens/s",
-                              flush=True)
-                    acc.log({"train/loss": loss, "train/lr": lr, "train/tokens_per_s": tps}, step=step)
-                    result.last_loss = loss
-                    window_loss, window_n, window_tokens, t_window = fresh_window()
-                bar.update(1)
-                if eval_ds is not None and (step % cfg.eval_every == 0 or step == total):
-                    result.eval_loss = self.evaluate(model, eval_ds, acc)
-                    if result.eval_loss is not None:
-                        acc.log({"eval/loss": result.eval_loss}, step=step)
-                        if main:
-                            (bar.write if self.progress else print)(f"step {step}: eval loss {result.eval_loss:.4f}")
-                    if self.probe is not None:  # is the visual path alive? (warns on a collapse)
-                        warm = step >= max(math.ceil(cfg.warmup_ratio * total), total // 10, 1)
-                        result.probe = report_probe(self.probe, step, warm, acc.log,
-                                                    (bar.write if self.progress else print) if main else None, main)
-                    model.train()
-                if step % cfg.save_every == 0 and step < total:
-                    save(step)
-                if stop_after is not None and step >= stop_after and step < total:
+                run.scheduler.step()
+                run.step += 1
+                self._after_step(run, logs)
+                if stop_after is not None and run.step >= stop_after and run.step < run.total:
                     result.stopped_early = True
                     break
-                if step >= total:
+                if run.step >= run.total:
                     break
-        bar.close()
-        result.steps = step
-        result.tokens, result.seconds = tokens_all, time.perf_counter() - t_start
-        gathered = gather_object([dict(skipped)])
-        result.skipped = dict(sum((Counter(d) for d in gathered), Counter()))
-        if result.stopped_early:
-            acc.end_training()
-            return result
-        save(step)  # the final state, so a longer follow-up run (more --max-steps) can resume
-        self._export(model, acc, processor, original_attn, attn, result)
-        acc.end_training()
-        return result
+        logs.close()
+        result.steps = run.step
+        result.tokens, result.seconds = logs.tokens_all, time.perf_counter() - t_start
+
+    def _after_step(self, run: _Run, logs: StepLog) -> None:
+        """After each optimizer step, in this order: log the loss window, move the bar, evaluate, save.
+        Anything else that runs once per optimizer step belongs here too."""
+        cfg, step = self.cfg, run.step
+        if step % cfg.log_every == 0 or step == run.total:
+            run.result.last_loss = logs.flush(step, run.scheduler.get_last_lr()[0])
+        logs.advance()
+        if run.eval_ds is not None and (step % cfg.eval_every == 0 or step == run.total):
+            self._eval_step(run, logs)
+        if step % cfg.save_every == 0 and step < run.total:
+            self._save(run)
+
+    def _eval_step(self, run: _Run, logs: StepLog) -> None:
+        """Eval loss (logged and written) and, for stages with images, the visual-path probe."""
+        step, result = run.step, run.result
+        result.eval_loss = self.evaluate(run.model, run.eval_ds, run.acc)
+        if result.eval_loss is not None:
+            run.acc.log({"eval/loss": result.eval_loss}, step=step)
+            logs.write(f"step {step}: eval loss {result.eval_loss:.4f}")
+        if self.probe is not None:  # is the visual path alive? (warns on a collapse)
+            warm = step >= max(math.ceil(self.cfg.warmup_ratio * run.total), run.total // 10, 1)
+            result.probe = report_probe(self.probe, step, warm, run.acc.log, logs.writer(), logs.main)
+        run.model.train()
+
+    def _save(self, run: _Run) -> None:
+        """A step folder for ``run.step`` (every rank takes part)."""
+        state = {"stage": self.cfg.stage, "step": run.step, "batches": run.batches, "total_steps": run.total,
+                 "skipped": _all_ranks(run.skipped), "config": self.cfg.to_dict(),
+                 "world_size": run.acc.num_processes}
+        run.ckpt.save(run.step, run.model, state, lambda folder: self._write_model(
+            folder, run.model, run.acc, run.processor, run.original_attn, final=False))
 
     def evaluate(self, model, eval_ds: StageDataset, acc) -> float | None:
         """Mean loss per target token over the eval batches (all ranks together)."""
@@ -364,8 +446,7 @@ class Trainer:
                  if self.cfg.stage in PROBED_STAGES else None)
         with torch.no_grad():
             for batch in make_loader(eval_ds, 0):
-                out = model(plan=batch.plan, logits_at_targets=True, pixel_values=None if batch.pixel_values is None
-                            else batch.pixel_values.to(acc.device))
+                out = forward(model, batch, acc.device)
                 n = int((batch.plan.labels != IGNORE).sum())
                 total += torch.tensor([float(out.loss) * n, n], dtype=torch.float64, device=acc.device)
                 if probe is not None and batch.pixel_values is not None:  # the same batch with blank pages
@@ -411,37 +492,6 @@ class Trainer:
             })
             log.info("records skipped: %s", SkipCounter(result.skipped).report())
         acc.wait_for_everyone()
-
-
-class _TiedWeightsFilter(logging.Filter):
-    """Drops accelerate's "Removed shared tensor ..." warning when every name it removed is a tied
-    alias of another weight (``lm_head.weight`` with tied embeddings): that removal is the intended
-    way to store them, and loading ties them again."""
-
-    def __init__(self, aliases: set[str]):
-        super().__init__()
-        self.aliases = aliases
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        msg = record.getMessage()  # accelerate may prefix it with "[RANK n] "
-        start = msg.find("Removed shared tensor {")
-        if start < 0:
-            return True
-        names = set(re.findall(r"'([^']+)'", msg[start: msg.index("}", start) + 1]))
-        return not (names and names <= self.aliases)
-
-
-@contextmanager
-def _quiet_tied_weights(model):
-    named = dict(model.named_parameters(remove_duplicate=False))
-    aliases = set(named) - {n for n, _ in model.named_parameters()}  # the second name of a shared weight
-    logger = logging.getLogger("accelerate.utils.other")
-    f = _TiedWeightsFilter(aliases)
-    logger.addFilter(f)
-    try:
-        yield
-    finally:
-        logger.removeFilter(f)
 
 
 def default_cpu_threads() -> int:
