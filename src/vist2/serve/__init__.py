@@ -8,7 +8,7 @@ or not; ``n``, ``stop``, ``max_tokens``, ``temperature``, ``top_p``, ``seed``), 
 ``GET /metrics`` (Prometheus). The compression mode is chosen per request with the body field
 ``"mode": "gcc" | "pcc" | "none"`` (default: ``--mode``, itself ``gcc``); ``usage.compression``
 reports what it did. Modules: :mod:`.protocol` (bodies), :mod:`.serving` (requests to engine calls),
-:mod:`.scheduler` (the thread that owns the engine), :mod:`.app` (routes, errors).
+:mod:`.engine_bridge` (the thread that owns the engine, bridged to asyncio), :mod:`.app` (routes, errors).
 
 Example, once a server runs::
 

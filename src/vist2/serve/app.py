@@ -26,9 +26,8 @@ from contextlib import asynccontextmanager
 
 import uvicorn
 
-from fastapi import FastAPI
+from fastapi import APIRouter, FastAPI
 from fastapi import Request as HTTPRequest
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -36,7 +35,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..engine import Engine
 from .metrics import ServerMetrics
 from .protocol import APIError, ChatCompletionRequest, CompletionRequest, ErrorResponse
-from .scheduler import Scheduler
+from .engine_bridge import EngineBridge
 from .serving import OpenAIServing, ServingConfig, prompt_token_bound
 
 BODY_BYTES_PER_TOKEN = 32  # JSON-escaped text is rarely over 8 bytes a token; the rest is headroom
@@ -62,7 +61,7 @@ def _too_large(limit: int) -> APIError:
     return APIError(413, f"the request body is over {limit} bytes (--max-body-bytes)", code="request_too_large")
 
 
-class _Gate:
+class _AuthAndMetricsMiddleware:
     """Pure ASGI middleware: the API key on /v1/*, the body-size limit, and request counts.
 
     Pure ASGI rather than a FastAPI dependency so the key is checked before the body is parsed
@@ -173,15 +172,8 @@ async def _parse(raw: HTTPRequest, model: type[BaseModel]) -> BaseModel:
         raise APIError(400, message, param=param) from None
 
 
-def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, max_queue: int = 256,
-               max_prompt_tokens: int | None = None, default_mode: str = "gcc", max_tokens_limit: int | None = None,
-               max_body_bytes: int | None = None, shutdown_grace: float = 10.0) -> FastAPI:
-    """The app serving ``engine``; its scheduler thread starts and stops with the app's lifespan.
-
-    ``max_tokens_limit``: generated tokens a choice may ask for (default: the LLM's positions).
-    ``max_body_bytes``: larger bodies get 413 unread (default: sized from the longest prompt accepted).
-    ``shutdown_grace``: seconds in-flight requests may still run once shutdown begins (see :class:`Server`).
-    """
+def _check_options(default_mode: str, max_tokens_limit: int | None, max_body_bytes: int | None,
+                   shutdown_grace: float) -> None:
     if default_mode not in ("gcc", "pcc", "none"):
         raise ValueError(f"default_mode must be gcc, pcc or none, got {default_mode!r}")
     for name, value in (("max_tokens_limit", max_tokens_limit), ("max_body_bytes", max_body_bytes)):
@@ -189,47 +181,34 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, m
             raise ValueError(f"{name} must be >= 1, got {value}")
     if shutdown_grace < 0:
         raise ValueError(f"shutdown_grace must be >= 0, got {shutdown_grace}")
-    metrics = ServerMetrics()
-    scheduler = Scheduler(engine, max_queue=max_queue, metrics=metrics)
-    serving = OpenAIServing(scheduler, ServingConfig(model_name, default_mode, max_prompt_tokens, max_tokens_limit))
-    max_body = max_body_bytes or default_max_body_bytes(engine, max_prompt_tokens)
+
+
+def _drain(bridge: EngineBridge, shutdown_grace: float):
+    """The app's graceful shutdown (called by :class:`Server` while the socket is still open)."""
 
     async def drain() -> None:
         """Refuse new requests (503), give the running ones ``shutdown_grace`` seconds, end the rest."""
-        scheduler.begin_drain()
-        log.info("shutdown: new requests get 503; %d in flight get up to %.1f s", scheduler.in_flight,
-                 shutdown_grace)
+        bridge.begin_drain()
+        log.info("shutdown: new requests get 503; %d in flight get up to %.1f s", bridge.in_flight, shutdown_grace)
         deadline = time.monotonic() + shutdown_grace
-        while not scheduler.idle and time.monotonic() < deadline:
+        while not bridge.idle and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        if not scheduler.idle:
-            log.warning("shutdown: ending %d request(s) still running after %.1f s", scheduler.in_flight,
+        if not bridge.idle:
+            log.warning("shutdown: ending %d request(s) still running after %.1f s", bridge.in_flight,
                         shutdown_grace)
-        await asyncio.to_thread(scheduler.stop)  # what is left ends with a 503 error (an error event in streams)
+        await asyncio.to_thread(bridge.stop)  # what is left ends with a 503 error (an error event in streams)
 
-    @asynccontextmanager
-    async def lifespan(app):
-        scheduler.start()
-        try:
-            yield
-        finally:
-            scheduler.stop()
-            serving.close()
+    return drain
 
-    app = FastAPI(title="vist2", description="OpenAI-compatible server with global context compression",
-                  lifespan=lifespan, docs_url=None, redoc_url=None)
-    app.state.serving, app.state.scheduler, app.state.metrics = serving, scheduler, metrics
-    app.state.drain = drain
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Every failure as OpenAI's error JSON. (No ``RequestValidationError`` handler: no route declares
+    a parameter or body model for FastAPI to validate; bodies go through :func:`_parse`.)"""
 
     @app.exception_handler(APIError)
     async def _api_error(request, exc: APIError):
         headers = {"Retry-After": "1"} if exc.status in (429, 503) else None
         return _error(exc.status, exc.message, exc.type, exc.param, exc.code, headers)
-
-    @app.exception_handler(RequestValidationError)
-    async def _bad_request(request, exc: RequestValidationError):
-        message, param = _describe(list(exc.errors()))
-        return _error(400, message, param=param)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request, exc: StarletteHTTPException):
@@ -241,31 +220,71 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, m
         log.error("unhandled error on %s", request.url.path, exc_info=exc)
         return _error(500, f"internal server error ({type(exc).__name__})", type="server_error")
 
-    @app.get("/health")
-    async def health():
-        if not scheduler.alive:
-            return _error(503, "the server is not accepting requests (starting or shutting down)",
-                          type="service_unavailable")
-        return {"status": "ok"}
 
-    @app.get("/metrics")
-    async def metrics_endpoint():
-        body, content_type = metrics.render()
-        return Response(body, media_type=content_type)
+# the routes: thin; they read the app's serving, bridge and metrics from ``app.state``
+router = APIRouter()
 
-    @app.get("/v1/models")
-    async def models():
-        return serving.models().model_dump()
 
-    @app.post("/v1/completions")
-    async def completions(raw: HTTPRequest):
-        return await serving.completions(await _parse(raw, CompletionRequest), raw)
+@router.get("/health")
+async def health(raw: HTTPRequest):
+    if not raw.app.state.bridge.alive:
+        return _error(503, "the server is not accepting requests (starting or shutting down)",
+                      type="service_unavailable")
+    return {"status": "ok"}
 
-    @app.post("/v1/chat/completions")
-    async def chat(raw: HTTPRequest):
-        return await serving.chat(await _parse(raw, ChatCompletionRequest), raw)
 
-    app.add_middleware(_Gate, api_key=api_key, metrics=metrics, max_body_bytes=max_body)
+@router.get("/metrics")
+async def metrics_endpoint(raw: HTTPRequest):
+    body, content_type = raw.app.state.metrics.render()
+    return Response(body, media_type=content_type)
+
+
+@router.get("/v1/models")
+async def models(raw: HTTPRequest):
+    return raw.app.state.serving.models().model_dump()
+
+
+@router.post("/v1/completions")
+async def completions(raw: HTTPRequest):
+    return await raw.app.state.serving.completions(await _parse(raw, CompletionRequest), raw)
+
+
+@router.post("/v1/chat/completions")
+async def chat(raw: HTTPRequest):
+    return await raw.app.state.serving.chat(await _parse(raw, ChatCompletionRequest), raw)
+
+
+def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, max_queue: int = 256,
+               max_prompt_tokens: int | None = None, default_mode: str = "gcc", max_tokens_limit: int | None = None,
+               max_body_bytes: int | None = None, shutdown_grace: float = 10.0) -> FastAPI:
+    """The app serving ``engine``; its engine thread starts and stops with the app's lifespan.
+
+    ``max_tokens_limit``: generated tokens a choice may ask for (default: the LLM's positions).
+    ``max_body_bytes``: larger bodies get 413 unread (default: sized from the longest prompt accepted).
+    ``shutdown_grace``: seconds in-flight requests may still run once shutdown begins (see :class:`Server`).
+    """
+    _check_options(default_mode, max_tokens_limit, max_body_bytes, shutdown_grace)
+    metrics = ServerMetrics()
+    bridge = EngineBridge(engine, max_queue=max_queue, metrics=metrics)
+    serving = OpenAIServing(bridge, ServingConfig(model_name, default_mode, max_prompt_tokens, max_tokens_limit))
+
+    @asynccontextmanager
+    async def lifespan(app):
+        bridge.start()
+        try:
+            yield
+        finally:
+            bridge.stop()
+            serving.close()
+
+    app = FastAPI(title="vist2", description="OpenAI-compatible server with global context compression",
+                  lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.serving, app.state.bridge, app.state.metrics = serving, bridge, metrics
+    app.state.drain = _drain(bridge, shutdown_grace)
+    _add_error_handlers(app)
+    app.include_router(router)
+    app.add_middleware(_AuthAndMetricsMiddleware, api_key=api_key, metrics=metrics,
+                       max_body_bytes=max_body_bytes or default_max_body_bytes(engine, max_prompt_tokens))
     return app
 
 

@@ -1,28 +1,29 @@
-"""One thread owns the engine; HTTP handlers talk to it through queues.
+"""The bridge between asyncio and the engine: one thread owns the engine; HTTP handlers talk to it
+through queues.
 
 The engine is synchronous and not thread-safe, so every call into it (``add``, ``step``, ``abort``,
-``result``) happens on the scheduler thread. Prompts arrive tokenized (the server tokenizes them on a
+``result``) happens on the engine thread. Prompts arrive tokenized (the server tokenizes them on a
 thread of its own), so nothing slow but the model runs here. Handlers run on the asyncio event loop:
-they :meth:`Scheduler.submit` a group of requests (the ``n`` choices of one HTTP request, added
+they :meth:`EngineBridge.submit` a group of requests (the ``n`` choices of one HTTP request, added
 all or none), then read ``(choice index, Event)`` pairs from the submission's asyncio queue, which
 the thread fills through ``loop.call_soon_threadsafe``. The thread loops ``engine.step()`` while
-anything is waiting or running and sleeps on its inbox otherwise. :meth:`Scheduler.cancel` (a
+anything is waiting or running and sleeps on its inbox otherwise. :meth:`EngineBridge.cancel` (a
 client that went away) aborts the group's engine requests, which frees their cache rows at once.
 
-Admission control is counted here: ``queue_depth`` is the number of engine requests accepted but
-not yet holding a cache row; a submission that would push it over ``max_queue`` is refused with
+Admission control is counted here: the queue depth (the ``vist2_queue_depth`` metric) is the number
+of engine requests accepted but not yet holding a cache row; a submission that would push it over ``max_queue`` is refused with
 429 before it touches the engine.
 
 Example::
 
     >>> import asyncio
     >>> from vist2.engine import Engine, SamplingParams
-    >>> from vist2.serve.scheduler import Scheduler
+    >>> from vist2.serve.engine_bridge import EngineBridge
     >>> engine = Engine.from_pretrained("runs/tiny", max_batch=4)                    # doctest: +SKIP
-    >>> sched = Scheduler(engine, max_queue=16); sched.start()                        # doctest: +SKIP
+    >>> bridge = EngineBridge(engine, max_queue=16); bridge.start()                   # doctest: +SKIP
     >>> async def one():
     ...     build = lambda e: e.request("Once upon a time", params=SamplingParams(max_new_tokens=8))
-    ...     sub = await sched.submit([build])
+    ...     sub = await bridge.submit([build])
     ...     return "".join([ev.delta async for _, ev in sub.events()])
     >>> asyncio.run(one())                                                            # doctest: +SKIP
 """
@@ -42,7 +43,7 @@ from .protocol import APIError
 
 log = logging.getLogger(__name__)
 
-Builder = Callable[[Engine], Request]  # runs on the scheduler thread; may raise APIError to refuse the request
+Builder = Callable[[Engine], Request]  # runs on the engine thread; may raise APIError to refuse the request
 
 
 class Submission:
@@ -66,7 +67,7 @@ class Submission:
         return all(self.finished)
 
     def post(self, item) -> None:
-        """From the scheduler thread: hand an item to the handler's event loop."""
+        """From the engine thread: hand an item to the handler's event loop."""
         try:
             self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
         except RuntimeError:  # the loop has closed (server shutting down): nobody is listening
@@ -87,7 +88,9 @@ class Submission:
 _STOP = object()
 
 
-class Scheduler:
+class EngineBridge:
+    """Owns the engine on a thread of its own; the event loop submits, cancels and reads events."""
+
     def __init__(self, engine: Engine, max_queue: int = 256, metrics: ServerMetrics | None = None):
         if max_queue < 1:
             raise ValueError(f"max_queue must be >= 1, got {max_queue}")
@@ -97,7 +100,7 @@ class Scheduler:
         self._inbox: queue.Queue = queue.Queue()
         self._lock = threading.Lock()  # guards _depth: reserved on the loop, released on the thread
         self._depth = 0
-        self._by_id: dict[int, tuple[Submission, int]] = {}  # scheduler thread only
+        self._by_id: dict[int, tuple[Submission, int]] = {}  # engine thread only
         self._running = 0
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -124,7 +127,7 @@ class Scheduler:
 
     def start(self) -> None:
         if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="vist2-scheduler", daemon=True)
+            self._thread = threading.Thread(target=self._run, name="vist2-engine", daemon=True)
             self._thread.start()
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -166,7 +169,7 @@ class Scheduler:
             sub.cancelled = True
             self._inbox.put(("abort", sub))
 
-    # -- scheduler thread -----------------------------------------------------------------
+    # -- engine thread --------------------------------------------------------------------
 
     def _release(self, sub: Submission, k: int) -> None:
         with self._lock:

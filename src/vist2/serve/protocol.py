@@ -333,7 +333,7 @@ class ModelCard(BaseModel):
     # VIST2 extras: how the served model compresses
     max_cache_tokens: int
     chunk_tokens: int  # K
-    visual_tokens_per_chunk: int  # beta
+    visual_tokens_per_chunk: int  # the model's n_visual
     default_mode: Mode
 
 

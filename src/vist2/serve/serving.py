@@ -2,7 +2,7 @@
 
 The router (:mod:`vist2.serve.app`) validates the body and calls :meth:`OpenAIServing.completions`
 or :meth:`OpenAIServing.chat`; everything protocol-specific lives here, everything about sharing
-the engine lives in :mod:`vist2.serve.scheduler`.
+the engine lives in :mod:`vist2.serve.engine_bridge`.
 
 * ``n`` choices are ``n`` engine requests submitted together; with a ``seed``, choice ``i`` uses
   ``seed + i`` so the choices differ but the request is reproducible.
@@ -53,7 +53,7 @@ from .protocol import (
     new_id,
     now,
 )
-from .scheduler import Builder, Scheduler, Submission
+from .engine_bridge import Builder, EngineBridge, Submission
 
 DEFAULT_CHAT_MAX_TOKENS = 1024  # OpenAI has no chat default; an untrained model may never write EOS
 
@@ -76,7 +76,7 @@ def model_max_tokens(engine: Engine) -> int:
 
 def prompt_token_bound(engine: Engine, max_prompt_tokens: int | None) -> int:
     """The most prompt tokens any request can have: ``--max-prompt-tokens``, else what the memory limit
-    holds once compressed (every K tokens become beta visual tokens)."""
+    holds once compressed (every K tokens become n_visual visual tokens)."""
     if max_prompt_tokens is not None:
         return max_prompt_tokens
     return engine.max_cache_tokens * max(1, math.ceil(engine.K / engine.beta))
@@ -124,16 +124,16 @@ async def _client_gone(raw: HTTPRequest) -> None:
 
 
 class OpenAIServing:
-    def __init__(self, scheduler: Scheduler, config: ServingConfig):
-        self.scheduler = scheduler
-        self.engine: Engine = scheduler.engine
+    def __init__(self, bridge: EngineBridge, config: ServingConfig):
+        self.bridge = bridge
+        self.engine: Engine = bridge.engine
         self.config = config
         self.created = now()
         self.max_tokens_limit = config.max_tokens_limit or model_max_tokens(self.engine)
         self.prompt_limit = prompt_token_bound(self.engine, config.max_prompt_tokens)
         # Prompts are tokenized on their own thread, off the event loop (other requests keep being
-        # answered) and off the scheduler thread (running streams keep decoding). It gets its own
-        # tokenizer: the scheduler thread's one is not shared across threads.
+        # answered) and off the engine thread (running streams keep decoding). It gets its own
+        # tokenizer: the engine thread's one is not shared across threads.
         processor = copy.copy(self.engine.processor)
         processor.tokenizer = copy.deepcopy(processor.tokenizer)
         self._tokenizing = copy.copy(self.engine)  # a view for Engine.request() only: it reads the processor
@@ -258,7 +258,7 @@ class OpenAIServing:
         finally:
             watch.cancel()
             work.cancel()
-            self.scheduler.cancel(sub)  # no-op when everything finished
+            self.bridge.cancel(sub)  # no-op when everything finished
 
     def _stream(self, sub: Submission, chunks: AsyncIterator[str]) -> SSEResponse:
         async def body():
@@ -269,7 +269,7 @@ class OpenAIServing:
                 yield _sse(e.response().model_dump())
             yield "data: [DONE]\n\n"
 
-        return SSEResponse(body(), on_close=lambda: self.scheduler.cancel(sub))
+        return SSEResponse(body(), on_close=lambda: self.bridge.cancel(sub))
 
     # -- /v1/completions ------------------------------------------------------------------
 
@@ -285,7 +285,7 @@ class OpenAIServing:
         else:
             prompts = [dict(prompt=x) if isinstance(x, str) else dict(ids=x) for x in p]
         builders = await self._builders(params, mode, prompts)
-        sub = await self.scheduler.submit(builders)
+        sub = await self.bridge.submit(builders)
         rid, created, name = new_id("cmpl"), now(), self.config.model_name
 
         if not body.stream:
@@ -325,7 +325,7 @@ class OpenAIServing:
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
                     for m in body.messages]
         builders = await self._builders(params, mode, [dict(messages=messages)])
-        sub = await self.scheduler.submit(builders)
+        sub = await self.bridge.submit(builders)
         rid, created, name = new_id("chatcmpl"), now(), self.config.model_name
 
         if not body.stream:
