@@ -126,6 +126,12 @@ def command_line(prog: str, args) -> str:
     return shlex.join(parts)
 
 
+def model_geometry(config, **extra) -> dict:
+    """The compression geometry a results file reports: K, n_visual and r = K / n_visual (plus ``extra``)."""
+    return {"chunk_tokens": config.chunk_tokens, "n_visual": config.n_visual,
+            "compression_ratio": config.compression_ratio, **extra}
+
+
 def provenance(model_dir: str | Path, config, data_path: str | Path, command: str) -> dict:
     """Where the numbers come from: model folder, config hash, data hash, the command, versions."""
     import torch

@@ -60,7 +60,7 @@ class VIST2LM(LM):
         self.model, self.processor = load_checkpoint(pretrained, device, dtype)
         self._device = self.model.device
         cfg = self.model.config
-        self.K, self.beta, self.prompt_encoding = cfg.chunk_tokens, cfg.n_visual, cfg.prompt_encoding
+        self.K, self.n_visual, self.prompt_encoding = cfg.chunk_tokens, cfg.n_visual, cfg.prompt_encoding
         # "auto" (lm-eval's adaptive batch size) is not supported: fall back to a fixed size
         self.batch_size = int(batch_size) if str(batch_size or "").isdigit() else 1
         self.max_gen_toks = int(max_gen_toks)
@@ -86,11 +86,11 @@ class VIST2LM(LM):
     def _context_segments(self, ctx: list[int]) -> list[Segment]:
         if self.mode == "none":
             return [Raw(tuple(ctx))]
-        return prompt_segments([], ctx, [], self.K, self.beta, self.prompt_encoding)
+        return prompt_segments([], ctx, [], self.K, self.n_visual, self.prompt_encoding)
 
     def _continuation_segments(self, cont: list[int]) -> list[Segment]:
         if self.mode == "gcc":
-            return olm_segments(cont, self.K, self.beta, loss=True)
+            return olm_segments(cont, self.K, self.n_visual, loss=True)
         return [Raw(tuple(cont), loss=True)]
 
     def _encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:

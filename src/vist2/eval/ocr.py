@@ -2,14 +2,14 @@
 
     vist2 eval ocr --model runs/tiny --data passage.txt --ratios 1,2,4,8,10,16 --samples 100 --out runs/eval/ocr.json
 
-For each ratio r the data's tokens are cut into chunks of L = r x beta tokens; each chunk's text
+For each ratio r the data's tokens are cut into chunks of L = r x n_visual tokens; each chunk's text
 is rendered with the model's render config (the same geometry for every r, so a larger r means
 smaller glyphs), read by the vision tower and aligner, and the model writes the text back greedily
 in the MT-OCR layout ``[v, text...]`` (causal, :func:`vist2.layout.ocr_segments`). The
 transcription is scored against the rendered text with ROUGE-1/2/L (a tokenisation that splits
 CJK characters, see :class:`vist2.eval.common.CJKTokenizer`) and the character error rate.
 
-The model's own K (r = K / beta) is one point of the sweep. A ratio whose chunks do not fit the
+The model's own K (r = K / n_visual) is one point of the sweep. A ratio whose chunks do not fit the
 image even at the smallest font is a skipped point, with the reason in the JSON.
 """
 
@@ -55,7 +55,7 @@ def ocr_scores(reference: str, hypothesis: str, scorer=None) -> dict[str, float]
 @torch.no_grad()
 def transcribe(model, visual_embeds: torch.Tensor, max_new_tokens: int, stop_ids: Sequence[int] = (),
                n_tokens: int | None = None) -> list[list[int]]:
-    """Greedy MT-OCR transcription of a batch of images: ``(N, beta, D)`` visual embeddings -> token ids.
+    """Greedy MT-OCR transcription of a batch of images: ``(N, n_visual, D)`` visual embeddings -> token ids.
 
     The layout ``[v, g_1 .. g_max]`` is planned once by :func:`ocr_segments`; since it is causal, the
     plan of a prefix is the prefix of this plan, so each step feeds the next slot with its planned
@@ -66,10 +66,10 @@ def transcribe(model, visual_embeds: torch.Tensor, max_new_tokens: int, stop_ids
 
     from ..attention import additive_mask
 
-    N, beta = visual_embeds.shape[0], visual_embeds.shape[1]
+    N, n_visual = visual_embeds.shape[0], visual_embeds.shape[1]
     dev, dtype = model.device, visual_embeds.dtype
     # the token values do not change positions or visibility, so placeholders plan the whole run
-    plan = collate([build_sample(ocr_segments([[0] * max_new_tokens], beta))] * N)
+    plan = collate([build_sample(ocr_segments([[0] * max_new_tokens], n_visual))] * N)
     mask = additive_mask(plan, dtype).to(dev)
     position = plan.position.to(dev)
     visual = plan.kind == Kind.VISUAL
@@ -77,7 +77,7 @@ def transcribe(model, visual_embeds: torch.Tensor, max_new_tokens: int, stop_ids
     out: list[list[int]] = [[] for _ in range(N)]
     done = torch.zeros(N, dtype=torch.bool)
     stop = torch.tensor(sorted(stop_ids), dtype=torch.long)
-    ids = plan.input_ids[:, :beta]  # the visual slots (-1), filled from visual_embeds
+    ids = plan.input_ids[:, :n_visual]  # the visual slots (-1), filled from visual_embeds
     start = 0
     for step in range(max_new_tokens):
         end = start + ids.shape[1]
@@ -100,18 +100,89 @@ def transcribe(model, visual_embeds: torch.Tensor, max_new_tokens: int, stop_ids
     return out
 
 
-def _chunks(processor, docs_ids: list[list[int]], L: int, beta: int, n: int) -> list[tuple[list[int], str]]:
+def _chunks(processor, docs_ids: list[list[int]], L: int, n_visual: int, n: int) -> list[tuple[list[int], str]]:
     """The first ``n`` closed chunks of at most L tokens (cut by the fit rule, as in training), in
     document order, with the text an image of each shows (a character split by a chunk boundary is
     shown in the later chunk)."""
     out = []
     for d, ids in enumerate(docs_ids):
-        infos = [ChunkInfo(tuple(c), beta, 0, d) for c in processor.chunk_ids(ids, L)[:-1]]
+        infos = [ChunkInfo(tuple(c), n_visual, 0, d) for c in processor.chunk_ids(ids, L)[:-1]]
         infos = infos[: n - len(out)]
         out += [(list(c.tokens), t) for c, t in zip(infos, processor.chunk_texts(infos))]
         if len(out) >= n:
             break
     return out
+
+
+def _check_settings(samples: int, batch_size: int, margin: float) -> None:
+    if samples <= 0:
+        raise ValueError(f"samples must be > 0, got {samples}")
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be > 0, got {batch_size}")
+    if margin < 0:
+        raise ValueError(f"margin must be >= 0, got {margin}")
+
+
+def _ratio_chunks(processor, docs_ids: list[list[int]], point: dict, n_visual: int, samples: int):
+    """The chunks (token ids, text) to read at ``point``'s ratio, the ones that fit the image; or
+    ``None`` with ``point["skipped"]`` saying why there are none."""
+    r, L = point["ratio"], point["tokens_per_image"]
+    if L < 1:
+        point["skipped"] = f"r={r:g} gives {r * n_visual:g} tokens per image; at least 1 is needed"
+        return None
+    chunks = _chunks(processor, docs_ids, L, n_visual, samples)
+    if not chunks:
+        longest = max((len(x) for x in docs_ids), default=0)
+        point["skipped"] = (f"no document has a whole chunk of L={L} tokens (r={r:g} x n_visual={n_visual}); "
+                            f"the longest has {longest} tokens")
+        return None
+    fits = [processor.renderer.fits(t) for _, t in chunks]
+    point["unfit"] = fits.count(False)
+    chunks = [c for c, ok in zip(chunks, fits) if ok]
+    if not chunks:
+        rc = processor.renderer.config
+        point["skipped"] = (f"a chunk of L={L} tokens does not fit the {rc.height}x{rc.width} image even at "
+                            f"min_font_size={rc.min_font_size}")
+        return None
+    return chunks
+
+
+def _read_back(model, processor, texts: list[str], cap: int, stop, n_tokens: int) -> list[str]:
+    """Render ``texts``, read the images, transcribe greedily (at most ``cap`` tokens each)."""
+    pixels = processor.pixels_from_texts(texts).to(model.device, model.dtype)
+    with torch.no_grad():
+        visual = model.model.encode_images(pixels)
+    return [processor.decode(g) for g in transcribe(model, visual, cap, stop, n_tokens)]
+
+
+def _score_point(model, processor, chunks, point: dict, cap: int, batch_size: int, examples: int,
+                 progress: bool) -> None:
+    """Transcribe ``chunks`` in batches and fill ``point`` with the mean scores and the geometry."""
+    from tqdm.auto import tqdm
+
+    stop, n_tokens = eos_ids(model.config.text_config, processor.tokenizer), len(processor.tokenizer)
+    scorer = rouge_scorer()
+    t0 = time.perf_counter()
+    scores: list[dict] = []
+    point["examples"] = []
+    bar = tqdm(total=len(chunks), desc=f"ocr r={point['ratio']:g} L={point['tokens_per_image']}", unit="img",
+               disable=not progress, file=sys.stderr)
+    for i in range(0, len(chunks), batch_size):
+        texts = [t for _, t in chunks[i : i + batch_size]]
+        for ref, hyp in zip(texts, _read_back(model, processor, texts, cap, stop, n_tokens)):
+            scores.append(ocr_scores(ref, hyp, scorer))
+            if len(point["examples"]) < examples:
+                point["examples"].append({"reference": ref[:300], "transcription": hyp[:300]})
+        bar.update(len(texts))
+    bar.close()
+    point["n"] = len(scores)
+    for k in (*ROUGE_TYPES, "cer"):
+        point[k] = sum(s[k] for s in scores) / len(scores)
+    point["chars_per_image"] = sum(len(t) for _, t in chunks) / len(chunks)
+    # the fit rule closes a chunk before L tokens when its text would not fit the image
+    point["mean_tokens_per_image"] = sum(len(c) for c, _ in chunks) / len(chunks)
+    point["font_size"] = min(processor.renderer.font_size_for(t) for _, t in chunks)
+    point["seconds"] = round(time.perf_counter() - t0, 3)
 
 
 def evaluate_ocr(model, processor, documents: Sequence[str], ratios: Sequence[float] = DEFAULT_RATIOS,
@@ -124,67 +195,17 @@ def evaluate_ocr(model, processor, documents: Sequence[str], ratios: Sequence[fl
     token after a chunk, so a trained model usually runs to the cap; the margin keeps a reader that
     drops a few tokens from being cut short).
     """
-    from tqdm.auto import tqdm
-
-    if samples <= 0:
-        raise ValueError(f"samples must be > 0, got {samples}")
-    if batch_size <= 0:
-        raise ValueError(f"batch_size must be > 0, got {batch_size}")
-    if margin < 0:
-        raise ValueError(f"margin must be >= 0, got {margin}")
-    cfg = model.config
-    beta, K = cfg.n_visual, cfg.chunk_tokens
-    rc = processor.renderer.config
+    _check_settings(samples, batch_size, margin)
+    n_visual, K = model.config.n_visual, model.config.chunk_tokens
     docs_ids = [processor.encode(d) for d in documents]
-    longest = max((len(x) for x in docs_ids), default=0)
-    stop, n_tokens = eos_ids(model.config.text_config, processor.tokenizer), len(processor.tokenizer)
-    scorer = rouge_scorer()
     points = []
     for r in ratios:
-        L = int(round(r * beta))
+        L = int(round(r * n_visual))
         point: dict = {"ratio": r, "tokens_per_image": L, "model_ratio": L == K}
         points.append(point)
-        if L < 1:
-            point["skipped"] = f"r={r:g} gives {r * beta:g} tokens per image; at least 1 is needed"
-            continue
-        chunks = _chunks(processor, docs_ids, L, beta, samples)
-        if not chunks:
-            point["skipped"] = (f"no document has a whole chunk of L={L} tokens (r={r:g} x beta={beta}); "
-                                f"the longest has {longest} tokens")
-            continue
-        fits = [processor.renderer.fits(t) for _, t in chunks]
-        point["unfit"] = fits.count(False)
-        chunks = [c for c, ok in zip(chunks, fits) if ok]
-        if not chunks:
-            point["skipped"] = (f"a chunk of L={L} tokens does not fit the {rc.height}x{rc.width} image even at "
-                                f"min_font_size={rc.min_font_size}")
-            continue
-        cap = L + math.ceil(margin * L)
-        t0 = time.perf_counter()
-        scores: list[dict] = []
-        point["examples"] = []
-        bar = tqdm(total=len(chunks), desc=f"ocr r={r:g} L={L}", unit="img", disable=not progress, file=sys.stderr)
-        for i in range(0, len(chunks), batch_size):
-            batch = chunks[i : i + batch_size]
-            texts = [t for _, t in batch]
-            pixels = processor.pixels_from_texts(texts).to(model.device, model.dtype)
-            with torch.no_grad():
-                visual = model.model.encode_images(pixels)
-            hyps = [processor.decode(g) for g in transcribe(model, visual, cap, stop, n_tokens)]
-            for ref, hyp in zip(texts, hyps):
-                scores.append(ocr_scores(ref, hyp, scorer))
-                if len(point["examples"]) < examples:
-                    point["examples"].append({"reference": ref[:300], "transcription": hyp[:300]})
-            bar.update(len(batch))
-        bar.close()
-        point["n"] = len(scores)
-        for k in (*ROUGE_TYPES, "cer"):
-            point[k] = sum(s[k] for s in scores) / len(scores)
-        point["chars_per_image"] = sum(len(t) for _, t in chunks) / len(chunks)
-        # the fit rule closes a chunk before L tokens when its text would not fit the image
-        point["mean_tokens_per_image"] = sum(len(c) for c, _ in chunks) / len(chunks)
-        point["font_size"] = min(processor.renderer.font_size_for(t) for _, t in chunks)
-        point["seconds"] = round(time.perf_counter() - t0, 3)
+        chunks = _ratio_chunks(processor, docs_ids, point, n_visual, samples)
+        if chunks is not None:
+            _score_point(model, processor, chunks, point, L + math.ceil(margin * L), batch_size, examples, progress)
     return points
 
 
@@ -205,7 +226,7 @@ def cmd_eval_ocr(args) -> int:
     from ..errors import CLIError
     from ..runtime import load_checkpoint as load
     from ..runtime import write_json
-    from .common import command_line, provenance, read_documents
+    from .common import command_line, model_geometry, provenance, read_documents
 
     try:
         ratios = parse_ratios(args.ratios)
@@ -223,9 +244,8 @@ def cmd_eval_ocr(args) -> int:
     results = {
         "evaluation": "ocr",
         "provenance": provenance(args.model, cfg, args.data, command_line("vist2 eval ocr", args)),
-        "model_geometry": {"chunk_tokens": cfg.chunk_tokens, "n_visual": cfg.n_visual,
-                           "compression_ratio": cfg.compression_ratio, "image": [cfg.render["height"], cfg.render["width"]],
-                           "min_font_size": processor.renderer.config.min_font_size},
+        "model_geometry": model_geometry(cfg, image=[cfg.render["height"], cfg.render["width"]],
+                                         min_font_size=processor.renderer.config.min_font_size),
         "settings": {"ratios": ratios, "samples": samples, "batch_size": args.batch_size, "margin": args.margin,
                      "decoding": "greedy", "layout": "MT-OCR [v, text] causal", "metric": "mean F-measure"},
         "points": points,
@@ -240,7 +260,7 @@ def cmd_eval_ocr(args) -> int:
 
 def add_parser(sub) -> None:
     q = sub.add_parser("ocr", help="OCR quality by compression ratio (ROUGE-1/2/L, CER)",
-                       description="Cut the data into chunks of L = r x beta tokens, render each, let the model "
+                       description="Cut the data into chunks of L = r x n_visual tokens, render each, let the model "
                                    "transcribe it greedily (MT-OCR layout) and score against the source per ratio.")
     q.add_argument("--model", required=True, metavar="DIR", help="a VIST2 checkpoint folder")
     q.add_argument("--data", required=True, metavar="PATH", help='plain UTF-8 text, or .jsonl with a "text" field')

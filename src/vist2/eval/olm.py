@@ -96,7 +96,7 @@ def evaluate_olm(model, processor, documents: Sequence[str], context_tokens: int
     from tqdm.auto import tqdm
 
     cfg = model.config
-    K, beta = cfg.chunk_tokens, cfg.n_visual
+    K, n_visual = cfg.chunk_tokens, cfg.n_visual
     N = 4 * K if context_tokens is None else context_tokens
     M = K if continuation_tokens is None else continuation_tokens
     if N <= 0 or N % K:
@@ -118,7 +118,7 @@ def evaluate_olm(model, processor, documents: Sequence[str], context_tokens: int
     tokens = chars = 0
     t0 = time.perf_counter()
     for ctx, cont in tqdm(wins, desc="olm", unit="window", disable=not progress, file=sys.stderr):
-        nll_o, tgt_o = continuation_nll(model, processor, optical_segments(ctx, cont, K, beta))
+        nll_o, tgt_o = continuation_nll(model, processor, optical_segments(ctx, cont, K, n_visual))
         nll_t, tgt_t = continuation_nll(model, processor, text_segments(ctx, cont))
         # the comparison is only meaningful on identical targets; the layouts must agree
         assert tgt_o == tgt_t == cont, "optical and text layouts score different tokens"
@@ -127,7 +127,7 @@ def evaluate_olm(model, processor, documents: Sequence[str], context_tokens: int
         tokens += len(cont)
         chars += len(processor.decode(cont))
     res = {k: _summary(totals[k], tokens, chars) for k in LAYOUTS}
-    res["optical"]["context_kv_entries"] = N // K * beta
+    res["optical"]["context_kv_entries"] = N // K * n_visual
     res["text"]["context_kv_entries"] = N
     res.update(windows=len(wins), context_tokens=N, continuation_tokens=M,
                perplexity_ratio=res["optical"]["perplexity"] / res["text"]["perplexity"],
@@ -238,7 +238,7 @@ def cmd_eval_olm(args) -> int:
     from ..errors import CLIError
     from ..runtime import load_checkpoint as load
     from ..runtime import write_json
-    from .common import command_line, provenance, read_documents
+    from .common import command_line, model_geometry, provenance, read_documents
 
     try:
         docs = read_documents(args.data)
@@ -257,8 +257,7 @@ def cmd_eval_olm(args) -> int:
     results = {
         "evaluation": "olm",
         "provenance": provenance(args.model, cfg, args.data, command_line("vist2 eval olm", args)),
-        "model_geometry": {"chunk_tokens": cfg.chunk_tokens, "n_visual": cfg.n_visual,
-                           "compression_ratio": cfg.compression_ratio},
+        "model_geometry": model_geometry(cfg),
         "teacher_forced": {
             "protocol": "teacher-forced perplexity: the model scores each window's true continuation",
             "layouts": {"optical": "olm_segments(context + continuation), loss on the continuation",
