@@ -4,7 +4,7 @@ The four presets follow the paper's Table 8 (AdamW, weight decay 1e-4, warm-up
 1 %, cosine decay, one epoch, learning rate 5e-4 for pre-training and 1e-5 for
 SFT, maximum length 1024 / 4096 / 8192 / 8192), with one departure: PT-2 rows
 are 10240 slots, not 4096, because its curriculum's hard phase (up to 8 images
-of K = 1024 text + beta = 256 visual tokens) does not fit in 4096 (3 images).
+of K = 1024 text + n_visual = 256 visual tokens) does not fit in 4096 (3 images).
 Table 8's batch sizes per model size are ``paper_batch``: a "batch" is packed
 rows (each at most ``max_length`` slots) per optimizer step over all devices,
 ``batch_size x grad_accum x devices``. ``configs/<stage>.yaml`` holds the same

@@ -83,12 +83,12 @@ class VisualProbe:
     def __init__(self, model, blank: float = 1.0, aligner: torch.nn.Module | None = None):
         aligner = aligner if aligner is not None else model.model.aligner
         cfg = model.config
-        beta, dim = cfg.n_visual, cfg.text_config.hidden_size
+        n_visual, dim = cfg.n_visual, cfg.text_config.hidden_size
         device = next(aligner.parameters()).device
         self.blank = blank
         # fixed shapes from the config, so every rank reduces the same tensors even without images
-        self.sum_BD = torch.zeros(beta, dim, dtype=torch.float64, device=device)
-        self.sq_BD = torch.zeros(beta, dim, dtype=torch.float64, device=device)
+        self.sum_BD = torch.zeros(n_visual, dim, dtype=torch.float64, device=device)
+        self.sq_BD = torch.zeros(n_visual, dim, dtype=torch.float64, device=device)
         self.counts = torch.zeros(5, dtype=torch.float64, device=device)  # images, saturated, real, blank, targets
         self._recording = True
         self._hook = aligner.register_forward_hook(self._record)
