@@ -11,8 +11,8 @@ anything is waiting or running and sleeps on its inbox otherwise. :meth:`EngineB
 client that went away) aborts the group's engine requests, which frees their cache rows at once.
 
 Admission control is counted here: the queue depth (the ``vist2_queue_depth`` metric) is the number
-of engine requests accepted but not yet holding a cache row; a submission that would push it over ``max_queue`` is refused with
-429 before it touches the engine.
+of engine requests accepted but not yet holding a cache row; a submission that would push it over
+``max_queue`` is refused with 429 before it touches the engine.
 
 Example::
 
