@@ -265,8 +265,8 @@ class OpenAIServing:
         max_tokens = body.max_completion_tokens or body.max_tokens or DEFAULT_CHAT_MAX_TOKENS
         params = self._params(body, max_tokens, body.n)
         # the chat template knows system/user/assistant; OpenAI's "developer" is the newer name for system
-        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-                    for m in body.messages]
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text(),
+                     **({"question": m.question} if m.question is not None else {})} for m in body.messages]
         builders = [self._builder(params[j], mode, messages=messages) for j in range(body.n)]
         sub = await self.scheduler.submit(builders)
         rid, created, name = new_id("chatcmpl"), now(), self.config.model_name
