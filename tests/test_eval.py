@@ -229,6 +229,46 @@ def test_olm_text_perplexity_is_the_backbone_loss(tiny):
     assert res["optical"]["context_kv_entries"] == 2 * model.config.n_visual
 
 
+def test_olm_windows_end_the_context_on_a_fit_rule_chunk_boundary(tiny):
+    """With hard line breaks the fit rule closes chunks before K tokens: the context is cut back to
+    whole chunks, the optical layout's chunks are the processor's chunk_ids, and the loss falls on
+    the continuation only."""
+    from pathlib import Path
+
+    from vist2.eval.olm import optical_segments, windows
+
+    from vist2.processing import VIST2Processor
+
+    model, tiny_proc = tiny
+    K, beta = model.config.chunk_tokens, model.config.n_visual
+    # read through a coarser font (25 x 12 cells, as in test_engine), where the fit rule cuts often
+    rc = model.config.render_config.replace(font_size=8, min_font_size=8)
+    proc = VIST2Processor(tiny_proc.tokenizer, rc, K)
+    ids = proc.encode((Path(__file__).parent / "data" / "prose_hard_breaks.txt").read_text())
+    N, M = 3 * K, 40
+    chunker = proc.chunker(K)
+    wins = windows([ids], N, M, chunker)
+    assert len(wins) >= 2 and any(len(ctx) < N for ctx, _ in wins)  # cut back to whole chunks
+    i = 0
+    for ctx, cont in wins:
+        assert ctx == ids[i : i + len(ctx)] and cont == ids[i + len(ctx) : i + len(ctx) + M]
+        closed = proc.chunk_ids(ids[i : i + N])[:-1]
+        assert len(ctx) == sum(map(len, closed))
+        segs = optical_segments(ctx, cont, K, beta, chunker)
+        assert [list(s.tokens) for s in segs][: len(closed)] == closed  # the fit rule's chunks
+        assert [s.loss for s in segs] == [False] * len(closed) + [True] * (len(segs) - len(closed))
+        assert [list(s.tokens) for s in segs] == proc.chunk_ids(ctx + cont)[: len(segs)]
+        i += len(ctx) + M
+    with pytest.raises(ValueError, match="ends inside a chunk"):
+        optical_segments(ctx[:-1], [ctx[-1], *cont], K, beta, chunker)
+    res = evaluate_olm(model, proc, [proc.decode(ids)], context_tokens=N, continuation_tokens=M, limit=2,
+                       progress=False)
+    assert res["windows"] == 2 and res["optical"]["tokens"] == res["text"]["tokens"] == 2 * M
+    assert res["context_tokens_mean"] == sum(len(c) for c, _ in wins[:2]) / 2
+    n_chunks = sum(len(proc.chunk_ids(ids[j : j + N])) - 1 for j in (0, len(wins[0][0]) + M))
+    assert res["optical"]["context_kv_entries"] == n_chunks * beta / 2
+
+
 @pytest.fixture(scope="module")
 def judge_dir(tmp_path_factory):
     """A tiny random Qwen3 causal LM with the Qwen3 tokenizer, saved as an ordinary HF folder."""
@@ -311,8 +351,8 @@ def test_eval_olm_command_and_bad_input(tiny_dir, judge_dir, qwen3_dir, en_file,
     rc, err = run_eval(base + ["--data", str(en_file), "--context-tokens", "128", "--judge", str(qwen3_dir)])
     assert rc == 2 and "no tokenizer files" in err
 
-    rc, err = run_eval(base + ["--data", str(en_file), "--context-tokens", "100"])
-    assert rc == 2 and "multiple of the model's K=64" in err
+    rc, err = run_eval(base + ["--data", str(en_file), "--context-tokens", "50"])
+    assert rc == 2 and "at least the model's K=64" in err
     short = tmp_path / "short.jsonl"
     short.write_text(json.dumps({"text": "Too short to hold one chunk."}) + "\n")
     rc, err = run_eval(base + ["--data", str(short)])

@@ -137,3 +137,36 @@ def test_adapter_modes_agree_where_nothing_is_compressed(tiny_dir):
     (text,) = lm.generate_until([Instance("generate_until", {}, ("In the beginning", {"until": ["\n"],
                                                                                           "max_gen_toks": 5}), 0)])
     assert isinstance(text, str) and "\n" not in text
+
+
+def test_adapter_cuts_chunks_by_the_fit_rule(tiny_dir):
+    """Context and continuation are chunked exactly as the processor's fit rule cuts them (the cuts
+    training and the engine use), not every K tokens; the plan still scores exactly the continuation."""
+    from pathlib import Path
+
+    from vist2.eval.lm_eval_adapter import VIST2LM
+    from vist2.layout import build_sample
+
+    from vist2.processing import VIST2Processor
+
+    lm = VIST2LM(pretrained=str(tiny_dir), mode="gcc")
+    # read through a coarser font (25 x 12 cells, as in test_engine), where the fit rule cuts often
+    rc = lm.model.config.render_config.replace(font_size=8, min_font_size=8)
+    proc = lm.processor = VIST2Processor(lm.processor.tokenizer, rc, lm.K)
+    K = lm.K
+    ids = proc.encode((Path(__file__).parent / "data" / "prose_hard_breaks.txt").read_text())
+    ctx, cont = ids[: 3 * K], ids[3 * K : 5 * K]
+    cuts = proc.cuts(ctx)
+    assert any(cuts.fit_cut)  # hard line breaks: the fit rule closes chunks before K tokens
+    chunks = [c for c, _, _ in build_sample(lm._segments(ctx, cont)).chunks]
+    n_ctx = len(cuts.closed) + (len(cuts.tail) > lm.beta)
+    assert [list(c) for c in chunks[:n_ctx]] == proc.chunk_ids(ctx)[:n_ctx]
+    # the continuation's images start on the context's carry, as generation after the prompt does
+    cont_cuts = proc.cuts(cont, cuts.carry_tail if len(cuts.tail) > lm.beta else cuts.carry)
+    parts = cont_cuts.closed + ([cont_cuts.tail] if cont_cuts.tail else [])
+    assert [list(c) for c in chunks[n_ctx:]] == parts[:-1]  # the last part stays open text
+    ((lp, _),) = lm._score([(ctx, cont)])  # raises unless the plan targets exactly the continuation
+    assert lp < 0
+    lm.mode = "pcc"
+    assert [list(c) for c, _, _ in build_sample(lm._segments(ctx, cont)).chunks] == [
+        list(c) for c in chunks[:n_ctx]]

@@ -120,3 +120,59 @@ def test_query_chunks_render_in_the_user_style_in_training_and_prefill(tok):
     plain = proc.pixels_from_texts(proc.chunk_texts(plan.chunks)[:1])
     assert not torch.equal(plain, train_px[:1])
     assert ((train_px[0] * 255).round() == 224).float().mean() > 0.3
+
+
+def test_the_question_renders_red_inside_query_chunks_in_training_and_prefill(tok):
+    """Paper Fig. 7: a question that spans a compressed chunk boundary is red on grey in the SFT
+    layout's images and in the engine's prefill, pixel for pixel; the cuts do not depend on it."""
+    from vist2.engine.engine import Engine, chat_prompt
+    from vist2.engine.sampling import SamplingParams
+    from vist2.modeling import VIST2ForCausalLM
+
+    torch.manual_seed(0)
+    model = VIST2ForCausalLM(preset_config("tiny")).eval()
+    proc = VIST2Processor(tok, model.config.render_config, model.config.chunk_tokens)
+    K, beta = model.config.chunk_tokens, model.config.n_visual
+    doc = proc.decode(proc.encode(TEXTS["prose"])[: K + 60])
+    question = "Which ship did the narrator board, and who was waiting on the quay when it sailed at dawn?"
+    msgs = [{"role": "user", "content": doc, "question": question}]
+    prefix, query, suffix, span = chat_prompt(tok, msgs)
+    assert proc.decode(query) == doc + "\n" + question and proc.decode(query[span[0]:span[1]]) == question
+    segs = sft_segments(prefix, query, suffix, [5, 6, 7], K, beta, "visual", proc.chunker(), span)
+    plan = collate([build_sample(segs)])
+    styles = [c.style for c in plan.chunks]
+    # the question starts inside a closed chunk and runs on into the next (the compressed tail)
+    assert len(styles) == 3 and isinstance(styles[1], tuple) and isinstance(styles[2], tuple)
+    assert styles[1][0] == "user" and styles[1][-1] == "question" and set(styles[2]) == {"question"}
+    plain_plan = collate([build_sample(sft_segments(prefix, query, suffix, [5, 6, 7], K, beta, "visual",
+                                                    proc.chunker()))])
+    assert [c.tokens for c in plain_plan.chunks] == [c.tokens for c in plan.chunks]  # same cuts
+    train_px = proc.pixels_for(plan.chunks)
+    assert train_px.shape[1] == 3  # colour: the question is red
+    red = (train_px[:, 0] > 0.6) & (train_px[:, 1] < 0.3) & (train_px[:, 2] < 0.3)
+    assert red[0].sum() == 0 and red[1].sum() > 20 and red[2].sum() > 20
+    grey = ((train_px * 255).round() == 224).all(dim=1)
+    assert grey[2].float().mean() > 0.2  # the question keeps the user's grey background
+
+    seen = []
+    eng = Engine(model, proc)
+    req = eng.request(messages=msgs, params=SamplingParams(max_new_tokens=1), mode="pcc")
+    assert (req.query, req.prefix, req.suffix, req.question) == (query, prefix, suffix, span)
+    orig = proc.pixels_from_texts
+    proc.pixels_from_texts = lambda texts, styles=None: seen.append(orig(texts, styles)) or seen[-1]
+    eng.generate([req])
+    # the engine renders chunk by chunk (the all-user one grey); the model expands grey to 3 channels
+    assert torch.equal(torch.cat([x.expand(-1, 3, -1, -1) for x in seen]), train_px)
+
+
+def test_styles_never_change_the_layout(tok):
+    """A style boundary inside a run of spaces or a line break: the image is the plain one's layout."""
+    from vist2.render import Span
+
+    # styles drawn like plain text: a styled render must then be the plain render, pixel for pixel
+    r = Renderer.get(RENDER_PRESETS["tiny"].replace(styles={"user": (0, 255), "question": (0, 255)}))
+    text = "def f():\n        return 1\r\n  e\u0301t\u00e9"
+    plain = r.render(text)
+    for cut in range(1, len(text)):
+        styled = r.render([Span(text[:cut], "user"), Span(text[cut:], "question")])
+        assert np.array_equal(styled, plain), cut

@@ -131,6 +131,8 @@ ZH_1024 = (
 
 
 DEFAULT = RENDER_PRESETS["default"]
+# structure-heavy chunks (bench/notes/render.md): measured CER 0.010 (prose with hard breaks), 0.078 (code)
+PROSE_CER, CODE_CER = 0.035, 0.15
 INK = 128  # a pixel darker than this is ink on the white default background
 
 
@@ -495,3 +497,22 @@ def test_ocr_reads_back_1024_token_chunks(ocr, r):
     cer_zh = cer(ZH_1024, ocr_read_back(ocr, r, ZH_1024))
     assert cer_en < 0.035, cer_en
     assert cer_zh < 0.02, cer_zh
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fn, limit", [("prose_hard_breaks.txt", PROSE_CER), ("code_sample.py.txt", CODE_CER)])
+def test_ocr_reads_back_structure_heavy_chunks(ocr, r, fn, limit):
+    """Prose with hard line breaks and source code, cut as the model sees them (the fit rule at the
+    default geometry, K = 1024): still legible. The reference is ``unmark(layout_marks(text))``: the
+    marks count as whitespace (which CER ignores), so a mark misread as a letter is an error."""
+    from pathlib import Path
+
+    from vist2.build import load_tokenizer
+    from vist2.processing import VIST2Processor
+
+    proc = VIST2Processor(load_tokenizer(), DEFAULT, 1024)
+    ids = proc.encode((Path(__file__).parent / "data" / fn).read_text() * 3)
+    text, _ = proc.chunk_text(b"", proc.chunk_ids(ids)[0])
+    assert "\n" in text and len(text) > 2500
+    got = cer(unmark(layout_marks(text)), ocr_read_back(ocr, r, text))
+    assert got < limit, got

@@ -53,7 +53,7 @@ def test_tokenizer_chat_template_splits_like_the_engine(tok_dir):
     from vist2.engine import chat_prompt
 
     tok = AutoTokenizer.from_pretrained(str(tok_dir))
-    prefix, query, suffix = chat_prompt(tok, [{"role": "user", "content": "Where is 第一回?"}])
+    prefix, query, suffix, _ = chat_prompt(tok, [{"role": "user", "content": "Where is 第一回?"}])
     assert tok.decode(prefix) == "<|im_start|>user\n" and tok.decode(query) == "Where is 第一回?"
     assert tok.decode(suffix) == "<|im_end|>\n<|im_start|>assistant\n"
 

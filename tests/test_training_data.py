@@ -226,7 +226,7 @@ def test_sft_loss_on_response_only_and_tail_rule(proc):
     assert "<think>" in proc.tokenizer.decode(targets)
     from vist2.engine.engine import chat_prompt
 
-    prefix, q, suffix = chat_prompt(proc.tokenizer, [{"role": "user", "content": query}])
+    prefix, q, suffix, _ = chat_prompt(proc.tokenizer, [{"role": "user", "content": query}])
     chunks, tail = split_query(q, 64, 16)
     s = build_sample(sft_segments(prefix, q, suffix, want, 64, 16, "visual"))
     assert items[0].sample.input_ids == s.input_ids and len(chunks) >= 2  # the query is compressed

@@ -77,17 +77,22 @@ class Chunk:
     """``fit_cut``: the fit rule closed this chunk before K tokens. Generation learns that only
     after sampling the next token (from the chunk's last text token, the text still in sight), so
     that token is predicted there, not after the visual tokens. ``style``: the render style of
-    the chunk's image (``user`` for a prompt's query, paper Fig. 7)."""
+    the chunk's image (``user`` for a prompt's query, paper Fig. 7), or one style per token (a
+    query chunk holding part of the question: ``question`` on those tokens)."""
 
     tokens: tuple[int, ...]
     n_visual: int
     mode: ChunkMode = "interleaved"
     loss: bool = False
     fit_cut: bool = False
-    style: str = "plain"
+    style: str | tuple[str, ...] = "plain"
 
     def __post_init__(self):
         object.__setattr__(self, "tokens", tuple(int(t) for t in self.tokens))
+        if not isinstance(self.style, str):
+            object.__setattr__(self, "style", tuple(self.style))
+            if len(self.style) != len(self.tokens):
+                raise ValueError(f"Chunk.style has {len(self.style)} per-token styles for {len(self.tokens)} tokens")
         if self.mode not in CHUNK_MODES:
             raise ValueError(f"Chunk.mode must be one of {CHUNK_MODES}, got {self.mode!r}")
         if self.mode == "open":
@@ -108,7 +113,7 @@ class ChunkInfo:
     n_visual: int
     row: int = 0
     sample: int = 0
-    style: str = "plain"  # the render style (see Chunk.style)
+    style: str | tuple[str, ...] = "plain"  # the render style, or one per token (see Chunk.style)
 
 
 @dataclass
@@ -121,7 +126,7 @@ class Sample:
     position: list[int] = field(default_factory=list)
     evicted: list[bool] = field(default_factory=list)
     loss: list[bool] = field(default_factory=list)  # this token is a prediction target
-    chunks: list[tuple[tuple[int, ...], int, str]] = field(default_factory=list)  # (tokens, n_visual, style)
+    chunks: list[tuple[tuple[int, ...], int, str | tuple[str, ...]]] = field(default_factory=list)  # (tokens, n_visual, style)
     # index of the slot each token predicts (normally the next one; -1: none)
     predicts: list[int] = field(default_factory=list)
 
@@ -277,22 +282,53 @@ def prompt_segments(
     n_visual: int,
     prompt_encoding: str,
     chunker: Chunker | None = None,
+    question: tuple[int, int] | None = None,
 ) -> list[Segment]:
     """A prompt: raw prefix, the query compressed by the tail rule, raw suffix.
 
     ``prompt_encoding`` is ``visual`` (only the query's visual tokens enter the
     LLM) or ``interleaved`` (its text runs first and the visual tokens read it).
-    Query chunks render in the ``user`` style (grey background, paper Fig. 7).
+    Query chunks render in the ``user`` style (grey background, paper Fig. 7);
+    ``question = (start, end)`` marks ``query[start:end]`` as the user's question,
+    whose tokens render in the ``question`` style (red on grey) in whichever chunks
+    they fall. Chunks are cut the same with or without it.
     """
-    return _prompt(prefix, query, suffix, chunk_tokens, n_visual, prompt_encoding, chunker)[0]
+    return _prompt(prefix, query, suffix, chunk_tokens, n_visual, prompt_encoding, chunker, question)[0]
 
 
-def _prompt(prefix, query, suffix, chunk_tokens, n_visual, prompt_encoding, chunker):
+def query_styles(chunks: Sequence[Sequence[int]], question: tuple[int, int] | None) -> list[str | tuple[str, ...]]:
+    """The render style of each query chunk (consecutive pieces of the query): ``user``, or one style
+    per token where the chunk holds part of ``query[start:end]`` (``question``)."""
+    out: list[str | tuple[str, ...]] = []
+    i = 0
+    for c in chunks:
+        j = i + len(c)
+        if question is None or question[1] <= i or question[0] >= j:
+            out.append("user")
+        else:
+            out.append(tuple("question" if question[0] <= k < question[1] else "user" for k in range(i, j)))
+        i = j
+    return out
+
+
+def _check_question(question, n_query: int) -> None:
+    if question is None:
+        return
+    if (not isinstance(question, (tuple, list)) or len(question) != 2
+            or not all(isinstance(x, int) and not isinstance(x, bool) for x in question)
+            or not 0 <= question[0] <= question[1] <= n_query):
+        raise ValueError(f"question must be a (start, end) token span of the query with 0 <= start <= end <= "
+                         f"{n_query}, got {question!r}")
+
+
+def _prompt(prefix, query, suffix, chunk_tokens, n_visual, prompt_encoding, chunker, question=None):
     if prompt_encoding not in PROMPT_ENCODINGS:
         raise ValueError(f"prompt_encoding must be one of {PROMPT_ENCODINGS}, got {prompt_encoding!r}")
+    _check_question(question, len(query))
     chunks, tail, carry, fit = _split_query(query, chunk_tokens, n_visual, chunker)
     segs: list[Segment] = [Raw(tuple(prefix))] if len(prefix) else []
-    segs += [Chunk(tuple(c), n_visual, prompt_encoding, fit_cut=f, style="user") for c, f in zip(chunks, fit)]
+    segs += [Chunk(tuple(c), n_visual, prompt_encoding, fit_cut=f, style=st)
+             for c, f, st in zip(chunks, fit, query_styles(chunks, question))]
     if tail:
         segs.append(Raw(tuple(tail)))
     if len(suffix):
@@ -309,10 +345,11 @@ def sft_segments(
     n_visual: int,
     prompt_encoding: str,
     chunker: Chunker | None = None,
+    question: tuple[int, int] | None = None,
 ) -> list[Segment]:
-    """SFT: the prompt (see :func:`prompt_segments`), then the response as OLM with loss
-    (its first image also shows a character split by the query's last image, as in generation)."""
-    segs, carry = _prompt(prefix, query, suffix, chunk_tokens, n_visual, prompt_encoding, chunker)
+    """SFT: the prompt (see :func:`prompt_segments`, ``question`` included), then the response as OLM
+    with loss (its first image also shows a character split by the query's last image, as in generation)."""
+    segs, carry = _prompt(prefix, query, suffix, chunk_tokens, n_visual, prompt_encoding, chunker, question)
     return segs + olm_segments(response, chunk_tokens, n_visual, loss=True, chunker=chunker, carry=carry)
 
 

@@ -12,6 +12,7 @@ Example::
 
 from __future__ import annotations
 
+import itertools
 import logging
 import unicodedata
 from pathlib import Path
@@ -75,14 +76,41 @@ class VIST2Processor:
         """
         return chunk_text(self.tokenizer, carry, ids)
 
-    def render_chunk(self, text: str, style: str = "plain") -> np.ndarray:
-        """Render one chunk's text (in a render style: ``plain``, or ``user`` for a query chunk).
+    def render_chunk(self, text: str, style: str | Sequence[str] = "plain") -> np.ndarray:
+        """Render one chunk's text in a render style (``plain``, ``user`` for a query chunk), or in one
+        style per character of ``text`` (as :meth:`char_styles` gives: a query chunk holding part of the
+        question).
 
         :meth:`chunk_ids` cuts chunks so that their text always fits; text that does not fit
         is an error (``ValueError``), never cut. Training and generation both render through
         here, so they see the same pixels.
         """
-        return self.renderer.render(text if style == "plain" else Span(text, style))
+        if isinstance(style, str):
+            return self.renderer.render(text if style == "plain" else Span(text, style))
+        if len(style) != len(text):
+            raise ValueError(f"{len(style)} per-character styles for a text of {len(text)} characters")
+        spans, i = [], 0
+        for st, run in itertools.groupby(style):
+            n = sum(1 for _ in run)
+            spans.append(Span(text[i : i + n], st))
+            i += n
+        return self.renderer.render(spans)
+
+    def char_styles(self, carry: bytes, ids: Sequence[int], style: str | Sequence[str]) -> str | tuple[str, ...]:
+        """The style of every character of ``chunk_text(carry, ids)[0]``, given one style for the chunk
+        (returned as is) or one per token: a character takes the style of the token that completes it."""
+        if isinstance(style, str):
+            return style
+        if len(style) != len(ids):
+            raise ValueError(f"{len(style)} per-token styles for a chunk of {len(ids)} tokens")
+        # the chunk's text token by token, split as chunk_text splits it
+        pending, out = bytes(carry), []
+        for t, st in zip(ids, style):
+            complete, pending = split_complete(pending + token_bytes(self.tokenizer, [t]))
+            out += [st] * len(complete.decode("utf-8", errors="replace"))
+        n = len(self.chunk_text(carry, ids)[0])  # equal but for invalid bytes split oddly: then pad/cut
+        fill = out[-1] if out else (style[-1] if len(style) else "plain")
+        return tuple(out[:n] + [fill] * (n - len(out)))
 
     # -- the fit rule ------------------------------------------------------------------
 
@@ -143,22 +171,28 @@ class VIST2Processor:
         c = self.cuts(ids, b"", chunk_tokens)
         return [list(x) for x in c.closed] + [list(c.tail)]
 
-    def pixels_from_texts(self, texts: Sequence[str], styles: Sequence[str] | None = None) -> torch.Tensor:
+    def pixels_from_texts(self, texts: Sequence[str], styles: Sequence[str | Sequence[str]] | None = None) -> torch.Tensor:
         styles = styles or ["plain"] * len(texts)
         return to_pixels([self.render_chunk(t, st) for t, st in zip(texts, styles)])
 
     def chunk_texts(self, chunks: Sequence[ChunkInfo]) -> list[str | None]:
         """The text of every chunk of a plan (None for an external image), carrying split
         characters forward within each sample."""
+        return [t for t, _ in self._chunk_views(chunks)]
+
+    def _chunk_views(self, chunks: Sequence[ChunkInfo]) -> list[tuple[str | None, str | tuple[str, ...]]]:
+        # (text, per-character style) of every chunk, the carry kept per sample
         carries: dict[tuple[int, int], bytes] = {}
-        out: list[str | None] = []
+        out: list[tuple[str | None, str | tuple[str, ...]]] = []
         for c in chunks:
             if not c.tokens:
-                out.append(None)
+                out.append((None, c.style))
                 continue
             key = (c.row, c.sample)
-            text, carries[key] = self.chunk_text(carries.get(key, b""), c.tokens)
-            out.append(text)
+            carry = carries.get(key, b"")
+            style = self.char_styles(carry, c.tokens, c.style)
+            text, carries[key] = self.chunk_text(carry, c.tokens)
+            out.append((text, style))
         return out
 
     def pixels_for(self, chunks: Sequence[ChunkInfo], images: Sequence[np.ndarray] | None = None) -> torch.Tensor:
@@ -169,9 +203,9 @@ class VIST2Processor:
         """
         external = list(images or [])
         out = []
-        for c, text in zip(chunks, self.chunk_texts(chunks)):
+        for text, style in self._chunk_views(chunks):
             if text is not None:
-                out.append(self.render_chunk(text, c.style))
+                out.append(self.render_chunk(text, style))
             elif external:
                 out.append(external.pop(0))
             else:

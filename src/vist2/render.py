@@ -454,6 +454,14 @@ def layout_marks(text: str) -> str:
     return _LAYOUT_RE.sub(_mark, text)
 
 
+def _drawn(text: str) -> str:
+    text = layout_marks(text)
+    if not unicodedata.is_normalized("NFC", text):
+        # One cell per character: compose "e" + U+0301 into "é" where possible.
+        text = unicodedata.normalize("NFC", text)
+    return text
+
+
 def unmark(text: str) -> str:
     """Marks back to plain whitespace (a space each): what an OCR engine that cannot read the
     marks should be compared with."""
@@ -654,14 +662,18 @@ class Renderer:
                 else:
                     raise TypeError(f"render() takes str, Span or a sequence of them, got {type(item).__name__}")
             styled = any(s for _, s in parts)
-        norm = []
-        for t, s in parts:
-            t = layout_marks(t)
-            if not unicodedata.is_normalized("NFC", t):
-                # One cell per character: compose "e" + U+0301 into "é" where possible.
-                t = unicodedata.normalize("NFC", t)
-            norm.append((t, s))
-        full = "".join(t for t, _ in norm)
+        # The spans are drawn as their joined text would be (marks and NFC over the whole text), so a
+        # style never changes the layout: a styled chunk fits exactly when its plain text fits.
+        full = _drawn("".join(t for t, _ in parts))
+        if styled:
+            norm, done, raw = [], 0, ""
+            for t, s in parts:
+                raw += t
+                end = max(done, min(len(full), len(_drawn(raw))))  # where this span's text ends when drawn
+                norm.append((full[done:end], s))
+                done = end
+            if done < len(full):
+                norm[-1] = (norm[-1][0] + full[done:], norm[-1][1])
         cps = np.frombuffer(full.encode("utf-32-le", "surrogatepass"), np.uint32)
         slots = self._cp2slot[cps]
         if len(slots) and slots.min() < 0:

@@ -46,13 +46,15 @@ MODES = ("gcc", "pcc", "none")
 
 @dataclass
 class Request:
-    """A prompt as ids: ``prefix`` and ``suffix`` stay raw, ``query`` is compressed by the tail rule."""
+    """A prompt as ids: ``prefix`` and ``suffix`` stay raw, ``query`` is compressed by the tail rule.
+    ``question = (start, end)``: ``query[start:end]`` is the user's question, drawn in red (paper Fig. 7)."""
 
     query: list[int]
     prefix: list[int] = field(default_factory=list)
     suffix: list[int] = field(default_factory=list)
     params: SamplingParams = field(default_factory=SamplingParams)
     mode: str = "gcc"
+    question: tuple[int, int] | None = None
 
     @property
     def prompt_ids(self) -> list[int]:
@@ -174,21 +176,25 @@ class Engine:
     # -- requests ---------------------------------------------------------------------
 
     def request(self, prompt: str | None = None, *, messages: list[dict] | None = None,
-                params: SamplingParams | None = None, mode: str = "gcc") -> Request:
-        """Tokenize a plain prompt, or chat ``messages`` (the last user turn is the compressed query)."""
+                params: SamplingParams | None = None, mode: str = "gcc", question: str | None = None) -> Request:
+        """Tokenize a plain prompt, or chat ``messages`` (the last user turn is the compressed query;
+        its optional ``question`` field is the question, see :func:`chat_prompt`). With a plain prompt,
+        ``question`` is appended to it the same way: ``prompt + "\n" + question``."""
         params = (params or SamplingParams()).validate()
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         tok = self.processor.tokenizer
         if messages is not None:
-            prefix, query, suffix = chat_prompt(tok, messages)
+            if question is not None:
+                raise ValueError("with messages, give the question as the last user message's 'question' field")
+            prefix, query, suffix, span = chat_prompt(tok, messages)
         else:
             if prompt is None:
                 raise ValueError("give a prompt or messages")
-            prefix, query, suffix = [], self.processor.encode(prompt), []
+            (query, span), prefix, suffix = query_ids(tok, prompt, question), [], []
         if not (prefix or query or suffix):
             raise ValueError("the prompt is empty")
-        return Request(query=query, prefix=prefix, suffix=suffix, params=params, mode=mode)
+        return Request(query=query, prefix=prefix, suffix=suffix, params=params, mode=mode, question=span)
 
     def add(self, request: Request) -> int:
         """Queue a request; returns its id. Raises ValueError if its prompt cannot fit the memory limit."""
@@ -212,7 +218,7 @@ class Engine:
         if req.mode == "none":
             return [Raw(tuple(req.prompt_ids))]
         return prompt_segments(req.prefix, req.query, req.suffix, self.K, self.beta, self.prompt_encoding,
-                               chunker=self.processor.chunker(self.K))
+                               chunker=self.processor.chunker(self.K), question=req.question)
 
     def _prompt_footprint(self, req: Request) -> int:
         """Cache entries the prompt needs at its peak (a compressed chunk briefly holds text + visual)."""
@@ -409,12 +415,13 @@ class Engine:
                 for i in range(0, len(toks), step):  # bounded activations for long raw prompts (mode none)
                     self._feed_text([seq], [toks[i : i + step]])
             elif isinstance(seg, Chunk):
+                style = self.processor.char_styles(seq.carry, seg.tokens, seg.style)  # before the carry moves
                 text = self._chunk_text(seq, seg.tokens)
                 if seg.mode == "interleaved":
                     self._feed_text([seq], [list(seg.tokens)])
-                    self._feed_visual([seq], [text], [len(seg.tokens)], [seg.style])
+                    self._feed_visual([seq], [text], [len(seg.tokens)], [style])
                 else:
-                    self._feed_visual([seq], [text], [0], [seg.style])
+                    self._feed_visual([seq], [text], [0], [style])
         seq.window_start = int(self._cache.length[seq.row])
         seq.fit = self.processor.chunk_fit(self.K, seq.carry)
         self._update_kv_stats(seq)
@@ -511,8 +518,34 @@ class _CacheFull(Exception):
     pass
 
 
-def chat_prompt(tokenizer, messages: list[dict]) -> tuple[list[int], list[int], list[int]]:
-    """Split a chat prompt into (raw prefix, the last user message = compressed query, raw suffix)."""
+QUESTION_SEP = "\n"  # between a user message's document (its content) and its question
+
+
+def query_ids(tokenizer, document: str, question: str | None) -> tuple[list[int], tuple[int, int] | None]:
+    """The query's ids and the question's (start, end) span in them (None without a question).
+
+    The query is ``document + "\n" + question`` (just the question when the document is empty), the
+    question tokenized on its own so its tokens are exactly the question's.
+    """
+    enc = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"] if s else []  # noqa: E731
+    if question is None:
+        return enc(document), None
+    if not isinstance(question, str) or not question:
+        raise ValueError(f"question must be a non-empty string, got {question!r}")
+    doc = enc(document + QUESTION_SEP) if document else []
+    q = enc(question)
+    return doc + q, (len(doc), len(doc) + len(q))
+
+
+def chat_prompt(tokenizer, messages: list[dict]) -> tuple[list[int], list[int], list[int], tuple[int, int] | None]:
+    """Split a chat prompt into (raw prefix, the last user message = compressed query, raw suffix,
+    the question's span in the query).
+
+    The last user message may carry a ``question`` field beside its ``content`` (the document):
+    the query is then ``content + "\n" + question`` (:func:`query_ids`) and the span marks the
+    question's tokens (drawn red, paper Fig. 7); without it the span is None and the whole
+    query is the document. Training (SFT) and the engine both split chats here.
+    """
     if not messages or not isinstance(messages, list):
         raise ValueError("messages must be a non-empty list of {'role', 'content'} dicts")
     for i, m in enumerate(messages):
@@ -522,15 +555,18 @@ def chat_prompt(tokenizer, messages: list[dict]) -> tuple[list[int], list[int], 
     if not users:
         raise ValueError("messages need at least one user message")
     last = users[-1]
+    for i, m in enumerate(messages):
+        if m.get("question") is not None and i != last:
+            raise ValueError(f"messages[{i}]: only the last user message may carry a 'question'")
     marker = "\x00VIST2_QUERY\x00"
-    while any(marker in m["content"] for m in messages):  # a message may contain anything, even the marker
-        marker += "\x00"
-    msgs = [dict(m) for m in messages]
-    content = msgs[last]["content"]
+    while any(marker in m["content"] or marker in (m.get("question") or "") for m in messages):
+        marker += "\x00"  # a message may contain anything, even the marker
+    msgs = [{k: v for k, v in m.items() if k != "question"} for m in messages]
     msgs[last]["content"] = marker
     text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
     if text.count(marker) != 1:
         raise ValueError("the tokenizer's chat template does not keep the user message verbatim")
     before, after = text.split(marker)
     enc = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
-    return enc(before), enc(content), enc(after)
+    query, span = query_ids(tokenizer, messages[last]["content"], messages[last].get("question"))
+    return enc(before), query, enc(after), span

@@ -20,8 +20,10 @@ How requests become layouts (all through :mod:`vist2.layout`, as the engine does
 
 - ``loglikelihood(context, continuation)``: the context is a prompt compressed by the tail rule,
   :func:`~vist2.layout.prompt_segments` (raw for ``none``); the continuation follows with loss —
-  as OLM chunks in ``gcc`` (a continuation longer than K is compressed as generated text would
-  be), raw text in ``pcc`` and ``none``;
+  as OLM chunks in ``gcc`` (:func:`~vist2.layout.sft_segments`: a continuation longer than a chunk
+  is compressed as generated text would be), raw text in ``pcc`` and ``none``. Chunks are cut by
+  the processor's fit rule (K tokens, or fewer when the next token would not fit the image), the
+  one training and the engine use;
 - ``loglikelihood_rolling(text)``: an end-of-text token, then the text as the continuation;
 - ``generate_until``: :class:`vist2.engine.Engine` with the same mode, greedy unless the task asks
   for sampling, stopping at the task's ``until`` strings.
@@ -39,7 +41,7 @@ from tqdm.auto import tqdm
 
 from ..engine import Engine, Request, SamplingParams
 from ..engine.engine import MODES
-from ..layout import IGNORE, Raw, Segment, build_sample, collate, olm_segments, prompt_segments
+from ..layout import IGNORE, Raw, Segment, build_sample, collate, prompt_segments, sft_segments
 from ..runtime import eos_ids, load_checkpoint
 
 log = logging.getLogger(__name__)
@@ -83,15 +85,16 @@ class VIST2LM(LM):
 
     # -- layouts -----------------------------------------------------------------------
 
-    def _context_segments(self, ctx: list[int]) -> list[Segment]:
+    def _segments(self, ctx: list[int], cont: list[int]) -> list[Segment]:
+        """The layout the engine would have: the context as its prompt, the continuation (loss) as
+        what it generates; chunks cut by the processor's fit rule."""
         if self.mode == "none":
-            return [Raw(tuple(ctx))]
-        return prompt_segments([], ctx, [], self.K, self.n_visual, self.prompt_encoding)
-
-    def _continuation_segments(self, cont: list[int]) -> list[Segment]:
-        if self.mode == "gcc":
-            return olm_segments(cont, self.K, self.n_visual, loss=True)
-        return [Raw(tuple(cont), loss=True)]
+            return [Raw(tuple(ctx)), Raw(tuple(cont), loss=True)]
+        chunker = self.processor.chunker(self.K)
+        if self.mode == "gcc":  # generated text is compressed too, its first image after the prompt's carry
+            return sft_segments([], ctx, [], cont, self.K, self.n_visual, self.prompt_encoding, chunker)
+        return prompt_segments([], ctx, [], self.K, self.n_visual, self.prompt_encoding, chunker) + [
+            Raw(tuple(cont), loss=True)]
 
     def _encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
         """Token ids of context and continuation, split the way lm-eval's causal models split them:
@@ -111,8 +114,7 @@ class VIST2LM(LM):
         out: list[tuple[float, bool]] = []
         for i in range(0, len(pairs), self.batch_size):
             batch = pairs[i : i + self.batch_size]
-            plan = collate([build_sample(self._context_segments(c) + self._continuation_segments(t))
-                            for c, t in batch])
+            plan = collate([build_sample(self._segments(c, t)) for c, t in batch])
             pixels = (self.processor.pixels_for(plan.chunks).to(self.model.device, self.model.dtype)
                       if plan.chunks else None)
             logits = self.model(plan=plan, pixel_values=pixels).logits.float()

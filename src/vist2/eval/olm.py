@@ -4,12 +4,14 @@ paper's Table 3 protocol (generate, then let a judge LM score what was written).
     vist2 eval olm --model runs/tiny --data docs.jsonl --context-tokens 256 --continuation-tokens 64 --out runs/eval/olm.json
     vist2 eval olm --model runs/tiny --data docs.jsonl --judge path/to/judge-lm --out runs/eval/olm.json
 
-**Teacher-forced perplexity** (always). Each document is cut into windows of N context tokens
-followed by M continuation tokens. The document's true continuation is scored twice by the same
-model, on identical tokens:
+**Teacher-forced perplexity** (always). Each document is cut into windows of a context followed
+by M continuation tokens. The context is the whole chunks (cut by the processor's fit rule, as
+training and the engine cut them: K tokens, or fewer when the next token's text would not fit the
+image) within the first N tokens of the window, so the continuation starts on a chunk boundary.
+The document's true continuation is scored twice by the same model, on identical tokens:
 
 - **optical**: :func:`vist2.layout.olm_segments` over context + continuation, the layout the model
-  trains on and generates in: every K-token chunk of the context is rendered and, once its β
+  trains on and generates in: every chunk of the context is rendered and, once its β
   visual tokens are written, its text is out of sight; the continuation's own earlier chunks are
   compressed too, as generation does. Loss only on the continuation.
 - **text**: ``[Raw(context), Raw(continuation, loss=True)]`` — no visual slots, so this is the
@@ -39,7 +41,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from ..layout import IGNORE, Raw, Segment, build_sample, collate, olm_segments
+from ..layout import IGNORE, Chunker, Raw, Segment, build_sample, collate, olm_segments
 from .common import table
 
 LAYOUTS = ("optical", "text")
@@ -48,18 +50,27 @@ GENERATORS = (("vist2", "gcc"), ("backbone", "none"))
 
 
 def optical_segments(context: Sequence[int], continuation: Sequence[int], chunk_tokens: int,
-                     n_visual: int) -> list[Segment]:
+                     n_visual: int, chunker: Chunker | None = None) -> list[Segment]:
     """OLM layout over context + continuation with the loss on the continuation only.
 
-    The context must be whole chunks (a chunk has one loss flag), so the split between context
-    and continuation falls on a chunk boundary: the context chunks are exactly the first
-    ``len(context) / K`` segments.
+    Chunks are cut by ``chunker`` (the fit rule; every K tokens without one). The context must be
+    whole chunks (a chunk has one loss flag), so the split between context and continuation falls
+    on a chunk boundary (:func:`whole_chunks` gives such a context).
     """
-    if len(context) % chunk_tokens:
-        raise ValueError(f"the context ({len(context)} tokens) must be a multiple of K={chunk_tokens} tokens")
-    n_ctx = len(context) // chunk_tokens
-    segs = olm_segments([*context, *continuation], chunk_tokens, n_visual, loss=False)
-    return [replace(s, loss=True) if i >= n_ctx else s for i, s in enumerate(segs)]
+    segs = olm_segments([*context, *continuation], chunk_tokens, n_visual, loss=False, chunker=chunker)
+    out, n = [], 0
+    for s in segs:
+        if 0 < len(context) - n < len(s.tokens):
+            raise ValueError(f"the context ({len(context)} tokens) ends inside a chunk: it must be whole chunks")
+        out.append(replace(s, loss=True) if n >= len(context) else s)
+        n += len(s.tokens)
+    return out
+
+
+def whole_chunks(ids: Sequence[int], chunker: Chunker) -> int:
+    """How many of ``ids`` the closed chunks hold (the open tail left out): a context of that length
+    ends on a chunk boundary whatever follows it (a chunk is closed by its own tokens and the next)."""
+    return sum(len(c) for c in chunker(list(ids), b"").closed)
 
 
 def text_segments(context: Sequence[int], continuation: Sequence[int]) -> list[Segment]:
@@ -78,11 +89,21 @@ def continuation_nll(model, processor, segments: Sequence[Segment]) -> tuple[flo
     return float(nll), labels[labels != IGNORE].tolist()
 
 
-def windows(docs_ids: Sequence[Sequence[int]], context: int, continuation: int) -> list[tuple[list[int], list[int]]]:
-    """Non-overlapping (context, continuation) windows, in document order."""
-    n = context + continuation
-    return [(list(ids[i : i + context]), list(ids[i + context : i + n]))
-            for ids in docs_ids for i in range(0, len(ids) - n + 1, n)]
+def windows(docs_ids: Sequence[Sequence[int]], context: int, continuation: int,
+            chunker: Chunker | None = None) -> list[tuple[list[int], list[int]]]:
+    """Non-overlapping (context, continuation) windows, in document order, wherever ``context +
+    continuation`` tokens remain. With ``chunker`` the context is cut back to whole chunks
+    (:func:`whole_chunks`) and the continuation follows at once."""
+    out = []
+    for ids in docs_ids:
+        i = 0
+        while len(ids) - i >= context + continuation:
+            c = context if chunker is None else whole_chunks(ids[i : i + context], chunker)
+            if c == 0:
+                break
+            out.append((list(ids[i : i + c]), list(ids[i + c : i + c + continuation])))
+            i += c + continuation
+    return out
 
 
 def _summary(nll: float, tokens: int, chars: int) -> dict:
@@ -99,13 +120,14 @@ def evaluate_olm(model, processor, documents: Sequence[str], context_tokens: int
     K, n_visual = cfg.chunk_tokens, cfg.n_visual
     N = 4 * K if context_tokens is None else context_tokens
     M = K if continuation_tokens is None else continuation_tokens
-    if N <= 0 or N % K:
-        raise ValueError(f"--context-tokens must be a positive multiple of the model's K={K} "
+    if N < K:
+        raise ValueError(f"--context-tokens must be at least the model's K={K} "
                          f"(whole chunks become visual memory), got {N}")
     if M <= 0:
         raise ValueError(f"--continuation-tokens must be > 0, got {M}")
     docs_ids = [processor.encode(d) for d in documents]
-    wins = windows(docs_ids, N, M)
+    chunker = processor.chunker(K)  # the fit rule, as training and the engine cut
+    wins = windows(docs_ids, N, M, chunker)
     if not wins:
         longest = max((len(x) for x in docs_ids), default=0)
         raise ValueError(f"no document has {N} + {M} = {N + M} tokens (context + continuation); "
@@ -115,10 +137,13 @@ def evaluate_olm(model, processor, documents: Sequence[str], context_tokens: int
             raise ValueError(f"--limit must be > 0, got {limit}")
         wins = wins[:limit]
     totals = {k: 0.0 for k in LAYOUTS}
-    tokens = chars = 0
+    tokens = chars = ctx_chunks = ctx_tokens = 0
     t0 = time.perf_counter()
     for ctx, cont in tqdm(wins, desc="olm", unit="window", disable=not progress, file=sys.stderr):
-        nll_o, tgt_o = continuation_nll(model, processor, optical_segments(ctx, cont, K, n_visual))
+        segs = optical_segments(ctx, cont, K, n_visual, chunker)
+        ctx_chunks += sum(1 for s in segs if not s.loss)
+        ctx_tokens += len(ctx)
+        nll_o, tgt_o = continuation_nll(model, processor, segs)
         nll_t, tgt_t = continuation_nll(model, processor, text_segments(ctx, cont))
         # the comparison is only meaningful on identical targets; the layouts must agree
         assert tgt_o == tgt_t == cont, "optical and text layouts score different tokens"
@@ -127,9 +152,11 @@ def evaluate_olm(model, processor, documents: Sequence[str], context_tokens: int
         tokens += len(cont)
         chars += len(processor.decode(cont))
     res = {k: _summary(totals[k], tokens, chars) for k in LAYOUTS}
-    res["optical"]["context_kv_entries"] = N // K * n_visual
-    res["text"]["context_kv_entries"] = N
-    res.update(windows=len(wins), context_tokens=N, continuation_tokens=M,
+    # per window, on average: the context is whole chunks, so it may hold fewer than N tokens
+    res["optical"]["context_kv_entries"] = ctx_chunks * n_visual / len(wins)
+    res["text"]["context_kv_entries"] = ctx_tokens / len(wins)
+    res.update(windows=len(wins), context_tokens=N, context_tokens_mean=ctx_tokens / len(wins),
+               continuation_tokens=M,
                perplexity_ratio=res["optical"]["perplexity"] / res["text"]["perplexity"],
                seconds=round(time.perf_counter() - t0, 3))
     return res
@@ -260,7 +287,7 @@ def cmd_eval_olm(args) -> int:
         "model_geometry": model_geometry(cfg),
         "teacher_forced": {
             "protocol": "teacher-forced perplexity: the model scores each window's true continuation",
-            "layouts": {"optical": "olm_segments(context + continuation), loss on the continuation",
+            "layouts": {"optical": "olm_segments(context + continuation) cut by the fit rule, loss on the continuation",
                         "text": "[Raw(context), Raw(continuation, loss=True)] (the backbone LLM)"},
             **res,
         },
@@ -290,7 +317,7 @@ def add_parser(sub) -> None:
     q.add_argument("--model", required=True, metavar="DIR", help="a VIST2 checkpoint folder")
     q.add_argument("--data", required=True, metavar="PATH", help='plain UTF-8 text, or .jsonl with a "text" field')
     q.add_argument("--context-tokens", type=int, default=None, metavar="N",
-                   help="context tokens per window, a multiple of K (default 4 x K)")
+                   help="context tokens per window, at least K; cut back to whole chunks by the fit rule (default 4 x K)")
     q.add_argument("--continuation-tokens", type=int, default=None, metavar="M",
                    help="scored tokens per window (default K)")
     q.add_argument("--limit", type=int, default=None, metavar="N", help="quick run: at most N windows / documents")

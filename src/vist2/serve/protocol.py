@@ -194,9 +194,13 @@ class TextPart(_Strict):
 
 
 class ChatMessage(_Strict):
+    """``question`` (vist2's extension, on the last user message only): the question asked about the
+    document in ``content``; it is drawn red on the query's grey background (paper Fig. 7)."""
+
     role: Literal["system", "developer", "user", "assistant"]
     content: Union[str, list[TextPart], None] = None
     name: Optional[str] = None
+    question: Optional[str] = Field(None, min_length=1)
 
     def text(self) -> str:
         if isinstance(self.content, list):

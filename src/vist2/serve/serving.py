@@ -322,8 +322,8 @@ class OpenAIServing:
                                                                           self.max_tokens_limit)
         params = self._params(body, max_tokens, body.n, field)
         # the chat template knows system/user/assistant; OpenAI's "developer" is the newer name for system
-        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-                    for m in body.messages]
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text(),
+                     **({"question": m.question} if m.question is not None else {})} for m in body.messages]
         builders = await self._builders(params, mode, [dict(messages=messages)])
         sub = await self.bridge.submit(builders)
         rid, created, name = new_id("chatcmpl"), now(), self.config.model_name

@@ -6,7 +6,9 @@ A source yields plain dict records, one of three kinds:
 - ``{"image": path, "caption": str}`` — an image and its caption (PT-1); a relative
   path is taken relative to the jsonl file that names it;
 - ``{"messages": [{"role", "content"}, ...]}`` — a chat whose last message is the
-  assistant's reply (SFT).
+  assistant's reply (SFT). The last user message may add ``"question": str``: its ``content``
+  is then the document and ``question`` the question asked about it (drawn red on the
+  query's grey, paper Fig. 7; see ``vist2.engine.chat_prompt``).
 
 Records are read lazily (jsonl line by line, HF datasets with ``streaming=True``
 when asked), so corpora larger than memory work. Bad records — empty text,
@@ -148,11 +150,16 @@ def validate(rec: dict, stage: str, origin: Path) -> tuple[dict | None, str | No
     for m in msgs:
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
             return None, "bad_message"
+        if m.get("question") is not None and (m["role"] != "user" or not isinstance(m["question"], str)
+                                              or not m["question"]):
+            return None, "bad_question"
     if msgs[-1]["role"] != "assistant" or not msgs[-1]["content"].strip():
         return None, "no_assistant_reply"
     if not any(m["role"] == "user" for m in msgs[:-1]):
         return None, "no_user_message"
-    return {"messages": [{"role": m["role"], "content": m["content"]} for m in msgs]}, None
+    return {"messages": [{"role": m["role"], "content": m["content"],
+                          **({"question": m["question"]} if m.get("question") is not None else {})}
+                         for m in msgs]}, None
 
 
 def _list_files(path: Path) -> tuple[str, list[Path]]:

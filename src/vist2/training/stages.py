@@ -159,12 +159,12 @@ class StageBuilder:
     def _sft(self, rec, rng, progress):
         msgs = rec["messages"]
         try:
-            prefix, query, suffix = self._chat_prompt(self.tok, msgs[:-1])
+            prefix, query, suffix, question = self._chat_prompt(self.tok, msgs[:-1])
         except ValueError:
             return [], "bad_chat"
         response = self.encode(msgs[-1]["content"]) + [self.turn_end]  # <think>...</think> stays in the reply
         s = build_sample(sft_segments(prefix, query, suffix, response, self.K, self.nv, self.prompt_encoding,
-                                      self.chunker()))
+                                      self.chunker(), question))
         if len(s) > self.cfg.max_length:
             return [], "too_long"
         return [Item(s)], None
