@@ -159,10 +159,10 @@ def test_adapter_cuts_chunks_by_the_fit_rule(tiny_dir):
     cuts = proc.cuts(ctx)
     assert any(cuts.fit_cut)  # hard line breaks: the fit rule closes chunks before K tokens
     chunks = [c for c, _, _ in build_sample(lm._segments(ctx, cont)).chunks]
-    n_ctx = len(cuts.closed) + (len(cuts.tail) > lm.beta)
+    n_ctx = len(cuts.closed) + (len(cuts.tail) > lm.n_visual)
     assert [list(c) for c in chunks[:n_ctx]] == proc.chunk_ids(ctx)[:n_ctx]
     # the continuation's images start on the context's carry, as generation after the prompt does
-    cont_cuts = proc.cuts(cont, cuts.carry_tail if len(cuts.tail) > lm.beta else cuts.carry)
+    cont_cuts = proc.cuts(cont, cuts.carry_tail if len(cuts.tail) > lm.n_visual else cuts.carry)
     parts = cont_cuts.closed + ([cont_cuts.tail] if cont_cuts.tail else [])
     assert [list(c) for c in chunks[n_ctx:]] == parts[:-1]  # the last part stays open text
     ((lp, _),) = lm._score([(ctx, cont)])  # raises unless the plan targets exactly the continuation
