@@ -37,6 +37,7 @@ from .checkpoint import STATE_FILE, atomic_dir, checkpoint_name, clean_partial, 
 from .config import TrainConfig
 from .data import SkipCounter, check_source, open_source
 from .pipeline import StageDataset, make_loader
+from .page_loss import PageLoss
 from .probe import PROBED_STAGES, VisualProbe
 from .probe import report as report_probe
 from .stages import StageBuilder
@@ -101,12 +102,20 @@ def make_optimizer(model, cfg: TrainConfig) -> torch.optim.Optimizer:
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not params:
         raise ValueError("no parameter trains: check train_vision / train_aligner / train_llm")
-    # weight decay on matrices only: decaying norms and biases toward 0 fights their role
-    decay = [p for n, p in params if p.ndim >= 2]
-    no_decay = [p for n, p in params if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    # weight decay on matrices only: decaying norms and biases toward 0 fights their role; the vision
+    # tower and aligner at learning_rate x vision_lr_scale
+    groups = []
+    for visual in (False, True):
+        lr = cfg.learning_rate * (cfg.vision_lr_scale if visual else 1.0)
+        part = [p for n, p in params if _is_visual(n) == visual]
+        groups += [{"params": [p for p in part if p.ndim >= 2], "weight_decay": cfg.weight_decay, "lr": lr},
+                   {"params": [p for p in part if p.ndim < 2], "weight_decay": 0.0, "lr": lr}]
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.learning_rate,
                              betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
+
+
+def _is_visual(name: str) -> bool:
+    return name.startswith(("model.vision.", "model.aligner.", "vision.", "aligner."))
 
 
 def make_scheduler(optimizer, cfg: TrainConfig, total_steps: int):
@@ -236,6 +245,7 @@ class Trainer:
             # DeepSpeed reads the micro-batch size off a prepared DataLoader; ours is not prepared
             # (every rank builds its own shard), so it is given here
             ds_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.batch_size
+        page_loss = PageLoss.build(cfg, model)  # from scratch: visual tokens redraw their page (optional)
         model, optimizer = acc.prepare(model, optimizer)
         acc.register_for_checkpointing(scheduler)  # stepped by hand: once per optimizer step, on every rank
         step, batches = 0, 0
@@ -282,11 +292,13 @@ class Trainer:
                 with acc.accumulate(model):
                     out = model(plan=batch.plan, logits_at_targets=True, pixel_values=None if batch.pixel_values is None
                                 else batch.pixel_values.to(acc.device))
-                    acc.backward(out.loss)
+                    acc.backward(out.loss + (page_loss.loss(batch.pixel_values, step / total) if page_loss else 0.0))
                     if acc.sync_gradients and cfg.max_grad_norm:
                         acc.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.max_grad_norm)
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
+                    if page_loss and acc.sync_gradients:
+                        page_loss.step()
                 batches += 1
                 window_loss += out.loss.detach().float()  # stays on the device: no sync per micro-batch
                 window_n += 1
@@ -306,6 +318,8 @@ class Trainer:
                     lr = scheduler.get_last_lr()[0]
                     bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}")
                     acc.log({"train/loss": loss, "train/lr": lr, "train/tokens_per_s": tps}, step=step)
+                    if page_loss and page_loss.last is not None:
+                        acc.log({"train/page_loss": page_loss.last}, step=step)
                     result.last_loss = loss
                     window_loss, window_n, window_tokens, t_window = fresh_window()
                 if eval_ds is not None and (step % cfg.eval_every == 0 or step == total):
