@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from ..layout import IGNORE, Raw, Segment, build_sample, collate, olm_segments
 from .common import table
 
-LAYOUTS = ("optical", "text")
+LAYOUTS = ("optical", "text", "none")  # none: only the context's last token (what memory adds)
 # judged generation: (row name, engine mode); ``none`` is the backbone LLM writing on its own
 GENERATORS = (("vist2", "gcc"), ("backbone", "none"))
 
@@ -65,6 +65,12 @@ def optical_segments(context: Sequence[int], continuation: Sequence[int], chunk_
 def text_segments(context: Sequence[int], continuation: Sequence[int]) -> list[Segment]:
     """The backbone's view: the context as plain text, loss on the continuation."""
     return [Raw(tuple(context)), Raw(tuple(continuation), loss=True)]
+
+
+def no_context_segments(context: Sequence[int], continuation: Sequence[int]) -> list[Segment]:
+    """The baseline without memory: only the context's last token (so the first continuation token
+    is still a target), loss on the continuation."""
+    return text_segments(context[-1:], continuation)
 
 
 @torch.no_grad()
@@ -120,15 +126,18 @@ def evaluate_olm(model, processor, documents: Sequence[str], context_tokens: int
     for ctx, cont in tqdm(wins, desc="olm", unit="window", disable=not progress, file=sys.stderr):
         nll_o, tgt_o = continuation_nll(model, processor, optical_segments(ctx, cont, K, beta))
         nll_t, tgt_t = continuation_nll(model, processor, text_segments(ctx, cont))
+        nll_n, tgt_n = continuation_nll(model, processor, no_context_segments(ctx, cont))
         # the comparison is only meaningful on identical targets; the layouts must agree
-        assert tgt_o == tgt_t == cont, "optical and text layouts score different tokens"
+        assert tgt_o == tgt_t == tgt_n == cont, "the layouts score different tokens"
         totals["optical"] += nll_o
         totals["text"] += nll_t
+        totals["none"] += nll_n
         tokens += len(cont)
         chars += len(processor.decode(cont))
     res = {k: _summary(totals[k], tokens, chars) for k in LAYOUTS}
     res["optical"]["context_kv_entries"] = N // K * beta
     res["text"]["context_kv_entries"] = N
+    res["none"]["context_kv_entries"] = 1
     res.update(windows=len(wins), context_tokens=N, continuation_tokens=M,
                perplexity_ratio=res["optical"]["perplexity"] / res["text"]["perplexity"],
                seconds=round(time.perf_counter() - t0, 3))
