@@ -34,13 +34,14 @@ def main() -> None:
     ap.add_argument("--title", default="")
     args = ap.parse_args()
     fig, axes = plt.subplots(2, 3, figsize=(13, 6.5))
-    for run in args.runs:
+    for i, run in enumerate(args.runs):
         data = scalars(run)
+        color = f"C{i}"  # one colour per run in every panel
         for ax, (tag, label) in zip(axes.flat, PANELS):
             pts = sorted(data.get(tag, []))
             if pts:
                 ax.plot([s for s, _ in pts], [v for _, v in pts], marker="." if len(pts) < 30 else None,
-                        label=run.name)
+                        label=run.name, color=color)
             ax.set_title(label, fontsize=10)
             ax.set_xlabel("step", fontsize=8)
     axes.flat[0].legend(fontsize=8)
