@@ -12,7 +12,9 @@ added to the stage loss with weight ``aux_page_weight`` while training progress 
 in the saturated tails of tanh.
 
 The head is not part of the model: it lives here, with its own AdamW at the stage's learning
-rate, and is dropped when training ends.
+rate (constant), and is dropped when training ends; it is not in the checkpoints either, so after
+``--resume`` it starts afresh (a linear head relearns in a few dozen steps). In the nano runs
+(bench/notes/nano.md) it kept the visual path alive where the same run without it collapsed.
 
     >>> aux = PageLoss.build(cfg, model)              # None when aux_page_weight is 0  # doctest: +SKIP
     >>> out = model(plan=plan, pixel_values=pixels)   # the hook records the aligner outputs  # doctest: +SKIP
