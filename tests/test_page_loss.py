@@ -104,3 +104,12 @@ def test_shuffled_ocr_text_keeps_the_words_in_another_order(tiny_dir):
     assert texts["natural"].split() == text.split()
     assert texts["shuffled"].split() != text.split()
     assert sorted(texts["shuffled"].split()) == sorted(text.split())
+
+
+def test_nano_render_preset_is_one_legible_size():
+    from vist2.render import RENDER_PRESETS, Renderer
+
+    r = Renderer.get(RENDER_PRESETS["nano"])
+    assert r.grid(9) == (5, 11, 25, 11)  # 5x11 px cells, 25 columns x 11 rows on 128x128
+    assert r.font_size_for("a short line") == 9  # never larger
+    assert r.fits("x" * 275) and not r.fits("x" * 276)  # never smaller: 25 x 11 cells is the page
