@@ -227,6 +227,13 @@ def test_olm_text_perplexity_is_the_backbone_loss(tiny):
     # the optical layout sees a different (compressed) context: a different number
     assert res["optical"]["nll_nats"] != pytest.approx(res["text"]["nll_nats"], rel=1e-6)
     assert res["optical"]["context_kv_entries"] == 2 * model.config.n_visual
+    # no context: the continuation after the context's last token only
+    labels = ids[:, N - 1 :].clone()
+    labels[:, 0] = -100
+    with torch.no_grad():
+        alone = lm(input_ids=ids[:, N - 1 :], labels=labels).loss.item()
+    assert res["none"]["nll_nats"] / M == pytest.approx(alone, rel=1e-4, abs=1e-4)
+    assert res["none"]["tokens"] == M and res["none"]["context_kv_entries"] == 1
 
 
 def test_olm_windows_end_the_context_on_a_fit_rule_chunk_boundary(tiny):

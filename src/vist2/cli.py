@@ -131,6 +131,10 @@ def cmd_render(args) -> int:
 # -- demo (the README's main job) -------------------------------------------------------
 
 
+# the nano model trained from scratch by recipes/nano (bench/notes/nano.md), the demo's default
+SHIPPED_MODEL = Path(__file__).resolve().parents[2] / "models" / "vist2-nano"
+
+
 def cmd_demo(args) -> int:
     import torch
 
@@ -142,16 +146,22 @@ def cmd_demo(args) -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    model_dir = Path(args.model) if args.model else out / "model"
+    shipped = not args.model and not args.preset and is_checkpoint(SHIPPED_MODEL)
+    trained = bool(args.model) or shipped
+    model_dir = Path(args.model) if args.model else SHIPPED_MODEL if shipped else out / "model"
     if not is_checkpoint(model_dir):
         if args.model:
             require_checkpoint(model_dir, error=CLIError)
-        print(f"building the random '{args.preset}' model in {model_dir}")
-        save_checkpoint(build_from_preset(args.preset), model_dir)
+        print(f"building the random '{args.preset or 'tiny'}' model in {model_dir}")
+        save_checkpoint(build_from_preset(args.preset or "tiny"), model_dir)
+    if shipped:
+        print(f"the nano model trained from scratch ({model_dir}; --preset tiny for a random model)")
     model = VIST2ForCausalLM.from_pretrained(str(model_dir)).eval()
     proc = VIST2Processor.from_pretrained(model_dir)
     c = model.config
-    text = _read_text(args) if (args.text is not None or args.file) else sample_text(args.lang)
+    passage = model_dir / "demo.txt"  # a model may bring a passage it was not trained on
+    text = (_read_text(args) if (args.text is not None or args.file) else
+            passage.read_text(encoding="utf-8") if trained and passage.is_file() else sample_text(args.lang))
     ids = proc.encode(text)
     if not ids:
         raise CLIError("the text is empty")
@@ -179,7 +189,7 @@ def cmd_demo(args) -> int:
     engine = Engine(model, proc, max_batch=1)
     params = SamplingParams(max_new_tokens=args.new_tokens, ignore_eos=True, no_repeat_ngram_size=3)
     print(f"\n2. generation: the passage as prompt, {args.new_tokens} new tokens (greedy; the model is "
-          f"{'random, so the text is noise' if not args.model else 'as trained'})")
+          f"{'random, so the text is noise' if not trained else 'as trained'})")
     print(f"   {'mode':5} {'chunks':>6} {'KV now':>7} {'KV peak':>8} {'plain LLM':>10} {'ratio':>6} {'TTFT ms':>8} "
           f"{'tok/s':>7}")
     results = {}
@@ -194,6 +204,16 @@ def cmd_demo(args) -> int:
     print(f"   gcc text (first 160 characters): {g.text[:160]!r}")
     folder = save_memory(proc, g.memory, out / "memory")
     print(f"   the gcc memory at the end: {len(g.memory)} images in {folder} (index.json lists their text)")
+
+    # 3. recall: the model transcribes its memory images back to text
+    from .eval.ocr import read_back
+
+    rows = read_back(model, proc, g.memory)
+    print(f"\n3. recall from memory: the model reads its {len(rows)} memory image(s) back (greedy)")
+    for i, row in enumerate(rows[:2]):
+        print(f"   image {i}: {row['reference'][:100]!r}\n   read as: {row['transcription'][:100]!r}")
+    if rows:
+        print(f"   character error rate over the memory: {sum(r['cer'] for r in rows) / len(rows):.1%}")
     return 0
 
 
@@ -342,8 +362,9 @@ def _add_demo_parser(sub) -> None:
                        description="The quick start: builds a random tiny model (unless --model), lays a passage out "
                                    "as [c1 v1 c2 v2 ... cn], renders its chunks, runs one forward pass, then "
                                    "generates in gcc, pcc and none mode and compares their KV caches.")
-    d.add_argument("--model", metavar="DIR", help="an existing VIST2 checkpoint (default: build --preset in OUT/model)")
-    d.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="preset to build when no --model")
+    d.add_argument("--model", metavar="DIR",
+                   help="a VIST2 checkpoint (default: the shipped models/vist2-nano, else a random --preset)")
+    d.add_argument("--preset", choices=sorted(PRESETS), help="build this random preset in OUT/model (tiny if no model)")
     g = d.add_mutually_exclusive_group()
     g.add_argument("--text", help="the passage (default: an embedded public-domain sample)")
     g.add_argument("--file", metavar="F", help="a UTF-8 text file")

@@ -358,6 +358,9 @@ RENDER_PRESETS: dict[str, RenderConfig] = {
     # default's density (English lands at 7-8 px, Chinese at 10 px); min 4 px leaves room for
     # the long symbol runs a random model writes.
     "tiny": RenderConfig(width=128, height=128, font_size=10, min_font_size=4, margin=1),
+    # The nano model trained from scratch (recipes/nano): 128x128 at one legible size, 9 px
+    # DejaVu Sans Mono (5x11 px cells, 25x11 characters); K=64 tokens of a 1k-word BPE fit.
+    "nano": RenderConfig(width=128, height=128, font_size=9, min_font_size=9, margin=1),
 }
 
 

@@ -100,6 +100,27 @@ def transcribe(model, visual_embeds: torch.Tensor, max_new_tokens: int, stop_ids
     return out
 
 
+def read_back(model, processor, texts: Sequence[str], margin: float = 0.1, batch_size: int = 8,
+              blank: bool = False) -> list[dict]:
+    """Recall: render each text as the model's chunks are rendered, let the model transcribe the images
+    greedily (at most ``L + ceil(margin x L)`` tokens, L the text's own token count, as in
+    :func:`evaluate_ocr`) and score them: ``[{"reference", "transcription", "cer"}]``. ``blank``
+    gives the model empty pages instead (what it writes without reading: the baseline for its CER)."""
+    stop, n_tokens = eos_ids(model.config.text_config, processor.tokenizer), len(processor.tokenizer)
+    out = []
+    for i in range(0, len(texts), batch_size):
+        batch = list(texts[i : i + batch_size])
+        L = max(len(processor.encode(t)) for t in batch)
+        pixels = processor.pixels_from_texts(batch).to(model.device, model.dtype)
+        if blank:
+            pixels = torch.full_like(pixels, processor.renderer.config.background / 255)
+        with torch.no_grad():
+            visual = model.model.encode_images(pixels)
+        hyps = [processor.decode(g) for g in transcribe(model, visual, L + math.ceil(margin * L), stop, n_tokens)]
+        out += [{"reference": r, "transcription": h, "cer": cer(r, h)} for r, h in zip(batch, hyps)]
+    return out
+
+
 def _chunks(processor, docs_ids: list[list[int]], L: int, n_visual: int, n: int) -> list[tuple[list[int], str]]:
     """The first ``n`` closed chunks of at most L tokens (cut by the fit rule, as in training), in
     document order, with the text an image of each shows (a character split by a chunk boundary is

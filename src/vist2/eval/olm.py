@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from ..layout import IGNORE, Chunker, Raw, Segment, build_sample, collate, olm_segments
 from .common import table
 
-LAYOUTS = ("optical", "text")
+LAYOUTS = ("optical", "text", "none")  # none: only the context's last token (what memory adds)
 # judged generation: (row name, engine mode); ``none`` is the backbone LLM writing on its own
 GENERATORS = (("vist2", "gcc"), ("backbone", "none"))
 
@@ -76,6 +76,12 @@ def whole_chunks(ids: Sequence[int], chunker: Chunker) -> int:
 def text_segments(context: Sequence[int], continuation: Sequence[int]) -> list[Segment]:
     """The backbone's view: the context as plain text, loss on the continuation."""
     return [Raw(tuple(context)), Raw(tuple(continuation), loss=True)]
+
+
+def no_context_segments(context: Sequence[int], continuation: Sequence[int]) -> list[Segment]:
+    """The baseline without memory: only the context's last token (so the first continuation token
+    is still a target), loss on the continuation."""
+    return text_segments(context[-1:], continuation)
 
 
 @torch.no_grad()
@@ -145,16 +151,19 @@ def evaluate_olm(model, processor, documents: Sequence[str], context_tokens: int
         ctx_tokens += len(ctx)
         nll_o, tgt_o = continuation_nll(model, processor, segs)
         nll_t, tgt_t = continuation_nll(model, processor, text_segments(ctx, cont))
+        nll_n, tgt_n = continuation_nll(model, processor, no_context_segments(ctx, cont))
         # the comparison is only meaningful on identical targets; the layouts must agree
-        assert tgt_o == tgt_t == cont, "optical and text layouts score different tokens"
+        assert tgt_o == tgt_t == tgt_n == cont, "the layouts score different tokens"
         totals["optical"] += nll_o
         totals["text"] += nll_t
+        totals["none"] += nll_n
         tokens += len(cont)
         chars += len(processor.decode(cont))
     res = {k: _summary(totals[k], tokens, chars) for k in LAYOUTS}
     # per window, on average: the context is whole chunks, so it may hold fewer than N tokens
     res["optical"]["context_kv_entries"] = ctx_chunks * n_visual / len(wins)
     res["text"]["context_kv_entries"] = ctx_tokens / len(wins)
+    res["none"]["context_kv_entries"] = 1
     res.update(windows=len(wins), context_tokens=N, context_tokens_mean=ctx_tokens / len(wins),
                continuation_tokens=M,
                perplexity_ratio=res["optical"]["perplexity"] / res["text"]["perplexity"],

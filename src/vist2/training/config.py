@@ -90,6 +90,14 @@ class TrainConfig:
     prompt_encoding: str | None = None  # SFT prompt chunks: None = the model config's value
     ocr_tokens_per_image: int | None = None  # PT-2 text tokens per image; None = the model's K
     curriculum: list[CurriculumPhase] = field(default_factory=paper_curriculum)
+    # PT-2 text: "natural", or "shuffled" (each record's words in random order: no sentence to guess
+    # from, so the image is the only way to the next word; for models trained from scratch)
+    ocr_text: str = "natural"
+    # from scratch: each visual token redraws its page region (training/page_loss.py), weight 0 = off,
+    # until this share of the steps; and the vision tower + aligner at learning_rate x vision_lr_scale
+    aux_page_weight: float = 0.0
+    aux_page_until: float = 1.0
+    vision_lr_scale: float = 1.0
     # optimisation (Table 8)
     learning_rate: float = 5e-4
     weight_decay: float = 1e-4
@@ -152,6 +160,11 @@ class TrainConfig:
             raise ValueError(f"lr_scheduler must be cosine, linear or constant_with_warmup, got {self.lr_scheduler!r}")
         if self.num_workers < 0 or self.shuffle_buffer < 0 or self.eval_holdout < 0 or self.keep_checkpoints < 1:
             raise ValueError("num_workers, shuffle_buffer and eval_holdout must be >= 0, keep_checkpoints >= 1")
+        if self.ocr_text not in ("natural", "shuffled"):
+            raise ValueError(f"ocr_text must be natural or shuffled, got {self.ocr_text!r}")
+        if self.aux_page_weight < 0 or not 0 < self.aux_page_until <= 1 or self.vision_lr_scale <= 0:
+            raise ValueError("aux_page_weight must be >= 0, aux_page_until in (0, 1], vision_lr_scale > 0; got "
+                             f"{self.aux_page_weight}, {self.aux_page_until}, {self.vision_lr_scale}")
         if self.lora.enabled and not self.train_llm:
             raise ValueError("lora.enabled needs train_llm: true (the adapters are the LLM's trainable part)")
         if self.stage == "lm" and (self.train_vision or self.train_aligner):

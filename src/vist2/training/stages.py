@@ -129,7 +129,12 @@ class StageBuilder:
         return [Item(build_sample(caption_segments(self.nv, ids)), image=rec["image"])], None
 
     def _ocr(self, rec, rng, progress):
-        ids = self.encode(rec["text"])
+        text = rec["text"]
+        if self.cfg.ocr_text == "shuffled":  # no sentence prior: only the image tells the next word
+            words = text.split()
+            rng.shuffle(words)
+            text = " ".join(words)
+        ids = self.encode(text)
         cuts = self.chunker(self.ocr_tokens)(ids, b"")
         chunks = cuts.closed + ([cuts.tail] if cuts.tail else [])
         out, i = [], 0

@@ -42,6 +42,7 @@ from .checkpoint_manager import CheckpointManager
 from .config import TrainConfig
 from .data import SkipCounter, check_source, open_source
 from .pipeline import StageDataset, make_loader
+from .page_loss import PageLoss
 from .probe import PROBED_STAGES, VisualProbe
 from .probe import report as report_probe
 from .stages import StageBuilder
@@ -106,12 +107,20 @@ def make_optimizer(model, cfg: TrainConfig) -> torch.optim.Optimizer:
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not params:
         raise ValueError("no parameter trains: check train_vision / train_aligner / train_llm")
-    # weight decay on matrices only: decaying norms and biases toward 0 fights their role
-    decay = [p for n, p in params if p.ndim >= 2]
-    no_decay = [p for n, p in params if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    # weight decay on matrices only: decaying norms and biases toward 0 fights their role; the vision
+    # tower and aligner at learning_rate x vision_lr_scale
+    groups = []
+    for visual in (False, True):
+        lr = cfg.learning_rate * (cfg.vision_lr_scale if visual else 1.0)
+        part = [p for n, p in params if _is_visual(n) == visual]
+        groups += [{"params": [p for p in part if p.ndim >= 2], "weight_decay": cfg.weight_decay, "lr": lr},
+                   {"params": [p for p in part if p.ndim < 2], "weight_decay": 0.0, "lr": lr}]
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.learning_rate,
                              betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
+
+
+def _is_visual(name: str) -> bool:
+    return name.startswith(("model.vision.", "model.aligner.", "vision.", "aligner."))
 
 
 def make_scheduler(optimizer, cfg: TrainConfig, total_steps: int):
@@ -133,17 +142,22 @@ def forward(model, batch, device):
     return model(plan=batch.plan, logits_at_targets=True, pixel_values=pixels)
 
 
-def train_step(model, batch, optimizer, acc, max_grad_norm: float) -> torch.Tensor:
+def train_step(model, batch, optimizer, acc, max_grad_norm: float, page_loss: PageLoss | None = None,
+               progress: float = 0.0) -> torch.Tensor:
     """One micro-batch: forward and backward; on the last micro-batch of an optimizer step also clip
-    and step (``acc.accumulate`` turns ``optimizer.step`` into a no-op before that). Returns the loss,
-    detached, on the device."""
+    and step (``acc.accumulate`` turns ``optimizer.step`` into a no-op before that). Returns the LM
+    loss, detached, on the device. ``page_loss`` (optional) adds the auxiliary page loss at
+    ``progress`` (step / total) and steps its own head."""
     with acc.accumulate(model):
         out = forward(model, batch, acc.device)
-        acc.backward(out.loss)
+        aux = page_loss.loss(batch.pixel_values, progress) if page_loss is not None else 0.0
+        acc.backward(out.loss + aux)
         if acc.sync_gradients and max_grad_norm:
             acc.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if page_loss is not None and acc.sync_gradients:
+            page_loss.step()
     return out.loss.detach()
 
 
@@ -233,6 +247,7 @@ class _Run:
     step: int = 0
     batches: int = 0  # micro-batches consumed (the data position a resume skips to)
     skipped: SkipCounter = field(default_factory=SkipCounter)
+    page_loss: PageLoss | None = None  # the optional auxiliary loss (models trained from scratch)
 
 
 class Trainer:
@@ -310,7 +325,8 @@ class Trainer:
         return model, original_attn
 
     def _optimization(self, model, acc, total: int):
-        """AdamW and the LR schedule for ``total`` steps; the model and optimizer prepared by accelerate."""
+        """AdamW and the LR schedule for ``total`` steps, the model and optimizer prepared by accelerate,
+        and the optional page loss (:class:`~vist2.training.page_loss.PageLoss`, None when off)."""
         cfg = self.cfg
         optimizer = make_optimizer(model, cfg)
         scheduler = make_scheduler(optimizer, cfg, total)
@@ -319,9 +335,10 @@ class Trainer:
             # DeepSpeed reads the micro-batch size off a prepared DataLoader; ours is not prepared
             # (every rank builds its own shard), so it is given here
             ds_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.batch_size
+        page_loss = PageLoss.build(cfg, model)  # from scratch: visual tokens redraw their page (optional)
         model, optimizer = acc.prepare(model, optimizer)
         acc.register_for_checkpointing(scheduler)  # stepped by hand: once per optimizer step, on every rank
-        return model, optimizer, scheduler
+        return model, optimizer, scheduler, page_loss
 
     def _setup(self) -> _Run:
         """Everything before the first step: device, accelerator, resume state, model, data, optimizer."""
@@ -347,8 +364,9 @@ class Trainer:
         train_ds, eval_ds = self._datasets(processor, model.config, acc, None, skip, pad_multiple)
         total = int(cfg.max_steps or (state["total_steps"] if state else self._total_steps(train_ds, acc)))
         train_ds.total_steps = total
-        model, optimizer, scheduler = self._optimization(model, acc, total)
+        model, optimizer, scheduler, page_loss = self._optimization(model, acc, total)
         run = _Run(acc=acc, ckpt=ckpt, processor=processor, model=model, optimizer=optimizer, scheduler=scheduler,
+                   page_loss=page_loss,
                    train_ds=train_ds, eval_ds=eval_ds, total=total, attn=attn, original_attn=original_attn,
                    result=TrainResult(out=self.out, steps=0, total_steps=total))
         if state:
@@ -389,7 +407,8 @@ class Trainer:
         if run.step < run.total:
             for batch in loader:
                 run.skipped.update(batch.skipped)
-                loss = train_step(run.model, batch, run.optimizer, acc, cfg.max_grad_norm)
+                loss = train_step(run.model, batch, run.optimizer, acc, cfg.max_grad_norm,
+                                  run.page_loss, run.step / run.total)
                 run.batches += 1
                 logs.add(loss, batch.n_tokens)
                 if not acc.sync_gradients:
@@ -412,6 +431,8 @@ class Trainer:
         cfg, step = self.cfg, run.step
         if step % cfg.log_every == 0 or step == run.total:
             run.result.last_loss = logs.flush(step, run.scheduler.get_last_lr()[0])
+            if run.page_loss is not None and run.page_loss.last is not None:
+                run.acc.log({"train/page_loss": run.page_loss.last}, step=step)
         logs.advance()
         if run.eval_ds is not None and (step % cfg.eval_every == 0 or step == run.total):
             self._eval_step(run, logs)
