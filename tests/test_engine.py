@@ -12,6 +12,7 @@ import torch
 from vist2.build import load_tokenizer
 from vist2.samples import sample_text
 from vist2.config import preset_config
+from vist2.engine.cache import CompressedKVCache
 from vist2.engine.engine import Engine, Request
 from vist2.engine.sampling import SamplingParams
 from vist2.text import token_bytes
@@ -45,7 +46,7 @@ def _ids(tok, n, lang="en", offset=0):
 
 def teacher(engine, req: Request, generated):
     """Logits of the plain forward over the full layout, at the positions that predict ``generated``."""
-    m, K, beta = engine.model, engine.K, engine.beta
+    m, K, beta = engine.model, engine.K, engine.n_visual
     fit = engine.processor.chunker(K)  # the fit rule, as training cuts
     if req.mode == "gcc":
         segs = sft_segments(req.prefix, req.query, req.suffix, generated, K, beta, engine.prompt_encoding, fit)
@@ -100,7 +101,7 @@ def test_prompt_shorter_than_beta_stays_raw(tok):
 
 def test_generation_crossing_three_chunk_boundaries(tok):
     eng = _engine(tok)
-    K, beta = eng.K, eng.beta
+    K, beta = eng.K, eng.n_visual
     req = Request(query=_ids(tok, 30, "zh"), params=SamplingParams(max_new_tokens=3 * K + 5, ignore_eos=True))
     res = eng.generate([req])[0]
     check(eng, req, res)
@@ -136,9 +137,13 @@ def test_more_requests_than_rows_are_queued(tok):
         check(eng, req, res)
 
 
-def test_control_without_eviction_fails_the_comparison(tok):
+def test_control_without_eviction_fails_the_comparison(tok, monkeypatch):
     eng = _engine(tok)
-    eng._evict = False
+
+    def keep_text(cache, row, text_start, visual_start, n_visual):  # no eviction: text and visual tokens stay
+        cache.set_length(row, visual_start + n_visual)
+
+    monkeypatch.setattr(CompressedKVCache, "evict", keep_text)
     K = eng.K
     req = Request(query=_ids(tok, K + 20), params=SamplingParams(max_new_tokens=K + 10, ignore_eos=True))
     res = eng.generate([req])[0]
@@ -240,7 +245,7 @@ def test_chunks_cut_short_by_the_fit_rule(tok, mode, encoding):
     res = eng.generate([req])[0]
     check(eng, req, res)
     fit = eng.processor.chunker(K)
-    segs = sft_segments(req.prefix, req.query, req.suffix, res.token_ids, K, eng.beta, encoding, fit)
+    segs = sft_segments(req.prefix, req.query, req.suffix, res.token_ids, K, eng.n_visual, encoding, fit)
     query_chunks = [s for s in segs if isinstance(s, Chunk) and not s.loss]
     reply_chunks = [s for s in segs if isinstance(s, Chunk) and s.loss and s.mode != "open"]
     # 3K tokens: two chunks closed early by the fit rule, a raw tail of 2 (<= beta)
