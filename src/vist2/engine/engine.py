@@ -4,8 +4,11 @@ The engine speaks token ids; a :class:`~vist2.processing.VIST2Processor` at its
 edge turns chunk tokens into pixels and generated ids into text. Per sequence:
 
 1. **prefill** — the prompt is laid out by :func:`vist2.layout.prompt_segments`
-   (query chunks compressed, the tail rule, raw prefix/suffix) and fed one
-   segment at a time, so peak memory is the visual memory plus one chunk;
+   (query chunks compressed, the tail rule, raw prefix/suffix) and fed in pieces of at most
+   ``prefill_budget`` entries: prompt chunks are rendered and read by the vision tower in
+   batches, and with the ``visual`` prompt encoding the raw prefix and every chunk's visual
+   tokens are one causal run (one forward when it fits the budget). While other rows decode,
+   one piece per step is fed (chunked prefill), so an admission never stalls them for long;
 2. **decode** — one token at a time; in ``gcc`` mode the text window is closed when it holds
    K tokens, or when a sampled token's text would no longer fit the image (the processor's
    running fit state decides; the token then begins the next window). The closed window is
