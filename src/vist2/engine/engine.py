@@ -233,6 +233,8 @@ class Engine:
             other rows are decoding, as in chunked prefill: a long prompt is admitted over several
             steps and never stalls the running rows for more than one bounded piece. With no row
             decoding, a prompt is fed in pieces of this size within one step (bounded activations).
+        max_prefills_per_step: requests admitted into free rows per :meth:`step` (their prompts are then
+            fed under ``prefill_budget``); a burst of arrivals enters over several steps.
         cuda_graphs: capture the decode step as CUDA graphs (default: on when the model is on CUDA).
             On CPU the very same step function runs eagerly.
         observer: called with a :class:`StepReport` after every step (timings, cache occupancy).
@@ -240,7 +242,7 @@ class Engine:
 
     def __init__(self, model: VIST2ForCausalLM, processor: VIST2Processor, max_batch: int = 8,
                  max_cache_tokens: int | None = None, record_logits: bool = False, prefill_budget: int = 2048,
-                 cuda_graphs: bool | None = None, observer: Callable[[StepReport], None] | None = None):
+                 max_prefills_per_step: int = 1, cuda_graphs: bool | None = None, observer: Callable[[StepReport], None] | None = None):
         if max_batch <= 0:
             raise ValueError(f"max_batch must be > 0, got {max_batch}")
         self.model = model.eval()
@@ -255,6 +257,7 @@ class Engine:
             raise ValueError(f"prefill_budget must be >= n_visual={self.n_visual} (one chunk's visual tokens "
                              f"are fed together), got {prefill_budget}")
         self.prefill_budget = prefill_budget
+        self.max_prefills_per_step = max(1, max_prefills_per_step)
         self.device = next(model.parameters()).device
         if cuda_graphs and self.device.type != "cuda":
             raise ValueError(f"cuda_graphs needs the model on a CUDA device, it is on {self.device}")
@@ -371,7 +374,9 @@ class Engine:
 
     def _admit(self) -> list[Event]:
         events: list[Event] = []
-        while self._waiting and len(self._running) < self.max_batch:
+        admitted = 0
+        while self._waiting and len(self._running) < self.max_batch and admitted < self.max_prefills_per_step:
+            admitted += 1
             rid, req = self._waiting.popleft()
             row = min(set(range(self.max_batch)) - set(self._running))
             try:
