@@ -11,7 +11,7 @@ from vist2.benchmark import FlopShape, chunk_flops, decode_flops, flops_per_toke
 from vist2.errors import CLIError
 
 N, M = 150, 140
-K, BETA = 64, 16  # the tiny preset
+K, N_VISUAL = 64, 16  # the tiny preset
 BYTES_PER_ENTRY = 2 * 2 * 2 * 16 * 4  # K and V x 2 layers x 2 KV heads x head_dim 16 x float32
 
 
@@ -27,7 +27,8 @@ def report(tmp_path_factory):
     threads = torch.get_num_threads()
     try:  # one thread: tiny matmuls on a busy shared CPU are far steadier (and faster) that way
         args = _args(["--preset", "tiny", "--prompt-tokens", str(N), "--new-tokens", str(M),
-                      "--modes", "gcc,pcc,none,hf", "--threads", "1", "--no-warmup", "--out", str(out)])
+                      "--modes", "gcc,pcc,none,hf", "--threads", "1", "--no-warmup", "--prefill-budget", "32",
+                      "--stall", "--out", str(out)])
         assert args.func(args) == 0
     finally:
         torch.set_num_threads(threads)
@@ -42,7 +43,7 @@ def test_every_mode_runs_for_the_fixed_length(report):
         assert m["ttft_s"] > 0 and m["decode_tokens_per_s"] > 0 and m["decode_s"] > 0, name
         assert m["flops_per_token"]["mean"] > 0, name
         assert len(m["buckets"]) == 4 and all(b["steps"] > 0 for b in m["buckets"]), name
-    assert r["model"]["K"] == K and r["model"]["beta"] == BETA
+    assert r["model"]["K"] == K and r["model"]["n_visual"] == N_VISUAL
     assert r["command"].startswith("vist2 bench --preset tiny --prompt-tokens 150 --new-tokens 140")
     assert r["machine"]["torch"] == torch.__version__
 
@@ -50,13 +51,13 @@ def test_every_mode_runs_for_the_fixed_length(report):
 def test_kv_entries_follow_the_layout(report):
     _, r = report
     g, p, n, h = (r["modes"][k] for k in ("gcc", "pcc", "none", "hf"))
-    # prompt 150 = 64 + 64 + a tail of 22 > beta=16, so the tail is compressed too: 3 images, 48 entries.
+    # prompt 150 = 64 + 64 + a tail of 22 > n_visual=16, so the tail is compressed too: 3 images, 48 entries.
     # The last of the 140 tokens is sampled but never fed back: 139 tokens enter the cache.
-    prompt_kv, fed = 3 * BETA, M - 1
+    prompt_kv, fed = 3 * N_VISUAL, M - 1
     # gcc: 139 = 2 windows of 64 (-> 16 each) + 11 open tokens
-    assert g["kv_tokens"] == prompt_kv + 2 * BETA + 11 == 91
+    assert g["kv_tokens"] == prompt_kv + 2 * N_VISUAL + 11 == 91
     # peak: while the second window is compressed it and its visual tokens are both held
-    assert g["kv_tokens_peak"] == prompt_kv + BETA + K + BETA == 144
+    assert g["kv_tokens_peak"] == prompt_kv + N_VISUAL + K + N_VISUAL == 144
     assert g["chunks_compressed"] == 3 + 2 and g["compression"]["decode_chunks"] == 2
     assert p["kv_tokens"] == p["kv_tokens_peak"] == prompt_kv + fed == 187
     assert p["chunks_compressed"] == 3 and p["compression"]["decode_chunks"] == 0
@@ -68,6 +69,17 @@ def test_kv_entries_follow_the_layout(report):
     assert 0 < g["compression"]["fraction_of_decode"] < 1
     assert g["flops_per_token"]["terms_at_end"]["compression"] > 0
     assert n["flops_per_token"]["at_end"] == h["flops_per_token"]["at_end"]
+
+
+def test_stall_while_a_prompt_is_admitted(report):
+    _, r = report
+    st = r["stall"]
+    # the gcc prompt is 3 images = 48 entries; with a budget of 32 it enters as 32 + 16 over two steps,
+    # the running stream decoding in both
+    assert (st["prompt_tokens"], st["prefill_budget"]) == (N, 32)
+    assert st["max_prefill_tokens_per_step"] == 32 and st["admission_steps"] == len(st["step_ms"]) == 2
+    assert st["stall_ms"] == pytest.approx(max(st["step_ms"]), abs=1e-3) and st["stall_ms"] > 0 and st["steady_ms"] > 0
+    assert "--prefill-budget 32" in r["command"] and "--stall" in r["command"]
 
 
 def test_curves_and_plots(report):
@@ -127,7 +139,7 @@ def test_flops_formula_by_hand():
     assert decode_flops(s, 10) == {"matmul": 3000, "attention": 5120}
     # image: 2*100*4 patches + 4*1*8*4^2 attention + 2*10*2 aligner
     assert image_flops(s) == 800 + 512 + 40
-    # chunk at 10 entries: image + 2*1000*2 (beta tokens) + 4*2*4*16 * (2*10 + 2*3/2)
+    # chunk at 10 entries: image + 2*1000*2 (n_visual tokens) + 4*2*4*16 * (2*10 + 2*3/2)
     assert chunk_flops(s, 10) == 1352 + 4000 + 512 * 23
     gcc = flops_per_token(s, 10, "gcc")
     assert gcc["compression"] == 17128 / 8 and gcc["total"] == 8120 + 17128 / 8
@@ -137,9 +149,9 @@ def test_flops_formula_by_hand():
 
 
 def test_kv_layout_tail_rule():
-    assert kv_layout(150, 140, K, BETA, "gcc") == {"prompt": 48, "final": 91, "peak": 144}
-    assert kv_layout(140, 2, K, BETA, "pcc") == {"prompt": 2 * BETA + 12, "final": 45, "peak": 45}  # tail 12 raw
-    assert kv_layout(128, 65, K, BETA, "gcc") == {"prompt": 32, "final": 48, "peak": 32 + K + BETA}
-    assert kv_layout(150, 140, K, BETA, "none") == {"prompt": 150, "final": 289, "peak": 289}
+    assert kv_layout(150, 140, K, N_VISUAL, "gcc") == {"prompt": 48, "final": 91, "peak": 144}
+    assert kv_layout(140, 2, K, N_VISUAL, "pcc") == {"prompt": 2 * N_VISUAL + 12, "final": 45, "peak": 45}  # tail 12 raw
+    assert kv_layout(128, 65, K, N_VISUAL, "gcc") == {"prompt": 32, "final": 48, "peak": 32 + K + N_VISUAL}
+    assert kv_layout(150, 140, K, N_VISUAL, "none") == {"prompt": 150, "final": 289, "peak": 289}
     # interleaved: a chunk's text is held with its visual tokens while they read it
-    assert kv_layout(150, 1, K, BETA, "pcc", "interleaved")["peak"] == BETA + K + BETA
+    assert kv_layout(150, 1, K, N_VISUAL, "pcc", "interleaved")["peak"] == N_VISUAL + K + N_VISUAL

@@ -12,6 +12,7 @@ import torch
 from vist2.build import load_tokenizer
 from vist2.samples import sample_text
 from vist2.config import preset_config
+from vist2.engine.cache import CompressedKVCache
 from vist2.engine.engine import Engine, Request
 from vist2.engine.sampling import SamplingParams
 from vist2.text import token_bytes
@@ -45,7 +46,7 @@ def _ids(tok, n, lang="en", offset=0):
 
 def teacher(engine, req: Request, generated):
     """Logits of the plain forward over the full layout, at the positions that predict ``generated``."""
-    m, K, beta = engine.model, engine.K, engine.beta
+    m, K, beta = engine.model, engine.K, engine.n_visual
     fit = engine.processor.chunker(K)  # the fit rule, as training cuts
     if req.mode == "gcc":
         segs = sft_segments(req.prefix, req.query, req.suffix, generated, K, beta, engine.prompt_encoding, fit)
@@ -100,7 +101,7 @@ def test_prompt_shorter_than_beta_stays_raw(tok):
 
 def test_generation_crossing_three_chunk_boundaries(tok):
     eng = _engine(tok)
-    K, beta = eng.K, eng.beta
+    K, beta = eng.K, eng.n_visual
     req = Request(query=_ids(tok, 30, "zh"), params=SamplingParams(max_new_tokens=3 * K + 5, ignore_eos=True))
     res = eng.generate([req])[0]
     check(eng, req, res)
@@ -136,9 +137,13 @@ def test_more_requests_than_rows_are_queued(tok):
         check(eng, req, res)
 
 
-def test_control_without_eviction_fails_the_comparison(tok):
+def test_control_without_eviction_fails_the_comparison(tok, monkeypatch):
     eng = _engine(tok)
-    eng._evict = False
+
+    def keep_text(cache, row, text_start, visual_start, n_visual):  # no eviction: text and visual tokens stay
+        cache.set_length(row, visual_start + n_visual)
+
+    monkeypatch.setattr(CompressedKVCache, "evict", keep_text)
     K = eng.K
     req = Request(query=_ids(tok, K + 20), params=SamplingParams(max_new_tokens=K + 10, ignore_eos=True))
     res = eng.generate([req])[0]
@@ -240,7 +245,7 @@ def test_chunks_cut_short_by_the_fit_rule(tok, mode, encoding):
     res = eng.generate([req])[0]
     check(eng, req, res)
     fit = eng.processor.chunker(K)
-    segs = sft_segments(req.prefix, req.query, req.suffix, res.token_ids, K, eng.beta, encoding, fit)
+    segs = sft_segments(req.prefix, req.query, req.suffix, res.token_ids, K, eng.n_visual, encoding, fit)
     query_chunks = [s for s in segs if isinstance(s, Chunk) and not s.loss]
     reply_chunks = [s for s in segs if isinstance(s, Chunk) and s.loss and s.mode != "open"]
     # 3K tokens: two chunks closed early by the fit rule, a raw tail of 2 (<= beta)
@@ -273,3 +278,93 @@ def test_request_marks_the_question(tok):
         eng.request("doc", question="")
     with pytest.raises(ValueError, match="question must be a .start, end. token span"):
         eng.add(Request(query=req.query, question=(0, len(req.query) + 1)))
+
+
+def test_the_decode_step_never_reads_the_device(tok, monkeypatch):
+    """No host sync per token: the decode step (the function captured as a CUDA graph) reads no
+    tensor value back; lengths and write indices stay on the device."""
+    eng = _engine(tok, max_batch=3)
+    calls = {"steps": 0}
+    step = eng._step_fn
+
+    def refuse(name):
+        def read(*a, **k):
+            raise AssertionError(f"the decode step read a tensor back ({name})")
+        return read
+
+    def guarded(*args):
+        calls["steps"] += 1
+        with monkeypatch.context() as m:
+            for name in ("item", "tolist", "cpu", "numpy", "__int__", "__bool__", "__index__", "__float__"):
+                m.setattr(torch.Tensor, name, refuse(name))
+            return step(*args)
+
+    eng._step_fn = guarded
+    reqs = [Request(query=_ids(tok, 30 + 40 * i), params=SamplingParams(max_new_tokens=eng.K + 5, ignore_eos=True))
+            for i in range(3)]
+    for req, res in zip(reqs, eng.generate(reqs)):
+        check(eng, req, res)
+    # every token but the last is fed by the guarded step; the rows enter one step apart
+    assert calls["steps"] == eng.K + 4 + 2
+
+
+@pytest.mark.parametrize("encoding", ["visual", "interleaved"])
+def test_a_long_prompt_is_admitted_in_bounded_pieces(tok, encoding):
+    """Chunked prefill: while a row decodes, a long prompt enters at most ``prefill_budget`` entries
+    per step, and both rows still equal the teacher-forced model."""
+    reports = []
+    eng = _engine(tok, encoding, max_batch=2, prefill_budget=40, observer=reports.append)
+    K = eng.K
+    short = Request(query=_ids(tok, 10), params=SamplingParams(max_new_tokens=30, ignore_eos=True))
+    long = Request(query=_ids(tok, 4 * K + 20, offset=50), prefix=_ids(tok, 3, offset=500),
+                   params=SamplingParams(max_new_tokens=10, ignore_eos=True), mode="gcc")
+    a = eng.add(short)
+    eng.step()  # the short prompt is in and decoding
+    b = eng.add(long)
+    while eng.busy:
+        eng.step()
+    res = {a: eng.result(a), b: eng.result(b)}
+    check(eng, short, res[a])
+    check(eng, long, res[b])
+    admitting = [r for r in reports[1:] if r.prefill_tokens]
+    assert len(admitting) > 1 and all(r.prefill_tokens <= 40 for r in admitting)
+    assert all(r.decode_rows >= 1 for r in admitting)  # the short row decoded in every one of those steps
+    assert sum(r.prefill_chunks for r in reports) == 5  # 4 chunks + the 20-token tail, each read once
+    assert res[b].stats.chunks_compressed == 5
+
+
+def test_the_visual_prompt_is_one_forward(tok):
+    """With the visual encoding, all prompt chunks are read by the vision tower in one batch and their
+    visual tokens (with the raw prefix) run through the LLM in one forward."""
+    reports = []
+    eng = _engine(tok, "visual", observer=reports.append)
+    forwards = []
+    lm = eng._lm
+    eng._lm = lambda emb, pos, mask: forwards.append(emb.shape[1]) or lm(emb, pos, mask)
+    images = []
+    encode = eng._encode
+    eng._encode = lambda texts, styles: images.append(len(texts)) or encode(texts, styles)
+    req = Request(query=_ids(tok, 6 * eng.K + 20), prefix=_ids(tok, 3, offset=500),
+                  params=SamplingParams(max_new_tokens=2, ignore_eos=True))
+    res = eng.generate([req])[0]
+    check(eng, req, res)
+    assert images == [7] and forwards[0] == 3 + 7 * eng.n_visual
+    assert reports[0].prefill_tokens == 3 + 7 * eng.n_visual and reports[0].seconds["vision"] > 0
+
+
+@pytest.mark.gpu
+def test_captured_decode_equals_eager_on_cuda(tok):
+    """CUDA graphs replay the eager step: same greedy tokens, logits within bf16/TF32 noise."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    outs = []
+    for graphs in (False, True):
+        model = _model("visual").cuda()
+        eng = Engine(model, VIST2Processor(tok, model.config.render_config), max_batch=4, record_logits=True,
+                     cuda_graphs=graphs)
+        reqs = [Request(query=_ids(tok, 20 + 30 * i), params=SamplingParams(max_new_tokens=2 * eng.K + 3,
+                                                                              ignore_eos=True)) for i in range(3)]
+        outs.append(eng.generate(reqs))
+        for req, res in zip(reqs, outs[-1]):
+            check(eng, req, res, atol=1e-3)
+    for a, b in zip(*outs):
+        assert a.token_ids == b.token_ids

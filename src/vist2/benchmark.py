@@ -9,7 +9,7 @@
 One prompt of N token ids (the embedded English sample, repeated) is decoded for
 exactly M greedy tokens (``ignore_eos``) in each mode:
 
-* ``gcc``  -- prompt and output compressed, every K tokens become beta visual tokens (the paper);
+* ``gcc``  -- prompt and output compressed, every K tokens become n_visual visual tokens (the paper);
 * ``pcc``  -- the prompt compressed, the output kept as text (the Glyph-style baseline);
 * ``none`` -- the same engine as a plain LLM;
 * ``hf``   -- the same LLM weights in an ordinary ``transformers`` causal LM and ``generate()``:
@@ -18,11 +18,12 @@ exactly M greedy tokens (``ignore_eos``) in each mode:
 Timing: every ``Engine.step()`` is timed (synchronised on CUDA) and recorded
 against the context length after it, i.e. the prompt plus the generated tokens
 fed through the LLM so far; for ``hf`` a logits processor timestamps every step.
-TTFT is the time until every sequence of the batch has its first token (the
-engine prefills the rows of a batch one after the other). Decode throughput is
-``batch * (M - 1) / (time from first to last token)``. Compressing a chunk
-(render, vision tower, aligner, beta tokens through the LLM) is timed by
-wrapping the engine's ``_feed_visual`` and reported as a fraction of decode time.
+TTFT is the time until every sequence of the batch has its first token. Decode
+throughput is ``batch * (M - 1) / (time from first to last token)``. Phases come
+from the engine's public step reports (``Engine(observer=...)``): compressing a
+generated chunk (render, vision tower, aligner, n_visual tokens through the LLM)
+is reported as a fraction of decode time. ``--stall`` adds the longest step a
+running stream sees while the prompt is admitted (chunked prefill).
 
 The engine's cache is sized per mode to what the request needs (see
 :func:`kv_layout`) unless ``--max-cache-tokens`` is given: the cache is
@@ -74,7 +75,7 @@ class FlopShape:
     n_patches: int
     aligner_params: int
     chunk_tokens: int  # K
-    n_visual: int  # beta
+    n_visual: int  # visual tokens per chunk
 
 
 def decode_flops(s: FlopShape, kv_len: float) -> dict:
@@ -94,16 +95,16 @@ def image_flops(s: FlopShape) -> float:
 
     ``2 * vit_params * n_patches`` (every patch meets every weight once)
     ``+ 4 * vit_layers * vit_hidden * n_patches**2`` (full attention over the patches)
-    ``+ 2 * aligner_params * beta`` (the aligner sees the merged tokens).
+    ``+ 2 * aligner_params * n_visual`` (the aligner sees the merged tokens).
     """
     return (2 * s.vit_params * s.n_patches + 4 * s.vit_layers * s.vit_hidden * s.n_patches**2
             + 2 * s.aligner_params * s.n_visual)
 
 
 def chunk_flops(s: FlopShape, kv_len: float) -> float:
-    """Compressing one chunk whose beta visual tokens are written after ``kv_len`` live entries.
+    """Compressing one chunk whose n_visual visual tokens are written after ``kv_len`` live entries.
 
-    ``image_flops + 2 * llm_body_params * beta + 4 * layers * heads * head_dim * (beta * kv_len + beta * (beta + 1) / 2)``
+    ``image_flops + 2 * llm_body_params * n + 4 * layers * heads * head_dim * (n * kv_len + n * (n + 1) / 2)``, n = n_visual
     (visual token j attends to the ``kv_len`` entries before it and to visual tokens 0..j).
     """
     b = s.n_visual
@@ -116,7 +117,7 @@ def flops_per_token(s: FlopShape, kv_len: float, mode: str) -> dict:
 
     ``matmul + attention`` as in :func:`decode_flops`; in ``gcc`` plus the amortised cost of
     compressing the chunk this token belongs to, ``chunk_flops(kv_len) / K`` (every K generated
-    tokens are rendered once and read back as beta tokens). ``pcc``, ``none`` and ``hf`` compress
+    tokens are rendered once and read back as n_visual tokens). ``pcc``, ``none`` and ``hf`` compress
     nothing during decode (a compressed prompt costs at prefill, i.e. in TTFT).
     """
     terms = decode_flops(s, kv_len)
@@ -144,7 +145,7 @@ def flop_shape(model) -> FlopShape:
 # -- the cache layout, analytically ------------------------------------------------------
 
 
-def kv_layout(n_prompt: int, n_new: int, K: int, beta: int, mode: str, prompt_encoding: str = "visual") -> dict:
+def kv_layout(n_prompt: int, n_new: int, K: int, n_visual: int, mode: str, prompt_encoding: str = "visual") -> dict:
     """Cache entries of one sequence whose whole prompt is the query and which generates ``n_new``
     tokens: ``prompt`` (after prefill), ``final`` and ``peak``.
 
@@ -159,8 +160,8 @@ def kv_layout(n_prompt: int, n_new: int, K: int, beta: int, mode: str, prompt_en
     if mode in ("none", "hf"):
         prompt = [Raw(tuple(query))]
     else:
-        prompt = prompt_segments([], query, [], K, beta, prompt_encoding)
-    reply = olm_segments(response, K, beta) if mode == "gcc" else [Raw(tuple(response))]
+        prompt = prompt_segments([], query, [], K, n_visual, prompt_encoding)
+    reply = olm_segments(response, K, n_visual) if mode == "gcc" else [Raw(tuple(response))]
     s = build_sample(prompt + reply)
     alive, peak, trace = 0, 0, []
     for t in range(len(s)):
@@ -268,6 +269,64 @@ def _prompt_ids(tokenizer, n: int) -> list[int]:
 # -- running one mode -------------------------------------------------------------------
 
 
+class _Recorder:
+    """The bench's only view into the engine: its public step reports (``Engine(observer=...)``),
+    summed per phase of the run (``prefill``: the first step; ``decode``: every later one)."""
+
+    def __init__(self):
+        self.phase = "prefill"
+        self.seconds: dict[str, dict[str, float]] = {"prefill": {}, "decode": {}}
+        self.chunks = {"prefill": 0, "decode": 0}
+        self.compress_kv: list[int] = []  # live entries before each decode-time compression (FLOPs)
+        self.kv_tokens: dict[int, int] = {}
+        self.max_prefill_tokens = 0
+
+    def __call__(self, report) -> None:
+        sec = self.seconds[self.phase]
+        for k, v in report.seconds.items():
+            sec[k] = sec.get(k, 0.0) + v
+        self.chunks["prefill"] += report.prefill_chunks
+        self.chunks["decode"] += report.decode_chunks
+        self.compress_kv += report.compress_kv
+        self.kv_tokens = report.kv_tokens
+        self.max_prefill_tokens = max(self.max_prefill_tokens, report.prefill_tokens)
+
+    def compression(self, decode_s: float) -> dict:
+        p, d = self.seconds["prefill"], self.seconds["decode"]
+        return {
+            "prefill_chunks": self.chunks["prefill"], "prefill_s": p.get("render", 0.0) + p.get("vision", 0.0),
+            "prefill_render_s": p.get("render", 0.0),
+            "decode_chunks": self.chunks["decode"], "decode_s": d.get("compress", 0.0),
+            "decode_render_s": d.get("render", 0.0),
+            "fraction_of_decode": d.get("compress", 0.0) / decode_s if decode_s > 0 else 0.0,
+        }
+
+
+def _timed_steps(engine, rids, recorder, N, M, device, progress, label) -> tuple:
+    """Step the engine to the end: the first step (prefill + first token) untimed here, then every
+    step timed against the context after it. Returns (context, ms, kv, t0, t_end)."""
+    context, ms, kv = [], [], []
+    _sync(device)
+    t0 = time.perf_counter()
+    engine.step()  # admit + prefill every row, sample and feed the first token
+    _sync(device)
+    recorder.phase = "decode"
+    k = 0
+    with progress(total=M, desc=f"{label:4}", initial=1) as bar:
+        while engine.busy:
+            t = time.perf_counter()
+            engine.step()
+            _sync(device)
+            dt = time.perf_counter() - t
+            k += 1
+            bar.update(1)
+            if engine.busy:  # the last step only samples: no forward, not a point of the curve
+                context.append(N + k + 1)
+                ms.append(dt * 1e3)
+                kv.append(recorder.kv_tokens[rids[0]])
+    return context, ms, kv, t0, time.perf_counter()
+
+
 def _run_engine(model, processor, ids, mode, args, device, fshape, memory, progress) -> dict:
     from .engine import Engine, Request, SamplingParams
 
@@ -276,65 +335,14 @@ def _run_engine(model, processor, ids, mode, args, device, fshape, memory, progr
     need = kv_layout(N, M, c.chunk_tokens, c.n_visual, mode, c.prompt_encoding)
     capacity = args.max_cache_tokens or need["peak"] + 1
     base_mem = memory.start()
-    engine = Engine(model, processor, max_batch=B, max_cache_tokens=capacity)
-
-    # wrap compression and rendering to time them; instance attributes shadow the methods
-    phase = {"now": "prefill"}
-    comp = {"prefill": [0, 0.0], "decode": [0, 0.0]}
-    render = {"prefill": 0.0, "decode": 0.0}
-    compress_kv: list[int] = []  # live entries before each decode-time compression (FLOPs)
-    feed_visual, pixels_from_texts = engine._feed_visual, processor.pixels_from_texts
-    own_pixels = vars(processor).get("pixels_from_texts")
-
-    def timed_feed_visual(seqs, texts, n_text, styles=None):
-        _sync(device)
-        t = time.perf_counter()
-        if phase["now"] == "decode":
-            compress_kv.extend(int(engine._cache.length[s.row]) for s in seqs)
-        feed_visual(seqs, texts, n_text, styles)
-        _sync(device)
-        comp[phase["now"]][0] += len(seqs)
-        comp[phase["now"]][1] += time.perf_counter() - t
-
-    def timed_pixels(texts, styles=None):
-        t = time.perf_counter()
-        out = pixels_from_texts(texts, styles)
-        render[phase["now"]] += time.perf_counter() - t
-        return out
-
-    engine._feed_visual = timed_feed_visual
-    processor.pixels_from_texts = timed_pixels
+    recorder = _Recorder()
+    engine = Engine(model, processor, max_batch=B, max_cache_tokens=capacity, observer=recorder,
+                    **_engine_options(args))
     params = SamplingParams(max_new_tokens=M, ignore_eos=True)
-    try:
-        rids = [engine.add(Request(query=list(ids), params=params, mode=mode)) for _ in range(B)]
-        context, ms, kv = [], [], []
-        _sync(device)
-        t0 = time.perf_counter()
-        engine.step()  # admit + prefill every row, sample and feed the first token
-        _sync(device)
-        phase["now"] = "decode"
-        k = 0
-        with progress(total=M, desc=f"{mode:4}", initial=1) as bar:
-            while engine.busy:
-                t = time.perf_counter()
-                engine.step()
-                _sync(device)
-                dt = time.perf_counter() - t
-                k += 1
-                bar.update(1)
-                if engine.busy:  # the last step only samples: no forward, not a point of the curve
-                    context.append(N + k + 1)
-                    ms.append(dt * 1e3)
-                    kv.append(int(engine._cache.length[0]))
-        t_end = time.perf_counter()
-    finally:
-        if own_pixels is None:
-            del processor.pixels_from_texts  # back to the class's method
-        else:
-            processor.pixels_from_texts = own_pixels
+    rids = [engine.add(Request(query=list(ids), params=params, mode=mode)) for _ in range(B)]
+    context, ms, kv, t0, t_end = _timed_steps(engine, rids, recorder, N, M, device, progress, mode)
     peak_mem = memory.peak()
-    results = [engine.result(r) for r in rids]
-    stats = [r.stats for r in results]
+    stats = [engine.result(r).stats for r in rids]
     s = stats[0]
     if any(st.generated_tokens != M for st in stats):
         raise RuntimeError(f"{mode}: generated {[st.generated_tokens for st in stats]} tokens, asked for {M} "
@@ -342,9 +350,9 @@ def _run_engine(model, processor, ids, mode, args, device, fshape, memory, progr
     ttft = max(st.ttft_s for st in stats)
     decode_s = (t_end - t0) - ttft
     dflops = [sum(decode_flops(fshape, x).values()) for x in kv]
-    cflops = sum(chunk_flops(fshape, e) for e in compress_kv) / B
+    cflops = sum(chunk_flops(fshape, e) for e in recorder.compress_kv) / B
     end = flops_per_token(fshape, s.kv_tokens, mode)
-    elem = next(model.parameters()).element_size()
+    usage = engine.cache_usage()
     return {
         "batch": B, "prompt_tokens": s.prompt_tokens, "new_tokens": s.generated_tokens,
         "finish_reasons": sorted({st.finish_reason for st in stats}),
@@ -357,15 +365,11 @@ def _run_engine(model, processor, ids, mode, args, device, fshape, memory, progr
         "kv_tokens": s.kv_tokens, "kv_tokens_peak": s.kv_tokens_peak,
         "kv_tokens_uncompressed": s.kv_tokens_uncompressed,
         "kv_bytes": s.kv_bytes, "kv_bytes_peak": s.kv_bytes_peak,
-        "kv_bytes_allocated": capacity * B * engine._cache.bytes_per_token,
-        "kv_bytes_per_entry": engine._cache.bytes_per_token, "dtype_bytes": elem,
+        "kv_bytes_allocated": usage["bytes_allocated"], "kv_bytes_per_entry": usage["bytes_per_token"],
+        "dtype_bytes": next(model.parameters()).element_size(),
         "chunks_compressed": s.chunks_compressed, "visual_tokens": s.visual_tokens,
-        "compression": {
-            "prefill_chunks": comp["prefill"][0], "prefill_s": comp["prefill"][1],
-            "prefill_render_s": render["prefill"],
-            "decode_chunks": comp["decode"][0], "decode_s": comp["decode"][1], "decode_render_s": render["decode"],
-            "fraction_of_decode": comp["decode"][1] / decode_s if decode_s > 0 else 0.0,
-        },
+        "compression": recorder.compression(decode_s),
+        "phase_seconds": recorder.seconds,
         "memory_baseline_bytes": base_mem, "peak_memory_bytes": peak_mem, "memory_kind": memory.kind,
         "flops_per_token": {
             "mean": (sum(dflops) + cflops) / len(dflops) if dflops else None,
@@ -373,6 +377,52 @@ def _run_engine(model, processor, ids, mode, args, device, fshape, memory, progr
         },
         "_context": context, "_ms": ms, "_kv": kv,
     }
+
+
+def _engine_options(args) -> dict:
+    opts = {"prefill_budget": args.prefill_budget}
+    if args.cuda_graphs != "auto":
+        opts["cuda_graphs"] = args.cuda_graphs == "on"
+    return opts
+
+
+def measure_stall(model, processor, ids, args, device, mode: str = "gcc", stream_tokens: int = 32) -> dict:
+    """The longest step a running stream sees while a long prompt (``ids``) is admitted.
+
+    One short request decodes; after its first token the long one is added, and every step is timed
+    until the long one has its first token. ``stall_ms`` is the longest of those steps, ``steady_ms``
+    the median step of the stream alone before the admission.
+    """
+    from .engine import Engine, Request, SamplingParams
+
+    c = model.config
+    need = kv_layout(len(ids), 4, c.chunk_tokens, c.n_visual, mode, c.prompt_encoding)["peak"] + stream_tokens * 4
+    recorder = _Recorder()
+    engine = Engine(model, processor, max_batch=2, max_cache_tokens=max(need, 4 * stream_tokens), observer=recorder,
+                    **_engine_options(args))
+    short = Request(query=list(ids[:stream_tokens]), mode=mode,
+                    params=SamplingParams(max_new_tokens=10**6, ignore_eos=True))
+    long = Request(query=list(ids), mode=mode, params=SamplingParams(max_new_tokens=2, ignore_eos=True))
+    a = engine.add(short)
+    steady = []
+    for _ in range(9):
+        t = time.perf_counter()
+        engine.step()
+        _sync(device)
+        steady.append((time.perf_counter() - t) * 1e3)
+    b = engine.add(long)
+    steps, first = [], False
+    while not first:  # until the long request has its first token
+        t = time.perf_counter()
+        events = engine.step()
+        _sync(device)
+        steps.append((time.perf_counter() - t) * 1e3)
+        first = any(e.request_id == b for e in events)
+    engine.abort(a)
+    engine.abort(b)
+    return {"mode": mode, "prompt_tokens": len(ids), "prefill_budget": engine.prefill_budget,
+            "steady_ms": statistics.median(steady[1:]), "stall_ms": max(steps), "admission_steps": len(steps),
+            "max_prefill_tokens_per_step": recorder.max_prefill_tokens, "step_ms": [round(x, 3) for x in steps]}
 
 
 def hf_model(model):
@@ -389,13 +439,10 @@ def hf_model(model):
     return hf.to(p.device).eval()
 
 
-def _run_hf(model, ids, args, device, fshape, memory, progress) -> dict:
+def _hf_generate(hf, ids, B, M, tc, device, progress):
+    """``generate()`` of M greedy tokens for B copies of the prompt, a timestamp after every step."""
     import torch
     from transformers import LogitsProcessor, LogitsProcessorList
-
-    N, M, B = len(ids), args.new_tokens, args.batch
-    hf = hf_model(model)
-    base_mem = memory.start()
 
     class Clock(LogitsProcessor):
         """Called once per generated token, right after its forward: a timestamp per step."""
@@ -410,7 +457,6 @@ def _run_hf(model, ids, args, device, fshape, memory, progress) -> dict:
             return scores
 
     x = torch.tensor([ids] * B, device=device)
-    tc = model.config.text_config
     pad = eos_ids(tc)[0]  # generate() wants one pad id; every row has the same length, so none is padded
     with progress(total=M, desc="hf  ") as bar, torch.no_grad():
         clock = Clock(bar)
@@ -421,6 +467,15 @@ def _run_hf(model, ids, args, device, fshape, memory, progress) -> dict:
             logits_processor=LogitsProcessorList([clock]), pad_token_id=pad, return_dict_in_generate=True,
         )
         _sync(device)
+    return out, clock, t0
+
+
+def _run_hf(model, ids, args, device, fshape, memory, progress) -> dict:
+    N, M, B = len(ids), args.new_tokens, args.batch
+    hf = hf_model(model)
+    base_mem = memory.start()
+    tc = model.config.text_config
+    out, clock, t0 = _hf_generate(hf, ids, B, M, tc, device, progress)
     peak_mem = memory.peak()
     generated = out.sequences.shape[1] - N
     if generated != M:
@@ -554,6 +609,12 @@ def _command_line(args) -> str:
         parts.append(f"--threads {args.threads}")
     if args.max_cache_tokens:
         parts.append(f"--max-cache-tokens {args.max_cache_tokens}")
+    if args.prefill_budget != 2048:
+        parts.append(f"--prefill-budget {args.prefill_budget}")
+    if args.cuda_graphs != "auto":
+        parts.append(f"--cuda-graphs {args.cuda_graphs}")
+    if args.stall:
+        parts.append("--stall")
     if args.no_warmup:
         parts.append("--no-warmup")
     parts.append(f"--out {shlex.quote(str(args.out))}")
@@ -600,7 +661,7 @@ def _model_info(model, fshape: FlopShape) -> dict:
         "vision": {k: getattr(c.vision_config, k, None) for k in ("model_type", "hidden_size", "num_hidden_layers",
                                                                   "patch_size")},
         "image": [c.render["height"], c.render["width"]], "merge": c.merge,
-        "K": c.chunk_tokens, "beta": c.n_visual, "compression_ratio": c.compression_ratio,
+        "K": c.chunk_tokens, "n_visual": c.n_visual, "compression_ratio": c.compression_ratio,
         "prompt_encoding": c.prompt_encoding, "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "flop_shape": asdict(fshape),
     }
@@ -633,7 +694,27 @@ def _load(args, device, dtype):
     return model.to(device).eval(), processor
 
 
-def cmd_bench(args) -> int:
+def _report(args, device, model, fshape, results, files) -> dict:
+    return {
+        "command": _command_line(args),
+        "machine": _machine(device),
+        "model": _model_info(model, fshape),
+        "source": str(args.model) if args.model else f"preset {args.preset} (random weights, seed {args.seed})",
+        "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "batch": args.batch,
+        "notes": {
+            "context": "prompt tokens + generated tokens fed through the LLM so far",
+            "kv": "per sequence; kv_bytes_allocated is the engine's preallocated cache for the whole batch",
+            "decode_tokens_per_s": "batch * (new_tokens - 1) / time from the first to the last token",
+            "flops_per_token": "analytic, see vist2.benchmark.flops_per_token; mean over the run's decode steps "
+                               "(compressions counted where they happened), at_end at the final KV length",
+        },
+        "modes": {name: {k: v for k, v in m.items() if not k.startswith("_")} | {
+            "curve": _bin_curve(m["_context"], m["_ms"], m["_kv"])} for name, m in results.items()},
+        "plots": files,
+    }
+
+
+def _check_args(args) -> None:
     if bool(args.model) == bool(args.preset):
         raise CLIError("give exactly one of --model DIR or --preset NAME")
     if args.prompt_tokens <= 0 or args.new_tokens <= 0:
@@ -648,6 +729,12 @@ def cmd_bench(args) -> int:
         raise CLIError(f"--threads must be > 0, got {args.threads}")
     if args.max_cache_tokens is not None and args.max_cache_tokens <= 0:
         raise CLIError(f"--max-cache-tokens must be > 0, got {args.max_cache_tokens}")
+    if args.prefill_budget <= 0:
+        raise CLIError(f"--prefill-budget must be > 0, got {args.prefill_budget}")
+
+
+def cmd_bench(args) -> int:
+    _check_args(args)
     modes = _parse_modes(args.modes)
 
     import torch
@@ -690,30 +777,21 @@ def cmd_bench(args) -> int:
     for m in results.values():
         m["buckets"] = _buckets(m["_context"], m["_ms"], lo, hi, args.buckets)
     files = _plots(out, results, args)
-    report = {
-        "command": _command_line(args),
-        "machine": _machine(device),
-        "model": _model_info(model, fshape),
-        "source": str(args.model) if args.model else f"preset {args.preset} (random weights, seed {args.seed})",
-        "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "batch": args.batch,
-        "notes": {
-            "context": "prompt tokens + generated tokens fed through the LLM so far",
-            "kv": "per sequence; kv_bytes_allocated is the engine's preallocated cache for the whole batch",
-            "decode_tokens_per_s": "batch * (new_tokens - 1) / time from the first to the last token",
-            "flops_per_token": "analytic, see vist2.benchmark.flops_per_token; mean over the run's decode steps "
-                               "(compressions counted where they happened), at_end at the final KV length",
-        },
-        "modes": {name: {k: v for k, v in m.items() if not k.startswith("_")} | {
-            "curve": _bin_curve(m["_context"], m["_ms"], m["_kv"])} for name, m in results.items()},
-        "plots": files,
-    }
+    report = _report(args, device, model, fshape, results, files)
+    if args.stall:
+        report["stall"] = measure_stall(model, processor, ids, args, device)
     (out / "bench.json").write_text(_dumps(report))
     print(f"vist2 bench: {report['source']}, {device}, {args.dtype}; prompt {args.prompt_tokens} + "
           f"{args.new_tokens} new tokens, batch {args.batch}; K={model.config.chunk_tokens}, "
-          f"beta={model.config.n_visual}")
+          f"n_visual={model.config.n_visual}")
     print("ms@C: mean decode ms per step for contexts up to C; tok/s counts the whole batch; "
           "KV per sequence; compr%: compression time / decode time")
     print(_table(results))
+    if args.stall:
+        st = report["stall"]
+        print(f"stall: a running stream's longest step while a {st['prompt_tokens']}-token prompt is admitted: "
+              f"{st['stall_ms']:.1f} ms (alone {st['steady_ms']:.1f} ms; budget {st['prefill_budget']} entries, "
+              f"{st['admission_steps']} steps)")
     print(f"wrote {out / 'bench.json'} and {', '.join(files)}")
     return 0
 
@@ -740,6 +818,12 @@ def add_parser(sub) -> argparse.ArgumentParser:
     q.add_argument("--buckets", type=int, default=4, metavar="N", help="context buckets of the table (default 4)")
     q.add_argument("--max-cache-tokens", type=int, default=None, metavar="N",
                    help="engine cache capacity per row (default: what each mode needs)")
+    q.add_argument("--prefill-budget", type=int, default=2048, metavar="N",
+                   help="prompt entries run through the LLM per engine step while other rows decode (default 2048)")
+    q.add_argument("--cuda-graphs", choices=["auto", "on", "off"], default="auto",
+                   help="capture the engine's decode step as CUDA graphs (auto: on CUDA)")
+    q.add_argument("--stall", action="store_true",
+                   help="also measure the longest step a running stream sees while the prompt is admitted (gcc)")
     q.add_argument("--no-warmup", action="store_true", help="skip the short untimed warm-up run")
     q.add_argument("--out", required=True, metavar="DIR", help="output folder")
     q.set_defaults(func=cmd_bench)

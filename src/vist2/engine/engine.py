@@ -4,8 +4,11 @@ The engine speaks token ids; a :class:`~vist2.processing.VIST2Processor` at its
 edge turns chunk tokens into pixels and generated ids into text. Per sequence:
 
 1. **prefill** — the prompt is laid out by :func:`vist2.layout.prompt_segments`
-   (query chunks compressed, the tail rule, raw prefix/suffix) and fed one
-   segment at a time, so peak memory is the visual memory plus one chunk;
+   (query chunks compressed, the tail rule, raw prefix/suffix) and fed in pieces of at most
+   ``prefill_budget`` entries: prompt chunks are rendered and read by the vision tower in
+   batches, and with the ``visual`` prompt encoding the raw prefix and every chunk's visual
+   tokens are one causal run (one forward when it fits the budget). While other rows decode,
+   one piece per step is fed (chunked prefill), so an admission never stalls them for long;
 2. **decode** — one token at a time; in ``gcc`` mode the text window is closed when it holds
    K tokens, or when a sampled token's text would no longer fit the image (the processor's
    running fit state decides; the token then begins the next window). The closed window is
@@ -28,8 +31,9 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from typing import Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
@@ -103,6 +107,41 @@ class Result:
     logits: list[torch.Tensor] | None = None  # the distribution each token was drawn from (record_logits)
 
 
+@dataclass
+class StepReport:
+    """What one :meth:`Engine.step` did, handed to the engine's ``observer`` (timing, monitoring).
+
+    ``seconds`` holds the wall time of each phase of the step (``prefill``: prompt tokens through
+    the LLM; ``render``: chunk images drawn; ``vision``: images through the ViT and aligner;
+    ``compress``: generated windows closed, render and vision included; ``decode``: the step's
+    token through the LLM; ``sample``). The device is synchronised at phase edges only while an
+    observer is set, so the phases are honest and an unobserved engine never waits on it.
+    """
+
+    step: int
+    prefill_tokens: int = 0  # prompt entries run through the LLM this step (text and visual)
+    prefill_chunks: int = 0  # prompt chunks read by the vision tower this step
+    decode_rows: int = 0  # rows that fed a token
+    decode_chunks: int = 0  # generated windows compressed
+    compress_kv: list[int] = field(default_factory=list)  # live entries of each such row before its compression
+    kv_tokens: dict[int, int] = field(default_factory=dict)  # request id -> live cache entries after the step
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class _Op:
+    """One piece of a prompt's prefill: text tokens, or one chunk's visual tokens (``n_text`` > 0:
+    the chunk's text was fed just before, interleaved, and is evicted after them)."""
+
+    kind: str  # "text" | "visual"
+    tokens: list[int] = field(default_factory=list)
+    chunk: int = -1
+    n_text: int = 0
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+
 class _Seq:
     """Mutable per-request state while it occupies a cache row."""
 
@@ -116,7 +155,6 @@ class _Seq:
         self.history = list(req.prompt_ids)
         self.generated: list[int] = []
         self.window: list[int] = []  # generated text tokens not yet compressed (gcc)
-        self.window_start = 0
         self.carry = b""  # bytes of a character split by a chunk boundary, shown in the next image
         self.fit = None  # the open window's fit state (gcc), from the processor
         self.memory: list[str] = []
@@ -126,6 +164,60 @@ class _Seq:
         self.t_start = time.perf_counter()
         self.t_first = 0.0
         self.done = False
+        # the prompt, while it is being prefilled: what is left to feed, and its chunks' images
+        self.ops: deque[_Op] = deque()
+        self.chunks: list[tuple[str, Any]] = []  # (text, style: one or per character) of every prompt chunk
+        self.visual: dict[int, torch.Tensor] = {}  # chunk -> its (n_visual, D) tokens, read ahead
+
+    @property
+    def prefilling(self) -> bool:
+        return bool(self.ops)
+
+
+class _CapturedStep:
+    """The decode step as CUDA graphs, one per (batch bucket, span bucket), captured on first use.
+
+    Inputs are copied into the graph's static tensors and the graph replayed; the returned logits
+    live in the graph's output buffer until the next replay. The cache buffers never move (they are
+    allocated once), so the graphs stay valid for the engine's life.
+    """
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.graphs: dict[tuple[int, int], tuple] = {}
+        self.pool = None
+
+    def __call__(self, ids_B1: torch.Tensor, active_B: torch.Tensor, span: int) -> torch.Tensor:
+        key = (ids_B1.shape[0], span)
+        if key not in self.graphs:
+            self.graphs[key] = self._capture(ids_B1, active_B, span)
+        graph, ids, active, out = self.graphs[key]
+        ids.copy_(ids_B1, non_blocking=True)
+        active.copy_(active_B, non_blocking=True)
+        graph.replay()
+        return out
+
+    def _capture(self, ids_B1, active_B, span):
+        ids, active = ids_B1.clone(), torch.zeros_like(active_B)  # no row active: lengths stay, writes go to scratch
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):  # warm-up runs: lazy inits and allocator pools happen outside the capture
+                self.fn(ids, active, span)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            out = self.fn(ids, active, span)
+        self.pool = graph.pool()
+        return graph, ids, active, out
+
+
+def span_bucket(n: int, capacity: int) -> int:
+    """How many cache entries a step reads so that ``n`` are covered: ``n`` rounded up to a quarter
+    of its power of two (at least 64), at most ``capacity``. Few distinct spans (graphs to capture),
+    at most ~25 % read past the live entries."""
+    q = max(64, 1 << max(0, n.bit_length() - 3))
+    return min(capacity, -(-n // q) * q)
 
 
 class Engine:
@@ -135,37 +227,54 @@ class Engine:
         model: a VIST2ForCausalLM (eval mode is set here).
         processor: its tokenizer + renderer.
         max_batch: cache rows (requests decoded together).
-        max_cache_tokens: KV entries a row may hold (the memory limit); a prompt that needs more
-            is refused, a generation that reaches it stops with finish_reason ``length``.
+        max_cache_tokens: KV entries a row may hold (the memory limit; the cache is allocated at
+            ``max_batch x max_cache_tokens`` entries up front); a prompt that needs more is refused,
+            a generation that reaches it stops with finish_reason ``length``.
         record_logits: keep the distribution behind every sampled token (tests, evaluation).
-        prefill_step: raw prompt text is fed in pieces of at most this many tokens (bounds activations).
-        max_prefills_per_step: requests admitted (prefilled) per :meth:`step`; a burst of arrivals
-            then interleaves with the running rows' decoding instead of stalling it.
+        prefill_budget: prompt entries (text and visual) run through the LLM per :meth:`step` while
+            other rows are decoding, as in chunked prefill: a long prompt is admitted over several
+            steps and never stalls the running rows for more than one bounded piece. With no row
+            decoding, a prompt is fed in pieces of this size within one step (bounded activations).
+        max_prefills_per_step: requests admitted into free rows per :meth:`step` (their prompts are then
+            fed under ``prefill_budget``); a burst of arrivals enters over several steps.
+        cuda_graphs: capture the decode step as CUDA graphs (default: on when the model is on CUDA).
+            On CPU the very same step function runs eagerly.
+        observer: called with a :class:`StepReport` after every step (timings, cache occupancy).
     """
 
-    _evict = True  # switched off only by the control test that proves the invariant tests can fail
-
     def __init__(self, model: VIST2ForCausalLM, processor: VIST2Processor, max_batch: int = 8,
-                 max_cache_tokens: int | None = None, record_logits: bool = False, prefill_step: int = 2048,
-                 max_prefills_per_step: int = 1):
+                 max_cache_tokens: int | None = None, record_logits: bool = False, prefill_budget: int = 2048,
+                 max_prefills_per_step: int = 1, cuda_graphs: bool | None = None, observer: Callable[[StepReport], None] | None = None):
         if max_batch <= 0:
             raise ValueError(f"max_batch must be > 0, got {max_batch}")
         self.model = model.eval()
         self.processor = processor
         cfg = model.config
-        self.K, self.beta = cfg.chunk_tokens, cfg.n_visual
+        self.K, self.n_visual = cfg.chunk_tokens, cfg.n_visual
         self.prompt_encoding = cfg.prompt_encoding
         self.max_batch = max_batch
         self.max_cache_tokens = max_cache_tokens or cfg.text_config.max_position_embeddings
         self.record_logits = record_logits
-        self.prefill_step = max(1, prefill_step)
+        if prefill_budget < self.n_visual:
+            raise ValueError(f"prefill_budget must be >= n_visual={self.n_visual} (one chunk's visual tokens "
+                             f"are fed together), got {prefill_budget}")
+        self.prefill_budget = prefill_budget
         self.max_prefills_per_step = max(1, max_prefills_per_step)
+        self.device = next(model.parameters()).device
+        if cuda_graphs and self.device.type != "cuda":
+            raise ValueError(f"cuda_graphs needs the model on a CUDA device, it is on {self.device}")
+        self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
+        self.observer = observer
         self.eos = eos_ids(cfg.text_config, processor.tokenizer)
         self._cache: CompressedKVCache | None = None
+        self._step_fn = _CapturedStep(self._decode_fn) if self.cuda_graphs else self._decode_fn
+        self._batch_buckets = sorted({min(max_batch, 1 << i) for i in range(max_batch.bit_length() + 1)})
         self._waiting: deque[tuple[int, Request]] = deque()
         self._running: dict[int, _Seq] = {}  # row -> seq
         self._finished: dict[int, Result] = {}  # until collected by generate() / result()
         self._next_id = 0
+        self._n_steps = 0
+        self._report: StepReport | None = None
         self._n_tokens = len(processor.tokenizer)
 
     @classmethod
@@ -217,7 +326,7 @@ class Engine:
     def _segments(self, req: Request) -> list[Segment]:
         if req.mode == "none":
             return [Raw(tuple(req.prompt_ids))]
-        return prompt_segments(req.prefix, req.query, req.suffix, self.K, self.beta, self.prompt_encoding,
+        return prompt_segments(req.prefix, req.query, req.suffix, self.K, self.n_visual, self.prompt_encoding,
                                chunker=self.processor.chunker(self.K), question=req.question)
 
     def _prompt_footprint(self, req: Request) -> int:
@@ -240,11 +349,37 @@ class Engine:
     def busy(self) -> bool:
         return bool(self._waiting or self._running)
 
-    def step(self) -> list[Event]:
-        """Admit waiting requests into free rows (prefill, at most ``max_prefills_per_step``), then one
-        decode step for every running row."""
-        events: list[Event] = []
+    def cache_usage(self) -> dict:
+        """Cache occupancy: live entries per running request, capacity, bytes per entry and allocated."""
         self._ensure_cache()
+        c = self._cache
+        return {"kv_tokens": {s.rid: c.host_length[r] for r, s in self._running.items()},
+                "capacity": c.capacity, "rows": c.rows, "bytes_per_token": c.bytes_per_token,
+                "bytes_allocated": c.bytes_allocated}
+
+    def step(self) -> list[Event]:
+        """One scheduler step: admit waiting requests into free rows, feed prompts (at most
+        ``prefill_budget`` entries while other rows decode), then sample and feed one token for every
+        row whose prompt is in."""
+        self._ensure_cache()
+        self._n_steps += 1
+        self._report = StepReport(self._n_steps) if self.observer else None
+        events = self._admit()
+        decoding = [s for s in self._running.values() if not s.prefilling]
+        self._prefill(budget=self.prefill_budget if decoding else None)
+        ready = [s for s in self._running.values() if not s.prefilling]
+        if ready:
+            with self._phase("sample"):
+                feed = [s for s in ready if self._sample_one(s, events)]
+            if feed:
+                self._decode(feed)
+        if self._report is not None:
+            self._report.kv_tokens = {s.rid: self._cache.host_length[r] for r, s in self._running.items()}
+            self.observer(self._report)
+        return events
+
+    def _admit(self) -> list[Event]:
+        events: list[Event] = []
         admitted = 0
         while self._waiting and len(self._running) < self.max_batch and admitted < self.max_prefills_per_step:
             admitted += 1
@@ -259,32 +394,29 @@ class Engine:
                 events.append(Event(rid, "", None, True, stats))
                 continue
             self._running[row] = seq
-            self._prefill(seq)
-        if not self._running:
-            return events
-        # sample one token per row from its current distribution
-        feed: list[_Seq] = []
-        for seq in list(self._running.values()):
-            try:
-                tok = self._sample(seq)
-            except Exception as e:  # noqa: BLE001 - one row's sampling failing must not end the other rows
-                seq.stats.error = f"{type(e).__name__}: {e}"
-                self._finish(seq, "error")
-                events.append(Event(seq.rid, "", None, True, seq.stats))
-                continue
-            # an end-of-sequence token ends the text; it is not part of it
-            delta = "" if tok in seq.stop_ids else seq.decoder.push(tok)
-            reason = self._finish_reason(seq, tok)
-            if reason:
-                delta += seq.decoder.finish() if reason != "stop" else ""
-                self._finish(seq, reason)
-                events.append(Event(seq.rid, delta, tok, True, seq.stats))
-            else:
-                events.append(Event(seq.rid, delta, tok, False))
-                feed.append(seq)
-        if feed:
-            self._decode(feed)
+            self._cache.set_length(row, 0)
+            self._plan_prompt(seq)
         return events
+
+    def _sample_one(self, seq: _Seq, events: list[Event]) -> bool:
+        """Sample a row's next token and report it; True if the row goes on (its token is to be fed)."""
+        try:
+            tok = self._sample(seq)
+        except Exception as e:  # noqa: BLE001 - one row's sampling failing must not end the other rows
+            seq.stats.error = f"{type(e).__name__}: {e}"
+            self._finish(seq, "error")
+            events.append(Event(seq.rid, "", None, True, seq.stats))
+            return False
+        # an end-of-sequence token ends the text; it is not part of it
+        delta = "" if tok in seq.stop_ids else seq.decoder.push(tok)
+        reason = self._finish_reason(seq, tok)
+        if reason:
+            delta += seq.decoder.finish() if reason != "stop" else ""
+            self._finish(seq, reason)
+            events.append(Event(seq.rid, delta, tok, True, seq.stats))
+            return False
+        events.append(Event(seq.rid, delta, tok, False))
+        return True
 
     def abort(self, request_id: int) -> bool:
         """Drop a request (waiting or running), freeing its row. Returns whether it was found."""
@@ -295,7 +427,7 @@ class Engine:
         for row, seq in list(self._running.items()):
             if seq.rid == request_id:
                 self._running.pop(row)
-                self._cache.length[row] = 0
+                self._cache.set_length(row, 0)
                 return True
         return False
 
@@ -326,105 +458,185 @@ class Engine:
                       mode: str = "gcc") -> list[Result]:
         return self.generate([self.request(p, params=params, mode=mode) for p in prompts])
 
-    # -- internals ------------------------------------------------------------------------
+    # -- internals: the cache and the LLM ------------------------------------------------
 
     def _ensure_cache(self) -> None:
         if self._cache is not None:
             return
-        tc = self.model.config.text_config
+        g = kv_geometry(self.model.config.text_config)
         p = next(self.model.parameters())
-        g = kv_geometry(tc)
-        self._cache = CompressedKVCache(g.layers, self.max_batch, g.kv_heads, g.head_dim,
-                                        min(self.max_cache_tokens, 2 * (self.K + self.beta)), p.dtype, p.device,
-                                        limit=self.max_cache_tokens)
+        self._cache = CompressedKVCache(g.layers, self.max_batch, g.kv_heads, g.head_dim, self.max_cache_tokens,
+                                        p.dtype, p.device)
 
-    @torch.no_grad()
-    def _forward(self, seqs: list[_Seq], embeds_BTD: torch.Tensor, positions_BT: torch.Tensor,
-                 write_BT: torch.Tensor) -> torch.Tensor:
-        """Run new tokens of some rows through the LLM; returns the last token's logits ``(b, V)``."""
-        cache = self._cache
-        rows = torch.tensor([s.row for s in seqs])
-        allowed = cache.prepare(rows, write_BT)
-        mask = torch.where(allowed, 0.0, torch.finfo(embeds_BTD.dtype).min).to(embeds_BTD.dtype)[:, None]
+    @contextmanager
+    def _phase(self, name: str):
+        """Time a phase of the step into the observer's report (synchronised); free when unobserved."""
+        if self._report is None:
+            yield
+            return
+        _sync(self.device)
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            _sync(self.device)
+            sec = self._report.seconds
+            sec[name] = sec.get(name, 0.0) + time.perf_counter() - t
+
+    def _lm(self, embeds_BTD: torch.Tensor, positions_BT: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The LLM over new tokens whose cache slots were planned; the last token's logits ``(b, V)``."""
         out = self.model.model.language_model(
-            inputs_embeds=embeds_BTD, position_ids=positions_BT.to(embeds_BTD.device), attention_mask=mask,
-            past_key_values=cache, use_cache=True,
+            inputs_embeds=embeds_BTD, position_ids=positions_BT, attention_mask=mask,
+            past_key_values=self._cache, use_cache=True,
         )
         logits = self.model.lm_head(out.last_hidden_state[:, -1]).float()
         logits[:, self._n_tokens :] = float("-inf")  # padded vocabulary rows the tokenizer cannot decode
         return logits
 
-    def _embed_text(self, ids_BT: torch.Tensor) -> torch.Tensor:
-        dev = self.model.device
-        return self.model.model.get_input_embeddings()(ids_BT.to(dev))
+    @torch.no_grad()
+    def _forward(self, rows: list[int], embeds_BTD: torch.Tensor, positions: list[list[int]],
+                 write: list[list[int]]) -> torch.Tensor:
+        """Run new entries of some rows (prefill, compression) through the LLM at the given positions
+        and cache indices; the rows' lengths are the caller's to set."""
+        dev = self.device
+        span = span_bucket(max(max(w) for w in write) + 1, self._cache.capacity)
+        write_BT = torch.tensor(write, device=dev)
+        mask = self._cache.plan(rows, write_BT, span)
+        return self._lm(embeds_BTD, torch.tensor(positions, device=dev), mask)
 
-    def _feed_text(self, seqs: list[_Seq], ids: list[list[int]]) -> None:
-        """Append text tokens (the same count per row): position = cache index."""
-        n = len(ids[0])
-        start = torch.stack([self._cache.length[s.row] for s in seqs])  # (b,)
-        write = start[:, None] + torch.arange(n)[None]
-        self._check_room(seqs, write)
-        logits = self._forward(seqs, self._embed_text(torch.tensor(ids)), write, write)
-        for s, lg in zip(seqs, logits):
-            self._cache.length[s.row] += n
-            s.logits = lg
+    def _decode_fn(self, ids_B1: torch.Tensor, active_B: torch.Tensor, span: int) -> torch.Tensor:
+        """The decode step of rows ``0..b-1`` (captured on CUDA): every row's token at its length,
+        inactive rows writing to the scratch row; active rows' lengths advance on the device."""
+        cache, b = self._cache, ids_B1.shape[0]
+        # (b, 1): a token's position is its cache index (an idle row's length may be any; clamped)
+        write = cache.length[:b, None].clamp(max=cache.capacity - 1)
+        write_rows = torch.where(active_B, torch.arange(b, device=ids_B1.device), cache.scratch)
+        mask = cache.plan(slice(0, b), write, span, write_rows=write_rows)
+        logits = self._lm(self._embed_text(ids_B1), write, mask)
+        cache.length[:b] += active_B.long()
+        return logits
 
-    def _feed_visual(self, seqs: list[_Seq], texts: list[str], n_text: list[int],
-                     styles: list[str] | None = None) -> None:
-        """Compress: render each row's chunk text, run its beta visual tokens through the LLM.
-
-        A row with ``n_text > 0`` has that chunk's text at the end of its cache (interleaved): the
-        visual tokens are written after it, attend to it, then move to where it began.
-        """
+    @torch.no_grad()
+    def _decode_step(self, seqs: list[_Seq]) -> None:
+        """Feed each row's last sampled token: one (captured) step over the smallest batch bucket that
+        holds the rows, reading the smallest span bucket that holds the longest of them."""
         cache = self._cache
-        pixels = self.processor.pixels_from_texts(texts, styles).to(self.model.device, self.model.dtype)
-        visual = self.model.model.encode_images(pixels)  # (b, beta, D)
-        end = torch.stack([cache.length[s.row] for s in seqs])
-        base = end - torch.tensor(n_text)  # where the chunk's text began = the visual tokens' position
-        j = torch.arange(self.beta)[None]
-        write = end[:, None] + j
-        self._check_room(seqs, write)
-        logits = self._forward(seqs, visual, base[:, None] + j, write)
-        for s, lg, b, e, n, text in zip(seqs, logits, base.tolist(), end.tolist(), n_text, texts):
-            if not self._evict:  # test control only: keep the text and the visual tokens
-                cache.length[s.row] = e + self.beta
-            else:
-                if n:
-                    cache.move(s.row, e, b, self.beta)
-                cache.length[s.row] = b + self.beta
-            s.logits = lg
-            s.stats.kv_tokens_peak = max(s.stats.kv_tokens_peak, e + self.beta)  # text and visual, briefly
-            s.memory.append(text)
-            s.stats.chunks_compressed += 1
-            s.stats.visual_tokens += self.beta
+        top = max(s.row for s in seqs) + 1
+        b = next(x for x in self._batch_buckets if x >= top)
+        span = span_bucket(max(cache.host_length[:b]) + 1, cache.capacity)
+        ids, active = [0] * b, [False] * b
+        for s in seqs:
+            ids[s.row], active[s.row] = s.generated[-1], True
+        pin = self.device.type == "cuda"
+        ids_B1 = torch.tensor(ids, pin_memory=pin)[:, None].to(self.device, non_blocking=True)
+        active_B = torch.tensor(active, pin_memory=pin).to(self.device, non_blocking=True)
+        logits = self._step_fn(ids_B1, active_B, span)
+        cache.advanced([s.row for s in seqs], 1)
+        for s in seqs:
+            s.logits = logits[s.row]
 
-    def _check_room(self, seqs: list[_Seq], write: torch.Tensor) -> None:
-        if int(write.max()) >= self.max_cache_tokens:
+    def _embed_text(self, ids_BT: torch.Tensor) -> torch.Tensor:
+        return self.model.model.get_input_embeddings()(ids_BT.to(self.device))
+
+    def _encode(self, texts: list[str], styles: list) -> torch.Tensor:
+        """Render chunk texts and read them with the vision tower + aligner: ``(n, n_visual, D)``."""
+        with self._phase("render"):
+            pixels = self.processor.pixels_from_texts(texts, styles)
+        with self._phase("vision"):
+            return self.model.model.encode_images(pixels.to(self.device, self.model.dtype))
+
+    def _check_room(self, rows: Sequence[int], n: int) -> None:
+        if max(self._cache.host_length[r] for r in rows) + n > self.max_cache_tokens:
             # only generation can get here: prompts were checked when they were added
             raise _CacheFull()
+
+    # -- internals: prefill ----------------------------------------------------------------
+
+    def _plan_prompt(self, seq: _Seq) -> None:
+        """Lay the prompt out as prefill pieces: raw text, and per chunk its visual tokens (after its
+        text in the interleaved encoding). Chunk texts are cut here, in order (carried bytes)."""
+        for seg in self._segments(seq.req):
+            if isinstance(seg, Raw):
+                seq.ops.append(_Op("text", list(seg.tokens)))
+                continue
+            style = self.processor.char_styles(seq.carry, seg.tokens, seg.style)  # before the carry moves
+            seq.chunks.append((self._chunk_text(seq, seg.tokens), style))
+            n_text = len(seg.tokens) if seg.mode == "interleaved" else 0
+            if n_text:
+                seq.ops.append(_Op("text", list(seg.tokens)))
+            seq.ops.append(_Op("visual", chunk=len(seq.chunks) - 1, n_text=n_text))
+
+    def _prefill(self, budget: int | None) -> None:
+        """Feed prompts of rows still prefilling, in admission order: at most ``budget`` entries in all
+        (None: every prompt to its end, in pieces of ``prefill_budget``)."""
+        for seq in [s for s in self._running.values() if s.prefilling]:
+            while seq.prefilling and (budget is None or budget >= self.n_visual):
+                with self._phase("prefill"):
+                    used = self._prefill_piece(seq, self.prefill_budget if budget is None else budget)
+                if budget is not None:
+                    budget -= used
+                if not seq.prefilling:
+                    seq.fit = self.processor.chunk_fit(self.K, seq.carry)
+                    self._update_kv_stats(seq)
+
+    def _prefill_piece(self, seq: _Seq, budget: int) -> int:
+        """One LLM forward over the next prompt entries of a row, at most ``budget`` of them; returns
+        how many. A piece ends after an interleaved chunk's visual tokens (its text is then evicted).
+        With the visual encoding a whole prompt of chunks is one causal run of visual tokens."""
+        cache, row = self._cache, seq.row
+        start = cache.host_length[row]
+        end, used, evict = start, 0, None
+        embeds, positions = [], []
+        while seq.ops and used < budget:
+            op = seq.ops[0]
+            if op.kind == "text":
+                take = op.tokens[: budget - used]
+                del op.tokens[: len(take)]
+                embeds.append(self._embed_text(torch.tensor([take]))[0])
+                positions += range(end, end + len(take))
+                end, used = end + len(take), used + len(take)
+                if not op.tokens:
+                    seq.ops.popleft()
+                continue
+            if used + self.n_visual > budget:
+                break
+            seq.ops.popleft()
+            embeds.append(self._chunk_visual(seq, op.chunk, budget))
+            positions += range(end - op.n_text, end - op.n_text + self.n_visual)
+            end, used = end + self.n_visual, used + self.n_visual
+            if op.n_text:
+                evict = (end - self.n_visual - op.n_text, end - self.n_visual)
+                break
+        seq.logits = self._forward([row], torch.cat(embeds)[None], [positions], [list(range(start, end))])[0]
+        seq.stats.kv_tokens_peak = max(seq.stats.kv_tokens_peak, end)
+        if evict is not None:
+            cache.evict(row, evict[0], evict[1], self.n_visual)
+        else:
+            cache.set_length(row, end)
+        if self._report is not None:
+            self._report.prefill_tokens += used
+        return used
+
+    def _chunk_visual(self, seq: _Seq, chunk: int, budget: int) -> torch.Tensor:
+        """A prompt chunk's visual tokens ``(n_visual, D)``. The chunks are rendered and read by the
+        vision tower in batches: as many as one prefill piece can hold."""
+        if chunk not in seq.visual:
+            n = max(1, budget // self.n_visual)
+            texts, styles = zip(*seq.chunks[chunk : chunk + n])
+            for i, v in enumerate(self._encode(list(texts), list(styles))):
+                seq.visual[chunk + i] = v
+            if self._report is not None:
+                self._report.prefill_chunks += len(texts)
+        seq.memory.append(seq.chunks[chunk][0])
+        seq.stats.chunks_compressed += 1
+        seq.stats.visual_tokens += self.n_visual
+        return seq.visual.pop(chunk)
+
+    # -- internals: decode -----------------------------------------------------------------
 
     def _chunk_text(self, seq: _Seq, ids: Sequence[int]) -> str:
         text, seq.carry = self.processor.chunk_text(seq.carry, ids)
         return text
-
-    def _prefill(self, seq: _Seq) -> None:
-        for seg in self._segments(seq.req):
-            if isinstance(seg, Raw):
-                toks = list(seg.tokens)
-                step = self.prefill_step
-                for i in range(0, len(toks), step):  # bounded activations for long raw prompts (mode none)
-                    self._feed_text([seq], [toks[i : i + step]])
-            elif isinstance(seg, Chunk):
-                style = self.processor.char_styles(seq.carry, seg.tokens, seg.style)  # before the carry moves
-                text = self._chunk_text(seq, seg.tokens)
-                if seg.mode == "interleaved":
-                    self._feed_text([seq], [list(seg.tokens)])
-                    self._feed_visual([seq], [text], [len(seg.tokens)], [style])
-                else:
-                    self._feed_visual([seq], [text], [0], [style])
-        seq.window_start = int(self._cache.length[seq.row])
-        seq.fit = self.processor.chunk_fit(self.K, seq.carry)
-        self._update_kv_stats(seq)
 
     def _decode(self, seqs: list[_Seq]) -> None:
         # the fit rule: a token whose text would not fit the open window's image closes the window
@@ -440,11 +652,15 @@ class Engine:
             if s.req.mode == "gcc" and not s.window and s not in overflow:
                 s.fit.push(s.generated[-1])
         try:
-            self._feed_text(seqs, [[s.generated[-1]] for s in seqs])
+            self._check_room([s.row for s in seqs], 1)
         except _CacheFull:
             for s in seqs:  # the memory limit is reached: these rows cannot continue
                 self._finish(s, "length")
             return
+        with self._phase("decode"):
+            self._decode_step(seqs)
+        if self._report is not None:
+            self._report.decode_rows += len(seqs)
         for s in seqs:
             s.window.append(s.generated[-1])
             self._update_kv_stats(s)
@@ -452,21 +668,38 @@ class Engine:
         if full:
             self._compress(full)
 
+    @torch.no_grad()
     def _compress(self, seqs: list[_Seq]) -> bool:
-        """Close the open windows of these rows: render, feed their visual tokens. False if the
-        memory limit was reached (the rows are finished)."""
-        texts = [self._chunk_text(s, s.window) for s in seqs]
+        """Close the open windows of these rows: render, read, and run their visual tokens through the
+        LLM after the window (they attend to it), then evict the window. False if the memory limit was
+        reached (the rows are finished)."""
+        cache, nv = self._cache, self.n_visual
         try:
-            self._feed_visual(seqs, texts, [len(s.window) for s in seqs])
+            self._check_room([s.row for s in seqs], nv)
         except _CacheFull:
             for s in seqs:
                 self._finish(s, "length")
             return False
-        for s in seqs:
+        with self._phase("compress"):
+            texts = [self._chunk_text(s, s.window) for s in seqs]
+            visual = self._encode(texts, ["plain"] * len(seqs))
+            ends = [cache.host_length[s.row] for s in seqs]
+            bases = [e - len(s.window) for e, s in zip(ends, seqs)]  # where the window began
+            logits = self._forward([s.row for s in seqs], visual, [list(range(b, b + nv)) for b in bases],
+                                   [list(range(e, e + nv)) for e in ends])
+        if self._report is not None:
+            self._report.decode_chunks += len(seqs)
+            self._report.compress_kv += ends
+        for s, lg, b, e, text in zip(seqs, logits, bases, ends, texts):
+            cache.evict(s.row, b, e, nv)
+            s.logits = lg
+            s.stats.kv_tokens_peak = max(s.stats.kv_tokens_peak, e + nv)  # text and visual, briefly
+            s.memory.append(text)
+            s.stats.chunks_compressed += 1
+            s.stats.visual_tokens += nv
             assert s.carry == s.fit.carry  # the fit state saw exactly the bytes the image shows
             s.window = []
             s.fit = self.processor.chunk_fit(self.K, s.carry)
-            s.window_start = int(self._cache.length[s.row])
             self._update_kv_stats(s)
         return True
 
@@ -494,7 +727,7 @@ class Engine:
         return ""
 
     def _update_kv_stats(self, seq: _Seq) -> None:
-        st, n = seq.stats, int(self._cache.length[seq.row])
+        st, n = seq.stats, self._cache.host_length[seq.row]
         st.kv_tokens = n
         st.kv_tokens_peak = max(st.kv_tokens_peak, n)
         st.kv_bytes = n * self._cache.bytes_per_token
@@ -507,11 +740,16 @@ class Engine:
         if elapsed > 0 and seq.stats.generated_tokens > 1:
             seq.stats.tokens_per_s = (seq.stats.generated_tokens - 1) / elapsed
         self._running.pop(seq.row, None)
-        self._cache.length[seq.row] = 0
+        self._cache.set_length(seq.row, 0)
         self._finished[seq.rid] = Result(
             seq.rid, seq.decoder.text, list(seq.generated), seq.stats, list(seq.memory),
             seq.recorded if self.record_logits else None,
         )
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 class _CacheFull(Exception):

@@ -79,7 +79,7 @@ def prompt_token_bound(engine: Engine, max_prompt_tokens: int | None) -> int:
     holds once compressed (every K tokens become n_visual visual tokens)."""
     if max_prompt_tokens is not None:
         return max_prompt_tokens
-    return engine.max_cache_tokens * max(1, math.ceil(engine.K / engine.beta))
+    return engine.max_cache_tokens * max(1, math.ceil(engine.K / engine.n_visual))
 
 
 def max_token_chars(tokenizer) -> int:
@@ -150,7 +150,7 @@ class OpenAIServing:
         e = self.engine
         return ModelList(data=[ModelCard(
             id=self.config.model_name, created=self.created, max_cache_tokens=e.max_cache_tokens,
-            chunk_tokens=e.K, visual_tokens_per_chunk=e.beta, default_mode=self.config.default_mode,
+            chunk_tokens=e.K, visual_tokens_per_chunk=e.n_visual, default_mode=self.config.default_mode,
         )])
 
     # -- request -> engine requests -------------------------------------------------------
