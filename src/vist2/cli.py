@@ -136,18 +136,29 @@ SHIPPED_MODEL = Path(__file__).resolve().parents[2] / "models" / "vist2-nano"
 
 
 def cmd_demo(args) -> int:
-    import torch
+    """``vist2 demo``: a model (the shipped nano one, or a random preset), then three sections: the
+    passage's layout plan, generation in each mode, and recall from the gcc memory."""
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model, proc, model_dir, trained = _demo_model(args, out)
+    passage = model_dir / "demo.txt"  # a model may bring a passage it was not trained on
+    text = (_read_text(args) if (args.text is not None or args.file) else
+            passage.read_text(encoding="utf-8") if trained and passage.is_file() else sample_text(args.lang))
+    if not proc.encode(text):
+        raise CLIError("the text is empty")
+    _demo_layout(model, proc, text, out, args.save_images)
+    memory = _demo_generate(model, proc, text, out, args.new_tokens, trained)
+    _demo_recall(model, proc, memory)
+    return 0
 
+
+def _demo_model(args, out: Path):
+    """(model, processor, folder, trained): ``--model``, else the shipped nano model, else a random preset."""
     from .build import build_from_preset, save_checkpoint
-    from .engine import Engine, SamplingParams
-    from .layout import Kind, build_sample, collate, olm_segments
     from .modeling import VIST2ForCausalLM
     from .processing import VIST2Processor
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     shipped = not args.model and not args.preset and is_checkpoint(SHIPPED_MODEL)
-    trained = bool(args.model) or shipped
     model_dir = Path(args.model) if args.model else SHIPPED_MODEL if shipped else out / "model"
     if not is_checkpoint(model_dir):
         if args.model:
@@ -157,23 +168,23 @@ def cmd_demo(args) -> int:
     if shipped:
         print(f"the nano model trained from scratch ({model_dir}; --preset tiny for a random model)")
     model = VIST2ForCausalLM.from_pretrained(str(model_dir)).eval()
-    proc = VIST2Processor.from_pretrained(model_dir)
-    c = model.config
-    passage = model_dir / "demo.txt"  # a model may bring a passage it was not trained on
-    text = (_read_text(args) if (args.text is not None or args.file) else
-            passage.read_text(encoding="utf-8") if trained and passage.is_file() else sample_text(args.lang))
-    ids = proc.encode(text)
-    if not ids:
-        raise CLIError("the text is empty")
+    return model, VIST2Processor.from_pretrained(model_dir), model_dir, bool(args.model) or shipped
 
-    # 1. the layout plan of the passage as optical language modelling
-    plan = collate([build_sample(olm_segments(ids, c.chunk_tokens, c.n_visual))])
+
+def _demo_layout(model, proc, text: str, out: Path, save_images: int) -> None:
+    """1. the passage laid out for optical language modelling (chunks cut by the fit rule)."""
+    import torch
+
+    from .layout import Kind, build_sample, collate, olm_segments
+
+    c, ids = model.config, proc.encode(text)
+    plan = collate([build_sample(olm_segments(ids, c.chunk_tokens, c.n_visual, chunker=proc.chunker()))])
     print(f"\n1. layout: {len(text)} characters -> {len(ids)} tokens -> {len(plan.chunks)} compressed chunk(s) of "
-          f"K={c.chunk_tokens} tokens, each read as beta={c.n_visual} visual tokens (r={c.compression_ratio:g})")
+          f"at most K={c.chunk_tokens} tokens, each read as n_visual={c.n_visual} visual tokens "
+          f"(r={c.compression_ratio:g})")
     print("   (c: chunk text, v: its visual tokens; a chunk's text is evicted once its v is written)")
     print("   " + plan.summary().replace("\n", "\n   "))
-    texts = proc.chunk_texts(plan.chunks)
-    for i, t in enumerate(texts[: args.save_images]):
+    for i, t in enumerate(proc.chunk_texts(plan.chunks)[:save_images]):
         path = out / f"chunk{i}.png"
         proc.renderer.render_image(t).save(path)
         print(f"   chunk {i}: {len(plan.chunks[i].tokens)} tokens rendered to {path}")
@@ -185,10 +196,14 @@ def cmd_demo(args) -> int:
           f"{torch.log(torch.tensor(float(c.text_config.vocab_size))).item():.1f})")
     print(f"   a KV cache would hold {kept} entries instead of {len(ids)} ({kept / len(ids):.0%})")
 
-    # 2. generation: the passage as the prompt, then writing on, in each mode
+
+def _demo_generate(model, proc, text: str, out: Path, new_tokens: int, trained: bool) -> list[str]:
+    """2. the passage as the prompt, then writing on, in each mode; returns the gcc memory's texts."""
+    from .engine import Engine, SamplingParams
+
     engine = Engine(model, proc, max_batch=1)
-    params = SamplingParams(max_new_tokens=args.new_tokens, ignore_eos=True, no_repeat_ngram_size=3)
-    print(f"\n2. generation: the passage as prompt, {args.new_tokens} new tokens (greedy; the model is "
+    params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True, no_repeat_ngram_size=3)
+    print(f"\n2. generation: the passage as prompt, {new_tokens} new tokens (greedy; the model is "
           f"{'random, so the text is noise' if not trained else 'as trained'})")
     print(f"   {'mode':5} {'chunks':>6} {'KV now':>7} {'KV peak':>8} {'plain LLM':>10} {'ratio':>6} {'TTFT ms':>8} "
           f"{'tok/s':>7}")
@@ -204,17 +219,19 @@ def cmd_demo(args) -> int:
     print(f"   gcc text (first 160 characters): {g.text[:160]!r}")
     folder = save_memory(proc, g.memory, out / "memory")
     print(f"   the gcc memory at the end: {len(g.memory)} images in {folder} (index.json lists their text)")
+    return g.memory
 
-    # 3. recall: the model transcribes its memory images back to text
+
+def _demo_recall(model, proc, memory: list[str]) -> None:
+    """3. recall: the model transcribes its memory images back to text, with the CER."""
     from .eval.ocr import read_back
 
-    rows = read_back(model, proc, g.memory)
+    rows = read_back(model, proc, memory)
     print(f"\n3. recall from memory: the model reads its {len(rows)} memory image(s) back (greedy)")
     for i, row in enumerate(rows[:2]):
         print(f"   image {i}: {row['reference'][:100]!r}\n   read as: {row['transcription'][:100]!r}")
     if rows:
         print(f"   character error rate over the memory: {sum(r['cer'] for r in rows) / len(rows):.1%}")
-    return 0
 
 
 # -- generate -----------------------------------------------------------------------
