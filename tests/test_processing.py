@@ -125,7 +125,8 @@ def test_query_chunks_render_in_the_user_style_in_training_and_prefill(tok):
 def test_the_question_renders_red_inside_query_chunks_in_training_and_prefill(tok):
     """Paper Fig. 7: a question that spans a compressed chunk boundary is red on grey in the SFT
     layout's images and in the engine's prefill, pixel for pixel; the cuts do not depend on it."""
-    from vist2.engine.engine import Engine, chat_prompt
+    from vist2.chat import chat_prompt
+    from vist2.engine.engine import Engine
     from vist2.engine.sampling import SamplingParams
     from vist2.modeling import VIST2ForCausalLM
 

@@ -50,7 +50,7 @@ def test_tokenizer_round_trips_and_keeps_special_tokens_whole(tok_dir):
 
 
 def test_tokenizer_chat_template_splits_like_the_engine(tok_dir):
-    from vist2.engine import chat_prompt
+    from vist2.chat import chat_prompt
 
     tok = AutoTokenizer.from_pretrained(str(tok_dir))
     prefix, query, suffix, _ = chat_prompt(tok, [{"role": "user", "content": "Where is 第一回?"}])

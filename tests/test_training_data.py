@@ -224,7 +224,7 @@ def test_sft_loss_on_response_only_and_tail_rule(proc):
     want = b.encode(reply) + [b.turn_end]
     assert targets == want  # the response and its end, <think> included; nothing of the prompt
     assert "<think>" in proc.tokenizer.decode(targets)
-    from vist2.engine.engine import chat_prompt
+    from vist2.chat import chat_prompt
 
     prefix, q, suffix, _ = chat_prompt(proc.tokenizer, [{"role": "user", "content": query}])
     chunks, tail = split_query(q, 64, 16)

@@ -11,7 +11,7 @@ The tokenizer keeps what the stages and the engine rely on:
   (chat turns; ``<|im_end|>`` is the EOS generation stops on), ``<think>`` / ``</think>``
   (SFT replies), each a single id;
 - a ChatML chat template that keeps the user's message verbatim
-  (``engine.chat_prompt`` splits the prompt around it).
+  (:func:`vist2.chat.chat_prompt` splits the prompt around it).
 
 It reads the same sources as ``vist2 train`` (:mod:`vist2.training.data`): ``.txt``,
 ``.jsonl`` with ``text`` / ``caption`` / ``messages``, parquet, arrow, folders.

@@ -5,7 +5,8 @@
     >>> [r] = engine.generate_text(["Once upon a time"], SamplingParams(max_new_tokens=64))  # doctest: +SKIP
 """
 
-from .engine import MODES, Engine, Event, Request, Result, Stats, chat_prompt
+from ..chat import chat_prompt  # kept here for callers of vist2.engine.chat_prompt
+from .engine import MODES, Engine, Event, Request, Result, Stats
 from .sampling import Sampler, SamplingParams
 
 __all__ = ["MODES", "Engine", "Event", "Request", "Result", "Stats", "chat_prompt", "Sampler", "SamplingParams"]

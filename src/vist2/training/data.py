@@ -8,7 +8,7 @@ A source yields plain dict records, one of three kinds:
 - ``{"messages": [{"role", "content"}, ...]}`` — a chat whose last message is the
   assistant's reply (SFT). The last user message may add ``"question": str``: its ``content``
   is then the document and ``question`` the question asked about it (drawn red on the
-  query's grey, paper Fig. 7; see ``vist2.engine.chat_prompt``).
+  query's grey, paper Fig. 7; see ``vist2.chat.chat_prompt``).
 
 Records are read lazily (jsonl line by line, HF datasets with ``streaming=True``
 when asked), so corpora larger than memory work. Bad records — empty text,

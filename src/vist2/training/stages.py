@@ -101,7 +101,7 @@ class StageBuilder:
         if cfg.stage == "olm":
             self.olm_window = olm_text_budget(M, chunk_tokens, n_visual)
         if cfg.stage == "sft":
-            from ..engine.engine import chat_prompt  # the exact split the engine uses at inference
+            from ..chat import chat_prompt  # the exact split the engine uses at inference
 
             self._chat_prompt = chat_prompt
 
