@@ -1,17 +1,21 @@
 """The fit rule (VIST2Processor.chunk_ids): nothing dropped, images kept full, the same cuts and
-the same styled pixels in training and in generation."""
+the same styled pixels in training and in generation; the processor saved with a checkpoint and
+loaded back (or built from an older folder's config.json) renders the same pixels."""
 
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from transformers import AutoProcessor
+
 from vist2.build import load_tokenizer
-from vist2.config import preset_config
+from vist2.config import VIST2Config, preset_config
 from vist2.layout import ChunkInfo, build_sample, collate, sft_segments
 from vist2.processing import VIST2Processor
-from vist2.render import RENDER_PRESETS, LineFit, Renderer
+from vist2.render import RENDER_PRESETS, LineFit, Renderer, RenderConfig
 
 DATA = Path(__file__).parent / "data"
 TEXTS = {
@@ -177,3 +181,80 @@ def test_styles_never_change_the_layout(tok):
     for cut in range(1, len(text)):
         styled = r.render([Span(text[:cut], "user"), Span(text[cut:], "question")])
         assert np.array_equal(styled, plain), cut
+
+
+# -- the processor in a checkpoint folder ------------------------------------------------
+
+SAVED_TEXT = "The tide\tturned at dawn;\n  the quay was empty."
+
+
+def _saved_render_config():
+    """Unlike the tiny preset in every field a folder must keep: size, fonts, spacing, colours, mode, styles."""
+    return RENDER_PRESETS["tiny"].replace(
+        width=96, height=64, cjk_font=None, font_size=9, min_font_size=5, margin=3, line_spacing=1.35,
+        background=250, foreground=20, tab_size=2, mode="RGB",
+        styles={"user": (None, 230), "question": ((180, 0, 20), 230), "note": ((0, 0, 160), None)},
+    )
+
+
+def _pixels(proc):
+    styles = ["plain", "user", ("user",) * 9 + ("question",) * 20 + ("note",) * (len(SAVED_TEXT) - 29)]
+    return proc.pixels_from_texts([SAVED_TEXT] * 3, styles)
+
+
+def test_processor_round_trips_through_save_pretrained(tok, tmp_path):
+    rc = _saved_render_config()
+    proc = VIST2Processor(tok, rc, 48)
+    proc.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "processor_config.json").read_text())
+    assert saved == {"processor_class": "VIST2Processor", "chunk_tokens": 48,
+                     "render_config": json.loads(json.dumps(rc.to_dict()))}
+    want = _pixels(proc)
+    assert want.shape == (3, 3, 64, 96)
+    for back in (VIST2Processor.from_pretrained(tmp_path), AutoProcessor.from_pretrained(tmp_path)):
+        assert type(back) is VIST2Processor and back.renderer is not proc.renderer
+        assert back.render_config == rc and back.chunk_tokens == 48
+        assert torch.equal(_pixels(back), want)
+        assert back.encode(SAVED_TEXT) == proc.encode(SAVED_TEXT) and len(back.tokenizer) == len(tok)
+        assert back.chunk_ids(proc.encode(SAVED_TEXT * 9)) == proc.chunk_ids(proc.encode(SAVED_TEXT * 9))
+
+
+def test_folder_saved_before_processor_files_still_loads(tmp_path):
+    """A checkpoint written with only config.json and tokenizer files (as before the processor was
+    saved): the render config and K come from config.json; with no tokenizer files, the bundled one."""
+    tok = load_tokenizer()  # fresh: no processor class recorded in its files
+    cfg = preset_config("tiny", render=_saved_render_config().to_dict(), merge=1)
+    old, bare = tmp_path / "old", tmp_path / "bare"
+    for folder in (old, bare):
+        cfg.save_pretrained(folder)
+    tok.save_pretrained(old)
+    want = _pixels(VIST2Processor(tok, cfg.render_config, cfg.chunk_tokens))
+    for folder in (old, bare):
+        assert not (folder / "processor_config.json").exists()
+        for back in (VIST2Processor.from_pretrained(folder), AutoProcessor.from_pretrained(folder)):
+            assert type(back) is VIST2Processor
+            assert back.render_config == cfg.render_config and back.chunk_tokens == cfg.chunk_tokens == 96  # r=4 of beta=24
+            assert torch.equal(_pixels(back), want)
+            assert back.encode(SAVED_TEXT) == tok(SAVED_TEXT, add_special_tokens=False)["input_ids"]
+
+
+def test_processor_files_must_agree_with_the_model_config(tok, tmp_path):
+    cfg = preset_config("tiny")
+    cfg.save_pretrained(tmp_path)
+    for rc, K in ((cfg.render_config.replace(font_size=9), cfg.chunk_tokens),
+                  (cfg.render_config, cfg.chunk_tokens * 2)):
+        VIST2Processor(tok, rc, K).save_pretrained(tmp_path)
+        with pytest.raises(ValueError, match="disagree"):
+            VIST2Processor.from_pretrained(tmp_path)
+    VIST2Processor.from_config(cfg, tok).save_pretrained(tmp_path)
+    assert VIST2Processor.from_pretrained(tmp_path).render_config == cfg.render_config
+    with pytest.raises(ValueError, match="neither"):
+        VIST2Processor.from_pretrained(tmp_path / "empty")
+
+
+def test_init_writes_the_processor_beside_the_model(tiny_dir):
+    cfg = VIST2Config.from_pretrained(tiny_dir)
+    saved = json.loads((tiny_dir / "processor_config.json").read_text())
+    assert RenderConfig.from_dict(saved["render_config"]) == cfg.render_config == RENDER_PRESETS["tiny"]
+    assert saved["chunk_tokens"] == cfg.chunk_tokens == 64
+    assert AutoProcessor.from_pretrained(tiny_dir).render_config == cfg.render_config

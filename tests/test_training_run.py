@@ -84,6 +84,7 @@ def test_stage_runs_and_trains_only_its_parts(stage, tiny_dir, data, tmp_path):
     summary = json.loads((out / "train_summary.json").read_text())
     assert summary["steps"] == 2 and summary["stage"] == stage
     assert (out / "tokenizer.json").is_file() and (out / "config.json").is_file()
+    assert (out / "processor_config.json").read_text() == (tiny_dir / "processor_config.json").read_text()
     if stage != "sft":
         return
     from vist2.engine import Engine, SamplingParams
@@ -234,6 +235,7 @@ def test_one_text_file_trains_with_a_held_out_slice(tiny_dir, tmp_path, capfd):
     assert not [m for m in h.messages if "Removed shared tensor" in m], h.messages
     step1 = tmp_path / "out" / "checkpoints" / "step-00000001"
     assert (step1 / "config.json").is_file() and (step1 / "tokenizer.json").is_file()
+    assert (step1 / "processor_config.json").read_text() == (tiny_dir / "processor_config.json").read_text()
     engine = Engine.from_pretrained(step1)  # an intermediate step loads like the final model
     assert engine.generate_text(["The"], SamplingParams(max_new_tokens=3))[0].stats.generated_tokens == 3
     final = tmp_path / "out" / "checkpoints" / "step-00000002"

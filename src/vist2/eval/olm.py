@@ -175,7 +175,7 @@ def load_judge(folder, device: str | None = None, dtype: str = "float32"):
     """``(judge, tokenizer)``: any causal LM in a local HF folder, with its own tokenizer files."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ..build import has_tokenizer
+    from ..processing import has_tokenizer
     from ..runtime import default_device, is_checkpoint, torch_dtype
 
     folder = Path(folder)

@@ -18,7 +18,7 @@ scheduler, RNG states, data position). On CPU, torch uses half the cores unless
 continues from the newest complete checkpoint exactly: the data stream skips
 the batches already consumed, and the RNG states come back.
 
-The result in ``OUT`` is an ordinary HF folder (``save_pretrained`` + tokenizer;
+The result in ``OUT`` is an ordinary HF folder (the model and its processor saved;
 LoRA merged) that ``vist2 generate --model OUT`` loads.
 """
 
@@ -478,7 +478,7 @@ class Trainer:
 
     def _write_model(self, folder: Path, model, acc, processor, original_attn: str, final: bool) -> None:
         """``folder`` as an ordinary HF model folder (config with the render settings, safetensors
-        weights, tokenizer), LoRA merged. Between steps LoRA is merged into a copy, and the model
+        weights, the processor: tokenizer and processor_config.json), LoRA merged. Between steps LoRA is merged into a copy, and the model
         keeps training as it was."""
         state_dict = acc.get_state_dict(model)  # gathers FSDP / DeepSpeed shards on every rank
         if not acc.is_main_process:
@@ -496,7 +496,7 @@ class Trainer:
         finally:
             if not final:
                 set_attention(m, train_attn)
-        processor.tokenizer.save_pretrained(str(folder))
+        processor.save_pretrained(str(folder))
 
     def _export(self, model, acc, processor, original_attn: str, attn: str, result: TrainResult) -> None:
         """Write OUT as an ordinary HF folder (LoRA merged), plus train_summary.json."""
