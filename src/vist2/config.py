@@ -66,7 +66,7 @@ class VIST2Config(PretrainedConfig):
         render: the render config (a dict, see :class:`vist2.render.RenderConfig`), or
             the name of a render preset. A model is tied to how it learned to read.
         visual_tokens / compression_ratio: optional checks; when given they must match
-            the derived beta and K / beta.
+            the derived n_visual and K / n_visual.
     """
 
     model_type = "vist2"
@@ -132,7 +132,7 @@ class VIST2Config(PretrainedConfig):
 
     @property
     def n_visual(self) -> int:
-        """beta: visual tokens per image."""
+        """β, the visual tokens per image (saved in ``config.json`` as ``visual_tokens``)."""
         return self.visual_tokens
 
     def _validate(self, visual_tokens, compression_ratio) -> int:
@@ -152,24 +152,25 @@ class VIST2Config(PretrainedConfig):
                     f"render.{side}={getattr(rc, side)} must be a multiple of patch_size*merge={p * m}"
                 )
         gh, gw = rc.height // p, rc.width // p
-        beta = gh * gw // (m * m)
-        if visual_tokens is not None and visual_tokens != beta:
+        n_visual = gh * gw // (m * m)
+        if visual_tokens is not None and visual_tokens != n_visual:
             raise ValueError(
                 f"visual_tokens={visual_tokens} does not match the image: a {rc.height}x{rc.width} render gives "
-                f"{gh * gw} patches of {p}px, {beta} visual tokens after a {m}x{m} merge"
+                f"{gh * gw} patches of {p}px, {n_visual} visual tokens after a {m}x{m} merge"
             )
         if self.chunk_tokens is None:
-            self.chunk_tokens = int(round((compression_ratio or 4) * beta))
+            self.chunk_tokens = int(round((compression_ratio or 4) * n_visual))
         if not isinstance(self.chunk_tokens, int) or self.chunk_tokens <= 0:
             raise ValueError(f"chunk_tokens must be a positive integer, got {self.chunk_tokens!r}")
-        if compression_ratio is not None and abs(compression_ratio * beta - self.chunk_tokens) > 1e-6:
+        if compression_ratio is not None and abs(compression_ratio * n_visual - self.chunk_tokens) > 1e-6:
             raise ValueError(
                 f"chunk_tokens={self.chunk_tokens} is not compatible with compression_ratio={compression_ratio}: "
-                f"a {rc.height}x{rc.width} render read with merge {m} gives {beta} visual tokens per image, so "
-                f"chunk_tokens={self.chunk_tokens} means r={self.chunk_tokens / beta:g}; for r={compression_ratio:g} "
-                f"chunk_tokens must be {compression_ratio * beta:g} (give one of the two)"
+                f"a {rc.height}x{rc.width} render read with merge {m} gives {n_visual} visual tokens per image, so "
+                f"chunk_tokens={self.chunk_tokens} means r={self.chunk_tokens / n_visual:g}; "
+                f"for r={compression_ratio:g} chunk_tokens must be {compression_ratio * n_visual:g} "
+                "(give one of the two)"
             )
-        return beta
+        return n_visual
 
     def hash(self) -> str:
         """A short stable hash of the config (for evaluation records)."""
@@ -224,9 +225,9 @@ def preset_config(name: str, text: dict | None = None, vision: dict | None = Non
     """A VIST2Config from a named preset, with field overrides (e.g. ``chunk_tokens=512``);
     ``text`` / ``vision`` override fields of the sub-configs (see :func:`size_overrides`).
 
-    The preset's compression ratio r = K / beta is kept when the geometry changes: a
+    The preset's compression ratio r = K / n_visual is kept when the geometry changes: a
     ``render`` override brings its own merge (``paper``: 1) unless ``merge`` is given, and
-    unless ``chunk_tokens`` or ``compression_ratio`` is given, K follows beta. Both given and
+    unless ``chunk_tokens`` or ``compression_ratio`` is given, K follows n_visual. Both given and
     disagreeing is a ``ValueError`` naming the two.
 
         >>> c = preset_config("tiny", merge=1)
@@ -239,7 +240,7 @@ def preset_config(name: str, text: dict | None = None, vision: dict | None = Non
     text = Qwen3Config(**{**p.pop("text"), **(text or {})})
     vision = Siglip2VisionConfig(**{**p.pop("vision"), **(vision or {})})
     overrides = {k: v for k, v in overrides.items() if v is not None}
-    if "chunk_tokens" not in overrides:  # K = r x beta, r the given one or the preset's
+    if "chunk_tokens" not in overrides:  # K = r x n_visual, r the given one or the preset's
         if "compression_ratio" not in overrides:
             overrides["compression_ratio"] = VIST2Config(text_config=text, vision_config=vision, **p).compression_ratio
         overrides["chunk_tokens"] = None

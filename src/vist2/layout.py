@@ -156,26 +156,26 @@ def build_sample(segments: Sequence[Segment]) -> Sample:
             continue
         if not isinstance(seg, Chunk):
             raise TypeError(f"segments must be Raw or Chunk, got {type(seg).__name__}")
-        c, nv, idx = seg.tokens, seg.n_visual, n_chunks
-        visual_ids = [-1] * nv
+        c, n_visual, idx = seg.tokens, seg.n_visual, n_chunks
+        visual_ids = [-1] * n_visual
         if seg.mode == "interleaved":
             s._add(c, Kind.TEXT, idx, range(base, base + len(c)), True, seg.loss)
-            s._add(visual_ids, Kind.VISUAL, idx, range(base, base + nv), False, False)
+            s._add(visual_ids, Kind.VISUAL, idx, range(base, base + n_visual), False, False)
             if seg.fit_cut and c:  # the next token is predicted by the chunk's last text token
-                s.predicts[-nv - 1], s.predicts[-1] = len(s.kind), -1
-            base += nv
+                s.predicts[-n_visual - 1], s.predicts[-1] = len(s.kind), -1
+            base += n_visual
         elif seg.mode == "visual":
-            s._add(visual_ids, Kind.VISUAL, idx, range(base, base + nv), False, False)
-            base += nv
+            s._add(visual_ids, Kind.VISUAL, idx, range(base, base + n_visual), False, False)
+            base += n_visual
         elif seg.mode == "ocr":
-            s._add(visual_ids, Kind.VISUAL, idx, range(base, base + nv), False, False)
-            s._add(c, Kind.TEXT, idx, range(base + nv, base + nv + len(c)), False, seg.loss)
-            base += nv + len(c)
+            s._add(visual_ids, Kind.VISUAL, idx, range(base, base + n_visual), False, False)
+            s._add(c, Kind.TEXT, idx, range(base + n_visual, base + n_visual + len(c)), False, seg.loss)
+            base += n_visual + len(c)
         else:  # open: text that has not been compressed (yet)
             s._add(c, Kind.TEXT, idx, range(base, base + len(c)), False, seg.loss)
             base += len(c)
-        if nv:
-            s.chunks.append((c, nv, seg.style))
+        if n_visual:
+            s.chunks.append((c, n_visual, seg.style))
         n_chunks += 1
     return s
 
@@ -260,7 +260,7 @@ def olm_segments(tokens: Sequence[int], chunk_tokens: int, n_visual: int, loss: 
 def split_query(tokens: Sequence[int], chunk_tokens: int, n_visual: int,
                 chunker: Chunker | None = None) -> tuple[list[list[int]], list[int]]:
     """The paper's tail rule: closed chunks (K tokens, or fewer when the fit rule closed them)
-    are always compressed; the open tail of m tokens is compressed too if m > beta, else it stays
+    are always compressed; the open tail of m tokens is compressed too if m > n_visual, else it stays
     raw text. Returns (chunks, raw_tail)."""
     chunks, tail, _, _ = _split_query(tokens, chunk_tokens, n_visual, chunker)
     return chunks, tail
@@ -461,7 +461,7 @@ def collate(rows: Sequence[Sample | Sequence[Sample]], pad_to: int | None = None
             out["position"][b, sl] = torch.tensor(s.position, dtype=torch.long)
             out["evicted"][b, sl] = torch.tensor(s.evicted, dtype=torch.bool)
             out["loss"][b, sl] = torch.tensor(s.loss, dtype=torch.bool)
-            chunks += [ChunkInfo(toks, nv, b, si, st) for toks, nv, st in s.chunks]
+            chunks += [ChunkInfo(toks, n_visual, b, si, st) for toks, n_visual, st in s.chunks]
             chunk_base += max(s.chunk, default=-1) + 1
             t += n
     # position t predicts the slot Sample.predicts names (normally t + 1), if that slot is a loss target

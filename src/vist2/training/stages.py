@@ -85,7 +85,7 @@ class StageBuilder:
     def __init__(self, cfg: TrainConfig, tokenizer, chunk_tokens: int, n_visual: int, prompt_encoding: str,
                  processor=None):
         self.cfg, self.tok = cfg, tokenizer
-        self.K, self.nv = chunk_tokens, n_visual
+        self.K, self.n_visual = chunk_tokens, n_visual
         # the fit rule (VIST2Processor.chunker), so chunks are cut as generation cuts them; without a
         # processor (slot counting, pure layout tests) every K tokens
         self.processor = processor
@@ -125,8 +125,8 @@ class StageBuilder:
         return out, (None if out else "too_short")
 
     def _caption(self, rec, rng, progress):
-        ids = self.encode(rec["caption"])[: self.cfg.max_length - self.nv - 1] + [self.doc_end]
-        return [Item(build_sample(caption_segments(self.nv, ids)), image=rec["image"])], None
+        ids = self.encode(rec["caption"])[: self.cfg.max_length - self.n_visual - 1] + [self.doc_end]
+        return [Item(build_sample(caption_segments(self.n_visual, ids)), image=rec["image"])], None
 
     def _ocr(self, rec, rng, progress):
         text = rec["text"]
@@ -140,7 +140,7 @@ class StageBuilder:
         out, i = [], 0
         while i < len(chunks):
             n = min(images_for(self.cfg.curriculum, progress, rng), self.ocr_max_images)
-            out.append(Item(build_sample(ocr_segments(chunks[i : i + n], self.nv))))
+            out.append(Item(build_sample(ocr_segments(chunks[i : i + n], self.n_visual))))
             i += n
         return out, (None if out else "empty_text")
 
@@ -153,7 +153,7 @@ class StageBuilder:
         while len(ids) - i >= 2:  # one token has nothing to predict
             w = W
             while True:
-                s = build_sample(olm_segments(ids[i : i + w], self.K, self.nv, chunker=fit))
+                s = build_sample(olm_segments(ids[i : i + w], self.K, self.n_visual, chunker=fit))
                 if len(s) <= M:
                     break
                 w -= len(s) - M
@@ -168,7 +168,7 @@ class StageBuilder:
         except ValueError:
             return [], "bad_chat"
         response = self.encode(msgs[-1]["content"]) + [self.turn_end]  # <think>...</think> stays in the reply
-        s = build_sample(sft_segments(prefix, query, suffix, response, self.K, self.nv, self.prompt_encoding,
+        s = build_sample(sft_segments(prefix, query, suffix, response, self.K, self.n_visual, self.prompt_encoding,
                                       self.chunker(), question))
         if len(s) > self.cfg.max_length:
             return [], "too_long"
