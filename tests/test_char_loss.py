@@ -42,8 +42,9 @@ def test_targets_name_the_characters_of_each_region():
     r = Renderer.get(RENDER_PRESETS["nano"])
     t, slots = char_targets(r, ["abcdefghij", None], 32)
     assert t.shape == (2, 16, slots)
-    assert t[0, 0, :6].tolist() == [ord(c) - 32 for c in "abcdef"]  # token 0 holds columns 0-5
-    assert t[0, 1, :4].tolist() == [ord(c) - 32 for c in "ghij"]
+    assert slots == 32  # 4x8 px cells, 32x32 px regions: 4 lines of 8 characters
+    assert t[0, 0, :8].tolist() == [ord(c) - 32 for c in "abcdefgh"]  # token 0 holds columns 0-7
+    assert t[0, 1, :2].tolist() == [ord(c) - 32 for c in "ij"] and t[0, 1, 2:].eq(0).all()
     assert (t[1] == IGNORE).all()  # not rendered text: no target
 
 
