@@ -110,6 +110,6 @@ def test_nano_render_preset_is_one_legible_size():
     from vist2.render import RENDER_PRESETS, Renderer
 
     r = Renderer.get(RENDER_PRESETS["nano"])
-    assert r.grid(9) == (5, 11, 25, 11)  # 5x11 px cells, 25 columns x 11 rows on 128x128
-    assert r.font_size_for("a short line") == 9  # never larger
-    assert r.fits("x" * 275) and not r.fits("x" * 276)  # never smaller: 25 x 11 cells is the page
+    assert r.grid(7) == (4, 8, 32, 16)  # 4x8 px cells, 32 columns x 16 rows fill 128x128 exactly
+    assert r.font_size_for("a short line") == 7  # never larger
+    assert r.fits("x" * 512) and not r.fits("x" * 513)  # never smaller: 32 x 16 cells is the page

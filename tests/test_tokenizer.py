@@ -83,6 +83,17 @@ def test_init_nano_is_one_command(tok_dir, tmp_path):
     assert VIST2Config.from_pretrained(str(tmp_path / "pad")).text_config.vocab_size == 576
 
 
+def test_init_nano_geometry_reads_two_characters_per_patch(tok_dir, tmp_path):
+    """--render nano with --vision-patch-size 8: 8x8 patches over 4x8 px cells, a 4x4 merge, r kept at 4,
+    and one position embedding per patch."""
+    out = tmp_path / "nano7"
+    assert main(["init", "--preset", "tiny", "--tokenizer", str(tok_dir), "--render", "nano",
+                 "--vision-patch-size", "8", "--out", str(out)]) == 0
+    c = VIST2Config.from_pretrained(str(out))
+    assert (c.patch_size, c.merge, c.patch_grid, c.vision_config.num_patches) == (8, 4, (16, 16), 256)
+    assert (c.n_visual, c.chunk_tokens, c.compression_ratio) == (16, 64, 4.0)
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--llm-heads", "3"], "--llm-heads 3 must divide --llm-hidden-size 64"),
     (["--llm-kv-heads", "3"], "--llm-kv-heads 3 must divide --llm-heads 4"),

@@ -14,7 +14,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 PANELS = [("train/loss", "train loss"), ("eval/loss", "eval loss"), ("probe/blind_gap", "blind gap (nats)"),
           ("probe/rel_spread", "aligner spread / RMS"), ("probe/saturated", "saturated share"),
-          ("train/page_loss", "page loss (MSE / var)")]
+          ("train/page_loss", "page loss (MSE / var)"), ("train/char_loss", "character loss (CE)"),
+          ("train/char_acc", "character accuracy (inked cells)")]
 
 
 def scalars(run: Path) -> dict[str, list[tuple[int, float]]]:
@@ -33,7 +34,7 @@ def main() -> None:
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--title", default="")
     args = ap.parse_args()
-    fig, axes = plt.subplots(2, 3, figsize=(13, 6.5))
+    fig, axes = plt.subplots(2, 4, figsize=(17, 6.5))
     for i, run in enumerate(args.runs):
         data = scalars(run)
         color = f"C{i}"  # one colour per run in every panel

@@ -3,7 +3,8 @@
 # then evaluated on a held-out passage (recipes/nano/heldout.txt, not from the training corpora).
 # About 50 minutes on a 2-core CPU (bench/notes/nano.md); set OUT to keep several runs apart.
 # Status: the visual path stays alive (the page loss) but the model does not yet read (held-out
-# OCR CER ~1.1-1.3, as with blank pages); bench/notes/nano.md says what the next recipe should try.
+# OCR CER ~1.1-1.3, as with blank pages). Round 2 of bench/notes/nano.md found why: a 128-wide
+# visual token cannot carry its 32 characters; the next recipe needs a wider LLM.
 #   bash recipes/nano/run.sh            # runs/nano/{tok,init,lm,ocr,olm,sft,eval}
 set -euo pipefail
 OUT=${OUT:-runs/nano}
@@ -16,7 +17,9 @@ t0=$(stamp)
 
 [ -f "$OUT/data/text_en.jsonl" ] || vist2 data prepare --out "$OUT/data" --corpora kjv,web,chat --chats 500
 vist2 tokenizer train --data "$OUT/data/text_en.jsonl" --vocab-size 1024 --out "$OUT/tok"
-vist2 init --preset tiny --render nano --tokenizer "$OUT/tok" --out "$OUT/init" \
+# the patch-aligned page: 8x8 patches hold two 4x8 px characters each, a 4x4 merge (beta 16, K 64);
+# round 1 of bench/notes/nano.md ran --render nano9 with the default 16 px patches
+vist2 init --preset tiny --render nano --vision-patch-size 8 --tokenizer "$OUT/tok" --out "$OUT/init" \
     --llm-hidden-size 128 --llm-layers 4 --llm-heads 4 --llm-kv-heads 2 --llm-intermediate-size 384 \
     --vision-hidden-size 128 --vision-layers 4 --vision-heads 4 --vision-intermediate-size 384
 t1=$(stamp)

@@ -32,7 +32,7 @@ from .render import RENDER_PRESETS, RenderConfig
 ALIGNERS = ("linear_tanh", "mlp")
 # The merge a render preset is read with when none is given. The paper reads its 256x256 images
 # patch by patch (256 patches = 256 visual tokens); the 512x512 default folds 2x2 patches to the same 256.
-RENDER_MERGE = {"paper": 1}
+RENDER_MERGE = {"paper": 1, "nano": 4}
 DEFAULT_MERGE = 2
 VISION_TYPES = ("siglip2_vision_model", "siglip_vision_model")
 
@@ -237,17 +237,23 @@ def preset_config(name: str, text: dict | None = None, vision: dict | None = Non
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; known: {sorted(PRESETS)}")
     p = copy.deepcopy(PRESETS[name])
+    vision_overrides = vision
     text = Qwen3Config(**{**p.pop("text"), **(text or {})})
     vision = Siglip2VisionConfig(**{**p.pop("vision"), **(vision or {})})
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if "chunk_tokens" not in overrides:  # K = r x n_visual, r the given one or the preset's
         if "compression_ratio" not in overrides:
-            overrides["compression_ratio"] = VIST2Config(text_config=text, vision_config=vision, **p).compression_ratio
+            own = Siglip2VisionConfig(**PRESETS[name]["vision"])  # the preset's own geometry gives its r
+            overrides["compression_ratio"] = VIST2Config(text_config=text, vision_config=own, **p).compression_ratio
         overrides["chunk_tokens"] = None
     if "render" in overrides and "merge" not in overrides:
         p["merge"] = None  # the new render's own merge
     p.update(overrides)
-    return VIST2Config(text_config=text, vision_config=vision, **p)
+    cfg = VIST2Config(text_config=text, vision_config=vision, **p)
+    if "patch_size" in (vision_over := vision_overrides or {}) and "num_patches" not in vision_over:
+        gh, gw = cfg.patch_grid  # a new patch size: one position embedding per patch of the page
+        cfg.vision_config.num_patches = gh * gw
+    return cfg
 
 
 # ---------------------------------------------------------------------------
@@ -265,6 +271,7 @@ SIZE_FLAGS: dict[str, tuple[str, str]] = {  # flag -> (sub-config, field)
     "--vision-layers": ("vision", "num_hidden_layers"),
     "--vision-heads": ("vision", "num_attention_heads"),
     "--vision-intermediate-size": ("vision", "intermediate_size"),
+    "--vision-patch-size": ("vision", "patch_size"),
 }
 
 

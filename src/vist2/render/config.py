@@ -209,7 +209,11 @@ RENDER_PRESETS: dict[str, RenderConfig] = {
     # default's density (English lands at 7-8 px, Chinese at 10 px); min 4 px leaves room for
     # the long symbol runs a random model writes.
     "tiny": RenderConfig(width=128, height=128, font_size=10, min_font_size=4, margin=1),
-    # The nano model trained from scratch (recipes/nano): 128x128 at one legible size, 9 px
-    # DejaVu Sans Mono (5x11 px cells, 25x11 characters); K=64 tokens of a 1k-word BPE fit.
-    "nano": RenderConfig(width=128, height=128, font_size=9, min_font_size=9, margin=1),
+    # The nano model trained from scratch (recipes/nano): 128x128 at one size, 7 px DejaVu Sans
+    # Mono in 4x8 px cells, 32x16 characters and no margin, so every 8x8 patch of the nano vision
+    # tower holds exactly two characters of one line (read with a 4x4 merge: n_visual=16, K=64).
+    "nano": RenderConfig(width=128, height=128, font_size=7, min_font_size=7, margin=0),
+    # The first nano page (bench/notes/nano.md, round 1): 9 px in 5x11 px cells, 25x11 characters,
+    # read with 16 px patches and a 2x2 merge.
+    "nano9": RenderConfig(width=128, height=128, font_size=9, min_font_size=9, margin=1),
 }

@@ -104,6 +104,29 @@ class Renderer:
         g = self._geometry(font_size)
         return g.cell_w, g.cell_h, g.cols, g.rows
 
+    def cells(self, text: str | Span | Sequence[Span | str]) -> tuple[int, np.ndarray]:
+        """Which character :meth:`render` draws in each cell: ``(font_size, codes)``, ``codes`` the
+        ``(rows, cols)`` code points of the grid (0 where nothing is drawn; a wide character fills both
+        of its cells). Cell ``(r, c)`` is the box at ``(margin + c * cell_w, margin + r * cell_h)``
+        (:meth:`grid`). What a character-level training target needs.
+
+            >>> r = Renderer.get(RenderConfig(width=64, height=32, font_size=10, min_font_size=10))
+            >>> size, codes = r.cells("ab\\ncd")
+            >>> "".join(chr(c) for c in codes[0] if c)   # marks, not new rows: one line
+            'ab↵cd'
+        """
+        chars, _ = self._prepare(text)
+        geo, lines = self._choose(chars)
+        codes = np.zeros((geo.rows, geo.cols), np.int64)
+        if len(lines):
+            cps = np.frombuffer(drawn_text("".join(t for t, _ in self._parts(text))).encode("utf-32-le", "surrogatepass"), np.uint32)
+            line_idx, col, pos = chars.place(lines, geo.cols)
+            cp = cps[pos].astype(np.int64)
+            codes[line_idx, col] = cp
+            wide = chars.width[pos] == 2
+            codes[line_idx[wide], col[wide] + 1] = cp[wide]
+        return geo.size, codes
+
     # ------------------------------------------------------------------ text -> slots
     def _prepare(self, text) -> tuple[Chars, np.ndarray | None]:
         """Text or spans -> the characters as drawn (slots), and each one's style id (None: all plain)."""

@@ -97,6 +97,9 @@ class TrainConfig:
     # until this share of the steps; and the vision tower + aligner at learning_rate x vision_lr_scale
     aux_page_weight: float = 0.0
     aux_page_until: float = 1.0
+    # from scratch: each visual token names the characters drawn in its region (training/char_loss.py)
+    aux_char_weight: float = 0.0
+    aux_char_until: float = 1.0
     vision_lr_scale: float = 1.0
     # optimisation (Table 8)
     learning_rate: float = 5e-4
@@ -162,6 +165,9 @@ class TrainConfig:
             raise ValueError("num_workers, shuffle_buffer and eval_holdout must be >= 0, keep_checkpoints >= 1")
         if self.ocr_text not in ("natural", "shuffled"):
             raise ValueError(f"ocr_text must be natural or shuffled, got {self.ocr_text!r}")
+        if self.aux_char_weight < 0 or not 0 < self.aux_char_until <= 1:
+            raise ValueError("aux_char_weight must be >= 0 and aux_char_until in (0, 1]; got "
+                             f"{self.aux_char_weight}, {self.aux_char_until}")
         if self.aux_page_weight < 0 or not 0 < self.aux_page_until <= 1 or self.vision_lr_scale <= 0:
             raise ValueError("aux_page_weight must be >= 0, aux_page_until in (0, 1], vision_lr_scale > 0; got "
                              f"{self.aux_page_weight}, {self.aux_page_until}, {self.vision_lr_scale}")

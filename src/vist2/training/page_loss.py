@@ -78,6 +78,13 @@ class PageLoss:
         self.last = float(loss.detach())
         return self.weight * loss
 
+    def for_batch(self, batch, progress: float) -> torch.Tensor | float:
+        """:meth:`loss` for a training batch."""
+        return self.loss(batch.pixel_values, progress)
+
+    def log_values(self) -> dict:
+        return {} if self.last is None else {"train/page_loss": self.last}
+
     def step(self) -> None:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)

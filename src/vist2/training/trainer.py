@@ -32,7 +32,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -42,6 +42,7 @@ from .checkpoint_manager import CheckpointManager
 from .config import TrainConfig
 from .data import SkipCounter, check_source, open_source
 from .pipeline import StageDataset, make_loader
+from .char_loss import CharLoss
 from .page_loss import PageLoss
 from .probe import PROBED_STAGES, VisualProbe
 from .probe import report as report_probe
@@ -142,22 +143,24 @@ def forward(model, batch, device):
     return model(plan=batch.plan, logits_at_targets=True, pixel_values=pixels)
 
 
-def train_step(model, batch, optimizer, acc, max_grad_norm: float, page_loss: PageLoss | None = None,
+def train_step(model, batch, optimizer, acc, max_grad_norm: float, aux_losses: Sequence = (),
                progress: float = 0.0) -> torch.Tensor:
     """One micro-batch: forward and backward; on the last micro-batch of an optimizer step also clip
     and step (``acc.accumulate`` turns ``optimizer.step`` into a no-op before that). Returns the LM
-    loss, detached, on the device. ``page_loss`` (optional) adds the auxiliary page loss at
-    ``progress`` (step / total) and steps its own head."""
+    loss, detached, on the device. ``aux_losses`` (optional: :class:`~vist2.training.page_loss.PageLoss`,
+    :class:`~vist2.training.char_loss.CharLoss`) are added at ``progress`` (step / total) and step
+    their own heads."""
     with acc.accumulate(model):
         out = forward(model, batch, acc.device)
-        aux = page_loss.loss(batch.pixel_values, progress) if page_loss is not None else 0.0
+        aux = sum((a.for_batch(batch, progress) for a in aux_losses), 0.0)
         acc.backward(out.loss + aux)
         if acc.sync_gradients and max_grad_norm:
             acc.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if page_loss is not None and acc.sync_gradients:
-            page_loss.step()
+        if acc.sync_gradients:
+            for a in aux_losses:
+                a.step()
     return out.loss.detach()
 
 
@@ -247,7 +250,7 @@ class _Run:
     step: int = 0
     batches: int = 0  # micro-batches consumed (the data position a resume skips to)
     skipped: SkipCounter = field(default_factory=SkipCounter)
-    page_loss: PageLoss | None = None  # the optional auxiliary loss (models trained from scratch)
+    aux_losses: list = field(default_factory=list)  # optional auxiliary losses (models trained from scratch)
 
 
 class Trainer:
@@ -324,9 +327,10 @@ class Trainer:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         return model, original_attn
 
-    def _optimization(self, model, acc, total: int):
+    def _optimization(self, model, acc, total: int, processor):
         """AdamW and the LR schedule for ``total`` steps, the model and optimizer prepared by accelerate,
-        and the optional page loss (:class:`~vist2.training.page_loss.PageLoss`, None when off)."""
+        and the optional auxiliary losses (:class:`~vist2.training.page_loss.PageLoss`,
+        :class:`~vist2.training.char_loss.CharLoss`; the list is empty when both are off)."""
         cfg = self.cfg
         optimizer = make_optimizer(model, cfg)
         scheduler = make_scheduler(optimizer, cfg, total)
@@ -335,10 +339,11 @@ class Trainer:
             # DeepSpeed reads the micro-batch size off a prepared DataLoader; ours is not prepared
             # (every rank builds its own shard), so it is given here
             ds_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.batch_size
-        page_loss = PageLoss.build(cfg, model)  # from scratch: visual tokens redraw their page (optional)
+        # from scratch: visual tokens redraw their page and name its characters (both optional)
+        aux = [a for a in (PageLoss.build(cfg, model), CharLoss.build(cfg, model, processor)) if a is not None]
         model, optimizer = acc.prepare(model, optimizer)
         acc.register_for_checkpointing(scheduler)  # stepped by hand: once per optimizer step, on every rank
-        return model, optimizer, scheduler, page_loss
+        return model, optimizer, scheduler, aux
 
     def _setup(self) -> _Run:
         """Everything before the first step: device, accelerator, resume state, model, data, optimizer."""
@@ -364,9 +369,9 @@ class Trainer:
         train_ds, eval_ds = self._datasets(processor, model.config, acc, None, skip, pad_multiple)
         total = int(cfg.max_steps or (state["total_steps"] if state else self._total_steps(train_ds, acc)))
         train_ds.total_steps = total
-        model, optimizer, scheduler, page_loss = self._optimization(model, acc, total)
+        model, optimizer, scheduler, aux_losses = self._optimization(model, acc, total, processor)
         run = _Run(acc=acc, ckpt=ckpt, processor=processor, model=model, optimizer=optimizer, scheduler=scheduler,
-                   page_loss=page_loss,
+                   aux_losses=aux_losses,
                    train_ds=train_ds, eval_ds=eval_ds, total=total, attn=attn, original_attn=original_attn,
                    result=TrainResult(out=self.out, steps=0, total_steps=total))
         if state:
@@ -408,7 +413,7 @@ class Trainer:
             for batch in loader:
                 run.skipped.update(batch.skipped)
                 loss = train_step(run.model, batch, run.optimizer, acc, cfg.max_grad_norm,
-                                  run.page_loss, run.step / run.total)
+                                  run.aux_losses, run.step / run.total)
                 run.batches += 1
                 logs.add(loss, batch.n_tokens)
                 if not acc.sync_gradients:
@@ -431,8 +436,8 @@ class Trainer:
         cfg, step = self.cfg, run.step
         if step % cfg.log_every == 0 or step == run.total:
             run.result.last_loss = logs.flush(step, run.scheduler.get_last_lr()[0])
-            if run.page_loss is not None and run.page_loss.last is not None:
-                run.acc.log({"train/page_loss": run.page_loss.last}, step=step)
+            for a in run.aux_losses:
+                run.acc.log(a.log_values(), step=step)
         logs.advance()
         if run.eval_ds is not None and (step % cfg.eval_every == 0 or step == run.total):
             self._eval_step(run, logs)
