@@ -44,6 +44,7 @@ from ..modeling import VIST2ForCausalLM
 from ..processing import VIST2Processor
 from ..runtime import eos_ids, kv_geometry, load_checkpoint
 from .cache import CompressedKVCache
+from .rendering import ChunkRenderer
 from .sampling import Sampler, SamplingParams
 from ..text import StreamDecoder
 
@@ -263,11 +264,14 @@ class Engine:
         cuda_graphs: capture the decode step as CUDA graphs (default: on when the model is on CUDA).
             On CPU the very same step function runs eagerly.
         observer: called with a :class:`StepReport` after every step (timings, cache occupancy).
+        render_workers: threads drawing a batch of chunk images (:class:`ChunkRenderer`); 1 draws
+            them in the calling thread.
     """
 
     def __init__(self, model: VIST2ForCausalLM, processor: VIST2Processor, max_batch: int = 8,
                  max_cache_tokens: int | None = None, record_logits: bool = False, prefill_budget: int = 2048,
-                 max_prefills_per_step: int = 1, cuda_graphs: bool | None = None, observer: Callable[[StepReport], None] | None = None):
+                 max_prefills_per_step: int = 1, cuda_graphs: bool | None = None, observer: Callable[[StepReport], None] | None = None,
+                 render_workers: int = 1):
         if max_batch <= 0:
             raise ValueError(f"max_batch must be > 0, got {max_batch}")
         self.model = model.eval()
@@ -288,6 +292,7 @@ class Engine:
             raise ValueError(f"cuda_graphs needs the model on a CUDA device, it is on {self.device}")
         self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
         self.observer = observer
+        self.renderer = ChunkRenderer(processor, render_workers)
         self.eos = eos_ids(cfg.text_config, processor.tokenizer)
         self._cache: CompressedKVCache | None = None
         self._step_fn = _CapturedStep(self._decode_fn) if self.cuda_graphs else self._decode_fn
@@ -572,7 +577,7 @@ class Engine:
     def _encode(self, texts: list[str], styles: list) -> torch.Tensor:
         """Render chunk texts and read them with the vision tower + aligner: ``(n, n_visual, D)``."""
         with self._phase("render"):
-            pixels = self.processor.pixels_from_texts(texts, styles)
+            pixels = self.renderer.pixels(texts, styles)
         with self._phase("vision"):
             return self.model.model.encode_images(pixels.to(self.device, self.model.dtype))
 
