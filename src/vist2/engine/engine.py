@@ -603,8 +603,8 @@ class Engine:
             seq.ops.append(_Op("visual", chunk=len(seq.chunks) - 1, n_text=n_text))
 
     def _prefill(self, budget: int | None) -> None:
-        """Feed prompts of rows still prefilling: at most ``budget`` entries in all (None: every prompt
-        to its end). Each forward takes the next piece of every such row, in admission order, within
+        """Feed prompts of rows still prefilling: forwards of at most ``budget`` padded entries in all
+        (None: every prompt to its end). Each forward takes the next piece of the rows, within
         ``prefill_budget`` entries (or what is left of ``budget``)."""
         while True:
             seqs = [s for s in self._running.values() if s.prefilling]
@@ -621,15 +621,19 @@ class Engine:
                     self._update_kv_stats(seq)
 
     def _prefill_rows(self, seqs: list[_Seq], limit: int) -> int:
-        """One LLM forward over the next prompt piece of each row (left-padded to the longest), at most
-        ``limit`` entries in all; returns how many. Every prompt chunk the pieces hold is read in one
-        vision-tower batch."""
-        pieces, left = [], limit
+        """One LLM forward over the next prompt piece of each row, left-padded to the longest; returns
+        its padded size (rows x longest piece, what the LLM computes), at most ``limit``. The rows share
+        ``limit`` evenly (each piece at least one chunk's visual tokens, the rows in admission order
+        while they fit), so every prompt admitted together advances; every prompt chunk the pieces hold
+        is read in one vision-tower batch."""
+        share = max(limit // len(seqs), self.n_visual)
+        pieces = []
         for seq in seqs:
-            piece = self._take_piece(seq, left)
+            if (len(pieces) + 1) * share > limit:
+                break
+            piece = self._take_piece(seq, share)
             if piece.used:
                 pieces.append(piece)
-                left -= piece.used
         self._read_chunks(pieces, limit)
         embeds, positions, write = [], [], []
         for p in pieces:
@@ -646,9 +650,9 @@ class Engine:
             else:
                 self._cache.set_length(p.seq.row, p.end)
         if self._report is not None:
-            self._report.prefill_tokens += limit - left
+            self._report.prefill_tokens += sum(p.used for p in pieces)
             self._report.prefill_rows.append(len(pieces))
-        return limit - left
+        return len(pieces) * max(p.used for p in pieces)
 
     def _take_piece(self, seq: _Seq, budget: int) -> "_Piece":
         """Take a row's next prompt entries off its plan, at most ``budget``. A piece ends after an
