@@ -257,6 +257,7 @@ class Engine:
             other rows are decoding, as in chunked prefill: a long prompt is admitted over several
             steps and never stalls the running rows for more than one bounded piece. With no row
             decoding, a prompt is fed in pieces of this size within one step (bounded activations).
+            Prompts fed together share it evenly and count padded (rows x longest piece).
         max_prefills_per_step: requests admitted into free rows per :meth:`step` (their prompts are then
             fed under ``prefill_budget``); a burst of arrivals enters over several steps. Prompts
             admitted together are fed together: one left-padded forward per piece, their chunks in
