@@ -96,6 +96,23 @@ def test_curves_and_plots(report):
     assert {"decode_ms_per_token.png", "kv_entries.png"} <= set(r["plots"])
 
 
+def test_a_batch_is_prefilled_together(tmp_path):
+    """By default the bench admits the whole batch in its first step: one prefill forward of every row."""
+    threads = torch.get_num_threads()
+    try:
+        args = _args(["--preset", "tiny", "--prompt-tokens", str(N), "--new-tokens", "4", "--modes", "gcc,none",
+                      "--batch", "3", "--threads", "1", "--no-warmup", "--render-workers", "2", "--out", str(tmp_path)])
+        assert args.func(args) == 0
+    finally:
+        torch.set_num_threads(threads)
+    r = json.loads((tmp_path / "bench.json").read_text())
+    for name, m in r["modes"].items():
+        assert m["prefill_rows_per_forward_max"] == 3 and m["new_tokens"] == 4, name
+        assert len(m["curve"]["context"]) == 4 - 2, name  # only decode steps are timed: every row was in at once
+    assert r["modes"]["gcc"]["compression"]["prefill_chunks"] == 3 * 3
+    assert "--render-workers 2" in r["command"]
+
+
 def test_from_a_checkpoint_folder(tiny_dir, tmp_path):
     threads = torch.get_num_threads()
     try:
@@ -116,6 +133,9 @@ def test_from_a_checkpoint_folder(tiny_dir, tmp_path):
     (["--prompt-tokens", "10", "--new-tokens", "10"], "exactly one"),
     (["--preset", "huge", "--prompt-tokens", "10", "--new-tokens", "10"], "unknown"),
     (["--preset", "tiny", "--prompt-tokens", "10", "--new-tokens", "10", "--batch", "0"], "--batch"),
+    (["--preset", "tiny", "--prompt-tokens", "10", "--new-tokens", "10", "--render-workers", "0"], "--render-workers"),
+    (["--preset", "tiny", "--prompt-tokens", "10", "--new-tokens", "10", "--prefills-per-step", "0"],
+     "--prefills-per-step"),
 ])
 def test_bad_arguments(argv, message, tmp_path):
     args = _args([*argv, "--out", str(tmp_path / "o")])

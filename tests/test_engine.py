@@ -352,6 +352,78 @@ def test_the_visual_prompt_is_one_forward(tok):
     assert reports[0].prefill_tokens == 3 + 7 * eng.n_visual and reports[0].seconds["vision"] > 0
 
 
+def _spy_images(eng):
+    """Record the images of every vision-tower batch."""
+    images, encode = [], eng._encode
+    eng._encode = lambda texts, styles: images.append(len(texts)) or encode(texts, styles)
+    return images
+
+
+def _uneven_requests(tok, mode, K):
+    """Three prompts of different lengths: 4 chunks behind a raw prefix, 2 chunks, and one that stays raw."""
+    p = SamplingParams(max_new_tokens=K + 5, ignore_eos=True)
+    return [Request(query=_ids(tok, 3 * K + 20), prefix=_ids(tok, 3, offset=500), params=p, mode=mode),
+            Request(query=_ids(tok, K + 30, offset=100), params=p, mode=mode),
+            Request(query=_ids(tok, 12, "zh"), params=p, mode=mode)]
+
+
+def _same_as_alone(tok, encoding, budget, reqs, together):
+    alone = _engine(tok, encoding, max_batch=1, prefill_budget=budget)
+    for req, res in zip(reqs, together):
+        ref = alone.generate([req])[0]
+        assert res.token_ids == ref.token_ids
+        n = len(tok)  # past it the vocabulary is padding, -inf in both
+        diff = (torch.stack(res.logits)[:, :n] - torch.stack(ref.logits)[:, :n]).abs().max().item()
+        assert diff < 1e-4, f"max |together - alone| = {diff}"
+        assert res.memory == ref.memory and res.stats.kv_tokens == ref.stats.kv_tokens
+
+
+@pytest.mark.parametrize("budget", [2048, 40])
+@pytest.mark.parametrize("encoding", ["visual", "interleaved"])
+@pytest.mark.parametrize("mode", ["gcc", "pcc", "none"])
+def test_rows_prefilled_together_equal_one_at_a_time(tok, mode, encoding, budget):
+    """Requests admitted in one step share padded LLM forwards and vision-tower batches; every row
+    equals the same request prefilled alone, and the teacher-forced model."""
+    reports = []
+    eng = _engine(tok, encoding, max_batch=3, max_prefills_per_step=3, prefill_budget=budget, observer=reports.append)
+    images = _spy_images(eng)
+    reqs = _uneven_requests(tok, mode, eng.K)
+    together = eng.generate(reqs)
+    for req, res in zip(reqs, together):
+        check(eng, req, res)
+        assert res.stats.generated_tokens == eng.K + 5
+    _same_as_alone(tok, encoding, budget, reqs, together)
+    assert all(r.prefill_rows == [] for r in reports[1:])  # every prompt was in after the first step
+    if budget == 2048:  # the first forward holds all three prompts (interleaved: up to each one's first chunk)
+        assert reports[0].prefill_rows == ([3] if encoding == "visual" or mode == "none" else [3, 2, 1, 1])
+        assert images[:1] == ([] if mode == "none" else [4 + 2])  # every prompt chunk in one ViT batch
+    else:  # pieces of <= 40 entries, shared by the rows in admission order
+        assert max(reports[0].prefill_rows) >= 2
+
+
+@pytest.mark.parametrize("encoding", ["visual", "interleaved"])
+def test_rows_admitted_together_while_another_decodes(tok, encoding):
+    """Two prompts enter together under a prefill budget while a third row decodes: each step feeds at
+    most the budget of both prompts (in shared forwards), and every row still equals the model."""
+    reports = []
+    eng = _engine(tok, encoding, max_batch=3, max_prefills_per_step=2, prefill_budget=40, observer=reports.append)
+    short = Request(query=_ids(tok, 10, offset=700), params=SamplingParams(max_new_tokens=40, ignore_eos=True))
+    a = eng.add(short)
+    eng.step()
+    reqs = _uneven_requests(tok, "gcc", eng.K)[::2]  # 4 chunks behind a prefix, 12 raw tokens
+    ids = [eng.add(r) for r in reqs]
+    while eng.busy:
+        eng.step()
+    check(eng, short, eng.result(a))
+    together = [eng.result(i) for i in ids]
+    for req, res in zip(reqs, together):
+        check(eng, req, res)
+    _same_as_alone(tok, encoding, 40, reqs, together)
+    admitting = [r for r in reports[1:] if r.prefill_tokens]
+    assert len(admitting) > 1 and all(r.prefill_tokens <= 40 and r.decode_rows >= 1 for r in admitting)
+    assert 2 in [n for r in admitting for n in r.prefill_rows]  # both prompts in one forward
+
+
 @pytest.mark.gpu
 def test_captured_decode_equals_eager_on_cuda(tok):
     """CUDA graphs replay the eager step: same greedy tokens, logits within bf16/TF32 noise."""

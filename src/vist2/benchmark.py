@@ -280,6 +280,7 @@ class _Recorder:
         self.compress_kv: list[int] = []  # live entries before each decode-time compression (FLOPs)
         self.kv_tokens: dict[int, int] = {}
         self.max_prefill_tokens = 0
+        self.prefill_rows = 0  # most rows in one prefill forward (prompts fed together)
 
     def __call__(self, report) -> None:
         sec = self.seconds[self.phase]
@@ -290,6 +291,7 @@ class _Recorder:
         self.compress_kv += report.compress_kv
         self.kv_tokens = report.kv_tokens
         self.max_prefill_tokens = max(self.max_prefill_tokens, report.prefill_tokens)
+        self.prefill_rows = max([self.prefill_rows, *report.prefill_rows])
 
     def compression(self, decode_s: float) -> dict:
         p, d = self.seconds["prefill"], self.seconds["decode"]
@@ -337,7 +339,7 @@ def _run_engine(model, processor, ids, mode, args, device, fshape, memory, progr
     base_mem = memory.start()
     recorder = _Recorder()
     engine = Engine(model, processor, max_batch=B, max_cache_tokens=capacity, observer=recorder,
-                    **_engine_options(args))
+                    max_prefills_per_step=args.prefills_per_step or B, **_engine_options(args))
     params = SamplingParams(max_new_tokens=M, ignore_eos=True)
     rids = [engine.add(Request(query=list(ids), params=params, mode=mode)) for _ in range(B)]
     context, ms, kv, t0, t_end = _timed_steps(engine, rids, recorder, N, M, device, progress, mode)
@@ -358,6 +360,7 @@ def _run_engine(model, processor, ids, mode, args, device, fshape, memory, progr
         "finish_reasons": sorted({st.finish_reason for st in stats}),
         "cache_capacity": capacity, "kv_expected": need,
         "ttft_s": ttft, "ttft_s_per_request": [st.ttft_s for st in stats],
+        "prefill_rows_per_forward_max": recorder.prefill_rows,
         "decode_s": decode_s, "decode_tokens_per_s": B * (M - 1) / decode_s,
         "decode_tokens_per_s_per_sequence": (M - 1) / decode_s,
         "engine_tokens_per_s": [st.tokens_per_s for st in stats],
@@ -380,7 +383,7 @@ def _run_engine(model, processor, ids, mode, args, device, fshape, memory, progr
 
 
 def _engine_options(args) -> dict:
-    opts = {"prefill_budget": args.prefill_budget}
+    opts = {"prefill_budget": args.prefill_budget, "render_workers": args.render_workers}
     if args.cuda_graphs != "auto":
         opts["cuda_graphs"] = args.cuda_graphs == "on"
     return opts
@@ -611,6 +614,10 @@ def _command_line(args) -> str:
         parts.append(f"--max-cache-tokens {args.max_cache_tokens}")
     if args.prefill_budget != 2048:
         parts.append(f"--prefill-budget {args.prefill_budget}")
+    if args.prefills_per_step:
+        parts.append(f"--prefills-per-step {args.prefills_per_step}")
+    if args.render_workers != 1:
+        parts.append(f"--render-workers {args.render_workers}")
     if args.cuda_graphs != "auto":
         parts.append(f"--cuda-graphs {args.cuda_graphs}")
     if args.stall:
@@ -731,14 +738,15 @@ def _check_args(args) -> None:
         raise CLIError(f"--max-cache-tokens must be > 0, got {args.max_cache_tokens}")
     if args.prefill_budget <= 0:
         raise CLIError(f"--prefill-budget must be > 0, got {args.prefill_budget}")
+    if args.prefills_per_step is not None and args.prefills_per_step <= 0:
+        raise CLIError(f"--prefills-per-step must be > 0, got {args.prefills_per_step}")
+    if args.render_workers <= 0:
+        raise CLIError(f"--render-workers must be > 0, got {args.render_workers}")
 
 
-def cmd_bench(args) -> int:
-    _check_args(args)
-    modes = _parse_modes(args.modes)
-
+def _setup(args):
+    """Pick the device, load the model: ``(device, model, processor)``."""
     import torch
-    from tqdm.auto import tqdm
 
     if args.device and args.device.startswith("cuda") and not torch.cuda.is_available():
         raise CLIError(f"--device {args.device}: CUDA is not available")
@@ -754,15 +762,17 @@ def cmd_bench(args) -> int:
         model, processor = _load(args, device, dtype)
     except ValueError as e:
         raise CLIError(str(e)) from e
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    return device, model, processor
+
+
+def _run_modes(args, modes, device, model, processor, ids) -> dict:
+    import torch
+    from tqdm.auto import tqdm
 
     def progress(**kw):
         return tqdm(file=sys.stderr, leave=False, dynamic_ncols=True, disable=None, **kw)
 
-    ids = _prompt_ids(processor.tokenizer, args.prompt_tokens)
-    fshape = flop_shape(model)
-    memory = _Memory(device)
+    fshape, memory = flop_shape(model), _Memory(device)
     if not args.no_warmup:
         _warm_up(model, processor, modes, device)
     results = {}
@@ -776,23 +786,37 @@ def cmd_bench(args) -> int:
     lo, hi = args.prompt_tokens + 1, args.prompt_tokens + args.new_tokens - 1
     for m in results.values():
         m["buckets"] = _buckets(m["_context"], m["_ms"], lo, hi, args.buckets)
-    files = _plots(out, results, args)
-    report = _report(args, device, model, fshape, results, files)
-    if args.stall:
-        report["stall"] = measure_stall(model, processor, ids, args, device)
-    (out / "bench.json").write_text(_dumps(report))
+    return results
+
+
+def _print_summary(args, report, results, model, device, out: Path) -> None:
     print(f"vist2 bench: {report['source']}, {device}, {args.dtype}; prompt {args.prompt_tokens} + "
           f"{args.new_tokens} new tokens, batch {args.batch}; K={model.config.chunk_tokens}, "
           f"n_visual={model.config.n_visual}")
     print("ms@C: mean decode ms per step for contexts up to C; tok/s counts the whole batch; "
           "KV per sequence; compr%: compression time / decode time")
     print(_table(results))
-    if args.stall:
+    if "stall" in report:
         st = report["stall"]
         print(f"stall: a running stream's longest step while a {st['prompt_tokens']}-token prompt is admitted: "
               f"{st['stall_ms']:.1f} ms (alone {st['steady_ms']:.1f} ms; budget {st['prefill_budget']} entries, "
               f"{st['admission_steps']} steps)")
-    print(f"wrote {out / 'bench.json'} and {', '.join(files)}")
+    print(f"wrote {out / 'bench.json'} and {', '.join(report['plots'])}")
+
+
+def cmd_bench(args) -> int:
+    _check_args(args)
+    modes = _parse_modes(args.modes)
+    device, model, processor = _setup(args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    ids = _prompt_ids(processor.tokenizer, args.prompt_tokens)
+    results = _run_modes(args, modes, device, model, processor, ids)
+    report = _report(args, device, model, flop_shape(model), results, _plots(out, results, args))
+    if args.stall:
+        report["stall"] = measure_stall(model, processor, ids, args, device)
+    (out / "bench.json").write_text(_dumps(report))
+    _print_summary(args, report, results, model, device, out)
     return 0
 
 
@@ -820,6 +844,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="engine cache capacity per row (default: what each mode needs)")
     q.add_argument("--prefill-budget", type=int, default=2048, metavar="N",
                    help="prompt entries run through the LLM per engine step while other rows decode (default 2048)")
+    q.add_argument("--prefills-per-step", type=int, default=None, metavar="N",
+                   help="requests the engine admits per step (default: the batch, prefilled together)")
+    q.add_argument("--render-workers", type=int, default=1, metavar="N",
+                   help="threads drawing chunk images (engine render_workers, default 1)")
     q.add_argument("--cuda-graphs", choices=["auto", "on", "off"], default="auto",
                    help="capture the engine's decode step as CUDA graphs (auto: on CUDA)")
     q.add_argument("--stall", action="store_true",

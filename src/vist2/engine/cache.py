@@ -55,7 +55,8 @@ class CompressedKVCache:
              write_rows: torch.Tensor | None = None) -> torch.Tensor:
         """Set up the next forward: rows (a slice, or host row numbers), the cache index of every new
         token ``(b, T)`` on the device, and how many entries the layers read back; ``write_rows``
-        (device, ``(b,)``) redirects rows' writes (the decode step sends idle rows to scratch).
+        (device, ``(b,)`` per row or ``(b, T)`` per token) redirects writes to other rows (the decode
+        step sends idle rows to scratch, a batched prefill its padding).
         Returns the attention mask ``(b, 1, T, span)``, bool, causal over cache indices."""
         if isinstance(rows, slice):
             self._sel = rows
@@ -66,7 +67,7 @@ class CompressedKVCache:
         if write_rows is None:
             sel = self._sel
             write_rows = torch.arange(sel.start, sel.stop, device=self.device) if isinstance(sel, slice) else sel
-        self._write_rows = write_rows[:, None]
+        self._write_rows = write_rows if write_rows.dim() == 2 else write_rows[:, None]
         self._write, self._span = write_BT, span
         keys = torch.arange(span, device=self.device)
         return (keys[None, None, None, :] <= write_BT[:, None, :, None])

@@ -7,8 +7,10 @@ edge turns chunk tokens into pixels and generated ids into text. Per sequence:
    (query chunks compressed, the tail rule, raw prefix/suffix) and fed in pieces of at most
    ``prefill_budget`` entries: prompt chunks are rendered and read by the vision tower in
    batches, and with the ``visual`` prompt encoding the raw prefix and every chunk's visual
-   tokens are one causal run (one forward when it fits the budget). While other rows decode,
-   one piece per step is fed (chunked prefill), so an admission never stalls them for long;
+   tokens are one causal run (one forward when it fits the budget). Rows prefilling at the same
+   time share each forward (left-padded) and each vision-tower batch. While other rows decode,
+   at most ``prefill_budget`` entries per step are fed (chunked prefill), so an admission never
+   stalls them for long;
 2. **decode** — one token at a time; in ``gcc`` mode the text window is closed when it holds
    K tokens, or when a sampled token's text would no longer fit the image (the processor's
    running fit state decides; the token then begins the next window). The closed window is
@@ -43,6 +45,7 @@ from ..modeling import VIST2ForCausalLM
 from ..processing import VIST2Processor
 from ..runtime import eos_ids, kv_geometry, load_checkpoint
 from .cache import CompressedKVCache
+from .rendering import ChunkRenderer
 from .sampling import Sampler, SamplingParams
 from ..text import StreamDecoder
 
@@ -122,6 +125,7 @@ class StepReport:
     step: int
     prefill_tokens: int = 0  # prompt entries run through the LLM this step (text and visual)
     prefill_chunks: int = 0  # prompt chunks read by the vision tower this step
+    prefill_rows: list[int] = field(default_factory=list)  # rows in each prefill forward (prompts fed together)
     decode_rows: int = 0  # rows that fed a token
     decode_chunks: int = 0  # generated windows compressed
     compress_kv: list[int] = field(default_factory=list)  # live entries of each such row before its compression
@@ -141,6 +145,24 @@ class _Op:
 
     def __len__(self) -> int:
         return len(self.tokens)
+
+
+@dataclass
+class _Piece:
+    """What one prefill forward feeds of one row: cache entries ``[start, end)``; ``items`` are text
+    token lists and chunk numbers (their visual tokens), in order; ``evict``: an interleaved chunk's
+    text span, dropped after the forward."""
+
+    seq: "_Seq"
+    start: int
+    end: int
+    items: list[list[int] | int] = field(default_factory=list)
+    positions: list[int] = field(default_factory=list)
+    evict: tuple[int, int] | None = None
+
+    @property
+    def used(self) -> int:
+        return self.end - self.start
 
 
 class _Seq:
@@ -236,16 +258,22 @@ class Engine:
             other rows are decoding, as in chunked prefill: a long prompt is admitted over several
             steps and never stalls the running rows for more than one bounded piece. With no row
             decoding, a prompt is fed in pieces of this size within one step (bounded activations).
+            Prompts fed together share it evenly and count padded (rows x longest piece).
         max_prefills_per_step: requests admitted into free rows per :meth:`step` (their prompts are then
-            fed under ``prefill_budget``); a burst of arrivals enters over several steps.
+            fed under ``prefill_budget``); a burst of arrivals enters over several steps. Prompts
+            admitted together are fed together: one left-padded forward per piece, their chunks in
+            one vision-tower batch.
         cuda_graphs: capture the decode step as CUDA graphs (default: on when the model is on CUDA).
             On CPU the very same step function runs eagerly.
         observer: called with a :class:`StepReport` after every step (timings, cache occupancy).
+        render_workers: threads drawing a batch of chunk images (:class:`ChunkRenderer`); 1 draws
+            them in the calling thread.
     """
 
     def __init__(self, model: VIST2ForCausalLM, processor: VIST2Processor, max_batch: int = 8,
                  max_cache_tokens: int | None = None, record_logits: bool = False, prefill_budget: int = 2048,
-                 max_prefills_per_step: int = 1, cuda_graphs: bool | None = None, observer: Callable[[StepReport], None] | None = None):
+                 max_prefills_per_step: int = 1, cuda_graphs: bool | None = None, observer: Callable[[StepReport], None] | None = None,
+                 render_workers: int = 1):
         if max_batch <= 0:
             raise ValueError(f"max_batch must be > 0, got {max_batch}")
         self.model = model.eval()
@@ -266,6 +294,7 @@ class Engine:
             raise ValueError(f"cuda_graphs needs the model on a CUDA device, it is on {self.device}")
         self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
         self.observer = observer
+        self.renderer = ChunkRenderer(processor, render_workers)
         self.eos = eos_ids(cfg.text_config, processor.tokenizer)
         self._cache: CompressedKVCache | None = None
         self._step_fn = _CapturedStep(self._decode_fn) if self.cuda_graphs else self._decode_fn
@@ -498,11 +527,19 @@ class Engine:
     def _forward(self, rows: list[int], embeds_BTD: torch.Tensor, positions: list[list[int]],
                  write: list[list[int]]) -> torch.Tensor:
         """Run new entries of some rows (prefill, compression) through the LLM at the given positions
-        and cache indices; the rows' lengths are the caller's to set."""
-        dev = self.device
-        span = span_bucket(max(max(w) for w in write) + 1, self._cache.capacity)
-        write_BT = torch.tensor(write, device=dev)
-        mask = self._cache.plan(rows, write_BT, span)
+        and cache indices; the rows' lengths are the caller's to set. Rows with fewer entries than
+        ``embeds_BTD`` holds are left-padded (see :func:`_pad_left`): the padding writes to the scratch
+        row and no real entry attends to it."""
+        dev, cache, T = self.device, self._cache, embeds_BTD.shape[1]
+        span = span_bucket(max(max(w) for w in write) + 1, cache.capacity)
+        pad = [T - len(w) for w in write]
+        write_rows = None
+        if any(pad):  # padding sits at the row's first write index (so its mask row is not empty), in scratch
+            write_rows = torch.tensor([[cache.scratch] * n + [r] * len(w) for r, w, n in zip(rows, write, pad)],
+                                      device=dev)
+            write = [w[:1] * n + w for w, n in zip(write, pad)]
+            positions = [p[:1] * n + p for p, n in zip(positions, pad)]
+        mask = cache.plan(rows, torch.tensor(write, device=dev), span, write_rows=write_rows)
         return self._lm(embeds_BTD, torch.tensor(positions, device=dev), mask)
 
     def _decode_fn(self, ids_B1: torch.Tensor, active_B: torch.Tensor, span: int) -> torch.Tensor:
@@ -542,7 +579,7 @@ class Engine:
     def _encode(self, texts: list[str], styles: list) -> torch.Tensor:
         """Render chunk texts and read them with the vision tower + aligner: ``(n, n_visual, D)``."""
         with self._phase("render"):
-            pixels = self.processor.pixels_from_texts(texts, styles)
+            pixels = self.renderer.pixels(texts, styles)
         with self._phase("vision"):
             return self.model.model.encode_images(pixels.to(self.device, self.model.dtype))
 
@@ -568,66 +605,112 @@ class Engine:
             seq.ops.append(_Op("visual", chunk=len(seq.chunks) - 1, n_text=n_text))
 
     def _prefill(self, budget: int | None) -> None:
-        """Feed prompts of rows still prefilling, in admission order: at most ``budget`` entries in all
-        (None: every prompt to its end, in pieces of ``prefill_budget``)."""
-        for seq in [s for s in self._running.values() if s.prefilling]:
-            while seq.prefilling and (budget is None or budget >= self.n_visual):
-                with self._phase("prefill"):
-                    used = self._prefill_piece(seq, self.prefill_budget if budget is None else budget)
-                if budget is not None:
-                    budget -= used
+        """Feed prompts of rows still prefilling: forwards of at most ``budget`` padded entries in all
+        (None: every prompt to its end). Each forward takes the next piece of the rows, within
+        ``prefill_budget`` entries (or what is left of ``budget``)."""
+        while True:
+            seqs = [s for s in self._running.values() if s.prefilling]
+            limit = self.prefill_budget if budget is None else min(budget, self.prefill_budget)
+            if not seqs or limit < self.n_visual:
+                return
+            with self._phase("prefill"):
+                used = self._prefill_rows(seqs, limit)
+            if budget is not None:
+                budget -= used
+            for seq in seqs:
                 if not seq.prefilling:
                     seq.fit = self.processor.chunk_fit(self.K, seq.carry)
                     self._update_kv_stats(seq)
 
-    def _prefill_piece(self, seq: _Seq, budget: int) -> int:
-        """One LLM forward over the next prompt entries of a row, at most ``budget`` of them; returns
-        how many. A piece ends after an interleaved chunk's visual tokens (its text is then evicted).
-        With the visual encoding a whole prompt of chunks is one causal run of visual tokens."""
-        cache, row = self._cache, seq.row
-        start = cache.host_length[row]
-        end, used, evict = start, 0, None
-        embeds, positions = [], []
-        while seq.ops and used < budget:
+    def _prefill_rows(self, seqs: list[_Seq], limit: int) -> int:
+        """One LLM forward over the next prompt piece of each row, left-padded to the longest; returns
+        its padded size (rows x longest piece, what the LLM computes), at most ``limit``. The rows share
+        ``limit`` evenly (each piece at least one chunk's visual tokens, the rows in admission order
+        while they fit), so every prompt admitted together advances; every prompt chunk the pieces hold
+        is read in one vision-tower batch."""
+        share = max(limit // len(seqs), self.n_visual)
+        pieces = []
+        for seq in seqs:
+            if (len(pieces) + 1) * share > limit:
+                break
+            piece = self._take_piece(seq, share)
+            if piece.used:
+                pieces.append(piece)
+        self._read_chunks(pieces, limit)
+        embeds, positions, write = [], [], []
+        for p in pieces:
+            embeds.append(torch.cat([self._embed_text(torch.tensor([x]))[0] if isinstance(x, list)
+                                     else self._chunk_visual(p.seq, x) for x in p.items]))
+            positions.append(p.positions)
+            write.append(list(range(p.start, p.end)))
+        logits = self._forward([p.seq.row for p in pieces], _pad_left(embeds), positions, write)
+        for p, lg in zip(pieces, logits):
+            p.seq.logits = lg
+            p.seq.stats.kv_tokens_peak = max(p.seq.stats.kv_tokens_peak, p.end)
+            if p.evict is not None:
+                self._cache.evict(p.seq.row, p.evict[0], p.evict[1], self.n_visual)
+            else:
+                self._cache.set_length(p.seq.row, p.end)
+        if self._report is not None:
+            self._report.prefill_tokens += sum(p.used for p in pieces)
+            self._report.prefill_rows.append(len(pieces))
+        return len(pieces) * max(p.used for p in pieces)
+
+    def _take_piece(self, seq: _Seq, budget: int) -> "_Piece":
+        """Take a row's next prompt entries off its plan, at most ``budget``. A piece ends after an
+        interleaved chunk's visual tokens (its text is then evicted). With the visual encoding a
+        whole prompt of chunks is one causal run of visual tokens."""
+        start = self._cache.host_length[seq.row]
+        p = _Piece(seq, start, start)
+        while seq.ops and p.used < budget:
             op = seq.ops[0]
             if op.kind == "text":
-                take = op.tokens[: budget - used]
+                take = op.tokens[: budget - p.used]
                 del op.tokens[: len(take)]
-                embeds.append(self._embed_text(torch.tensor([take]))[0])
-                positions += range(end, end + len(take))
-                end, used = end + len(take), used + len(take)
+                p.items.append(take)
+                p.positions += range(p.end, p.end + len(take))
+                p.end += len(take)
                 if not op.tokens:
                     seq.ops.popleft()
                 continue
-            if used + self.n_visual > budget:
+            if p.used + self.n_visual > budget:
                 break
             seq.ops.popleft()
-            embeds.append(self._chunk_visual(seq, op.chunk, budget))
-            positions += range(end - op.n_text, end - op.n_text + self.n_visual)
-            end, used = end + self.n_visual, used + self.n_visual
+            p.items.append(op.chunk)
+            p.positions += range(p.end - op.n_text, p.end - op.n_text + self.n_visual)
+            p.end += self.n_visual
             if op.n_text:
-                evict = (end - self.n_visual - op.n_text, end - self.n_visual)
+                p.evict = (p.end - self.n_visual - op.n_text, p.end - self.n_visual)
                 break
-        seq.logits = self._forward([row], torch.cat(embeds)[None], [positions], [list(range(start, end))])[0]
-        seq.stats.kv_tokens_peak = max(seq.stats.kv_tokens_peak, end)
-        if evict is not None:
-            cache.evict(row, evict[0], evict[1], self.n_visual)
-        else:
-            cache.set_length(row, end)
-        if self._report is not None:
-            self._report.prefill_tokens += used
-        return used
+        return p
 
-    def _chunk_visual(self, seq: _Seq, chunk: int, budget: int) -> torch.Tensor:
-        """A prompt chunk's visual tokens ``(n_visual, D)``. The chunks are rendered and read by the
-        vision tower in batches: as many as one prefill piece can hold."""
-        if chunk not in seq.visual:
-            n = max(1, budget // self.n_visual)
-            texts, styles = zip(*seq.chunks[chunk : chunk + n])
-            for i, v in enumerate(self._encode(list(texts), list(styles))):
-                seq.visual[chunk + i] = v
-            if self._report is not None:
-                self._report.prefill_chunks += len(texts)
+    def _read_chunks(self, pieces: list["_Piece"], limit: int) -> None:
+        """Render and read, in one vision-tower batch, every prompt chunk the pieces hold that was not
+        read yet, and ahead of them each row's next chunks while the batch holds at most as many
+        images as ``limit`` entries would (interleaved pieces hold one chunk each)."""
+        need = [(p.seq, c) for p in pieces for c in p.items if isinstance(c, int) and c not in p.seq.visual]
+        if not need:
+            return
+        room = max(limit // self.n_visual, len(need)) - len(need)
+        seen = {(id(s), c) for s, c in need}
+        for p in pieces:
+            nxt = max((c for c in p.items if isinstance(c, int)), default=-1) + 1
+            for c in range(nxt, len(p.seq.chunks)):
+                if room <= 0:
+                    break
+                if c not in p.seq.visual and (id(p.seq), c) not in seen:
+                    need.append((p.seq, c))
+                    seen.add((id(p.seq), c))
+                    room -= 1
+        texts, styles = zip(*(s.chunks[c] for s, c in need))
+        for (s, c), v in zip(need, self._encode(list(texts), list(styles))):
+            s.visual[c] = v
+        if self._report is not None:
+            self._report.prefill_chunks += len(need)
+
+    def _chunk_visual(self, seq: _Seq, chunk: int) -> torch.Tensor:
+        """A prompt chunk's visual tokens ``(n_visual, D)`` (read by :meth:`_read_chunks`); the chunk
+        enters the row's memory."""
         seq.memory.append(seq.chunks[chunk][0])
         seq.stats.chunks_compressed += 1
         seq.stats.visual_tokens += self.n_visual
@@ -746,6 +829,12 @@ class Engine:
             seq.rid, seq.decoder.text, list(seq.generated), seq.stats, list(seq.memory),
             seq.recorded if self.record_logits else None,
         )
+
+
+def _pad_left(embeds: list[torch.Tensor]) -> torch.Tensor:
+    """Rows ``(T_i, D)`` -> ``(b, max T_i, D)``, zeros first: every row's last entry is the last one,
+    whose logits the forward returns."""
+    return torch.nn.utils.rnn.pad_sequence(embeds, batch_first=True, padding_side="left")
 
 
 def _sync(device: torch.device) -> None:
