@@ -38,11 +38,11 @@ import torch
 
 from ..layout import IGNORE
 from ..runtime import default_device, require_checkpoint, write_json
+from .char_loss import CharLoss
 from .checkpoint_manager import CheckpointManager
 from .config import TrainConfig
 from .data import SkipCounter, check_source, open_source
 from .pipeline import StageDataset, make_loader
-from .char_loss import CharLoss
 from .page_loss import PageLoss
 from .probe import PROBED_STAGES, VisualProbe
 from .probe import report as report_probe
