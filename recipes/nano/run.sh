@@ -3,8 +3,9 @@
 # then evaluated on a held-out passage (recipes/nano/heldout.txt, not from the training corpora).
 # About 50 minutes on a 2-core CPU (bench/notes/nano.md); set OUT to keep several runs apart.
 # Status: the visual path stays alive (the page loss) but the model does not yet read (held-out
-# OCR CER ~1.1-1.3, as with blank pages). Round 2 of bench/notes/nano.md found why: a 128-wide
-# visual token cannot carry its 32 characters; the next recipe needs a wider LLM.
+# OCR CER ~1.1-1.3, as with blank pages). Round 2 of bench/notes/nano.md: a 128-wide visual token
+# cannot carry its 32 characters; the largest blind gap so far came from a 512-wide LLM on 16-token
+# pages (ocr16.yaml), which is where the next recipe starts.
 #   bash recipes/nano/run.sh            # runs/nano/{tok,init,lm,ocr,olm,sft,eval}
 set -euo pipefail
 OUT=${OUT:-runs/nano}
