@@ -58,7 +58,7 @@ def compose(
 ) -> VIST2ForCausalLM:
     """A VIST2 model whose LLM and vision tower come from two local HF folders; the aligner is new.
 
-    ``chunk_tokens`` (K) defaults to ``ratio * beta`` when only the ratio is given.
+    ``chunk_tokens`` (K) defaults to ``ratio * n_visual`` when only the ratio is given.
     """
     lm = AutoModelForCausalLM.from_pretrained(str(llm), dtype=torch.float32)
     tower, vcfg = _vision_tower(vision)

@@ -105,7 +105,7 @@ class VIST2Model(VIST2PreTrainedModel):
     # -- images -> visual embeddings ---------------------------------------------
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """``(N, C, H, W)`` pixels in [0, 1] (C = 1 for rendered text, or 3) -> ``(N, beta, D)``."""
+        """``(N, C, H, W)`` pixels in [0, 1] (C = 1 for rendered text, or 3) -> ``(N, n_visual, D)``."""
         cfg = self.config
         N, C, H, W = pixel_values.shape
         if (H, W) != (cfg.render["height"], cfg.render["width"]):
@@ -124,8 +124,8 @@ class VIST2Model(VIST2PreTrainedModel):
             feats = self.vision(pixel_values=patches, pixel_attention_mask=mask, spatial_shapes=shapes)
         else:
             feats = self.vision(pixel_values=x, interpolate_pos_encoding=(H != cfg.vision_config.image_size))
-        f = merge_patches(feats.last_hidden_state, gh, gw, cfg.merge)  # (N, beta, m*m*dv)
-        return self.aligner(f)  # (N, beta, D)
+        f = merge_patches(feats.last_hidden_state, gh, gw, cfg.merge)  # (N, n_visual, m*m*dv)
+        return self.aligner(f)  # (N, n_visual, D)
 
     def embed(
         self,

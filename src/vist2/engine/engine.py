@@ -757,9 +757,9 @@ class Engine:
         """Close the open windows of these rows: render, read, and run their visual tokens through the
         LLM after the window (they attend to it), then evict the window. False if the memory limit was
         reached (the rows are finished)."""
-        cache, nv = self._cache, self.n_visual
+        cache, n_visual = self._cache, self.n_visual
         try:
-            self._check_room([s.row for s in seqs], nv)
+            self._check_room([s.row for s in seqs], n_visual)
         except _CacheFull:
             for s in seqs:
                 self._finish(s, "length")
@@ -769,18 +769,18 @@ class Engine:
             visual = self._encode(texts, ["plain"] * len(seqs))
             ends = [cache.host_length[s.row] for s in seqs]
             bases = [e - len(s.window) for e, s in zip(ends, seqs)]  # where the window began
-            logits = self._forward([s.row for s in seqs], visual, [list(range(b, b + nv)) for b in bases],
-                                   [list(range(e, e + nv)) for e in ends])
+            logits = self._forward([s.row for s in seqs], visual, [list(range(b, b + n_visual)) for b in bases],
+                                   [list(range(e, e + n_visual)) for e in ends])
         if self._report is not None:
             self._report.decode_chunks += len(seqs)
             self._report.compress_kv += ends
         for s, lg, b, e, text in zip(seqs, logits, bases, ends, texts):
-            cache.evict(s.row, b, e, nv)
+            cache.evict(s.row, b, e, n_visual)
             s.logits = lg
-            s.stats.kv_tokens_peak = max(s.stats.kv_tokens_peak, e + nv)  # text and visual, briefly
+            s.stats.kv_tokens_peak = max(s.stats.kv_tokens_peak, e + n_visual)  # text and visual, briefly
             s.memory.append(text)
             s.stats.chunks_compressed += 1
-            s.stats.visual_tokens += nv
+            s.stats.visual_tokens += n_visual
             assert s.carry == s.fit.carry  # the fit state saw exactly the bytes the image shows
             s.window = []
             s.fit = self.processor.chunk_fit(self.K, s.carry)

@@ -119,7 +119,8 @@ class Renderer:
         geo, lines = self._choose(chars)
         codes = np.zeros((geo.rows, geo.cols), np.int64)
         if len(lines):
-            cps = np.frombuffer(drawn_text("".join(t for t, _ in self._parts(text))).encode("utf-32-le", "surrogatepass"), np.uint32)
+            drawn = drawn_text("".join(t for t, _ in self._parts(text)))
+            cps = np.frombuffer(drawn.encode("utf-32-le", "surrogatepass"), np.uint32)
             line_idx, col, pos = chars.place(lines, geo.cols)
             cp = cps[pos].astype(np.int64)
             codes[line_idx, col] = cp
