@@ -272,8 +272,8 @@ class Engine:
 
     def __init__(self, model: VIST2ForCausalLM, processor: VIST2Processor, max_batch: int = 8,
                  max_cache_tokens: int | None = None, record_logits: bool = False, prefill_budget: int = 2048,
-                 max_prefills_per_step: int = 1, cuda_graphs: bool | None = None, observer: Callable[[StepReport], None] | None = None,
-                 render_workers: int = 1):
+                 max_prefills_per_step: int = 1, cuda_graphs: bool | None = None,
+                 observer: Callable[[StepReport], None] | None = None, render_workers: int = 1):
         if max_batch <= 0:
             raise ValueError(f"max_batch must be > 0, got {max_batch}")
         self.model = model.eval()
