@@ -349,7 +349,7 @@ def _add_init_parser(sub) -> None:
     q.add_argument("--ratio", type=float, metavar="R",
                    help="compression ratio K / n_visual (default: the preset's, 4; with --chunk-tokens they must agree)")
     q.add_argument("--render", choices=sorted(RENDER_PRESETS),
-                   help="render geometry preset (image size, font); brings its merge: paper 1, else 2")
+                   help="render geometry preset (image size, font); brings its merge: paper 1, nano 4, else 2")
     q.add_argument("--merge", type=int, help="fold merge x merge patches into one visual token (default: the render's)")
     q.add_argument("--aligner", choices=["linear_tanh", "mlp"], help="aligner type (default linear_tanh)")
     q.add_argument("--prompt-encoding", choices=["visual", "interleaved"], help="how prompt chunks enter the LLM")
@@ -357,7 +357,9 @@ def _add_init_parser(sub) -> None:
     q.add_argument("--out", required=True, metavar="DIR", help="output folder")
     for flag, (part, field) in SIZE_FLAGS.items():  # model sizes over the preset's
         q.add_argument(flag, type=int, metavar="N", help=f"{'LLM' if part == 'text' else 'vision tower'} {field}"
-                       + (" (default: the --tokenizer's length, else the preset's)" if flag == "--vocab-size" else ""))
+                       + (" (default: the --tokenizer's length, else the preset's)" if flag == "--vocab-size" else "")
+                       + (" in px (the position embeddings follow the patch grid; r stays the preset's)"
+                          if flag == "--vision-patch-size" else ""))
     q.set_defaults(func=cmd_init)
 
 
