@@ -40,7 +40,9 @@ def test_regions_follow_the_cell_centres_in_reading_order():
 
 def test_targets_name_the_characters_of_each_region():
     r = Renderer.get(RENDER_PRESETS["nano"])
-    t, slots = char_targets(r, ["abcdefghij", None], 32)
+    cw, ch, cols, rows = r.grid(7)
+    slots = region_map(128, 128, 0, cw, ch, rows, cols, 32).slots
+    t = char_targets(r, ["abcdefghij", None], 32, slots)
     assert t.shape == (2, 16, slots)
     assert slots == 32  # 4x8 px cells, 32x32 px regions: 4 lines of 8 characters
     assert t[0, 0, :8].tolist() == [ord(c) - 32 for c in "abcdefgh"]  # token 0 holds columns 0-7

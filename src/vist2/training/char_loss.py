@@ -29,9 +29,9 @@ from typing import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from ..render import Renderer
+from .page_loss import AlignerHead
 
 BLANK, OTHER = 0, 95
 N_CLASSES = 96  # blank, the 94 printable ASCII characters '!'..'~', other
@@ -93,48 +93,36 @@ def region_map(width: int, height: int, margin: int, cell_w: int, cell_h: int, r
     return RegionMap(out)
 
 
-def char_targets(renderer: Renderer, texts: Sequence[str | None], region: int) -> tuple[torch.Tensor, int]:
-    """``(N, n_visual, slots)`` class targets for the pages of ``texts`` (``IGNORE`` for missing slots
-    and for images that are not rendered text, ``None``), and the number of slots."""
+def char_targets(renderer: Renderer, texts: Sequence[str | None], region: int, slots: int) -> torch.Tensor:
+    """``(N, n_visual, slots)`` class targets for the pages of ``texts`` (``IGNORE`` for slots a region
+    does not have and for images that are not rendered text, ``None``). ``slots`` is at least the
+    widest region's cell count at any font size the pages use."""
     cfg = renderer.config
-    pages = []
-    for text in texts:
+    n_visual = (cfg.width // region) * (cfg.height // region)
+    out = np.full((len(texts), n_visual, slots), IGNORE, np.int64)
+    for i, text in enumerate(texts):
         if text is None:
-            pages.append(None)
             continue
         size, codes = renderer.cells(text)
         cw, ch, cols, rows = renderer.grid(size)
         m = region_map(cfg.width, cfg.height, cfg.margin, cw, ch, rows, cols, region)
+        if m.slots > slots:
+            raise ValueError(f"a page has {m.slots} cells per region, the head {slots}")
         flat = np.append(char_class(codes).reshape(-1), IGNORE)  # index -1 -> IGNORE
-        pages.append(flat[m.slot_cell])
-    slots = max((p.shape[1] for p in pages if p is not None), default=1)
-    n_visual = (cfg.width // region) * (cfg.height // region)
-    out = np.full((len(pages), n_visual, slots), IGNORE, np.int64)
-    for i, p in enumerate(pages):
-        if p is not None:
-            out[i, :, : p.shape[1]] = p
-    return torch.from_numpy(out), slots
+        out[i, :, : m.slots] = flat[m.slot_cell]
+    return torch.from_numpy(out)
 
 
-class CharLoss:
+class CharLoss(AlignerHead):
     """The auxiliary character loss of one training run (see the module docstring)."""
 
     def __init__(self, model, processor, weight: float, until: float, lr: float):
-        base = getattr(model, "model", model)
-        cfg = model.config
         self.processor, self.renderer = processor, processor.renderer
-        self.region = cfg.patch_size * cfg.merge
-        rc = self.renderer.config
+        rc, region = self.renderer.config, model.config.patch_size * model.config.merge
         # the most slots any font size can give (the smallest cells), so one head serves every page
         cw, ch, cols, rows = self.renderer.grid(rc.min_font_size)
-        self.slots = region_map(rc.width, rc.height, rc.margin, cw, ch, rows, cols, self.region).slots
-        self.weight, self.until = float(weight), float(until)
-        device = next(model.parameters()).device
-        self.head = nn.Linear(cfg.text_config.hidden_size, self.slots * N_CLASSES).to(device)
-        self.optimizer = torch.optim.AdamW(self.head.parameters(), lr=lr, weight_decay=0.0)
-        self._out: torch.Tensor | None = None
-        self._hook = base.aligner.register_forward_hook(self._record)
-        self.last: float | None = None  # the last unweighted loss
+        self.slots = region_map(rc.width, rc.height, rc.margin, cw, ch, rows, cols, region).slots
+        super().__init__(model, self.slots * N_CLASSES, weight, until, lr)
         self.last_acc: float | None = None  # accuracy on non-blank cells
 
     @classmethod
@@ -143,18 +131,12 @@ class CharLoss:
             return None
         return cls(model, processor, cfg.aux_char_weight, cfg.aux_char_until, cfg.learning_rate)
 
-    def _record(self, module, inputs, output) -> None:
-        self._out = output if module.training else None
-
     def loss(self, texts: Sequence[str | None] | None, progress: float) -> torch.Tensor | float:
         """Weighted loss for the forward pass just run (0.0 past ``until`` or without images)."""
-        out, self._out = self._out, None
-        if not texts or out is None or progress >= self.until:
+        out = self._take(progress)
+        if not texts or out is None:
             return 0.0
-        target, slots = char_targets(self.renderer, texts, self.region)
-        if slots > self.slots:
-            raise ValueError(f"a page has {slots} cells per region, the head {self.slots}")
-        target = F.pad(target, (0, self.slots - slots), value=IGNORE).to(out.device)
+        target = char_targets(self.renderer, texts, self.region, self.slots).to(out.device)
         if target.shape[:2] != out.shape[:2]:
             raise ValueError(f"{out.shape[1]} visual tokens per image but {target.shape[1]} page regions")
         logits = self.head(out.float()).view(*out.shape[:2], self.slots, N_CLASSES)
@@ -166,7 +148,8 @@ class CharLoss:
         return self.weight * loss
 
     def for_batch(self, batch, progress: float) -> torch.Tensor | float:
-        """:meth:`loss` for a training batch: the texts are its plan's chunk texts."""
+        """:meth:`loss` for a training batch: the texts are its plan's chunk texts (rendered a second
+        time here, as cells only: the pixels were drawn in a data-loader worker)."""
         texts = self.processor.chunk_texts(batch.plan.chunks) if batch.pixel_values is not None else None
         return self.loss(texts, progress)
 
@@ -175,10 +158,3 @@ class CharLoss:
         if self.last_acc is not None:
             out["train/char_acc"] = self.last_acc
         return out
-
-    def step(self) -> None:
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-
-    def close(self) -> None:
-        self._hook.remove()

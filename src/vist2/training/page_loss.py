@@ -40,20 +40,44 @@ def page_regions(pixel_values: torch.Tensor, region: int) -> torch.Tensor:
     return r.reshape(N, (H // region) * (W // region), region * region)
 
 
-class PageLoss:
+class AlignerHead:
+    """What an auxiliary loss on the visual tokens shares: a forward hook that records the aligner's
+    outputs while training, a linear head of its own (``out_features`` per visual token) with its own
+    AdamW (constant ``lr``), a weight, and the share of training ``until`` which it counts."""
+
+    def __init__(self, model, out_features: int, weight: float, until: float, lr: float):
+        cfg = model.config
+        self.region = cfg.patch_size * cfg.merge  # the page pixels (region x region) of one visual token
+        self.weight, self.until = float(weight), float(until)
+        device = next(model.parameters()).device
+        self.head = nn.Linear(cfg.text_config.hidden_size, out_features).to(device)
+        self.optimizer = torch.optim.AdamW(self.head.parameters(), lr=lr, weight_decay=0.0)
+        self._out: torch.Tensor | None = None
+        self._hook = getattr(model, "model", model).aligner.register_forward_hook(self._record)
+        self.last: float | None = None  # the last unweighted loss
+
+    def _record(self, module, inputs, output) -> None:
+        self._out = output if module.training else None
+
+    def _take(self, progress: float) -> torch.Tensor | None:
+        """The aligner outputs of the forward pass just run, or None (none recorded, or past ``until``)."""
+        out, self._out = self._out, None
+        return None if progress >= self.until else out
+
+    def step(self) -> None:
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def close(self) -> None:
+        self._hook.remove()
+
+
+class PageLoss(AlignerHead):
     """The auxiliary page loss of one training run (see the module docstring)."""
 
     def __init__(self, model, weight: float, until: float, lr: float):
-        base = getattr(model, "model", model)
-        cfg = model.config
-        self.region = cfg.patch_size * cfg.merge
-        self.weight, self.until = float(weight), float(until)
-        device = next(model.parameters()).device
-        self.head = nn.Linear(cfg.text_config.hidden_size, self.region**2).to(device)
-        self.optimizer = torch.optim.AdamW(self.head.parameters(), lr=lr, weight_decay=0.0)
-        self._out: torch.Tensor | None = None
-        self._hook = base.aligner.register_forward_hook(self._record)
-        self.last: float | None = None  # the last unweighted loss
+        region = model.config.patch_size * model.config.merge
+        super().__init__(model, region**2, weight, until, lr)
 
     @classmethod
     def build(cls, cfg, model) -> "PageLoss | None":
@@ -61,13 +85,10 @@ class PageLoss:
             return None
         return cls(model, cfg.aux_page_weight, cfg.aux_page_until, cfg.learning_rate)
 
-    def _record(self, module, inputs, output) -> None:
-        self._out = output if module.training else None
-
     def loss(self, pixel_values: torch.Tensor | None, progress: float) -> torch.Tensor | float:
         """Weighted loss for the forward pass just run (0.0 past ``until`` or without images)."""
-        out, self._out = self._out, None
-        if pixel_values is None or out is None or progress >= self.until:
+        out = self._take(progress)
+        if pixel_values is None or out is None:
             return 0.0
         target = page_regions(pixel_values.to(out.device), self.region)
         if target.shape[:2] != out.shape[:2]:
@@ -84,10 +105,3 @@ class PageLoss:
 
     def log_values(self) -> dict:
         return {} if self.last is None else {"train/page_loss": self.last}
-
-    def step(self) -> None:
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-
-    def close(self) -> None:
-        self._hook.remove()

@@ -394,7 +394,11 @@ class Trainer:
         """Run the stage; ``stop_after`` ends the loop after that many steps without the final
         save (what a preempted job looks like; used by the resume tests)."""
         run = self._setup()
-        self._loop(run, stop_after)
+        try:
+            self._loop(run, stop_after)
+        finally:
+            for a in run.aux_losses:  # their heads go; the model keeps no hook of theirs
+                a.close()
         run.result.skipped = _all_ranks(run.skipped)
         if not run.result.stopped_early:
             self._save(run)  # the final state, so a longer follow-up run (more --max-steps) can resume
