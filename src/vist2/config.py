@@ -237,7 +237,7 @@ def preset_config(name: str, text: dict | None = None, vision: dict | None = Non
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; known: {sorted(PRESETS)}")
     p = copy.deepcopy(PRESETS[name])
-    vision_overrides = vision
+    new_patch = "patch_size" in (vision or {}) and "num_patches" not in vision
     text = Qwen3Config(**{**p.pop("text"), **(text or {})})
     vision = Siglip2VisionConfig(**{**p.pop("vision"), **(vision or {})})
     overrides = {k: v for k, v in overrides.items() if v is not None}
@@ -250,7 +250,7 @@ def preset_config(name: str, text: dict | None = None, vision: dict | None = Non
         p["merge"] = None  # the new render's own merge
     p.update(overrides)
     cfg = VIST2Config(text_config=text, vision_config=vision, **p)
-    if "patch_size" in (vision_over := vision_overrides or {}) and "num_patches" not in vision_over:
+    if new_patch:
         gh, gw = cfg.patch_grid  # a new patch size: one position embedding per patch of the page
         cfg.vision_config.num_patches = gh * gw
     return cfg
