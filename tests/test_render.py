@@ -292,6 +292,26 @@ def test_word_wrap_and_char_break():
     assert _ink(_cell(r, a, 10, 1, 0, 2)) > 0 and _ink(_cell(r, a, 10, 1, 2, 2)) > 0
 
 
+def test_char_wrap_is_a_strict_raster():
+    """wrap="char" fills every line, spaces included: character i of one-cell text sits in
+    row i // cols, column i % cols (the nano-char page: visual token i holds characters 4i..4i+3)."""
+    r = Renderer(RENDER_PRESETS["nano-char"])
+    text = "In the beginning God created the heaven and the earth. And the e"
+    size, codes = r.cells(text)
+    assert codes.shape == (4, 16)
+    assert "".join(map(chr, codes.ravel())) == text  # the spaces that end rows are drawn too
+    # the word-wrapped page breaks the same text at spaces instead, and needs more rows for it
+    _, word = Renderer(RENDER_PRESETS["nano-char"].replace(wrap="word", height=128)).cells(text)
+    assert "".join(map(chr, word[1])).startswith("God")
+    # nothing is truncated: one character too many does not fit
+    with pytest.raises(ValueError, match="does not fit"):
+        r.render(text + "x")
+    # a two-cell character that would straddle the edge starts the next row
+    _, codes = r.cells("a" * 15 + "字b")
+    assert chr(codes[0, 15]) != "字" and chr(codes[1, 0]) == chr(codes[1, 1]) == "字"
+    assert chr(codes[1, 2]) == "b"
+
+
 def test_wide_chars_take_two_cells(r):
     a = r.render("中a")
     cw = r.grid(16)[0]
@@ -436,6 +456,7 @@ def test_config_round_trip():
         ({"line_spacing": 0}, "line_spacing"),
         ({"background": 256}, "background"),
         ({"mode": "CMYK"}, "mode"),
+        ({"wrap": "line"}, "wrap"),
         ({"styles": {"x": ((300, 0, 0), None)}}, "styles['x']"),
         ({"styles": {"plain": (0, 255)}}, "styles"),
     ],

@@ -32,7 +32,7 @@ from .render import RENDER_PRESETS, RenderConfig
 ALIGNERS = ("linear_tanh", "mlp")
 # The merge a render preset is read with when none is given. The paper reads its 256x256 images
 # patch by patch (256 patches = 256 visual tokens); the 512x512 default folds 2x2 patches to the same 256.
-RENDER_MERGE = {"paper": 1, "nano": 4}
+RENDER_MERGE = {"paper": 1, "nano": 4, "nano-char": 1}
 DEFAULT_MERGE = 2
 VISION_TYPES = ("siglip2_vision_model", "siglip_vision_model")
 

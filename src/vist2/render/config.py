@@ -34,6 +34,7 @@ DEFAULT_STYLES: dict[str, tuple[Color | None, Color | None]] = {
 }
 
 _MODES = ("auto", "L", "RGB")
+_WRAPS = ("word", "char")
 
 
 def _check_color(value: Any, what: str, allow_none: bool) -> Color | None:
@@ -104,7 +105,10 @@ class RenderConfig:
     the config's ``foreground`` / ``background``; the style ``"plain"`` is always
     ``(foreground, background)``.  ``mode``: ``"L"`` always returns grey images
     (colours become their luma), ``"RGB"`` always three channels, ``"auto"``
-    three channels only for a render that uses a coloured style.
+    three channels only for a render that uses a coloured style.  ``wrap``: ``"word"`` breaks
+    long lines at spaces and hyphens (what people read); ``"char"`` fills every line and breaks
+    anywhere, spaces included, so one-cell text is a strict raster (character i in row
+    i // columns, column i % columns), the layout a model trained from scratch aligns most easily.
     """
 
     width: int = 512
@@ -119,6 +123,7 @@ class RenderConfig:
     foreground: int = 0
     tab_size: int = 4
     mode: str = "auto"
+    wrap: str = "word"
     # Accepts a mapping name -> (fg, bg); stored as a sorted tuple of (name, fg, bg).
     styles: Mapping[str, tuple[Color | None, Color | None]] | tuple = dataclasses.field(
         default_factory=lambda: dict(DEFAULT_STYLES)
@@ -133,6 +138,8 @@ class RenderConfig:
                 raise ValueError(f"RenderConfig.{name} must be a grey level int in 0..255, got {v!r}")
         if self.mode not in _MODES:
             raise ValueError(f"RenderConfig.mode must be one of {_MODES}, got {self.mode!r}")
+        if self.wrap not in _WRAPS:
+            raise ValueError(f"RenderConfig.wrap must be one of {_WRAPS}, got {self.wrap!r}")
         resolve_font(self.font, "font")
         if self.cjk_font is not None:
             resolve_font(self.cjk_font, "cjk_font")
@@ -213,6 +220,11 @@ RENDER_PRESETS: dict[str, RenderConfig] = {
     # Mono in 4x8 px cells, 32x16 characters and no margin, so every 8x8 patch of the nano vision
     # tower holds exactly two characters of one line (read with a 4x4 merge: n_visual=16, K=64).
     "nano": RenderConfig(width=128, height=128, font_size=7, min_font_size=7, margin=0),
+    # The nano model of round 3 (bench/notes/nano.md): one byte a token, and a strict raster of
+    # 16x4 cells (4x16 px, 7 px DejaVu Sans Mono) on 64x64 read by 16 px patches with no merge,
+    # so visual token i holds exactly characters 4i..4i+3 of its 64-token chunk (n_visual=16, r=4).
+    "nano-char": RenderConfig(width=64, height=64, font_size=7, min_font_size=7, margin=0,
+                              line_spacing=2.3, wrap="char"),
     # The first nano page (bench/notes/nano.md, round 1): 9 px in 5x11 px cells, 25x11 characters,
     # read with 16 px patches and a 2x2 merge.
     "nano9": RenderConfig(width=128, height=128, font_size=9, min_font_size=9, margin=1),

@@ -23,10 +23,11 @@ from .chars import BREAK_AFTER, BREAK_BEFORE, NO_BREAK_AFTER, NO_BREAK_BEFORE, S
 class Chars:
     """One text as slot arrays, with the line breaker."""
 
-    __slots__ = ("slots", "width", "cum", "n", "_nl", "_opp", "_space", "_cum_list", "_hard_cells")
+    __slots__ = ("slots", "width", "cum", "n", "_nl", "_opp", "_space", "_cum_list", "_hard_cells", "by_char")
 
-    def __init__(self, table: SlotTable, slots: np.ndarray) -> None:
+    def __init__(self, table: SlotTable, slots: np.ndarray, by_char: bool = False) -> None:
         self.slots = slots
+        self.by_char = by_char  # RenderConfig.wrap == "char": fill every line, break anywhere
         self.n = n = len(slots)
         self.width = table.width[slots]
         cum = np.zeros(n + 1, np.int64)
@@ -36,7 +37,7 @@ class Chars:
         flags = table.flags[slots]
         self._space = (flags & SPACE) != 0
         # Spaces can vanish at line ends, so only non-space cells bound the area.
-        self._hard_cells = int(self.width[~self._space].sum())
+        self._hard_cells = int(self.width.sum() if by_char else self.width[~self._space].sum())
         if n > 1:
             a, b = flags[:-1], flags[1:]
             may = ((a & BREAK_AFTER) != 0) | ((b & BREAK_BEFORE) != 0)
@@ -54,6 +55,8 @@ class Chars:
         """Greedy line breaking -> list of (start, end) char ranges, or None if > max_rows lines."""
         if self._cum_list is None:
             self._cum_list = self.cum.tolist()
+        if self.by_char:
+            return self._wrap_by_char(cols, max_rows)
         cum, opp, space = self._cum_list, self._opp, self._space
         n = self.n
         lines: list[tuple[int, int]] = []
@@ -85,6 +88,22 @@ class Chars:
             if len(lines) > limit:
                 return None
             ps = pe + 1
+        return lines
+
+    def _wrap_by_char(self, cols: int, max_rows: int | None):
+        """Every line full: a line ends where the next character no longer fits (a two-cell
+        character that would straddle the edge starts the next line), spaces included, so on
+        one-cell text character i sits in row i // cols, column i % cols."""
+        cum, n = self._cum_list, self.n
+        limit = max_rows if max_rows is not None else n + 1
+        lines: list[tuple[int, int]] = []
+        s = 0
+        while s < n or not lines:
+            e = max(bisect.bisect_right(cum, cum[s] + cols, s, n + 1) - 1, min(s + 1, n))
+            lines.append((s, e))
+            if len(lines) > limit:
+                return None
+            s = e
         return lines
 
     def place(self, lines, cols: int):

@@ -136,7 +136,7 @@ class Renderer:
         # style never changes the layout: a styled chunk fits exactly when its plain text fits.
         full = drawn_text("".join(t for t, _ in parts))
         cps = np.frombuffer(full.encode("utf-32-le", "surrogatepass"), np.uint32)
-        chars = Chars(self._table, self._table.lookup(cps))
+        chars = Chars(self._table, self._table.lookup(cps), by_char=self.config.wrap == "char")
         return chars, (_drawn_styles(parts, full) if any(s for _, s in parts) else None)
 
     def _parts(self, text) -> list[tuple[str, int]]:
