@@ -93,6 +93,9 @@ class TrainConfig:
     # PT-2 text: "natural", or "shuffled" (each record's words in random order: no sentence to guess
     # from, so the image is the only way to the next word; for models trained from scratch)
     ocr_text: str = "natural"
+    # olm / sft: the share of records that also give MT-OCR samples (one image each, `ocr_text`
+    # applies), so PT-3 and SFT keep what PT-2 taught; 0 = the paper's pure stages
+    ocr_mix: float = 0.0
     # from scratch: each visual token redraws its page region (training/page_loss.py), weight 0 = off,
     # until this share of the steps; and the vision tower + aligner at learning_rate x vision_lr_scale
     aux_page_weight: float = 0.0
@@ -165,6 +168,10 @@ class TrainConfig:
             raise ValueError("num_workers, shuffle_buffer and eval_holdout must be >= 0, keep_checkpoints >= 1")
         if self.ocr_text not in ("natural", "shuffled"):
             raise ValueError(f"ocr_text must be natural or shuffled, got {self.ocr_text!r}")
+        if not 0 <= self.ocr_mix <= 1:
+            raise ValueError(f"ocr_mix must be in [0, 1], got {self.ocr_mix!r}")
+        if self.ocr_mix and self.stage not in ("olm", "sft"):
+            raise ValueError(f"ocr_mix mixes MT-OCR samples into the olm and sft stages, not {self.stage!r}")
         if self.aux_char_weight < 0 or not 0 < self.aux_char_until <= 1:
             raise ValueError("aux_char_weight must be >= 0 and aux_char_until in (0, 1]; got "
                              f"{self.aux_char_weight}, {self.aux_char_until}")

@@ -98,6 +98,11 @@ class StageBuilder:
         if cfg.stage == "ocr":
             self.ocr_tokens = cfg.ocr_tokens_per_image or chunk_tokens
             self.ocr_max_images = ocr_images_per_row(cfg, chunk_tokens, n_visual)  # the curriculum fits, or fails
+        elif cfg.ocr_mix:  # olm / sft keep reading: single-image MT-OCR samples of K tokens
+            self.ocr_tokens, self.ocr_max_images = chunk_tokens, 1
+            if M < chunk_tokens + n_visual:
+                raise ValueError(f"ocr_mix: max_length={M} cannot hold one OCR image of {n_visual} visual + "
+                                 f"{chunk_tokens} text tokens")
         if cfg.stage == "olm":
             self.olm_window = olm_text_budget(M, chunk_tokens, n_visual)
         if cfg.stage == "sft":
@@ -114,7 +119,11 @@ class StageBuilder:
 
     def items(self, record: dict, rng: random.Random, progress: float) -> tuple[list[Item], str | None]:
         """Samples of one record, or ([], reason) when the record yields none."""
-        return getattr(self, f"_{self.cfg.stage}")(record, rng, progress)
+        out, why = getattr(self, f"_{self.cfg.stage}")(record, rng, progress)
+        if self.cfg.ocr_mix and rng.random() < self.cfg.ocr_mix:
+            text = record.get("text") or "\n".join(m["content"] for m in record.get("messages", ()))
+            out = out + self._ocr({"text": text}, rng, progress)[0]
+        return out, (None if out else why)
 
     def _lm(self, rec, rng, progress):
         ids = self.encode(rec["text"]) + [self.doc_end]
@@ -139,7 +148,8 @@ class StageBuilder:
         chunks = cuts.closed + ([cuts.tail] if cuts.tail else [])
         out, i = [], 0
         while i < len(chunks):
-            n = min(images_for(self.cfg.curriculum, progress, rng), self.ocr_max_images)
+            n = 1 if self.ocr_max_images == 1 else min(images_for(self.cfg.curriculum, progress, rng),
+                                                       self.ocr_max_images)
             out.append(Item(build_sample(ocr_segments(chunks[i : i + n], self.n_visual))))
             i += n
         return out, (None if out else "empty_text")
