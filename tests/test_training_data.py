@@ -212,6 +212,24 @@ def test_olm_windows_fit_and_cover_the_document(proc):
     assert got == ids  # every token once, in order, the document end included
 
 
+def test_ocr_stop_ends_each_ocr_sample_with_the_turn_end(proc):
+    doc = {"text": TEXT * 3}
+    b = _builder(proc, "ocr", max_length=241, ocr_stop=True, curriculum=[{"until": 1.0, "min_images": 1,
+                                                                         "max_images": 3}])
+    items, _ = b.items(doc, random.Random(0), 0.5)
+    plan = collate([it.sample for it in items])
+    for r, it in enumerate(items):
+        s = it.sample
+        assert s.input_ids[-1] == b.turn_end and s.kind[-1] == Kind.TEXT and s.loss[-1]
+        # the last character of the last page predicts the stop (labels sit at the predicting slot)
+        assert plan.labels[r, len(s) - 2] == b.turn_end
+        assert s.input_ids.count(b.turn_end) == 1
+    # the stop takes a slot: 3 images of 16 + 64 and the stop need 241, not 240
+    with pytest.raises(ValueError, match=r"holds 2 OCR images.*max_length to 241"):
+        _builder(proc, "ocr", max_length=240, ocr_stop=True, curriculum=[{"until": 1.0, "min_images": 1,
+                                                                           "max_images": 3}])
+
+
 def test_ocr_mix_adds_single_image_ocr_samples_to_olm_and_sft(proc):
     doc = {"text": TEXT * 3}
     plain, _ = _builder(proc, "olm", max_length=200).items(doc, random.Random(0), 0.0)

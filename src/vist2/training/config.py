@@ -93,6 +93,9 @@ class TrainConfig:
     # PT-2 text: "natural", or "shuffled" (each record's words in random order: no sentence to guess
     # from, so the image is the only way to the next word; for models trained from scratch)
     ocr_text: str = "natural"
+    # PT-2: end each OCR sample with the turn end (<|im_end|>, loss on it), so a reader learns where a
+    # page's text stops; the paper's MT-OCR has no stop, and transcription then runs to a length cap
+    ocr_stop: bool = False
     # olm / sft: the share of records that also give MT-OCR samples (one image each, `ocr_text`
     # applies), so PT-3 and SFT keep what PT-2 taught; 0 = the paper's pure stages
     ocr_mix: float = 0.0
@@ -253,12 +256,13 @@ def ocr_images_per_row(cfg: TrainConfig, chunk_tokens: int, n_visual: int) -> in
     for more (a silently easier schedule would skip the paper's hard phase)."""
     text = cfg.ocr_tokens_per_image or chunk_tokens
     per_image = n_visual + text
-    fits = cfg.max_length // per_image
+    fits = (cfg.max_length - int(cfg.ocr_stop)) // per_image
     wants = max(p.max_images for p in cfg.curriculum)
     if wants > fits:
         raise ValueError(
             f"max_length={cfg.max_length} holds {fits} OCR images of {n_visual} visual + {text} text tokens, but "
-            f"the curriculum asks for up to {wants} per sample: raise max_length to {wants * per_image}, or lower "
+            f"the curriculum asks for up to {wants} per sample: raise max_length to "
+            f"{wants * per_image + int(cfg.ocr_stop)}, or lower "
             f"the curriculum's max_images or ocr_tokens_per_image"
         )
     return fits

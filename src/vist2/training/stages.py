@@ -100,7 +100,7 @@ class StageBuilder:
             self.ocr_max_images = ocr_images_per_row(cfg, chunk_tokens, n_visual)  # the curriculum fits, or fails
         elif cfg.ocr_mix:  # olm / sft keep reading: single-image MT-OCR samples of K tokens
             self.ocr_tokens, self.ocr_max_images = chunk_tokens, 1
-            if M < chunk_tokens + n_visual:
+            if M < chunk_tokens + n_visual + int(cfg.ocr_stop):
                 raise ValueError(f"ocr_mix: max_length={M} cannot hold one OCR image of {n_visual} visual + "
                                  f"{chunk_tokens} text tokens")
         if cfg.stage == "olm":
@@ -150,7 +150,8 @@ class StageBuilder:
         while i < len(chunks):
             n = 1 if self.ocr_max_images == 1 else min(images_for(self.cfg.curriculum, progress, rng),
                                                        self.ocr_max_images)
-            out.append(Item(build_sample(ocr_segments(chunks[i : i + n], self.n_visual))))
+            stop = [Raw((self.turn_end,), loss=True)] if self.cfg.ocr_stop else []
+            out.append(Item(build_sample(ocr_segments(chunks[i : i + n], self.n_visual) + stop)))
             i += n
         return out, (None if out else "empty_text")
 
