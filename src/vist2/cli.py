@@ -202,9 +202,11 @@ def _demo_generate(model, proc, text: str, out: Path, new_tokens: int, trained: 
     from .engine import Engine, SamplingParams
 
     engine = Engine(model, proc, max_batch=1)
-    params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True, no_repeat_ngram_size=3)
-    print(f"\n2. generation: the passage as prompt, {new_tokens} new tokens (greedy; the model is "
-          f"{'random, so the text is noise' if not trained else 'as trained'})")
+    # a model may bring its own n-gram block (the nano model writes one byte a token: 3 would forbid "the" twice)
+    ngram = getattr(model.generation_config, "no_repeat_ngram_size", None) or 3
+    params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True, no_repeat_ngram_size=ngram)
+    print(f"\n2. generation: the passage as prompt, {new_tokens} new tokens (greedy, no {ngram}-token "
+          f"repeat; the model is {'random, so the text is noise' if not trained else 'as trained'})")
     print(f"   {'mode':5} {'chunks':>6} {'KV now':>7} {'KV peak':>8} {'plain LLM':>10} {'ratio':>6} {'TTFT ms':>8} "
           f"{'tok/s':>7}")
     results = {}
@@ -377,10 +379,12 @@ def _add_render_parser(sub) -> None:
 
 
 def _add_demo_parser(sub) -> None:
-    d = sub.add_parser("demo", help="build the tiny model, lay out a passage, generate with compression",
-                       description="The quick start: builds a random tiny model (unless --model), lays a passage out "
-                                   "as [c1 v1 c2 v2 ... cn], renders its chunks, runs one forward pass, then "
-                                   "generates in gcc, pcc and none mode and compares their KV caches.")
+    d = sub.add_parser("demo", help="lay out a passage, generate with compression, read the memory back",
+                       description="The quick start: loads the nano model trained from scratch (models/vist2-nano; "
+                                   "--model DIR for another checkpoint, --preset tiny for a random model), lays a "
+                                   "passage out as [c1 v1 c2 v2 ... cn], renders its chunks, runs one forward pass, "
+                                   "generates in gcc, pcc and none mode and compares their KV caches, then has the "
+                                   "model transcribe its memory images back to text (recall, with the CER).")
     d.add_argument("--model", metavar="DIR",
                    help="a VIST2 checkpoint (default: the shipped models/vist2-nano, else a random --preset)")
     d.add_argument("--preset", choices=sorted(PRESETS), help="build this random preset in OUT/model (tiny if no model)")

@@ -96,8 +96,9 @@ class TrainConfig:
     # PT-2: end each OCR sample with the turn end (<|im_end|>, loss on it), so a reader learns where a
     # page's text stops; the paper's MT-OCR has no stop, and transcription then runs to a length cap
     ocr_stop: bool = False
-    # olm / sft: the share of records that also give MT-OCR samples (one image each, `ocr_text`
-    # applies), so PT-3 and SFT keep what PT-2 taught; 0 = the paper's pure stages
+    # olm / sft: the chance that each K-token page of a record's text is also an MT-OCR sample (one
+    # image each; ocr_text and ocr_stop apply), so PT-3 and SFT keep what PT-2 taught; 0 = the paper's
+    # pure stages
     ocr_mix: float = 0.0
     # from scratch: each visual token redraws its page region (training/page_loss.py), weight 0 = off,
     # until this share of the steps; and the vision tower + aligner at learning_rate x vision_lr_scale

@@ -120,9 +120,9 @@ class StageBuilder:
     def items(self, record: dict, rng: random.Random, progress: float) -> tuple[list[Item], str | None]:
         """Samples of one record, or ([], reason) when the record yields none."""
         out, why = getattr(self, f"_{self.cfg.stage}")(record, rng, progress)
-        if self.cfg.ocr_mix and rng.random() < self.cfg.ocr_mix:
+        if self.cfg.ocr_mix:  # each page of the record's text is also an OCR sample with this chance
             text = record.get("text") or "\n".join(m["content"] for m in record.get("messages", ()))
-            out = out + self._ocr({"text": text}, rng, progress)[0]
+            out = out + [it for it in self._ocr({"text": text}, rng, progress)[0] if rng.random() < self.cfg.ocr_mix]
         return out, (None if out else why)
 
     def _lm(self, rec, rng, progress):
