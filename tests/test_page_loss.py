@@ -88,7 +88,7 @@ def test_vision_lr_scale_reaches_the_optimizer(tiny_dir):
 
 def test_shuffled_ocr_text_keeps_the_words_in_another_order(tiny_dir):
     from vist2.processing import VIST2Processor
-    from vist2.training.stages import StageBuilder
+    from vist2.training.stages import StageBuilder, shuffle_words
 
     proc = VIST2Processor.from_pretrained(tiny_dir)
     text = " ".join(f"w{i}" for i in range(40))
@@ -104,6 +104,11 @@ def test_shuffled_ocr_text_keeps_the_words_in_another_order(tiny_dir):
     assert texts["natural"].split() == text.split()
     assert texts["shuffled"].split() != text.split()
     assert sorted(texts["shuffled"].split()) == sorted(text.split())
+    # line breaks come with the shuffle (about one word in 16), single and double
+    many = shuffle_words(" ".join(f"w{i}" for i in range(2000)), random.Random(1))
+    doubles, singles = many.count("\n\n"), many.replace("\n\n", "").count("\n")
+    assert 80 < doubles + singles < 170 and doubles > 20 and singles > 20  # ~125 breaks, half of each
+    assert sorted(many.split()) == sorted(f"w{i}" for i in range(2000))
 
 
 def test_nano_render_preset_is_one_legible_size():

@@ -234,15 +234,17 @@ def test_ocr_mix_adds_single_image_ocr_samples_to_olm_and_sft(proc):
     doc = {"text": TEXT * 3}
     plain, _ = _builder(proc, "olm", max_length=200).items(doc, random.Random(0), 0.0)
     mixed, _ = _builder(proc, "olm", max_length=200, ocr_mix=1.0).items(doc, random.Random(0), 0.0)
-    assert [it.sample.input_ids for it in mixed[: len(plain)]] == [it.sample.input_ids for it in plain]
-    ocr = mixed[len(plain):]
+    is_ocr = [it.sample.kind[0] == Kind.VISUAL for it in mixed]  # [v1 c1]; OLM windows start with text
+    assert [it.sample.input_ids for it, o in zip(mixed, is_ocr) if not o] == [it.sample.input_ids for it in plain]
+    ocr = [it for it, o in zip(mixed, is_ocr) if o]
     assert ocr and all(len(it.sample.chunks) == 1 for it in ocr)
+    assert is_ocr != sorted(is_ocr)  # spread among the windows, not a run of OCR pages after them
     s = ocr[0].sample
     assert s.kind[:16] == [Kind.VISUAL] * 16 and s.kind[16:80] == [Kind.TEXT] * 64  # [v1 c1], loss on c1
     assert all(s.loss[16:80])
     chat = {"messages": [{"role": "user", "content": "Say it."}, {"role": "assistant", "content": TEXT[:200]}]}
     sft, _ = _builder(proc, "sft", max_length=2000, ocr_mix=1.0).items(chat, random.Random(0), 0.0)
-    assert any(len(it.sample.chunks) == 1 and it.sample.kind[0] == Kind.VISUAL for it in sft[1:])
+    assert any(len(it.sample.chunks) == 1 and it.sample.kind[0] == Kind.VISUAL for it in sft)
     with pytest.raises(ValueError, match="ocr_mix"):
         stage_preset("ocr", ocr_mix=0.5)
     with pytest.raises(ValueError, match="ocr_mix"):

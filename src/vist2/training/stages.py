@@ -69,6 +69,23 @@ def olm_text_budget(max_length: int, chunk_tokens: int, n_visual: int) -> int:
     return lo
 
 
+def shuffle_words(text: str, rng: random.Random, break_every: int = 16) -> str:
+    """The words of ``text`` in random order, joined by single spaces, with a line break after about
+    one word in ``break_every`` (half of them a blank line): a page of shuffled words still holds the
+    line-break marks real text draws, so a reader learns them too.
+
+        >>> shuffle_words("a b c d", random.Random(0), break_every=0).split() != "a b c d".split()
+        True
+    """
+    words = text.split()
+    rng.shuffle(words)
+    if not break_every:
+        return " ".join(words)
+    seps = [("\n" if rng.random() < 0.5 else "\n\n") if rng.random() < 1 / break_every else " "
+            for _ in words[1:]]
+    return "".join(w + s for w, s in zip(words, seps + [""]))
+
+
 def special_id(tokenizer, token: str) -> int:
     """The id of a special token, else the tokenizer's EOS (tokenizers without a chat format)."""
     tid = tokenizer.convert_tokens_to_ids(token)
@@ -122,7 +139,10 @@ class StageBuilder:
         out, why = getattr(self, f"_{self.cfg.stage}")(record, rng, progress)
         if self.cfg.ocr_mix:  # each page of the record's text is also an OCR sample with this chance
             text = record.get("text") or "\n".join(m["content"] for m in record.get("messages", ()))
-            out = out + [it for it in self._ocr({"text": text}, rng, progress)[0] if rng.random() < self.cfg.ocr_mix]
+            out = list(out)
+            for it in self._ocr({"text": text}, rng, progress)[0]:
+                if rng.random() < self.cfg.ocr_mix:  # spread among the stage's own samples: a long record
+                    out.insert(rng.randrange(len(out) + 1), it)  # never makes a run of OCR-only steps
         return out, (None if out else why)
 
     def _lm(self, rec, rng, progress):
@@ -140,9 +160,7 @@ class StageBuilder:
     def _ocr(self, rec, rng, progress):
         text = rec["text"]
         if self.cfg.ocr_text == "shuffled":  # no sentence prior: only the image tells the next word
-            words = text.split()
-            rng.shuffle(words)
-            text = " ".join(words)
+            text = shuffle_words(text, rng)
         ids = self.encode(text)
         cuts = self.chunker(self.ocr_tokens)(ids, b"")
         chunks = cuts.closed + ([cuts.tail] if cuts.tail else [])
