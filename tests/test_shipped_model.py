@@ -15,9 +15,11 @@ ROOT = Path(__file__).resolve().parents[1]
 # Modern prose written for this test, not from the training corpora (the Bibles), cut into pages of
 # the model's K = 64 tokens (one byte a token) by the processor's chunker.
 PASSAGE = (ROOT / "recipes" / "nano" / "heldout.txt").read_text(encoding="utf-8")[:1280]
-# measured on this passage when the model was shipped (bench/notes/nano.md, round 3); the bound
-# leaves room for float differences between machines, not for a model that stopped reading
-CER_BOUND = None
+# Measured on these 20 pages when the model was shipped: mean CER 0.035 (worst page 0.24), and 0.97
+# with blank pages (bench/notes/nano.md, round 3). 0.06 leaves room for a greedy near-tie that flips
+# on another machine's floats (one derailed page moves the mean by at most ~0.05), not for a renderer
+# or model change that moves the pixels or positions the model was trained on.
+CER_BOUND = 0.06
 
 
 @pytest.fixture(scope="module")
@@ -51,4 +53,4 @@ def test_demo_uses_the_shipped_model_and_prints_recall(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "the nano model trained from scratch" in out and "the model is as trained" in out
     line = next(x for x in out.splitlines() if "character error rate over the memory:" in x)
-    assert float(line.rsplit(":", 1)[1].strip().rstrip("%")) / 100 <= 0.5
+    assert float(line.rsplit(":", 1)[1].strip().rstrip("%")) / 100 <= 0.2  # 6.5 % when shipped (300 tokens)
