@@ -53,4 +53,4 @@ def test_demo_uses_the_shipped_model_and_prints_recall(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "the nano model trained from scratch" in out and "the model is as trained" in out
     line = next(x for x in out.splitlines() if "character error rate over the memory:" in x)
-    assert float(line.rsplit(":", 1)[1].strip().rstrip("%")) / 100 <= 0.2  # 6.5 % when shipped (300 tokens)
+    assert float(line.rsplit(":", 1)[1].strip().rstrip("%")) / 100 <= 0.2  # 6.5 % when shipped, with the default 300 new tokens
