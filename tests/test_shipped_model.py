@@ -28,9 +28,9 @@ def shipped():
     return load_checkpoint(SHIPPED_MODEL, "cpu")
 
 
-def _pages(proc, text):
+def _pages(model, proc, text):
     ids = proc.encode(text)
-    cuts = proc.chunker(64)(ids, b"")
+    cuts = proc.chunker(model.config.chunk_tokens)(ids, b"")
     return [proc.decode(c) for c in cuts.closed]
 
 
@@ -39,7 +39,7 @@ def test_shipped_model_is_small_and_reads_held_out_pages(shipped):
     size = sum(p.stat().st_size for p in SHIPPED_MODEL.iterdir() if p.is_file())
     assert size <= 25 * 2**20
     assert model.config.chunk_tokens == 64 and model.config.n_visual == 16
-    pages = _pages(proc, PASSAGE)
+    pages = _pages(model, proc, PASSAGE)
     assert len(pages) == 20
     rows = read_back(model, proc, pages)
     got = sum(r["cer"] for r in rows) / len(rows)

@@ -166,8 +166,7 @@ class StageBuilder:
         chunks = cuts.closed + ([cuts.tail] if cuts.tail else [])
         out, i = [], 0
         while i < len(chunks):
-            n = 1 if self.ocr_max_images == 1 else min(images_for(self.cfg.curriculum, progress, rng),
-                                                       self.ocr_max_images)
+            n = min(images_for(self.cfg.curriculum, progress, rng), self.ocr_max_images)
             stop = [Raw((self.turn_end,), loss=True)] if self.cfg.ocr_stop else []
             out.append(Item(build_sample(ocr_segments(chunks[i : i + n], self.n_visual) + stop)))
             i += n
