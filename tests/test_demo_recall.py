@@ -38,3 +38,13 @@ def test_demo_reads_its_memory_back_and_uses_a_models_own_passage(tiny_dir, tmp_
     assert "A passage the model was never trained on." in index  # the model folder's demo.txt
     assert "3. recall from memory" in out and "character error rate over the memory:" in out
     assert "the model is as trained" in out
+
+
+def test_demo_lang_picks_the_embedded_sample_over_a_models_passage(tiny_dir, tmp_path, capsys):
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_dir, model_dir)
+    (model_dir / "demo.txt").write_text("A passage the model was never trained on. " * 12, encoding="utf-8")
+    assert main(["demo", "--model", str(model_dir), "--lang", "en", "--new-tokens", "2", "--save-images", "0",
+                 "--out", str(tmp_path / "out")]) == 0
+    index = (tmp_path / "out" / "memory" / "index.json").read_text(encoding="utf-8")
+    assert "never trained on" not in index and "In the beginning" in index  # KJV Genesis, as asked

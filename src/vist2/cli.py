@@ -143,7 +143,8 @@ def cmd_demo(args) -> int:
     model, proc, model_dir, trained = _demo_model(args, out)
     passage = model_dir / "demo.txt"  # a model may bring a passage it was not trained on
     text = (_read_text(args) if (args.text is not None or args.file) else
-            passage.read_text(encoding="utf-8") if trained and passage.is_file() else sample_text(args.lang))
+            passage.read_text(encoding="utf-8") if trained and passage.is_file() and args.lang is None
+            else sample_text(args.lang or "en"))
     if not proc.encode(text):
         raise CLIError("the text is empty")
     _demo_layout(model, proc, text, out, args.save_images)
@@ -391,7 +392,8 @@ def _add_demo_parser(sub) -> None:
     g = d.add_mutually_exclusive_group()
     g.add_argument("--text", help="the passage (default: an embedded public-domain sample)")
     g.add_argument("--file", metavar="F", help="a UTF-8 text file")
-    d.add_argument("--lang", choices=["en", "zh"], default="en", help="which embedded sample to use")
+    d.add_argument("--lang", choices=["en", "zh"],
+                   help="use this embedded sample (default: the model's demo.txt if it has one, else en)")
     d.add_argument("--save-images", type=int, default=2, metavar="N", help="save the first N chunk images")
     d.add_argument("--new-tokens", type=int, default=300, metavar="N", help="tokens to generate in each mode")
     d.add_argument("--out", default="runs/demo", metavar="DIR", help="output folder (default runs/demo)")
