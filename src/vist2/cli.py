@@ -27,6 +27,7 @@ from pathlib import Path
 from .benchmark import add_parser as add_bench_parser
 from .config import PRESETS, SIZE_FLAGS
 from .errors import CLIError
+from .modes import MODES
 from .eval import add_parser as add_eval_parser
 from .serve import add_parser as add_serve_parser
 from .training.cli import add_data_parser
@@ -211,7 +212,7 @@ def _demo_generate(model, proc, text: str, out: Path, new_tokens: int, trained: 
     print(f"   {'mode':5} {'chunks':>6} {'KV now':>7} {'KV peak':>8} {'plain LLM':>10} {'ratio':>6} {'TTFT ms':>8} "
           f"{'tok/s':>7}")
     results = {}
-    for mode in ("gcc", "pcc", "none"):
+    for mode in MODES:
         r = engine.generate([engine.request(text, params=params, mode=mode)])[0]
         s = r.stats
         results[mode] = r
@@ -319,7 +320,7 @@ def cmd_generate(args) -> int:
 
 
 def _add_sampling_flags(q) -> None:
-    q.add_argument("--mode", choices=["gcc", "pcc", "none"], default="gcc",
+    q.add_argument("--mode", choices=MODES, default="gcc",
                    help="gcc: prompt and output compressed (paper); pcc: prompt only; none: a plain LLM")
     q.add_argument("--max-new-tokens", type=int, default=256, metavar="N")
     q.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0 = greedy (default)")

@@ -34,7 +34,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
@@ -47,91 +47,8 @@ from ..runtime import eos_ids, kv_geometry, load_checkpoint
 from .cache import CompressedKVCache
 from .rendering import ChunkRenderer
 from .sampling import Sampler, SamplingParams
+from .types import Event, Mode, Request, Result, Stats, StepReport
 from ..text import StreamDecoder
-
-MODES = ("gcc", "pcc", "none")
-
-
-@dataclass
-class Request:
-    """A prompt as ids: ``prefix`` and ``suffix`` stay raw, ``query`` is compressed by the tail rule.
-    ``question = (start, end)``: ``query[start:end]`` is the user's question, drawn in red (paper Fig. 7)."""
-
-    query: list[int]
-    prefix: list[int] = field(default_factory=list)
-    suffix: list[int] = field(default_factory=list)
-    params: SamplingParams = field(default_factory=SamplingParams)
-    mode: str = "gcc"
-    question: tuple[int, int] | None = None
-
-    @property
-    def prompt_ids(self) -> list[int]:
-        return [*self.prefix, *self.query, *self.suffix]
-
-
-@dataclass
-class Stats:
-    prompt_tokens: int = 0
-    generated_tokens: int = 0
-    chunks_compressed: int = 0  # prompt and generated chunks turned into visual tokens
-    visual_tokens: int = 0  # visual tokens in the cache now
-    kv_tokens: int = 0  # cache entries held now
-    kv_tokens_peak: int = 0
-    kv_tokens_uncompressed: int = 0  # what a plain LLM would hold for the same tokens
-    kv_bytes: int = 0
-    kv_bytes_peak: int = 0
-    ttft_s: float = 0.0
-    tokens_per_s: float = 0.0
-    finish_reason: str = ""  # stop | length | eos | error (this request failed; the others carry on)
-    error: str = ""  # what failed, with finish_reason "error"
-
-    def as_dict(self) -> dict:
-        return asdict(self)
-
-
-@dataclass
-class Event:
-    """One step's news for one request: new text (never half a character), and whether it is done."""
-
-    request_id: int
-    delta: str
-    token_id: int | None
-    done: bool
-    stats: Stats | None = None
-    result: "Result | None" = None  # on the last event of Engine.stream()
-
-
-@dataclass
-class Result:
-    request_id: int
-    text: str
-    token_ids: list[int]
-    stats: Stats
-    memory: list[str]  # the text of every chunk held as an image, in cache order
-    logits: list[torch.Tensor] | None = None  # the distribution each token was drawn from (record_logits)
-
-
-@dataclass
-class StepReport:
-    """What one :meth:`Engine.step` did, handed to the engine's ``observer`` (timing, monitoring).
-
-    ``seconds`` holds the wall time of each phase of the step (``prefill``: prompt tokens through
-    the LLM; ``render``: chunk images drawn; ``vision``: images through the ViT and aligner;
-    ``compress``: generated windows closed, render and vision included; ``decode``: the step's
-    token through the LLM; ``sample``). The device is synchronised at phase edges only while an
-    observer is set, so the phases are honest and an unobserved engine never waits on it.
-    """
-
-    step: int
-    prefill_tokens: int = 0  # prompt entries run through the LLM this step (text and visual)
-    prefill_chunks: int = 0  # prompt chunks read by the vision tower this step
-    prefill_rows: list[int] = field(default_factory=list)  # rows in each prefill forward (prompts fed together)
-    decode_rows: int = 0  # rows that fed a token
-    decode_chunks: int = 0  # generated windows compressed
-    compress_kv: list[int] = field(default_factory=list)  # live entries of each such row before its compression
-    kv_tokens: dict[int, int] = field(default_factory=dict)  # request id -> live cache entries after the step
-    seconds: dict[str, float] = field(default_factory=dict)
-
 
 @dataclass
 class _Op:
@@ -315,13 +232,12 @@ class Engine:
     # -- requests ---------------------------------------------------------------------
 
     def request(self, prompt: str | None = None, *, messages: list[dict] | None = None,
-                params: SamplingParams | None = None, mode: str = "gcc", question: str | None = None) -> Request:
+                params: SamplingParams | None = None, mode: Mode | str = Mode.GCC, question: str | None = None) -> Request:
         """Tokenize a plain prompt, or chat ``messages`` (the last user turn is the compressed query;
         its optional ``question`` field is the question, see :func:`chat_prompt`). With a plain prompt,
         ``question`` is appended to it the same way: ``prompt + "\n" + question``."""
         params = (params or SamplingParams()).validate()
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        mode = Mode.parse(mode)
         tok = self.processor.tokenizer
         if messages is not None:
             if question is not None:
@@ -338,8 +254,7 @@ class Engine:
     def add(self, request: Request) -> int:
         """Queue a request; returns its id. Raises ValueError if its prompt cannot fit the memory limit."""
         request.params.validate()
-        if request.mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {request.mode!r}")
+        request.mode = Mode.parse(request.mode)
         if not request.prompt_ids:
             raise ValueError("the prompt is empty")
         need = self._prompt_footprint(request)
@@ -354,7 +269,7 @@ class Engine:
         return rid
 
     def _segments(self, req: Request) -> list[Segment]:
-        if req.mode == "none":
+        if req.mode == Mode.NONE:
             return [Raw(tuple(req.prompt_ids))]
         return prompt_segments(req.prefix, req.query, req.suffix, self.K, self.n_visual, self.prompt_encoding,
                                chunker=self.processor.chunker(self.K), question=req.question)
@@ -485,7 +400,7 @@ class Engine:
         return self._finished.pop(request_id, None)
 
     def generate_text(self, prompts: Sequence[str], params: SamplingParams | None = None,
-                      mode: str = "gcc") -> list[Result]:
+                      mode: Mode | str = Mode.GCC) -> list[Result]:
         return self.generate([self.request(p, params=params, mode=mode) for p in prompts])
 
     # -- internals: the cache and the LLM ------------------------------------------------
@@ -725,7 +640,7 @@ class Engine:
     def _decode(self, seqs: list[_Seq]) -> None:
         # the fit rule: a token whose text would not fit the open window's image closes the window
         # first (it was sampled with the window's text in sight, as the layout's fit_cut says)
-        overflow = [s for s in seqs if s.req.mode == "gcc" and s.window and not s.fit.push(s.generated[-1])]
+        overflow = [s for s in seqs if s.req.mode == Mode.GCC and s.window and not s.fit.push(s.generated[-1])]
         if overflow and not self._compress(overflow):
             seqs = [s for s in seqs if s not in overflow]
             if not seqs:
@@ -733,7 +648,7 @@ class Engine:
         for s in overflow:
             assert s.fit.push(s.generated[-1])  # it begins the new window (or raises if it never fits)
         for s in seqs:
-            if s.req.mode == "gcc" and not s.window and s not in overflow:
+            if s.req.mode == Mode.GCC and not s.window and s not in overflow:
                 s.fit.push(s.generated[-1])
         try:
             self._check_room([s.row for s in seqs], 1)
@@ -748,7 +663,7 @@ class Engine:
         for s in seqs:
             s.window.append(s.generated[-1])
             self._update_kv_stats(s)
-        full = [s for s in seqs if s.req.mode == "gcc" and s.fit.full]  # K tokens: closed right away
+        full = [s for s in seqs if s.req.mode == Mode.GCC and s.fit.full]  # K tokens: closed right away
         if full:
             self._compress(full)
 

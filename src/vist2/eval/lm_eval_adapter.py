@@ -40,7 +40,7 @@ from lm_eval.api.registry import register_model
 from tqdm.auto import tqdm
 
 from ..engine import Engine, Request, SamplingParams
-from ..engine.engine import MODES
+from ..modes import MODES
 from ..layout import IGNORE, Raw, Segment, build_sample, collate, prompt_segments, sft_segments
 from ..runtime import eos_ids, load_checkpoint
 

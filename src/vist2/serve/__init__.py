@@ -27,6 +27,8 @@ import logging
 import os
 import sys
 
+from ..modes import MODES
+
 log = logging.getLogger(__name__)
 
 
@@ -55,7 +57,7 @@ def _add_arguments(q: argparse.ArgumentParser) -> None:
     q.add_argument("--shutdown-grace", type=float, default=10.0, metavar="SECONDS",
                    help="on shutdown, requests in flight get this long to finish before they end with a "
                         "503 error; new ones get 503 at once (default 10)")
-    q.add_argument("--mode", choices=["gcc", "pcc", "none"], default="gcc",
+    q.add_argument("--mode", choices=MODES, default="gcc",
                    help="compression mode of requests that do not choose one (default gcc)")
     q.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     q.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,

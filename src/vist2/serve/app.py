@@ -33,6 +33,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..engine import Engine
+from ..modes import MODES
 from .metrics import ServerMetrics
 from .protocol import APIError, ChatCompletionRequest, CompletionRequest, ErrorResponse
 from .engine_bridge import EngineBridge
@@ -174,8 +175,8 @@ async def _parse(raw: HTTPRequest, model: type[BaseModel]) -> BaseModel:
 
 def _check_options(default_mode: str, max_tokens_limit: int | None, max_body_bytes: int | None,
                    shutdown_grace: float) -> None:
-    if default_mode not in ("gcc", "pcc", "none"):
-        raise ValueError(f"default_mode must be gcc, pcc or none, got {default_mode!r}")
+    if default_mode not in MODES:
+        raise ValueError(f"default_mode must be one of {', '.join(MODES)}, got {default_mode!r}")
     for name, value in (("max_tokens_limit", max_tokens_limit), ("max_body_bytes", max_body_bytes)):
         if value is not None and value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")

@@ -28,7 +28,7 @@ from typing import Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-Mode = Literal["gcc", "pcc", "none"]
+from ..modes import Mode
 
 
 # -- errors -----------------------------------------------------------------------------
