@@ -28,7 +28,9 @@ from typing import Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from ..modes import Mode
+from ..modes import MODES
+
+Mode = Literal[MODES]  # the compression modes' names (strict JSON validation takes strings, not the enum)
 
 
 # -- errors -----------------------------------------------------------------------------
