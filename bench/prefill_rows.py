@@ -26,7 +26,10 @@ from pathlib import Path
 
 import torch
 
-from vist2.benchmark import _prompt_ids
+try:
+    from vist2.bench import prompt_ids
+except ImportError:  # an older checkout of src, before the benchmark became a package
+    from vist2.benchmark import _prompt_ids as prompt_ids
 from vist2.build import build_from_preset, load_tokenizer
 from vist2.engine import Engine, Request, SamplingParams
 from vist2.processing import VIST2Processor
@@ -35,7 +38,7 @@ from vist2.processing import VIST2Processor
 def batch_ttft_ms(model, proc, batch: int, n: int, mode: str) -> float:
     engine = Engine(model, proc, max_batch=batch, max_cache_tokens=n + 64, max_prefills_per_step=batch)
     params = SamplingParams(max_new_tokens=3, ignore_eos=True)
-    reqs = [Request(query=_prompt_ids(proc.tokenizer, n + 50 * i)[50 * i :], params=params, mode=mode)
+    reqs = [Request(query=prompt_ids(proc.tokenizer, n + 50 * i)[50 * i :], params=params, mode=mode)
             for i in range(batch)]
     return max(r.stats.ttft_s for r in engine.generate(reqs)) * 1e3
 

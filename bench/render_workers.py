@@ -29,7 +29,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from vist2.benchmark import _prompt_ids  # noqa: E402
+from vist2.bench import prompt_ids  # noqa: E402
 from vist2.build import load_tokenizer  # noqa: E402
 from vist2.config import preset_config  # noqa: E402
 from vist2.engine.rendering import ChunkRenderer  # noqa: E402
@@ -38,7 +38,7 @@ from vist2.processing import VIST2Processor  # noqa: E402
 
 def prompt_chunks(proc: VIST2Processor, n_tokens: int) -> list[str]:
     texts, carry = [], b""
-    for ids in proc.chunk_ids(_prompt_ids(proc.tokenizer, n_tokens)):
+    for ids in proc.chunk_ids(prompt_ids(proc.tokenizer, n_tokens)):
         text, carry = proc.chunk_text(carry, ids)
         texts.append(text)
     return texts

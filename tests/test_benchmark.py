@@ -2,13 +2,16 @@
 
 import argparse
 import json
+import sys
 
 import pytest
 import torch
 
-from vist2 import benchmark
-from vist2.benchmark import FlopShape, chunk_flops, decode_flops, flops_per_token, image_flops, kv_layout
+from vist2 import bench
+from vist2.bench import FlopShape, chunk_flops, decode_flops, flops_per_token, image_flops, kv_layout
+from vist2.cli import main
 from vist2.errors import CLIError
+from vist2.layout import Raw, prompt_segments
 
 N, M = 150, 140
 K, N_VISUAL = 64, 16  # the tiny preset
@@ -17,26 +20,31 @@ BYTES_PER_ENTRY = 2 * 2 * 2 * 16 * 4  # K and V x 2 layers x 2 KV heads x head_d
 
 def _args(argv):
     parser = argparse.ArgumentParser(prog="vist2")
-    benchmark.add_parser(parser.add_subparsers())
+    bench.add_parser(parser.add_subparsers())
     return parser.parse_args(["bench", *argv])
+
+
+def _bench(argv) -> int:
+    """``vist2 bench ARGV`` as the entry point runs it: ``main()`` parsing ``sys.argv``, one torch thread."""
+    threads = torch.get_num_threads()
+    try:  # one thread: tiny matmuls on a busy shared CPU are far steadier (and faster) that way
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(sys, "argv", ["vist2", "bench", *argv, "--threads", "1"])
+            return main()
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    threads = torch.get_num_threads()
-    try:  # one thread: tiny matmuls on a busy shared CPU are far steadier (and faster) that way
-        args = _args(["--preset", "tiny", "--prompt-tokens", str(N), "--new-tokens", str(M),
-                      "--modes", "gcc,pcc,none,hf", "--threads", "1", "--no-warmup", "--prefill-budget", "32",
-                      "--stall", "--out", str(out)])
-        assert args.func(args) == 0
-    finally:
-        torch.set_num_threads(threads)
+    assert _bench(["--preset", "tiny", "--prompt-tokens", str(N), "--new-tokens", str(M), "--modes", "gcc,pcc,none,hf",
+                   "--no-warmup", "--prefill-budget", "32", "--stall", "--out", str(out)]) == 0
     return out, json.loads((out / "bench.json").read_text())
 
 
 def test_every_mode_runs_for_the_fixed_length(report):
-    _, r = report
+    out, r = report
     assert list(r["modes"]) == ["gcc", "pcc", "none", "hf"]
     for name, m in r["modes"].items():
         assert m["new_tokens"] == M and m["prompt_tokens"] == N, name
@@ -44,7 +52,9 @@ def test_every_mode_runs_for_the_fixed_length(report):
         assert m["flops_per_token"]["mean"] > 0, name
         assert len(m["buckets"]) == 4 and all(b["steps"] > 0 for b in m["buckets"]), name
     assert r["model"]["K"] == K and r["model"]["n_visual"] == N_VISUAL
-    assert r["command"].startswith("vist2 bench --preset tiny --prompt-tokens 150 --new-tokens 140")
+    # the command as it was run (sys.argv), not rebuilt from the flags
+    assert r["command"] == (f"vist2 bench --preset tiny --prompt-tokens 150 --new-tokens 140 --modes gcc,pcc,none,hf "
+                            f"--no-warmup --prefill-budget 32 --stall --out {out} --threads 1")
     assert r["machine"]["torch"] == torch.__version__
 
 
@@ -98,13 +108,8 @@ def test_curves_and_plots(report):
 
 def test_a_batch_is_prefilled_together(tmp_path):
     """By default the bench admits the whole batch in its first step: one prefill forward of every row."""
-    threads = torch.get_num_threads()
-    try:
-        args = _args(["--preset", "tiny", "--prompt-tokens", str(N), "--new-tokens", "4", "--modes", "gcc,none",
-                      "--batch", "3", "--threads", "1", "--no-warmup", "--render-workers", "2", "--out", str(tmp_path)])
-        assert args.func(args) == 0
-    finally:
-        torch.set_num_threads(threads)
+    assert _bench(["--preset", "tiny", "--prompt-tokens", str(N), "--new-tokens", "4", "--modes", "gcc,none",
+                   "--batch", "3", "--no-warmup", "--render-workers", "2", "--out", str(tmp_path)]) == 0
     r = json.loads((tmp_path / "bench.json").read_text())
     for name, m in r["modes"].items():
         assert m["prefill_rows_per_forward_max"] == 3 and m["new_tokens"] == 4, name
@@ -114,13 +119,8 @@ def test_a_batch_is_prefilled_together(tmp_path):
 
 
 def test_from_a_checkpoint_folder(tiny_dir, tmp_path):
-    threads = torch.get_num_threads()
-    try:
-        args = _args(["--model", str(tiny_dir), "--prompt-tokens", "40", "--new-tokens", "5", "--modes", "none",
-                      "--threads", "1", "--no-warmup", "--out", str(tmp_path)])
-        assert args.func(args) == 0
-    finally:
-        torch.set_num_threads(threads)
+    assert _bench(["--model", str(tiny_dir), "--prompt-tokens", "40", "--new-tokens", "5", "--modes", "none",
+                   "--no-warmup", "--out", str(tmp_path)]) == 0
     r = json.loads((tmp_path / "bench.json").read_text())
     assert r["modes"]["none"]["kv_tokens"] == 40 + 4
 
@@ -168,10 +168,37 @@ def test_flops_formula_by_hand():
                                                 "total": 8120}
 
 
+def _prompt(n, encoding="visual"):
+    """A query of n tokens laid out by the tail rule, chunks cut every K tokens."""
+    return prompt_segments([], list(range(n)), [], K, N_VISUAL, encoding)
+
+
 def test_kv_layout_tail_rule():
-    assert kv_layout(150, 140, K, N_VISUAL, "gcc") == {"prompt": 48, "final": 91, "peak": 144}
-    assert kv_layout(140, 2, K, N_VISUAL, "pcc") == {"prompt": 2 * N_VISUAL + 12, "final": 45, "peak": 45}  # tail 12 raw
-    assert kv_layout(128, 65, K, N_VISUAL, "gcc") == {"prompt": 32, "final": 48, "peak": 32 + K + N_VISUAL}
-    assert kv_layout(150, 140, K, N_VISUAL, "none") == {"prompt": 150, "final": 289, "peak": 289}
+    assert kv_layout(_prompt(150), 140, K, N_VISUAL, "gcc") == {"prompt": 48, "final": 91, "peak": 144}
+    assert kv_layout(_prompt(140), 2, K, N_VISUAL, "pcc") == {"prompt": 2 * N_VISUAL + 12, "final": 45,
+                                                               "peak": 45}  # tail 12 raw
+    assert kv_layout(_prompt(128), 65, K, N_VISUAL, "gcc") == {"prompt": 32, "final": 48, "peak": 32 + K + N_VISUAL}
+    assert kv_layout([Raw(tuple(range(150)))], 140, K, N_VISUAL, "none") == {"prompt": 150, "final": 289, "peak": 289}
     # interleaved: a chunk's text is held with its visual tokens while they read it
-    assert kv_layout(150, 1, K, N_VISUAL, "pcc", "interleaved")["peak"] == N_VISUAL + K + N_VISUAL
+    assert kv_layout(_prompt(150, "interleaved"), 1, K, N_VISUAL, "pcc")["peak"] == N_VISUAL + K + N_VISUAL
+
+
+def test_the_cache_is_sized_by_the_engines_plan():
+    """A prompt the fit rule cuts early (runs of '#': 24 tokens fill the tiny image) needs more entries than
+    chunks of K tokens would: the bench asks the engine's plan, so its cache holds the prompt and the
+    layout's count is the engine's."""
+    from vist2.build import build_from_preset, load_tokenizer
+    from vist2.engine import Engine, Request, SamplingParams
+    from vist2.processing import VIST2Processor
+
+    model = build_from_preset("tiny")
+    proc = VIST2Processor(load_tokenizer(), model.config.render_config)
+    ids = proc.tokenizer("#" * 16 * 150, add_special_tokens=False)["input_ids"]
+    req = Request(query=ids, mode="gcc", params=SamplingParams(max_new_tokens=3, ignore_eos=True))
+    need, capacity = bench.cache_need(Engine(model, proc, max_batch=1), req, 3)
+    # 38 tokens: a chunk of 24 closed by the fit rule, a raw tail of 14 <= n_visual; at K=64 it would be one chunk
+    assert len(ids) == 38 and need == {"prompt": N_VISUAL + 14, "final": N_VISUAL + 16, "peak": N_VISUAL + 16}
+    assert kv_layout(_prompt(38), 3, K, N_VISUAL, "gcc")["prompt"] == N_VISUAL
+    res = Engine(model, proc, max_batch=1, max_cache_tokens=capacity).generate([req])[0]
+    assert res.stats.generated_tokens == 3 and res.stats.chunks_compressed == 1
+    assert (res.stats.kv_tokens, res.stats.kv_tokens_peak) == (need["final"], need["peak"])

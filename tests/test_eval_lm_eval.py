@@ -83,7 +83,7 @@ def _plain_llm_metrics(model_dir) -> dict:
     import torch
     from transformers import AutoTokenizer
 
-    from vist2.benchmark import hf_model
+    from vist2.bench import hf_model
     from vist2.modeling import VIST2ForCausalLM
 
     lm = hf_model(VIST2ForCausalLM.from_pretrained(str(model_dir)).eval())

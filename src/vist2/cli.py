@@ -24,7 +24,7 @@ import logging
 import sys
 from pathlib import Path
 
-from .benchmark import add_parser as add_bench_parser
+from .bench import add_parser as add_bench_parser
 from .config import PRESETS, SIZE_FLAGS
 from .errors import CLIError
 from .modes import MODES
