@@ -136,6 +136,10 @@ def test_from_a_checkpoint_folder(tiny_dir, tmp_path):
     (["--preset", "tiny", "--prompt-tokens", "10", "--new-tokens", "10", "--render-workers", "0"], "--render-workers"),
     (["--preset", "tiny", "--prompt-tokens", "10", "--new-tokens", "10", "--prefills-per-step", "0"],
      "--prefills-per-step"),
+    (["--preset", "tiny", "--prompt-tokens", "10", "--new-tokens", "10", "--batch-fit", "0"], "--batch-fit"),
+    (["--preset", "tiny", "--prompt-tokens", "10", "--new-tokens", "10", "--batch-fit", "1"], "leave hf out"),
+    (["--preset", "tiny", "--prompt-tokens", "100", "--new-tokens", "10", "--modes", "none", "--batch-fit", "1e-4"],
+     "holds no row"),
 ])
 def test_bad_arguments(argv, message, tmp_path):
     args = _args([*argv, "--out", str(tmp_path / "o")])
@@ -202,3 +206,46 @@ def test_the_cache_is_sized_by_the_engines_plan():
     res = Engine(model, proc, max_batch=1, max_cache_tokens=capacity).generate([req])[0]
     assert res.stats.generated_tokens == 3 and res.stats.chunks_compressed == 1
     assert (res.stats.kv_tokens, res.stats.kv_tokens_peak) == (need["final"], need["peak"])
+
+
+def test_batch_fit_counts_rows_and_the_scratch_row():
+    # 1 MiB / (100 entries x 512 B) = 20 rows, one of them the engine's scratch row
+    assert bench.fit_batch(1 / 1024, 100, 512) == 19
+    with pytest.raises(ValueError, match="holds no row"):
+        bench.fit_batch(1 / 1024, 2048, 512)  # 1 MiB a row: the scratch row alone fills the budget
+    assert bench.fit_batch(1 / 1024, 1024, 512) == 1  # 512 KiB a row: one row beside the scratch row
+
+
+@pytest.mark.slow
+def test_the_gpu_suite_smoke_run_writes_every_figure(tmp_path):
+    """``SMOKE=1 bash bench/gpu_suite.sh`` is the GPU suite's very flow at tiny shapes on CPU: every step
+    writes its JSON and the summary holds every figure, a number or null with a reason."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "suite"
+    env = {**os.environ, "SMOKE": "1", "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run(["bash", str(root / "bench" / "gpu_suite.sh"), str(out)], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    steps = [json.loads(line) for line in (out / "steps.jsonl").read_text().splitlines()]
+    assert [(s["step"], s["rc"]) for s in steps] == [(name, 0) for name in
+                                                     ("preflight", "gpu_tests", "ttft", "long", "fit", "train")]
+    for step in ("ttft", "long", "fit"):
+        assert json.loads((out / step / "bench.json").read_text())["modes"], step
+    assert json.loads((out / "train.json").read_text())["runs"]["sdpa"]["tokens_per_s"] > 0
+    assert json.loads((out / "gpu_tests.json").read_text())["failed"] == 0
+    s = json.loads((out / "summary.json").read_text())
+    keys = ("kv_ratio_32k", "ttft_speedup_vs_hf", "decode_speedup_vs_hf", "decode_speedup_vs_none_32k",
+            "fit_ratio_32k", "batch_throughput_ratio", "compression_share", "train_mfu_flex", "stall_ms", "gpu_tests")
+    for key in keys:
+        assert key in s and (s[key] is not None or s["reasons"].get(key)), key
+        assert s["how"][key], key
+    assert s["smoke"] is True and s["device"] and s["versions"]["torch"] == torch.__version__
+    assert s["train_mfu_flex"] is None and "CUDA" in s["reasons"]["train_mfu_flex"]  # flex is CUDA-only
+    # 320 generated tokens = 5 windows of K: the extrapolation from the measured rate lands on the layout rule
+    assert s["kv_ratio_32k"] == pytest.approx(s["extra"]["kv_ratio_32k_layout"], rel=1e-9)
+    assert s["extra"]["fit_batches"]["gcc"] > s["extra"]["fit_batches"]["none"] >= 1
+    assert (out / "summary.md").read_text().count("\n|") >= len(keys)

@@ -29,11 +29,11 @@ Modules: :mod:`.flops` (analytic FLOPs), :mod:`.kv` (cache entries), :mod:`.memo
 from .cli import BENCH_MODES, add_parser, cmd_bench
 from .flops import FlopShape, chunk_flops, decode_flops, flop_shape, flops_per_token, image_flops
 from .hf import hf_model
-from .kv import cache_need, kv_layout, prompt_plan
+from .kv import cache_need, fit_batch, kv_layout, prompt_plan
 from .runners import ModeResult, measure_stall, prompt_ids
 
 __all__ = [
     "BENCH_MODES", "FlopShape", "ModeResult", "add_parser", "cache_need", "chunk_flops", "cmd_bench", "decode_flops",
-    "flop_shape", "flops_per_token", "hf_model", "image_flops", "kv_layout", "measure_stall", "prompt_ids",
+    "fit_batch", "flop_shape", "flops_per_token", "hf_model", "image_flops", "kv_layout", "measure_stall", "prompt_ids",
     "prompt_plan",
 ]

@@ -12,7 +12,7 @@ from ..runtime import default_device, load_checkpoint, torch_dtype
 from .flops import flop_shape
 from .hf import hf_model, run_hf
 from .memory import PeakMemory, sync
-from .report import build_report, buckets, dumps, plots, print_summary
+from .report import batch_label, build_report, buckets, dumps, plots, print_summary
 from .runners import ModeResult, measure_stall, prompt_ids, run_engine
 
 HF = "hf"  # a bench-only mode: the LLM alone in transformers' generate(), not an engine mode
@@ -41,7 +41,7 @@ def check_args(args) -> None:
         if value <= 0:
             raise CLIError(f"{flag} must be > 0, got {value}")
     for flag, value in (("--threads", args.threads), ("--max-cache-tokens", args.max_cache_tokens),
-                        ("--prefills-per-step", args.prefills_per_step)):
+                        ("--prefills-per-step", args.prefills_per_step), ("--batch-fit", args.batch_fit)):
         if value is not None and value <= 0:
             raise CLIError(f"{flag} must be > 0, got {value}")
 
@@ -117,7 +117,10 @@ def run_modes(args, modes, device, model, processor, ids) -> dict[str, ModeResul
         if mode == HF:
             results[mode] = run_hf(model, ids, args, device, fshape, memory, progress)
         else:
-            results[mode] = run_engine(model, processor, ids, mode, args, device, fshape, memory, progress)
+            try:
+                results[mode] = run_engine(model, processor, ids, mode, args, device, fshape, memory, progress)
+            except ValueError as e:  # what the flags asked for cannot run (cache limits, --batch-fit)
+                raise CLIError(f"{mode}: {e}") from e
         if device.type == "cuda":
             torch.cuda.empty_cache()
     lo, hi = args.prompt_tokens + 1, args.prompt_tokens + args.new_tokens - 1
@@ -129,12 +132,15 @@ def run_modes(args, modes, device, model, processor, ids) -> dict[str, ModeResul
 def cmd_bench(args) -> int:
     check_args(args)
     modes = parse_modes(args.modes)
+    if args.batch_fit and HF in modes:
+        raise CLIError("--batch-fit sizes the engine's preallocated cache; leave hf out of --modes")
     device, model, processor = setup(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     ids = prompt_ids(processor.tokenizer, args.prompt_tokens)
     results = run_modes(args, modes, device, model, processor, ids)
-    report = build_report(args, device, model, flop_shape(model), results, plots(out, results, args.batch))
+    files = plots(out, results, batch_label(args, results))
+    report = build_report(args, device, model, flop_shape(model), results, files)
     if args.stall:
         report["stall"] = measure_stall(model, processor, ids, args, device)
     (out / "bench.json").write_text(dumps(report))
@@ -156,6 +162,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     q.add_argument("--modes", default=",".join(BENCH_MODES), metavar="LIST",
                    help=f"comma-separated, from {','.join(BENCH_MODES)} (default: all)")
     q.add_argument("--batch", type=int, default=1, metavar="B", help="copies of the request decoded together")
+    q.add_argument("--batch-fit", type=float, default=None, metavar="GIB",
+                   help="instead of --batch: per mode, as many copies as the preallocated KV cache holds in GIB "
+                        "GiB (what fits in the same memory; weights and activations come on top)")
     q.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     q.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     q.add_argument("--seed", type=int, default=0, help="seed of the random preset weights")

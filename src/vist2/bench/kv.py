@@ -60,3 +60,13 @@ def cache_need(engine, request, n_new: int) -> tuple[dict, int]:
     plan = prompt_plan(engine, request)
     need = kv_layout(plan.segments, n_new, engine.K, engine.n_visual, request.mode)
     return need, max(plan.footprint, need["peak"] + 1)
+
+
+def fit_batch(budget_gib: float, capacity: int, bytes_per_entry: int) -> int:
+    """The most rows of ``capacity`` entries whose preallocated cache fits ``budget_gib`` GiB (the engine
+    allocates one scratch row beside them). Weights and activations come on top of the budget."""
+    rows = int(budget_gib * 2**30 // (capacity * bytes_per_entry)) - 1
+    if rows < 1:
+        raise ValueError(f"--batch-fit {budget_gib}: {budget_gib} GiB holds no row of {capacity} entries "
+                         f"({capacity * bytes_per_entry} bytes each, and one scratch row)")
+    return rows

@@ -61,7 +61,14 @@ def buckets(context: list[int], ms: list[float], lo: int, hi: int, n: int) -> li
     return out
 
 
-def plots(out: Path, modes: dict[str, ModeResult], batch: int) -> list[str]:
+def batch_label(args, modes: dict[str, ModeResult]) -> str:
+    if not args.batch_fit:
+        return f"batch {args.batch}"
+    per_mode = ", ".join(f"{name} {m.batch}" for name, m in modes.items())
+    return f"batch {per_mode} (KV cache in {args.batch_fit} GiB)"
+
+
+def plots(out: Path, modes: dict[str, ModeResult], batch: str) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -77,7 +84,7 @@ def plots(out: Path, modes: dict[str, ModeResult], batch: int) -> list[str]:
         smooth = [statistics.fmean(m.ms[max(0, i - w + 1) : i + 1]) for i in range(len(m.ms))]
         ax.plot(m.context, m.ms, color=COLORS.get(name), alpha=0.15, linewidth=0.5)
         ax.plot(m.context, smooth, color=COLORS.get(name), label=name, linewidth=1.5)
-    _finish(ax, "decode ms / step", f"decode latency, batch {batch}")
+    _finish(ax, "decode ms / step", f"decode latency, {batch}")
     fig.tight_layout()
     fig.savefig(out / "decode_ms_per_token.png")
     files.append("decode_ms_per_token.png")
@@ -171,6 +178,7 @@ def build_report(args, device, model, fshape: FlopShape, results: dict[str, Mode
         "model": model_info(model, fshape),
         "source": str(args.model) if args.model else f"preset {args.preset} (random weights, seed {args.seed})",
         "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "batch": args.batch,
+        "batch_fit_gib": args.batch_fit,
         "notes": {
             "context": "prompt tokens + generated tokens fed through the LLM so far",
             "kv": "per sequence; kv_bytes_allocated is the engine's preallocated cache for the whole batch",
@@ -185,7 +193,7 @@ def build_report(args, device, model, fshape: FlopShape, results: dict[str, Mode
 
 def print_summary(args, report: dict, results: dict[str, ModeResult], model, device, out: Path) -> None:
     print(f"vist2 bench: {report['source']}, {device}, {args.dtype}; prompt {args.prompt_tokens} + "
-          f"{args.new_tokens} new tokens, batch {args.batch}; K={model.config.chunk_tokens}, "
+          f"{args.new_tokens} new tokens, {batch_label(args, results)}; K={model.config.chunk_tokens}, "
           f"n_visual={model.config.n_visual}")
     print("ms@C: mean decode ms per step for contexts up to C; tok/s counts the whole batch; "
           "KV per sequence; compr%: compression time / decode time")

@@ -14,7 +14,8 @@ from dataclasses import asdict, dataclass, field
 from ..modes import Mode
 from ..samples import sample_text
 from .flops import FlopShape, chunk_flops, decode_flops, flops_per_token
-from .kv import cache_need
+from ..runtime import kv_geometry
+from .kv import cache_need, fit_batch
 from .memory import PeakMemory, sync
 
 
@@ -151,14 +152,17 @@ def engine_options(args) -> dict:
 
 def run_engine(model, processor, ids, mode, args, device, fshape: FlopShape, memory: PeakMemory,
                progress) -> ModeResult:
-    """Decode ``args.batch`` copies of ``ids`` for exactly ``args.new_tokens`` greedy tokens in ``mode``."""
+    """Decode ``args.batch`` copies of ``ids`` (with ``args.batch_fit``: as many as fit that many GiB of cache)
+    for exactly ``args.new_tokens`` greedy tokens in ``mode``."""
     from ..engine import Engine, Request, SamplingParams
 
-    N, M, B = len(ids), args.new_tokens, args.batch
+    N, M = len(ids), args.new_tokens
     params = SamplingParams(max_new_tokens=M, ignore_eos=True)
     request = Request(query=list(ids), params=params, mode=mode)
     need, capacity = cache_need(Engine(model, processor, max_batch=1), request, M)
     capacity = args.max_cache_tokens or capacity
+    per_entry = kv_geometry(model.config.text_config).bytes_per_entry(next(model.parameters()).element_size())
+    B = fit_batch(args.batch_fit, capacity, per_entry) if args.batch_fit else args.batch
     base_mem = memory.start()
     recorder = Recorder()
     engine = Engine(model, processor, max_batch=B, max_cache_tokens=capacity, observer=recorder,
