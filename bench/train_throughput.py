@@ -31,6 +31,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import sys
 import time
 from pathlib import Path
@@ -99,7 +100,7 @@ def run_one(model, batch, impl: str, steps: int, warmup: int, device, dtype) -> 
             torch.cuda.synchronize()
         t = time.perf_counter()
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            loss = model(plan=plan, pixel_values=pixels, logits_at_targets=True).loss
+            loss = model(plan=plan, pixel_values=pixels, loss_only=True).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -177,9 +178,11 @@ def main(argv=None) -> int:
         r["mfu"] = flops / r["step_s_median"] / (peak * 1e12) if peak else None
         if device.type == "cuda":
             r["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        # the process's peak so far (this run and any before it in this process), in GB
+        r["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
         result["runs"][impl] = r
         print(f"{impl:5s}  step {r['step_s_median'] * 1e3:8.1f} ms  {r['tokens_per_s']:10,.0f} tok/s  "
-              f"MFU {r['mfu'] * 100 if r['mfu'] else float('nan'):5.1f}%")
+              f"MFU {r['mfu'] * 100 if r['mfu'] else float('nan'):5.1f}%  peak RSS {r['peak_rss_gb']:.2f} GB")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))

@@ -35,7 +35,7 @@ def probe_run(model, batches):
     probe = VisualProbe(model, blank=1.0)
     with torch.no_grad():
         for b in batches:
-            out = model(plan=b.plan, logits_at_targets=True, pixel_values=b.pixel_values)
+            out = model(plan=b.plan, loss_only=True, pixel_values=b.pixel_values)
             probe.observe(model, b.plan, b.pixel_values, float(out.loss), int((b.plan.labels != IGNORE).sum()))
     return probe.finish()
 

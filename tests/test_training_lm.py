@@ -82,7 +82,7 @@ def test_lm_loss_falls_on_a_fixed_batch(tiny_dir, text_jsonl):
     sched = make_scheduler(opt, cfg, 20)
     losses = []
     for _ in range(20):
-        loss = model(plan=batch.plan, logits_at_targets=True).loss
+        loss = model(plan=batch.plan, loss_only=True).loss
         loss.backward()
         opt.step()
         sched.step()

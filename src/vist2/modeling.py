@@ -31,6 +31,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from .attention import additive_mask, block_mask
 from .config import VIST2Config
 from .layout import IGNORE, Kind, Plan
+from .loss import linear_cross_entropy
 
 
 class Aligner(nn.Module):
@@ -236,27 +237,28 @@ class VIST2ForCausalLM(VIST2PreTrainedModel, GenerationMixin):
         visual_embeds: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         logits_to_keep: int | torch.Tensor = 0,
-        logits_at_targets: bool = False,
+        loss_only: bool = False,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         """Logits and the mean loss over the plan's targets.
 
-        ``logits_at_targets=True`` runs the LM head only at positions that carry a label and
-        returns those logits flattened, ``(n_targets, V)``: the same loss for a fraction of the
-        memory (a 151,936-word head over every slot of an 8k row is gigabytes). Training uses it.
+        ``loss_only=True`` returns the loss without logits (``logits`` is None), computed by
+        :func:`vist2.loss.linear_cross_entropy`: the LM head runs only at positions that carry a
+        label, a chunk of them at a time, so no ``(targets, vocab)`` logits tensor is ever held
+        (a 151,936-word head over the targets of an 8k row is 4 GB in fp32). Training uses it.
         """
         out = self.model(plan=plan, pixel_values=pixel_values, visual_embeds=visual_embeds, **kwargs)
         hidden = out.last_hidden_state
         if labels is None and plan is not None:
             labels = plan.labels
-        if logits_at_targets:
+        if loss_only:
             if labels is None:
-                raise ValueError("logits_at_targets needs labels (or a plan)")
+                raise ValueError("loss_only needs labels (or a plan)")
             labels = labels.to(hidden.device)
-            keep = labels != IGNORE
-            logits = self.lm_head(hidden[keep])  # (n_targets, V)
-            loss = F.cross_entropy(logits.float(), labels[keep], reduction="sum") / keep.sum().clamp(min=1)
-            return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values,
+            n = (labels != IGNORE).sum()
+            # a batch without targets gives loss 0 (not NaN), so accumulation stays finite
+            loss = linear_cross_entropy(hidden, self.lm_head.weight, labels) / n.clamp(min=1)
+            return CausalLMOutputWithPast(loss=loss, past_key_values=out.past_key_values,
                                           hidden_states=out.hidden_states)
         if isinstance(logits_to_keep, int) and logits_to_keep > 0:
             hidden = hidden[:, -logits_to_keep:]

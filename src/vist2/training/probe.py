@@ -108,7 +108,7 @@ class VisualProbe:
         self._recording = False
         try:
             blank = torch.full_like(pixel_values, self.blank)
-            blind = model(plan=plan, logits_at_targets=True, pixel_values=blank).loss
+            blind = model(plan=plan, loss_only=True, pixel_values=blank).loss
         finally:
             self._recording = True
         self.counts[2:] += torch.tensor([loss * n_targets, float(blind) * n_targets, n_targets],

@@ -140,7 +140,7 @@ def _tensorboard_available() -> bool:
 def forward(model, batch, device):
     """The model's output (with ``loss``) on one batch, logits only where a target is."""
     pixels = None if batch.pixel_values is None else batch.pixel_values.to(device)
-    return model(plan=batch.plan, logits_at_targets=True, pixel_values=pixels)
+    return model(plan=batch.plan, loss_only=True, pixel_values=pixels)
 
 
 def train_step(model, batch, optimizer, acc, max_grad_norm: float, aux_losses: Sequence = (),
