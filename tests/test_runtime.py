@@ -76,10 +76,9 @@ def test_kv_geometry_defaults_like_transformers():
 def test_kv_geometry_matches_the_engine_cache(tiny_dir):
     model, processor = load_checkpoint(tiny_dir, "cpu")
     engine = Engine(model, processor, max_batch=1)
-    engine._ensure_cache()
     g = kv_geometry(model.config.text_config)
-    assert engine._cache.bytes_per_token == g.bytes_per_entry(4)
-    assert engine._cache.keys[0].shape[1:4:2] == (g.kv_heads, g.head_dim)
+    assert engine.runner.cache.bytes_per_token == g.bytes_per_entry(4)
+    assert engine.runner.cache.keys[0].shape[1:4:2] == (g.kv_heads, g.head_dim)
 
 
 def test_load_checkpoint_dtype_device_eval(tiny_dir, tmp_path):
@@ -106,3 +105,72 @@ def test_write_json_is_atomic_and_readable(tmp_path):
     write_json(path, [1])
     assert json.loads(path.read_text()) == [1]
     assert sorted(p.name for p in path.parent.iterdir()) == ["r.json"]  # no temporary file left behind
+
+
+def _damage(folder, case: str) -> str:
+    """Damage a copy of a checkpoint folder one way; returns the file the error must name."""
+    weights = folder / "model.safetensors"
+    if case == "truncated":
+        data = weights.read_bytes()
+        weights.write_bytes(data[: len(data) - 1000])
+        return "model.safetensors: not a readable safetensors file"
+    if case == "random bytes":
+        weights.write_bytes(np.random.default_rng(0).bytes(4096))
+        return "model.safetensors: not a readable safetensors file"
+    if case == "empty weights":
+        weights.write_bytes(b"")
+        return "model.safetensors: not a readable safetensors file"
+    if case == "no weights":
+        weights.unlink()
+        return f"{folder}: no weights file (model.safetensors"
+    if case == "invalid json":
+        (folder / "config.json").write_text('{"model_type": "vist2",', encoding="utf-8")
+        return "config.json: not valid JSON"
+    if case == "json not an object":
+        (folder / "config.json").write_text("[1, 2]", encoding="utf-8")
+        return "config.json: expected a JSON object"
+    cfg = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    if case == "wrong-typed field":
+        cfg["chunk_tokens"] = "64"
+    else:  # a wrong-typed field of the LLM's config
+        cfg["text_config"]["hidden_size"] = "64"
+    (folder / "config.json").write_text(json.dumps(cfg), encoding="utf-8")
+    return "config.json: "
+
+
+DAMAGES = ["truncated", "random bytes", "empty weights", "no weights", "invalid json", "json not an object",
+           "wrong-typed field", "wrong-typed LLM field"]
+
+
+@pytest.mark.parametrize("case", DAMAGES)
+def test_a_damaged_folder_is_one_line_naming_the_file(tiny_dir, tmp_path, case):
+    import shutil
+
+    from vist2.runtime import CheckpointError
+
+    folder = tmp_path / "ckpt"
+    shutil.copytree(tiny_dir, folder)
+    needle = _damage(folder, case)
+    with pytest.raises(CheckpointError) as e:
+        load_checkpoint(folder)
+    message = str(e.value)
+    assert needle in message and "\n" not in message and len(message) < 400, message
+    assert isinstance(e.value, ValueError)  # every command already turns ValueError into its one-line exit 2
+
+
+@pytest.mark.parametrize("case", ["truncated", "invalid json", "wrong-typed field", "no weights"])
+def test_generate_and_eval_exit_2_on_a_damaged_folder(tiny_dir, tmp_path, capsys, case):
+    import shutil
+
+    from vist2.cli import main
+
+    folder = tmp_path / "ckpt"
+    shutil.copytree(tiny_dir, folder)
+    needle = _damage(folder, case)
+    docs = tmp_path / "docs.txt"
+    docs.write_text("some text " * 50, encoding="utf-8")
+    for argv in (["generate", "--model", str(folder), "--prompt", "hi"],
+                 ["eval", "olm", "--model", str(folder), "--data", str(docs), "--out", str(tmp_path / "o.json")]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("vist2: error: ") and needle in err and len(err.strip().splitlines()) == 1, err

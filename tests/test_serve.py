@@ -24,6 +24,7 @@ from vist2.serve.app import Server, create_app
 
 FIXED = {"ignore_eos": True}  # extra body: exact lengths from a random model
 KEY = "test-key-123"
+JSON = {"Content-Type": "application/json"}
 
 
 class LiveServer:
@@ -285,8 +286,8 @@ def test_error_classes_in_the_openai_client(server):
 def test_malformed_json_is_400(server, raw):
     r = httpx.post(server.url + "/v1/chat/completions", content=raw, headers={"content-type": "application/json"})
     assert r.status_code == 400 and "error" in r.json() and "Traceback" not in r.text
-    r = httpx.post(server.url + "/v1/completions", content=raw)  # no content type: still JSON errors
-    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+    r = httpx.post(server.url + "/v1/completions", content=raw)  # no content type: refused before reading
+    assert r.status_code == 415 and r.json()["error"]["code"] == "unsupported_media_type"
 
 
 def test_unknown_route_and_method(server):
@@ -295,7 +296,7 @@ def test_unknown_route_and_method(server):
     assert r.status_code == 405 and r.json()["error"]["message"]
 
 
-def test_engine_failure_is_a_clean_500_and_the_server_recovers(server):
+def test_engine_failure_is_a_clean_500_and_the_server_recovers(server, monkeypatch):
     engine = server.app.state.bridge.engine
     real = engine._decode
     calls = []
@@ -306,13 +307,11 @@ def test_engine_failure_is_a_clean_500_and_the_server_recovers(server):
             raise RuntimeError("injected failure")
         return real(seqs)
 
-    engine._decode = fail_once
-    try:
+    with monkeypatch.context() as m:
+        m.setattr(engine, "_decode", fail_once)
         r = httpx.post(server.url + "/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 4, **FIXED})
         assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
         assert "injected failure" in r.json()["error"]["message"] and "Traceback" not in r.text
-    finally:
-        del engine._decode  # back to the class's method
     server.wait_idle()
     assert_serving(server)
 
@@ -452,14 +451,14 @@ def test_values_the_engine_cannot_take_fail_only_their_request(server):
     (b'{"model": "tiny", "prompt": ["ok", "\\udfff"]}', "surrogate"),
 ])
 def test_non_numbers_and_lone_surrogates_are_400(server, raw, needle):
-    r = httpx.post(server.url + "/v1/completions", content=raw, timeout=30)
+    r = httpx.post(server.url + "/v1/completions", content=raw, timeout=30, headers=JSON)
     assert r.status_code == 400 and needle in r.json()["error"]["message"], r.text
     assert "<= 2" not in r.text and "\u2264 2" not in r.text
 
 
 def test_chat_surrogate_marker_and_messages(server):
     raw = b'{"model": "tiny", "messages": [{"role": "user", "content": "hi \\ud83d"}]}'
-    r = httpx.post(server.url + "/v1/chat/completions", content=raw, timeout=30)
+    r = httpx.post(server.url + "/v1/chat/completions", content=raw, timeout=30, headers=JSON)
     assert r.status_code == 400 and "surrogate" in r.json()["error"]["message"]
     # a system message may contain anything, the engine's own query marker included
     chat = server.client().chat.completions.create(
@@ -555,7 +554,7 @@ def test_graceful_shutdown(tiny_dir):
         s.sock.close()
         assert short_out["finish"] == "length" and short_out["events"] == 24 and short_out["done"]  # not cut
         for out in (a, waiting):  # cut at the end of the grace period: an error event, then [DONE]
-            assert out["error"]["type"] == "service_unavailable" and out["done"], out
+            assert out["error"]["type"] == out["error"]["code"] == "service_unavailable" and out["done"], out
         r = nonstream["r"]
         assert r.status_code == 503 and r.json()["error"]["type"] == "service_unavailable", r.text
     finally:
@@ -603,7 +602,171 @@ def test_routes_leave_validation_to_the_body_parser(server):
         d = r.dependant
         declared = d.path_params + d.query_params + d.header_params + d.cookie_params + d.body_params
         assert not declared and not d.dependencies, (r.path, declared)
-    # a query string or a form Content-Type changes nothing: the body is parsed as JSON all the same
+    # a query string changes nothing: the body is parsed as JSON all the same
     url = f"{server.url}/v1/completions?model=zzz&max_tokens=x"
-    r = httpx.post(url, content=b"not json", headers={"Content-Type": "application/x-www-form-urlencoded"})
+    r = httpx.post(url, content=b"not json", headers={"Content-Type": "application/json"})
     assert r.status_code == 400 and r.json()["error"]["message"].startswith("the body is not valid JSON")
+
+
+# -- hardening, round 2 ------------------------------------------------------------------------
+
+
+def _spy_tokenizing(serving, monkeypatch) -> list[str]:
+    """Record which tokenizer thread tokenizes each prompt (no call: refused before tokenizing)."""
+    calls = []
+    for name, (_, view) in serving._workers.items():
+        real = view.request
+
+        def spy(*a, _real=real, _name=name, **kw):
+            calls.append(_name)
+            return _real(*a, **kw)
+
+        monkeypatch.setattr(view, "request", spy, raising=False)
+    return calls
+
+
+@pytest.mark.parametrize("endpoint,body,param", [
+    # 600k characters: under the body limit (~1.1 MB), over 2000 tokens x 128 characters (the longest token)
+    ("chat/completions", {"messages": [{"role": "user", "content": "doc", "question": "q" * 600_000}]}, "messages"),
+    ("chat/completions", {"messages": [{"role": "user", "content": [{"type": "text", "text": "a" * 300_000},
+                                                                    {"type": "text", "text": "b" * 300_000}]}]},
+     "messages"),
+    ("chat/completions", {"messages": [{"role": "system", "content": "s" * 300_000},
+                                       {"role": "user", "content": "u" * 300_000}]}, "messages"),
+    ("completions", {"prompt": ["short", "x" * 600_000]}, "prompt"),  # no prompt of the list is tokenized
+    ("completions", {"prompt": [7] * 2001}, "prompt"),  # token ids: counted as they are
+])
+def test_every_text_field_passes_the_cheap_length_check(server, monkeypatch, endpoint, body, param):
+    """A 1.9 MB ``question`` used to be tokenized (18-22 s, every stream stalled) before its 413, which
+    named ``prompt``. Every field that becomes tokens is now counted before any tokenizing."""
+    calls = _spy_tokenizing(server.app.state.serving, monkeypatch)
+    t0 = time.perf_counter()
+    r = httpx.post(f"{server.url}/v1/{endpoint}", timeout=60, json={"model": "tiny", "max_tokens": 2, **body})
+    took = time.perf_counter() - t0
+    assert r.status_code == 413, r.text
+    err = r.json()["error"]
+    assert err["code"] == "context_length_exceeded" and err["param"] == param and "2000" in err["message"]
+    assert calls == [] and took < 5.0, (calls, took)  # milliseconds when idle; never the tokenizer
+    assert_serving(server)
+
+
+def test_stop_strings_are_bounded(server):
+    for stop in ("s" * 257, ["ok", "t" * 1000]):
+        r = httpx.post(server.url + "/v1/completions", json={"model": "tiny", "prompt": "x", "stop": stop})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "stop" and "256" in r.text, r.text
+    r = httpx.post(server.url + "/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 2,
+                                                         "stop": "s" * 256, **FIXED})
+    assert r.status_code == 200, r.text
+
+
+def test_memory_limit_refusal_names_the_chat_field(server):
+    """The engine's own memory check (1,500 tokens uncompressed > 1,024 entries) names ``messages`` for
+    a chat request, not ``prompt``."""
+    r = httpx.post(server.url + "/v1/chat/completions", timeout=60, json={
+        "model": "tiny", "mode": "none", "messages": [{"role": "user", "content": " the" * 1500}]})
+    assert r.status_code == 413 and r.json()["error"]["param"] == "messages", r.text
+
+
+def test_a_long_prompt_does_not_hold_up_short_ones(server, monkeypatch):
+    """Short and long prompts are tokenized on threads of their own: while a long prompt is being
+    tokenized (held here until released), short requests are answered."""
+    from vist2.serve.serving import SHORT_PROMPT_CHARS
+
+    serving = server.app.state.serving
+    calls = _spy_tokenizing(serving, monkeypatch)
+    _, view = serving._workers["long"]
+    release, entered = threading.Event(), threading.Event()
+    spy = view.request
+
+    def slow(*a, **kw):
+        entered.set()
+        assert release.wait(60)
+        return spy(*a, **kw)
+
+    monkeypatch.setattr(view, "request", slow)
+    out = {}
+
+    def post_long():
+        out["r"] = httpx.post(server.url + "/v1/completions", timeout=120, json={
+            "model": "tiny", "prompt": "word " * (SHORT_PROMPT_CHARS // 5 + 1), "max_tokens": 2, **FIXED})
+
+    t = threading.Thread(target=post_long, daemon=True)
+    t.start()
+    assert entered.wait(30)
+    try:
+        for _ in range(3):
+            assert_serving(server)  # served while the long prompt's tokenizing is still held
+        assert calls == ["short"] * 3
+    finally:
+        release.set()
+    t.join(120)
+    assert calls == ["short"] * 3 + ["long"]
+    assert out["r"].status_code == 413  # ~6,500 words: over --max-prompt-tokens 2000 once counted
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data",
+                                          None, "application/jsonx"])
+def test_bodies_must_be_declared_json(server, content_type):
+    """A web page can POST these content types (or none) cross-site without a CORS preflight: refused
+    before the body is read, so a page cannot make a keyless local server generate."""
+    body = json.dumps({"model": "tiny", "prompt": "x", "max_tokens": 2}).encode()
+    headers = {"Content-Type": content_type} if content_type else {}
+    for endpoint in ("completions", "chat/completions"):
+        r = httpx.post(f"{server.url}/v1/{endpoint}", content=body, headers=headers)
+        assert r.status_code == 415 and r.json()["error"]["code"] == "unsupported_media_type", r.text
+    r = httpx.post(server.url + "/v1/completions", content=body,
+                   headers={"Content-Type": "Application/JSON; charset=utf-8"})
+    assert r.status_code == 200, r.text
+
+
+def test_cors_allow_list_and_metrics_key(tiny_dir):
+    from fastapi.testclient import TestClient
+
+    engine = Engine.from_pretrained(tiny_dir, max_batch=1)
+    with pytest.raises(ValueError, match="protect_metrics"):
+        create_app(engine, "tiny", protect_metrics=True)
+    preflight = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization,content-type"}
+    auth = {"Authorization": f"Bearer {KEY}"}
+    app = create_app(engine, "tiny", api_key=KEY, protect_metrics=True, cors_origins=["https://ok.example"])
+    with TestClient(app) as c:
+        assert c.get("/metrics").status_code == 401
+        assert c.get("/metrics", headers=auth).text.count("vist2_queue_depth") >= 1
+        assert c.get("/health").status_code == 200  # never behind the key
+        r = c.options("/v1/chat/completions", headers={"Origin": "https://ok.example", **preflight})
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "https://ok.example"
+        r = c.options("/v1/chat/completions", headers={"Origin": "https://evil.example", **preflight})
+        assert r.status_code == 400 and "access-control-allow-origin" not in r.headers
+        r = c.get("/v1/models", headers={"Origin": "https://ok.example", **auth})
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "https://ok.example"
+    with TestClient(create_app(engine, "tiny")) as c:  # the default: no CORS at all, /metrics open
+        r = c.options("/v1/chat/completions", headers={"Origin": "https://ok.example", **preflight})
+        assert r.status_code == 405 and "access-control-allow-origin" not in r.headers
+        assert c.get("/metrics").status_code == 200
+
+
+def test_serve_flags_for_keys_and_origins(tmp_path, capsys):
+    import argparse
+
+    p = add_parser(argparse.ArgumentParser(prog="vist2").add_subparsers(dest="command"))
+    args = p.parse_args(["--model", "m", "--cors-allow-origin", "https://a.example", "--cors-allow-origin", "*",
+                         "--protect-metrics", "--prefill-budget", "64"])
+    assert args.cors_allow_origin == ["https://a.example", "*"] and args.protect_metrics and args.prefill_budget == 64
+    for argv, needle in ((["--protect-metrics"], "--protect-metrics needs --api-key"),
+                         (["--cors-allow-origin", "evil.example"], "--cors-allow-origin"),
+                         (["--prefill-budget", "0"], "--prefill-budget must be >= 1")):
+        assert main(["--model", str(tmp_path), *argv]) == 2
+        err = capsys.readouterr().err
+        assert needle in err and "Traceback" not in err, err
+
+
+def test_a_damaged_model_folder_is_one_line(tiny_dir, tmp_path, capsys):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_dir, bad)
+    data = (bad / "model.safetensors").read_bytes()
+    (bad / "model.safetensors").write_bytes(data[: len(data) // 2])
+    assert main(["--model", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "model.safetensors: not a readable safetensors file" in err and "Traceback" not in err, err
+    assert len(err.strip().splitlines()) == 1, err

@@ -157,8 +157,7 @@ def cmd_demo(args) -> int:
 def _demo_model(args, out: Path):
     """(model, processor, folder, trained): ``--model``, else the shipped nano model, else a random preset."""
     from .build import build_from_preset, save_checkpoint
-    from .modeling import VIST2ForCausalLM
-    from .processing import VIST2Processor
+    from .runtime import load_checkpoint
 
     shipped = not args.model and not args.preset and is_checkpoint(SHIPPED_MODEL)
     model_dir = Path(args.model) if args.model else SHIPPED_MODEL if shipped else out / "model"
@@ -169,8 +168,11 @@ def _demo_model(args, out: Path):
         save_checkpoint(build_from_preset(args.preset or "tiny"), model_dir)
     if shipped:
         print(f"the nano model trained from scratch ({model_dir}; --preset tiny for a random model)")
-    model = VIST2ForCausalLM.from_pretrained(str(model_dir)).eval()
-    return model, VIST2Processor.from_pretrained(model_dir), model_dir, bool(args.model) or shipped
+    try:
+        model, processor = load_checkpoint(model_dir, device="cpu")
+    except ValueError as e:  # a damaged folder: one line naming the file
+        raise CLIError(str(e)) from e
+    return model, processor, model_dir, bool(args.model) or shipped
 
 
 def _demo_layout(model, proc, text: str, out: Path, save_images: int) -> None:

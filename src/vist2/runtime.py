@@ -39,6 +39,55 @@ def require_checkpoint(folder: str | Path, flag: str = "--model", error: type[Ex
     return Path(folder)
 
 
+class CheckpointError(ValueError):
+    """A checkpoint folder that cannot be loaded, as one line naming the file and what is wrong with it."""
+
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def _check_json_files(folder: Path) -> None:
+    for path in sorted(folder.glob("*.json")):
+        try:
+            obj = json.loads(path.read_text(encoding="utf-8"))
+        except (ValueError, OSError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            raise CheckpointError(f"{path}: not valid JSON ({_one_line(e)}); the file is damaged") from None
+        if not isinstance(obj, dict):
+            raise CheckpointError(f"{path}: expected a JSON object, got {type(obj).__name__}")
+
+
+def _check_weights(folder: Path) -> Path:
+    """The weights file, its header read (safetensors: the header and that the data covers the file),
+    without loading a tensor."""
+    path = next((folder / n for n in WEIGHT_FILES if (folder / n).is_file()), None)
+    if path is None:
+        raise CheckpointError(f"{folder}: no weights file ({' or '.join(WEIGHT_FILES)})")
+    if path.name == "pytorch_model.bin":
+        return path
+    from safetensors import safe_open
+
+    if path.name.endswith(".index.json"):
+        shards = sorted(set(json.loads(path.read_text(encoding="utf-8")).get("weight_map", {}).values()))
+        files = [folder / s for s in shards]
+    else:
+        files = [path]
+    for f in files:
+        if not f.is_file():
+            raise CheckpointError(f"{f}: missing (listed in {path.name})")
+        try:
+            with safe_open(str(f), framework="pt"):
+                pass
+        except Exception as e:  # noqa: BLE001 - SafetensorError and whatever a damaged file raises
+            raise CheckpointError(f"{f}: not a readable safetensors file ({_one_line(e)}); "
+                                  "it is truncated or damaged, copy it again") from None
+    return path
+
+
 def torch_dtype(dtype: Any):
     """A ``torch.dtype`` from one of :data:`DTYPE_NAMES` (a ``torch.dtype`` passes through);
     ``ValueError`` for any other name."""
@@ -62,13 +111,38 @@ def default_device(device: str | None = None) -> str:
 
 def load_checkpoint(folder: str | Path, device: str | None = None, dtype: Any = "float32"):
     """``(model, processor)`` from a VIST2 checkpoint folder: weights in ``dtype`` on ``device``
-    (default: :func:`default_device`), in eval mode. ``ValueError`` when the folder is not a checkpoint."""
+    (default: :func:`default_device`), in eval mode.
+
+    The one loader every command goes through. A folder that is not a checkpoint, or a damaged one
+    (a JSON file that does not parse, a config field of the wrong type or value, no weights file, a
+    truncated or garbled safetensors file, tokenizer files that do not load), raises
+    :class:`CheckpointError` (a ``ValueError``): one line naming the file and what is wrong.
+    """
+    from .config import VIST2Config
     from .modeling import VIST2ForCausalLM
     from .processing import VIST2Processor
 
-    folder = require_checkpoint(folder)
-    model = VIST2ForCausalLM.from_pretrained(str(folder), dtype=torch_dtype(dtype))
-    return model.to(default_device(device)).eval(), VIST2Processor.from_pretrained(folder)
+    folder = require_checkpoint(folder, error=CheckpointError)
+    dtype = torch_dtype(dtype)
+    _check_json_files(folder)
+    try:
+        config = VIST2Config.from_pretrained(str(folder))
+    except Exception as e:  # noqa: BLE001 - a wrong-typed or out-of-range field, whatever raises it
+        raise CheckpointError(f"{folder / 'config.json'}: {_one_line(e)}") from e
+    weights = _check_weights(folder)
+    try:
+        model = VIST2ForCausalLM.from_pretrained(str(folder), config=config, dtype=dtype)
+    except (TypeError, AttributeError, KeyError) as e:  # the model's shapes come from config.json
+        raise CheckpointError(f"{folder / 'config.json'}: cannot build the model ({type(e).__name__}: "
+                              f"{_one_line(e)})") from e
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(f"{weights}: cannot load the weights ({type(e).__name__}: {_one_line(e)})") from e
+    try:
+        processor = VIST2Processor.from_pretrained(folder)
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(f"{folder}: cannot load the tokenizer/processor files (tokenizer.json, "
+                              f"processor_config.json): {type(e).__name__}: {_one_line(e)}") from e
+    return model.to(default_device(device)).eval(), processor
 
 
 def eos_ids(text_config, tokenizer=None) -> list[int]:

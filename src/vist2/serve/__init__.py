@@ -2,6 +2,7 @@
 
     vist2 serve --model runs/tiny                       # http://127.0.0.1:8000/v1
     python -m vist2.serve --model runs/tiny --port 8001 --api-key "$KEY" --max-batch 8 --max-queue 64
+    vist2 serve --model runs/tiny --api-key "$KEY" --protect-metrics --cors-allow-origin https://app.example
 
 Endpoints: ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions`` (SSE streaming
 or not; ``n``, ``stop``, ``max_tokens``, ``temperature``, ``top_p``, ``seed``), ``GET /health`` and
@@ -31,6 +32,12 @@ from ..modes import MODES
 
 log = logging.getLogger(__name__)
 
+# Prefill entries per step while others decode. On CPU a step over 2,048 prompt entries of the nano
+# model takes about 1 s, a stall every running stream sees; 256 keeps it near 0.1-0.3 s
+# (bench/notes/serve.md). On a GPU the larger budget costs milliseconds.
+CPU_PREFILL_BUDGET = 256
+GPU_PREFILL_BUDGET = 2048
+
 
 def _add_arguments(q: argparse.ArgumentParser) -> None:
     q.add_argument("--model", required=True, metavar="DIR", help="a VIST2 checkpoint folder")
@@ -41,6 +48,11 @@ def _add_arguments(q: argparse.ArgumentParser) -> None:
     q.add_argument("--port", type=int, default=8000)
     q.add_argument("--api-key", metavar="KEY", default=os.environ.get("VIST2_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on /v1/* (default: $VIST2_API_KEY; unset = open)")
+    q.add_argument("--protect-metrics", action="store_true",
+                   help="require the --api-key on /metrics too (default: /metrics is open; /health always is)")
+    q.add_argument("--cors-allow-origin", action="append", metavar="ORIGIN", default=None,
+                   help="a web origin (https://app.example, or *) whose pages may call the API from a browser; "
+                        "repeat for several (default: none, every cross-site call is refused)")
     q.add_argument("--max-batch", type=int, default=8, metavar="N", help="sequences decoded together (cache rows)")
     q.add_argument("--max-queue", type=int, default=256, metavar="N",
                    help="sequences allowed to wait for a row; more get 429 (default 256)")
@@ -57,6 +69,10 @@ def _add_arguments(q: argparse.ArgumentParser) -> None:
     q.add_argument("--shutdown-grace", type=float, default=10.0, metavar="SECONDS",
                    help="on shutdown, requests in flight get this long to finish before they end with a "
                         "503 error; new ones get 503 at once (default 10)")
+    q.add_argument("--prefill-budget", type=int, default=None, metavar="N",
+                   help="prompt entries fed per engine step while other streams decode: a smaller budget "
+                        f"keeps streams smooth while a long prompt is admitted (default: {CPU_PREFILL_BUDGET} on "
+                        f"CPU, {GPU_PREFILL_BUDGET} on CUDA; at least one chunk's visual tokens)")
     q.add_argument("--mode", choices=MODES, default="gcc",
                    help="compression mode of requests that do not choose one (default gcc)")
     q.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
@@ -86,20 +102,26 @@ def _is_loopback(host: str) -> bool:
 
 def cmd_serve(args) -> int:
     from ..errors import CLIError
-    from ..runtime import default_device, require_checkpoint, torch_dtype
+    from ..runtime import CheckpointError, default_device, load_checkpoint, require_checkpoint, torch_dtype
 
     for flag, value, low in (("--port", args.port, 0), ("--max-batch", args.max_batch, 1),
                              ("--max-queue", args.max_queue, 1), ("--max-prompt-tokens", args.max_prompt_tokens, 1),
                              ("--max-cache-tokens", args.max_cache_tokens, 1),
                              ("--max-tokens-limit", args.max_tokens_limit, 1),
                              ("--max-body-bytes", args.max_body_bytes, 1),
-                             ("--shutdown-grace", args.shutdown_grace, 0)):
+                             ("--shutdown-grace", args.shutdown_grace, 0),
+                             ("--prefill-budget", args.prefill_budget, 1)):
         if value is not None and value < low:
             raise CLIError(f"{flag} must be >= {low}, got {value}")
     if args.port > 65535:
         raise CLIError(f"--port must be <= 65535, got {args.port}")
     if args.api_key is not None and not args.api_key.strip():
         raise CLIError("--api-key must not be empty")
+    if args.protect_metrics and args.api_key is None:
+        raise CLIError("--protect-metrics needs --api-key (or $VIST2_API_KEY)")
+    for origin in args.cors_allow_origin or ():
+        if origin != "*" and not origin.startswith(("http://", "https://")):
+            raise CLIError(f"--cors-allow-origin must be '*' or an origin such as https://app.example, got {origin!r}")
     folder = require_checkpoint(args.model, error=CLIError)
 
     import uvicorn
@@ -111,20 +133,27 @@ def cmd_serve(args) -> int:
     dtype_name = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
     dtype = torch_dtype(dtype_name)
     try:
-        engine = Engine.from_pretrained(folder, dtype=dtype, device=device, max_batch=args.max_batch,
-                                        max_cache_tokens=args.max_cache_tokens)
+        model, processor = load_checkpoint(folder, device, dtype)
+        budget = args.prefill_budget or max(  # the engine feeds one chunk's visual tokens together
+            GPU_PREFILL_BUDGET if device.startswith("cuda") else CPU_PREFILL_BUDGET, model.config.n_visual)
+        engine = Engine(model, processor, max_batch=args.max_batch, max_cache_tokens=args.max_cache_tokens,
+                        prefill_budget=budget)
+    except CheckpointError as e:  # a damaged folder: the message names the file
+        raise CLIError(str(e)) from e
     except (ValueError, OSError) as e:
         raise CLIError(f"--model {folder}: {e}") from e
     name = args.served_model_name or folder.resolve().name
     app = create_app(engine, name, api_key=args.api_key, max_queue=args.max_queue,
                      max_prompt_tokens=args.max_prompt_tokens, default_mode=args.mode,
                      max_tokens_limit=args.max_tokens_limit, max_body_bytes=args.max_body_bytes,
-                     shutdown_grace=args.shutdown_grace)
+                     shutdown_grace=args.shutdown_grace, cors_origins=args.cors_allow_origin,
+                     protect_metrics=args.protect_metrics)
     if not _is_loopback(args.host) and args.api_key is None:
         log.warning("serving on %s without --api-key: anyone who can reach it can use it", args.host)
     print(f"vist2 serve: {folder} as {name!r} on http://{args.host}:{args.port}/v1 ({device}, {dtype_name}; "
           f"batch {args.max_batch}, queue {args.max_queue}, KV limit {engine.max_cache_tokens}/sequence, "
-          f"default mode {args.mode}; at most {app.state.serving.max_tokens_limit} generated tokens/choice)",
+          f"prefill {engine.prefill_budget}/step, default mode {args.mode}; at most "
+          f"{app.state.serving.max_tokens_limit} generated tokens/choice)",
           file=sys.stderr, flush=True)
     # the app drains itself first (Server.shutdown); uvicorn's own grace is only a backstop after that
     Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,

@@ -2,8 +2,13 @@
 
 Routes stay thin; they hand validated bodies to :class:`~vist2.serve.serving.OpenAIServing`.
 Every error a client can cause leaves as ``{"error": {"message", "type", "param", "code"}}`` with
-its status (400, 401, 404, 413, 429, 503); an unexpected exception becomes a 500 with the same
+its status (400, 401, 404, 413, 415, 429, 503); an unexpected exception becomes a 500 with the same
 shape and no traceback (the traceback goes to the server log), and the server keeps serving.
+
+Cross-site requests: a web page may POST to any address its visitor's browser reaches, without asking
+first, only with a form-like Content-Type (``text/plain``, form encodings) or none. Bodies must
+therefore say ``application/json`` (415 otherwise), which a browser sends cross-site only after a CORS
+preflight; the preflight is answered for the ``cors_origins`` given and refused for every other page.
 
 Example (in-process, without a socket)::
 
@@ -18,9 +23,11 @@ Example (in-process, without a socket)::
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import secrets
+import signal
 import time
 from contextlib import asynccontextmanager
 
@@ -28,6 +35,7 @@ import uvicorn
 
 from fastapi import APIRouter, FastAPI
 from fastapi import Request as HTTPRequest
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -62,16 +70,23 @@ def _too_large(limit: int) -> APIError:
     return APIError(413, f"the request body is over {limit} bytes (--max-body-bytes)", code="request_too_large")
 
 
+def _needs_key(path: str, protect_metrics: bool) -> bool:
+    return path.startswith("/v1") or (protect_metrics and path == "/metrics")
+
+
 class _AuthAndMetricsMiddleware:
-    """Pure ASGI middleware: the API key on /v1/*, the body-size limit, and request counts.
+    """Pure ASGI middleware: the API key on /v1/* (and /metrics with ``protect_metrics``), the
+    body-size limit, and request counts.
 
     Pure ASGI rather than a FastAPI dependency so the key is checked before the body is parsed
     (a malformed body without a key is a 401, not a 400), an oversized body is refused from its
     Content-Length before it is read into memory, and streams pass through untouched.
     """
 
-    def __init__(self, app, api_key: str | None, metrics: ServerMetrics, max_body_bytes: int):
+    def __init__(self, app, api_key: str | None, metrics: ServerMetrics, max_body_bytes: int,
+                 protect_metrics: bool = False):
         self.app, self.api_key, self.metrics, self.max_body = app, api_key, metrics, max_body_bytes
+        self.protect_metrics = protect_metrics
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -86,7 +101,7 @@ class _AuthAndMetricsMiddleware:
             await send(message)
 
         try:
-            if self.api_key is not None and path.startswith("/v1") and not self._authorized(scope):
+            if self.api_key is not None and _needs_key(path, self.protect_metrics) and not self._authorized(scope):
                 response = _error(401, "missing or wrong API key (send 'Authorization: Bearer KEY')",
                                   code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
                 return await response(scope, receive, counting_send)
@@ -152,8 +167,18 @@ def _no_constant(name: str):
     raise ValueError(f"{name} is not a JSON number")
 
 
+def _check_content_type(raw: HTTPRequest) -> None:
+    """415 unless the body says ``application/json`` (parameters such as ``charset`` allowed): a
+    cross-site page can send a form-like type or none without a CORS preflight, never this one."""
+    media = raw.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if media != "application/json":
+        raise APIError(415, f"the body must be JSON sent as 'Content-Type: application/json', got "
+                       f"{media or 'no Content-Type'!r}", code="unsupported_media_type")
+
+
 async def _parse(raw: HTTPRequest, model: type[BaseModel]) -> BaseModel:
-    """Read the body as JSON whatever the Content-Type says (curl -d sends form-encoded), then validate."""
+    """Check the Content-Type, read the body as JSON, then validate it."""
+    _check_content_type(raw)
     data = await raw.body()
     try:
         obj = json.loads(data, parse_constant=_no_constant)
@@ -257,14 +282,20 @@ async def chat(raw: HTTPRequest):
 
 def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, max_queue: int = 256,
                max_prompt_tokens: int | None = None, default_mode: str = "gcc", max_tokens_limit: int | None = None,
-               max_body_bytes: int | None = None, shutdown_grace: float = 10.0) -> FastAPI:
+               max_body_bytes: int | None = None, shutdown_grace: float = 10.0, cors_origins: list[str] | None = None,
+               protect_metrics: bool = False) -> FastAPI:
     """The app serving ``engine``; its engine thread starts and stops with the app's lifespan.
 
     ``max_tokens_limit``: generated tokens a choice may ask for (default: the LLM's positions).
     ``max_body_bytes``: larger bodies get 413 unread (default: sized from the longest prompt accepted).
     ``shutdown_grace``: seconds in-flight requests may still run once shutdown begins (see :class:`Server`).
+    ``cors_origins``: web origins (``https://app.example``, or ``*``) whose pages may call the API from a
+    browser (default: none; every cross-site call is refused). ``protect_metrics``: ``/metrics`` needs the
+    ``api_key`` too (``/health`` never does).
     """
     _check_options(default_mode, max_tokens_limit, max_body_bytes, shutdown_grace)
+    if protect_metrics and api_key is None:
+        raise ValueError("protect_metrics needs an api_key")
     metrics = ServerMetrics()
     bridge = EngineBridge(engine, max_queue=max_queue, metrics=metrics)
     serving = OpenAIServing(bridge, ServingConfig(model_name, default_mode, max_prompt_tokens, max_tokens_limit))
@@ -285,7 +316,11 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, m
     _add_error_handlers(app)
     app.include_router(router)
     app.add_middleware(_AuthAndMetricsMiddleware, api_key=api_key, metrics=metrics,
-                       max_body_bytes=max_body_bytes or default_max_body_bytes(engine, max_prompt_tokens))
+                       max_body_bytes=max_body_bytes or default_max_body_bytes(engine, max_prompt_tokens),
+                       protect_metrics=protect_metrics)
+    if cors_origins:  # added last, so outermost: preflights are answered before the key is asked for
+        app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"], max_age=600)
     return app
 
 
@@ -303,3 +338,12 @@ class Server(uvicorn.Server):
         if drain is not None:
             await drain()
         await super().shutdown(sockets=sockets)
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        """uvicorn re-raises the signal that stopped it once it is down, so a drained SIGTERM ends the
+        process as killed (143). A SIGTERM is how service managers ask for this very shutdown: once
+        the drain has run, the exit is a clean 0. (Ctrl-C still exits as interrupted.)"""
+        with super().capture_signals():
+            yield
+            self._captured_signals = [s for s in self._captured_signals if s != signal.SIGTERM]

@@ -2,10 +2,11 @@
 through queues.
 
 The engine is synchronous and not thread-safe, so every call into it (``add``, ``step``, ``abort``,
-``result``) happens on the engine thread. Prompts arrive tokenized (the server tokenizes them on a
-thread of its own), so nothing slow but the model runs here. Handlers run on the asyncio event loop:
-they :meth:`EngineBridge.submit` a group of requests (the ``n`` choices of one HTTP request, added
-all or none), then read ``(choice index, Event)`` pairs from the submission's asyncio queue, which
+``result``) happens on the engine thread. Prompts arrive as :class:`Admission` s, tokenized and, where
+the engine offers ``Engine.plan``, already cut into segments with their KV footprint (the server does
+both on tokenizer threads of its own), so nothing slow but the model runs here. Handlers run on the
+asyncio event loop: they :meth:`EngineBridge.submit` a group of admissions (the ``n`` choices of one
+HTTP request, added all or none), then read ``(choice index, Event)`` pairs from the submission's asyncio queue, which
 the thread fills through ``loop.call_soon_threadsafe``. The thread loops ``engine.step()`` while
 anything is waiting or running and sleeps on its inbox otherwise. :meth:`EngineBridge.cancel` (a
 client that went away) aborts the group's engine requests, which frees their cache rows at once.
@@ -18,12 +19,12 @@ Example::
 
     >>> import asyncio
     >>> from vist2.engine import Engine, SamplingParams
-    >>> from vist2.serve.engine_bridge import EngineBridge
+    >>> from vist2.serve.engine_bridge import Admission, EngineBridge
     >>> engine = Engine.from_pretrained("runs/tiny", max_batch=4)                    # doctest: +SKIP
     >>> bridge = EngineBridge(engine, max_queue=16); bridge.start()                   # doctest: +SKIP
     >>> async def one():
-    ...     build = lambda e: e.request("Once upon a time", params=SamplingParams(max_new_tokens=8))
-    ...     sub = await bridge.submit([build])
+    ...     req = engine.request("Once upon a time", params=SamplingParams(max_new_tokens=8))
+    ...     sub = await bridge.submit([Admission(req)])
     ...     return "".join([ev.delta async for _, ev in sub.events()])
     >>> asyncio.run(one())                                                            # doctest: +SKIP
 """
@@ -35,7 +36,8 @@ import logging
 import queue
 import threading
 import time
-from typing import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any, AsyncIterator
 
 from ..engine import Engine, Event, Request
 from .metrics import ServerMetrics
@@ -43,18 +45,27 @@ from .protocol import APIError
 
 log = logging.getLogger(__name__)
 
-Builder = Callable[[Engine], Request]  # runs on the engine thread; may raise APIError to refuse the request
+
+@dataclass
+class Admission:
+    """One engine request ready to add: its prompt tokenized off the engine thread, and its plan
+    (``Engine.plan``: segments and KV footprint) when the engine computes plans apart from ``add``.
+    ``param`` is the body field the prompt came from, named when the memory limit refuses it."""
+
+    request: Request
+    param: str = "prompt"
+    plan: Any = None
 
 
 class Submission:
     """The engine requests of one HTTP request, and the queue their events arrive on."""
 
-    def __init__(self, builders: list[Builder], loop: asyncio.AbstractEventLoop):
-        self.builders = builders
+    def __init__(self, admissions: list[Admission], loop: asyncio.AbstractEventLoop):
+        self.admissions = admissions
         self.loop = loop
         self.queue: asyncio.Queue = asyncio.Queue()
         self.t_submit = time.perf_counter()
-        n = len(builders)
+        n = len(admissions)
         self.ids: list[int | None] = [None] * n
         self.prompt_tokens: list[int] = [0] * n
         self.started = [False] * n  # holds a cache row (its first token was sampled)
@@ -137,9 +148,9 @@ class EngineBridge:
             self._inbox.put(_STOP)
             self._thread.join(timeout)
 
-    async def submit(self, builders: list[Builder]) -> Submission:
+    async def submit(self, admissions: list[Admission]) -> Submission:
         """Queue the requests of one HTTP request (all or none). Raises APIError (400/413/429/503)."""
-        n = len(builders)
+        n = len(admissions)
         if not self.alive:
             raise APIError(503, "the server is not accepting requests (starting or shutting down)",
                            type="service_unavailable", code="service_unavailable")
@@ -152,7 +163,7 @@ class EngineBridge:
                                "retry later", type="rate_limit_error", code="queue_full")
             self._depth += n
             self.metrics.queue_depth.set(self._depth)
-        sub = Submission(builders, asyncio.get_running_loop())
+        sub = Submission(admissions, asyncio.get_running_loop())
         self._inbox.put(("add", sub))
         try:
             item = await sub.queue.get()  # "accepted" or the APIError that refused it
@@ -186,7 +197,8 @@ class EngineBridge:
                 cmd = None
             while cmd is not None:
                 if cmd is _STOP:
-                    self._fail_all(APIError(503, "the server is shutting down", type="service_unavailable"))
+                    self._fail_all(APIError(503, "the server is shutting down", type="service_unavailable",
+                                            code="service_unavailable"))
                     return
                 kind, sub = cmd
                 if kind == "add":
@@ -204,25 +216,24 @@ class EngineBridge:
         if sub.cancelled:
             self._release(sub, sub.reserved)
             return
-        try:
-            reqs = [build(self.engine) for build in sub.builders]
-        except APIError as e:
-            return self._refuse(sub, e)
-        except Exception as e:  # noqa: BLE001 - a bug must not kill the thread or reach the client as a traceback
-            log.exception("building a request failed")
-            return self._refuse(sub, APIError(500, f"internal error: {type(e).__name__}", type="server_error"))
         added: list[int] = []
-        for i, req in enumerate(reqs):
+        for i, adm in enumerate(sub.admissions):
             try:
-                rid = self.engine.add(req)
-            except ValueError as e:  # params were validated when built: what is left is the memory limit
+                # with a plan made on a tokenizer thread, add() only queues: no chunking here
+                rid = self.engine.add(adm.request) if adm.plan is None else self.engine.add(adm.request, plan=adm.plan)
+            except Exception as e:  # noqa: BLE001 - a bug must not kill the thread or reach the client as a traceback
                 for a in added:
                     self.engine.abort(a)
                     self._by_id.pop(a, None)
-                return self._refuse(sub, APIError(413, str(e), param="prompt", code="context_length_exceeded"))
+                if isinstance(e, ValueError):  # params were validated when built: what is left is the memory limit
+                    err = APIError(413, str(e), param=adm.param, code="context_length_exceeded")
+                else:
+                    log.exception("adding a request failed")
+                    err = APIError(500, f"internal error: {type(e).__name__}", type="server_error")
+                return self._refuse(sub, err)
             added.append(rid)
             sub.ids[i] = rid
-            sub.prompt_tokens[i] = len(req.prompt_ids)
+            sub.prompt_tokens[i] = len(adm.request.prompt_ids)
             self._by_id[rid] = (sub, i)
         self.metrics.prompt_tokens.inc(sum(sub.prompt_tokens))
         sub.post("accepted")

@@ -80,6 +80,9 @@ SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1  # OpenAI's seed is an int64; seed + i 
 MIN_TEMPERATURE = 1e-4  # below it (but > 0) logits / temperature overflow float32: use 0 for greedy
 PENALTY_MIN, PENALTY_MAX = 0.01, 100.0
 MAX_TOKEN_ID = 2**31 - 1
+# A stop string is matched against the generated text at every token on the engine thread, in time
+# that grows with its length squared: long ones would slow every stream, and none needs to be long.
+MAX_STOP_CHARS = 256
 
 
 class StreamOptions(_Strict):
@@ -135,6 +138,8 @@ class _GenerationRequest(_Strict):
         stops = [v] if isinstance(v, str) else (v or [])
         if len(stops) > 16 or not all(stops):
             raise ValueError("stop must be a non-empty string or a list of at most 16 non-empty strings")
+        if any(len(s) > MAX_STOP_CHARS for s in stops):
+            raise ValueError(f"stop strings must be at most {MAX_STOP_CHARS} characters")
         return v
 
     @field_validator("presence_penalty", "frequency_penalty")

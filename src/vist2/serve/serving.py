@@ -53,9 +53,12 @@ from .protocol import (
     new_id,
     now,
 )
-from .engine_bridge import Builder, EngineBridge, Submission
+from .engine_bridge import Admission, EngineBridge, Submission
 
 DEFAULT_CHAT_MAX_TOKENS = 1024  # OpenAI has no chat default; an untrained model may never write EOS
+# Prompts up to this many characters are tokenized on a thread of their own, longer ones on another:
+# a request near the length limit (seconds of tokenizing) never makes a short one wait behind it.
+SHORT_PROMPT_CHARS = 32_768
 
 # SamplingParams field -> the request field a client sets (for error messages' `param`)
 _PARAM_NAMES = {"max_new_tokens": "max_tokens"}
@@ -131,18 +134,24 @@ class OpenAIServing:
         self.created = now()
         self.max_tokens_limit = config.max_tokens_limit or model_max_tokens(self.engine)
         self.prompt_limit = prompt_token_bound(self.engine, config.max_prompt_tokens)
-        # Prompts are tokenized on their own thread, off the event loop (other requests keep being
-        # answered) and off the engine thread (running streams keep decoding). It gets its own
-        # tokenizer: the engine thread's one is not shared across threads.
+        # Prompts are tokenized (and planned, where the engine offers Engine.plan) on threads of their
+        # own, off the event loop (other requests keep being answered) and off the engine thread
+        # (running streams keep decoding): one for short prompts, one for long ones. Each has its own
+        # tokenizer: a fast tokenizer is not safe to share across threads.
+        self._workers = {"short": self._worker("short"), "long": self._worker("long")}
+        self._chars_per_token = max_token_chars(self.engine.processor.tokenizer)
+        self._plans = callable(getattr(self.engine, "plan", None))
+
+    def _worker(self, name: str) -> tuple[ThreadPoolExecutor, Engine]:
         processor = copy.copy(self.engine.processor)
         processor.tokenizer = copy.deepcopy(processor.tokenizer)
-        self._tokenizing = copy.copy(self.engine)  # a view for Engine.request() only: it reads the processor
-        self._tokenizing.processor = processor
-        self._chars_per_token = max_token_chars(processor.tokenizer)
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="vist2-tokenize")
+        view = copy.copy(self.engine)  # a view for Engine.request() / plan() only: they read the processor
+        view.processor = processor
+        return ThreadPoolExecutor(1, thread_name_prefix=f"vist2-tokenize-{name}"), view
 
     def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        for pool, _ in self._workers.values():
+            pool.shutdown(wait=False, cancel_futures=True)
 
     # -- /v1/models ---------------------------------------------------------------------
 
@@ -185,39 +194,70 @@ class OpenAIServing:
         return APIError(413, f"the prompt has {'at least ' if at_least else ''}{n_tokens} tokens; this server "
                         f"accepts at most {limit} ({flag})", param=param, code="context_length_exceeded")
 
-    def _request(self, params: SamplingParams, mode: str, *, prompt: str | None = None,
-                 ids: list[int] | None = None, messages: list[dict] | None = None) -> Request:
-        """Tokenize and check one prompt (on the tokenizer thread). Raises APIError 400 / 413."""
-        param = "messages" if messages is not None else "prompt"
-        # cheap first: no token covers more than _chars_per_token characters, so a text this long
-        # is over the limit whatever it says, and is refused before it is tokenized
-        chars = len(prompt) if prompt is not None else sum(len(m["content"]) for m in messages or ())
-        if ids is None and chars > self.prompt_limit * self._chars_per_token:
+    @staticmethod
+    def _chars(prompt: dict) -> int:
+        """Characters of a prompt's text that become tokens (0 for token ids): content and question."""
+        if "prompt" in prompt:
+            return len(prompt["prompt"])
+        return sum(len(m["content"]) + len(m.get("question") or "") for m in prompt.get("messages") or ())
+
+    def _check_length(self, prompt: dict) -> None:
+        """The cheap check, on the event loop before any tokenizing: no token covers more than
+        ``_chars_per_token`` characters, so a longer text is over the limit whatever it says; token
+        ids are counted as they are."""
+        param = "messages" if "messages" in prompt else "prompt"
+        if "ids" in prompt:
+            if len(prompt["ids"]) > self.prompt_limit:
+                raise self._too_long(len(prompt["ids"]), param)
+            return
+        chars = self._chars(prompt)
+        if chars > self.prompt_limit * self._chars_per_token:
             raise self._too_long(math.ceil(chars / self._chars_per_token), param, at_least=True)
+
+    def _request(self, view: Engine, params: SamplingParams, mode: str, *, prompt: str | None = None,
+                 ids: list[int] | None = None, messages: list[dict] | None = None) -> Admission:
+        """Tokenize, check and plan one prompt (on a tokenizer thread, with its own ``view`` of the
+        engine). Raises APIError 400 / 413."""
+        param = "messages" if messages is not None else "prompt"
         try:
             if ids is not None:
-                vocab = len(self._tokenizing.processor.tokenizer)
+                vocab = len(view.processor.tokenizer)
                 if any(not 0 <= t < vocab for t in ids):
                     raise ValueError(f"token ids must be in [0, {vocab})")
                 req = Request(query=list(ids), params=params, mode=mode)
             elif messages is not None:
-                req = self._tokenizing.request(messages=messages, params=params, mode=mode)
+                req = view.request(messages=messages, params=params, mode=mode)
             else:
-                req = self._tokenizing.request(prompt, params=params, mode=mode)
+                req = view.request(prompt, params=params, mode=mode)
         except ValueError as e:
             raise APIError(400, str(e), param=param) from e
-        if len(req.prompt_ids) > self.prompt_limit and self.config.max_prompt_tokens is not None:
+        # prompt_limit bounds every accepted prompt (memory limit x compression), so a longer one is
+        # refused here rather than by the engine's footprint count on the engine thread
+        if len(req.prompt_ids) > self.prompt_limit:
             raise self._too_long(len(req.prompt_ids), param)
-        return req
+        plan = None
+        if self._plans:
+            try:
+                plan = view.plan(req)
+            except ValueError as e:  # the memory limit, counted here instead of on the engine thread
+                raise APIError(413, str(e), param=param, code="context_length_exceeded") from e
+        return Admission(req, param, plan)
 
-    async def _builders(self, params: list[SamplingParams], mode: str, prompts: list[dict]) -> list[Builder]:
-        """One builder per (prompt, choice), prompt-major; the prompts are tokenized once, off the loop."""
-        loop = asyncio.get_running_loop()
-        reqs = []
+    async def _admissions(self, params: list[SamplingParams], mode: str, prompts: list[dict]) -> list[Admission]:
+        """One admission per (prompt, choice), prompt-major; each prompt is tokenized once, off the loop,
+        on the short or the long prompts' thread. Every prompt passes the cheap length check first."""
         for pr in prompts:
-            first = await loop.run_in_executor(self._pool, lambda pr=pr: self._request(params[0], mode, **pr))
-            reqs += [first] + [dataclasses.replace(first, params=p) for p in params[1:]]
-        return [lambda engine, r=r: r for r in reqs]
+            self._check_length(pr)
+        loop = asyncio.get_running_loop()
+        out = []
+        for pr in prompts:
+            pool, view = self._workers["long" if self._chars(pr) > SHORT_PROMPT_CHARS else "short"]
+            first = await loop.run_in_executor(pool, lambda pr=pr: self._request(view, params[0], mode, **pr))
+            out.append(first)
+            # the n choices share the prompt, its tokens and its plan; only the sampling differs
+            out += [dataclasses.replace(first, request=dataclasses.replace(first.request, params=p))
+                    for p in params[1:]]
+        return out
 
     def _usage(self, sub: Submission, stats: list[Stats | None], n: int, mode: str) -> Usage:
         prompt = sum(sub.prompt_tokens[k] for k in range(0, len(stats), n))  # each prompt counted once
@@ -284,8 +324,8 @@ class OpenAIServing:
             prompts = [dict(ids=p)]
         else:
             prompts = [dict(prompt=x) if isinstance(x, str) else dict(ids=x) for x in p]
-        builders = await self._builders(params, mode, prompts)
-        sub = await self.bridge.submit(builders)
+        admissions = await self._admissions(params, mode, prompts)
+        sub = await self.bridge.submit(admissions)
         rid, created, name = new_id("cmpl"), now(), self.config.model_name
 
         if not body.stream:
@@ -298,7 +338,7 @@ class OpenAIServing:
             ).model_dump())
 
         async def chunks():
-            stats: list[Stats | None] = [None] * len(builders)
+            stats: list[Stats | None] = [None] * len(admissions)
             async for i, ev in sub.events():
                 if ev.done:
                     stats[i] = ev.stats
@@ -324,8 +364,8 @@ class OpenAIServing:
         # the chat template knows system/user/assistant; OpenAI's "developer" is the newer name for system
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text(),
                      **({"question": m.question} if m.question is not None else {})} for m in body.messages]
-        builders = await self._builders(params, mode, [dict(messages=messages)])
-        sub = await self.bridge.submit(builders)
+        admissions = await self._admissions(params, mode, [dict(messages=messages)])
+        sub = await self.bridge.submit(admissions)
         rid, created, name = new_id("chatcmpl"), now(), self.config.model_name
 
         if not body.stream:
