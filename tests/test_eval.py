@@ -276,6 +276,46 @@ def test_olm_windows_end_the_context_on_a_fit_rule_chunk_boundary(tiny):
     assert res["optical"]["context_kv_entries"] == n_chunks * beta / 2
 
 
+def test_retention_is_the_share_of_the_text_gain_the_memory_keeps():
+    from vist2.eval.olm import retention
+
+    assert retention({"none": 8.0, "optical": 6.0, "text": 4.0}) == pytest.approx(0.5)
+    assert retention({"none": 8.0, "optical": 4.0, "text": 4.0}) == pytest.approx(1.0)
+    assert retention({"none": 6.65, "optical": 6.85, "text": 5.48}) == pytest.approx(-0.171, abs=1e-3)  # issue 21
+    assert retention({"none": 5.0, "optical": 4.0, "text": 5.0}) is None  # text context worth nothing
+
+
+def test_olm_recall_scores_the_passage_start_again_after_the_passage(tiny):
+    """--recall: each passage (whole chunks) is followed by its own first M tokens; those M are the
+    only targets, in all three layouts, and the optical layout holds the passage only as pages."""
+    from vist2.eval.olm import continuation_nll, optical_segments, recall_windows
+
+    model, proc = tiny
+    K, beta = model.config.chunk_tokens, model.config.n_visual
+    ids = proc.encode(sample_text("en"))
+    N, M = 2 * K, 24
+    chunker = proc.chunker(K)
+    wins = recall_windows([ids], N, M, chunker)
+    assert len(wins) >= 2
+    i = 0
+    for passage, repeat in wins:
+        assert passage == ids[i : i + len(passage)] and repeat == passage[:M]
+        assert len(passage) == sum(map(len, proc.chunk_ids(ids[i : i + N + 1])[:-1])) <= N  # whole chunks
+        i += len(passage)
+    res = evaluate_olm(model, proc, [sample_text("en")], context_tokens=N, continuation_tokens=M, limit=2,
+                       progress=False, recall=True)
+    assert res["task"] == "recall" and res["windows"] == 2
+    assert all(res[k]["tokens"] == 2 * M for k in ("optical", "text", "none"))
+    segs = optical_segments(*wins[0], K, beta, chunker)
+    assert [s.loss for s in segs][-1] and not any(s.loss for s in segs if s.n_visual)  # pages carry no loss
+    nll = sum(continuation_nll(model, proc, optical_segments(p, r, K, beta, chunker))[0] for p, r in wins[:2])
+    assert res["optical"]["nll_nats"] == pytest.approx(nll, rel=1e-5)
+    ppl = {k: res[k]["perplexity"] for k in ("optical", "text", "none")}
+    assert res["retention"] == pytest.approx((ppl["none"] - ppl["optical"]) / (ppl["none"] - ppl["text"]))
+    with pytest.raises(ValueError, match="at most --context-tokens"):
+        evaluate_olm(model, proc, [sample_text("en")], context_tokens=K, continuation_tokens=K + 1, recall=True)
+
+
 @pytest.fixture(scope="module")
 def judge_dir(tmp_path_factory):
     """A tiny random Qwen3 causal LM with the Qwen3 tokenizer, saved as an ordinary HF folder."""
@@ -343,7 +383,17 @@ def test_eval_olm_command_and_bad_input(tiny_dir, judge_dir, qwen3_dir, en_file,
     for k in ("optical", "text"):
         assert tf[k]["tokens"] == 16 and math.isfinite(tf[k]["perplexity"]) and tf[k]["bits_per_character"] > 0
     printed = capsys.readouterr().out
-    assert "bits/char" in printed and "teacher-forced" in printed
+    assert "bits/char" in printed and "teacher-forced" in printed and "retention R" in printed
+    assert tf["retention"] is None or math.isfinite(tf["retention"])
+    rc, err = run_eval(base + ["--data", str(en_file), "--context-tokens", "128", "--continuation-tokens", "16",
+                               "--limit", "1", "--recall"])
+    assert rc == 0, err
+    tf = json.loads(out.read_text())["teacher_forced"]
+    assert tf["task"] == "recall" and tf["optical"]["tokens"] == 16
+    assert "the first 16 tokens of each passage again" in capsys.readouterr().out
+    rc, err = run_eval(base + ["--data", str(en_file), "--context-tokens", "64", "--continuation-tokens", "65",
+                               "--recall"])
+    assert rc == 2 and "--continuation-tokens" in err
 
     rc, err = run_eval(base + ["--data", str(en_file), "--context-tokens", "128", "--continuation-tokens", "16",
                                "--limit", "1", "--judge", str(judge_dir), "--prompt-tokens", "64",

@@ -18,7 +18,15 @@ The document's true continuation is scored twice by the same model, on identical
   backbone LLM reading the context as ordinary text.
 
 Reported: perplexity (per token), bits per token and bits per character (total NLL in bits over
-the characters of the continuation), so models with different tokenizers compare.
+the characters of the continuation), so models with different tokenizers compare; and the
+**retention** ``R = (ppl_none - ppl_optical) / (ppl_none - ppl_text)``: the share of what the
+context is worth as text that survives compression (1: all of it, 0: memory worth nothing, < 0:
+worse than no memory; ``None`` when text context is worth nothing either).
+
+**Recall** (``--recall``): each document is cut into passages of whole chunks within
+``--context-tokens`` tokens; the continuation is the passage's own first ``--continuation-tokens``
+tokens again, so a model that can quote its memory predicts it almost surely. Scored in the same
+three layouts (the repeat starts on a chunk boundary, after the last page of the passage).
 
 **Judged generation** (``--judge DIR``, the paper's Table 3). From the first P tokens of each
 document (default 1024) the model writes up to G tokens (default 4096) with the engine, greedy,
@@ -112,14 +120,41 @@ def windows(docs_ids: Sequence[Sequence[int]], context: int, continuation: int,
     return out
 
 
+def recall_windows(docs_ids: Sequence[Sequence[int]], passage: int, repeat: int,
+                   chunker: Chunker | None = None) -> list[tuple[list[int], list[int]]]:
+    """Non-overlapping (passage, repeat) pairs, in document order: each passage is the whole chunks
+    within ``passage`` tokens (:func:`whole_chunks`; the next token is looked at too, so a full last
+    chunk counts), and its repeat is the passage's first ``repeat`` tokens."""
+    out = []
+    for ids in docs_ids:
+        i = 0
+        while len(ids) - i >= passage:
+            p = passage if chunker is None else whole_chunks(ids[i : i + passage + 1], chunker)
+            p = min(p, passage)
+            if p < repeat or p == 0:
+                break
+            out.append((list(ids[i : i + p]), list(ids[i : i + repeat])))
+            i += p
+    return out
+
+
+def retention(ppl: dict) -> float | None:
+    """``(ppl_none - ppl_optical) / (ppl_none - ppl_text)``; None when text context is worth nothing."""
+    gain = ppl["none"] - ppl["text"]
+    return None if abs(gain) < 1e-9 else (ppl["none"] - ppl["optical"]) / gain
+
+
 def _summary(nll: float, tokens: int, chars: int) -> dict:
     return {"nll_nats": nll, "tokens": tokens, "characters": chars, "perplexity": math.exp(nll / tokens),
             "bits_per_token": nll / math.log(2) / tokens, "bits_per_character": nll / math.log(2) / max(chars, 1)}
 
 
 def evaluate_olm(model, processor, documents: Sequence[str], context_tokens: int | None = None,
-                 continuation_tokens: int | None = None, limit: int | None = None, progress: bool = True) -> dict:
-    """``{"optical": {...}, "text": {...}, "windows": n, ...}``; ``ValueError`` when no window fits."""
+                 continuation_tokens: int | None = None, limit: int | None = None, progress: bool = True,
+                 recall: bool = False) -> dict:
+    """``{"optical": {...}, "text": {...}, "none": {...}, "retention": R, "windows": n, ...}``;
+    ``ValueError`` when no window fits. ``recall``: the continuation of each passage is its own
+    first M tokens (:func:`recall_windows`), not what follows it."""
     from tqdm.auto import tqdm
 
     cfg = model.config
@@ -133,11 +168,14 @@ def evaluate_olm(model, processor, documents: Sequence[str], context_tokens: int
         raise ValueError(f"--continuation-tokens must be > 0, got {M}")
     docs_ids = [processor.encode(d) for d in documents]
     chunker = processor.chunker(K)  # the fit rule, as training and the engine cut
-    wins = windows(docs_ids, N, M, chunker)
+    if recall and M > N:
+        raise ValueError(f"--recall repeats the passage's first --continuation-tokens tokens: {M} must be at "
+                         f"most --context-tokens ({N})")
+    wins = recall_windows(docs_ids, N, M, chunker) if recall else windows(docs_ids, N, M, chunker)
     if not wins:
         longest = max((len(x) for x in docs_ids), default=0)
-        raise ValueError(f"no document has {N} + {M} = {N + M} tokens (context + continuation); "
-                         f"the longest has {longest}")
+        need = f"a passage of {N} tokens" if recall else f"{N} + {M} = {N + M} tokens (context + continuation)"
+        raise ValueError(f"no document has {need}; the longest has {longest}")
     if limit is not None:
         if limit <= 0:
             raise ValueError(f"--limit must be > 0, got {limit}")
@@ -165,8 +203,9 @@ def evaluate_olm(model, processor, documents: Sequence[str], context_tokens: int
     res["text"]["context_kv_entries"] = ctx_tokens / len(wins)
     res["none"]["context_kv_entries"] = 1
     res.update(windows=len(wins), context_tokens=N, context_tokens_mean=ctx_tokens / len(wins),
-               continuation_tokens=M,
+               continuation_tokens=M, task="recall" if recall else "continuation",
                perplexity_ratio=res["optical"]["perplexity"] / res["text"]["perplexity"],
+               retention=retention({k: res[k]["perplexity"] for k in LAYOUTS}),
                seconds=round(time.perf_counter() - t0, 3))
     return res
 
@@ -255,9 +294,12 @@ def format_table(res: dict) -> str:
     rows = [[k, res[k]["context_kv_entries"], res[k]["tokens"], f"{res[k]['perplexity']:.3f}",
              f"{res[k]['bits_per_token']:.4f}", f"{res[k]['bits_per_character']:.4f}"] for k in LAYOUTS]
     head = ["context as", "context KV", "tokens", "teacher-forced ppl", "bits/token", "bits/char"]
+    R = "-" if res["retention"] is None else f"{res['retention']:.3f}"
+    what = ("the first {} tokens of each passage again".format(res["continuation_tokens"])
+            if res.get("task") == "recall" else f"{res['continuation_tokens']} continuation tokens")
     return ("teacher-forced perplexity (the model scoring the documents' own continuations):\n" + table(rows, head)
-            + f"\n{res['windows']} window(s) of {res['context_tokens']} context + "
-            f"{res['continuation_tokens']} continuation tokens; optical/text perplexity = {res['perplexity_ratio']:.4f}")
+            + f"\n{res['windows']} window(s) of {res['context_tokens']} context + {what}; "
+            f"optical/text perplexity = {res['perplexity_ratio']:.4f}; retention R = {R}")
 
 
 def format_generation_table(res: dict, judge: str) -> str:
@@ -281,7 +323,7 @@ def cmd_eval_olm(args) -> int:
         model, processor = load(args.model, args.device, args.dtype)
         judge = load_judge(args.judge, args.device, args.dtype) if args.judge else None
         res = evaluate_olm(model, processor, docs, args.context_tokens, args.continuation_tokens,
-                           limit=args.limit, progress=not args.no_progress)
+                           limit=args.limit, progress=not args.no_progress, recall=args.recall)
         gen = None
         if judge is not None:
             gen = evaluate_generation(model, processor, docs, *judge, prompt_tokens=args.prompt_tokens,
@@ -297,7 +339,9 @@ def cmd_eval_olm(args) -> int:
         "teacher_forced": {
             "protocol": "teacher-forced perplexity: the model scores each window's true continuation",
             "layouts": {"optical": "olm_segments(context + continuation) cut by the fit rule, loss on the continuation",
-                        "text": "[Raw(context), Raw(continuation, loss=True)] (the backbone LLM)"},
+                        "text": "[Raw(context), Raw(continuation, loss=True)] (the backbone LLM)",
+                        "none": "[Raw(last context token), Raw(continuation, loss=True)]"},
+            "retention_definition": "(ppl_none - ppl_optical) / (ppl_none - ppl_text)",
             **res,
         },
     }
@@ -329,6 +373,9 @@ def add_parser(sub) -> None:
                    help="context tokens per window, at least K; cut back to whole chunks by the fit rule (default 4 x K)")
     q.add_argument("--continuation-tokens", type=int, default=None, metavar="M",
                    help="scored tokens per window (default K)")
+    q.add_argument("--recall", action="store_true",
+                   help="recall protocol: each passage (--context-tokens, whole chunks) is followed by its own first "
+                        "--continuation-tokens tokens again, scored on that repeat")
     q.add_argument("--limit", type=int, default=None, metavar="N", help="quick run: at most N windows / documents")
     q.add_argument("--judge", metavar="DIR",
                    help="a local causal-LM folder (with tokenizer) that scores generated text (paper: GPT-4)")
