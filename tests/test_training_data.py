@@ -251,6 +251,44 @@ def test_ocr_mix_adds_single_image_ocr_samples_to_olm_and_sft(proc):
         stage_preset("olm", ocr_mix=1.5)
 
 
+def test_memory_use_samples_score_only_what_the_pages_hold_or_predict(proc):
+    """recall_samples: a passage of whole chunks, compressed with no loss, then a repeat of one of its
+    spans, the only targets; chunk_start_samples: whole chunks, then only the next few tokens. The
+    stage's own windows stay as they were."""
+    doc = {"text": TEXT * 4}
+    plain, _ = _builder(proc, "olm", max_length=400).items(doc, random.Random(0), 0.0)
+    b = _builder(proc, "olm", max_length=400, recall_samples=2, chunk_start_samples=1, chunk_start_tokens=8)
+    ids = b.encode(TEXT * 4)
+    mixed, _ = b.items(doc, random.Random(0), 0.0)
+    windows = [it for it in mixed if all(it.sample.loss[i] for i, k in enumerate(it.sample.kind) if k == Kind.TEXT)]
+    assert [it.sample.input_ids for it in windows] == [it.sample.input_ids for it in plain]
+    extra = [it.sample for it in mixed if it not in windows]
+    assert len(extra) == 3 * len(plain)  # every draw fits this text: 2 recall + 1 chunk start per window
+    recalls = starts = 0
+    for s in extra:
+        assert len(s) <= 400
+        pages = [list(c) for c, _, _ in s.chunks]
+        passage = [t for c in pages for t in c]
+        scored = [t for t, l in zip(s.input_ids, s.loss) if l]
+        # the layout: the pages' text carries no loss, the scored tokens are the open tail after them
+        assert s.input_ids[-len(scored):] == scored and s.kind[-len(scored) - 1] == Kind.VISUAL
+        assert 1 <= len(pages) <= 4 and all(len(c) == 64 for c in pages)
+        at = next(i for i in range(len(ids)) if ids[i : i + len(passage)] == passage)
+        if ids[at + len(passage) : at + len(passage) + len(scored)] == scored and len(scored) <= 8:
+            starts += 1  # what follows the pages (a repeat of a page can look the same: TEXT repeats)
+        else:
+            assert any(passage[o : o + len(scored)] == scored for o in range(len(passage)))  # a span of the pages
+            assert 1 <= len(scored) <= 64
+            recalls += 1
+    assert recalls >= len(plain) and starts >= 1
+    for bad in ({"stage": "ocr", "recall_samples": 1.0}, {"stage": "olm", "chunk_start_samples": -1},
+                {"stage": "olm", "recall_samples": 17}):
+        with pytest.raises(ValueError, match="_samples"):
+            stage_preset(bad.pop("stage"), **bad)
+    with pytest.raises(ValueError, match="chunk_start_tokens"):
+        stage_preset("olm", chunk_start_tokens=0)
+
+
 def test_sft_loss_on_response_only_and_tail_rule(proc):
     b = _builder(proc, "sft", max_length=4096)
     query = TEXT

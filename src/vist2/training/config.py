@@ -100,6 +100,15 @@ class TrainConfig:
     # image each; ocr_text and ocr_stop apply), so PT-3 and SFT keep what PT-2 taught; 0 = the paper's
     # pure stages
     ocr_mix: float = 0.0
+    # olm: memory-use samples besides the stage's windows (bench/notes/nano.md, round 4), built from
+    # each window's text, this many per window on average (3.5: 3, and a fourth half the time).
+    # recall: whole chunks of a passage (compressed, no loss) then a repeat of one of its spans (loss on
+    # the repeat only), best predicted by reading the passage's pages back; chunk start: whole chunks
+    # of context (no loss) then only the first chunk_start_tokens tokens after them (loss): the
+    # continuation across a page boundary, weighted up (in a window it is a few tokens in every K)
+    recall_samples: float = 0.0
+    chunk_start_samples: float = 0.0
+    chunk_start_tokens: int = 8
     # from scratch: each visual token redraws its page region (training/page_loss.py), weight 0 = off,
     # until this share of the steps; and the vision tower + aligner at learning_rate x vision_lr_scale
     aux_page_weight: float = 0.0
@@ -176,6 +185,14 @@ class TrainConfig:
             raise ValueError(f"ocr_mix must be in [0, 1], got {self.ocr_mix!r}")
         if self.ocr_mix and self.stage not in ("olm", "sft"):
             raise ValueError(f"ocr_mix mixes MT-OCR samples into the olm and sft stages, not {self.stage!r}")
+        for name in ("recall_samples", "chunk_start_samples"):
+            v = getattr(self, name)
+            if not 0 <= v <= 16:
+                raise ValueError(f"{name} must be in [0, 16] (samples per OLM window), got {v!r}")
+            if v and self.stage != "olm":
+                raise ValueError(f"{name} adds memory-use samples to the olm stage, not {self.stage!r}")
+        if self.chunk_start_tokens <= 0:
+            raise ValueError(f"chunk_start_tokens must be > 0, got {self.chunk_start_tokens}")
         if self.aux_char_weight < 0 or not 0 < self.aux_char_until <= 1:
             raise ValueError("aux_char_weight must be >= 0 and aux_char_until in (0, 1]; got "
                              f"{self.aux_char_weight}, {self.aux_char_until}")

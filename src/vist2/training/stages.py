@@ -11,6 +11,9 @@ caption    ``caption_segments``: ``[v, caption <eos>]``        the caption
 ocr        ``ocr_segments``: ``[v1 c1 ... vn cn]``, n from    every ``c_i``
            the curriculum (easy 1, medium 2-4, hard > 4)
 olm        ``olm_segments`` over a window of a document       every text token
+           + ``recall_samples``: a passage, then a repeat     the repeat
+           of a span of it; ``chunk_start_samples``: whole    the first tokens after
+           chunks, then the first tokens after them           the context
 sft        ``sft_segments`` (``chat_prompt`` split, the       the response, ``<think>``
            query compressed by the tail rule)                 kept
 =========  =================================================  ===========================
@@ -26,6 +29,7 @@ import logging
 import random
 from dataclasses import dataclass
 from functools import lru_cache
+from itertools import accumulate
 from typing import Any
 
 from ..layout import (Raw, Sample, build_sample, caption_segments, fixed_chunker, ocr_segments, olm_segments,
@@ -174,6 +178,64 @@ class StageBuilder:
 
     def _olm(self, rec, rng, progress):
         ids = self.encode(rec["text"]) + [self.doc_end]
+        out = self._olm_windows(ids)
+        if self.cfg.recall_samples or self.cfg.chunk_start_samples:  # no draws otherwise: the stream stays as it was
+            mixed = []
+            for it, start in out:
+                mixed.append(it)
+                text = ids[start:-1]  # the window's text onwards, without the document end
+                for make, mean in ((self._recall, self.cfg.recall_samples),
+                                   (self._chunk_start, self.cfg.chunk_start_samples)):
+                    for _ in range(int(mean) + (rng.random() < mean % 1)):
+                        if (extra := make(text, rng)) is not None:
+                            mixed.append(extra)
+            return mixed, (None if mixed else "too_short")
+        return [it for it, _ in out], (None if out else "too_short")
+
+    def _whole(self, ids: list[int], n_chunks: int) -> int:
+        """Tokens of ``ids`` in at most ``n_chunks`` whole chunks from its start, cut by the fit rule
+        (the next token is looked at too: a chunk is closed by its own tokens and the next)."""
+        closed = self.chunker()(ids[: n_chunks * self.K + 1], b"").closed[:n_chunks]
+        return sum(len(c) for c in closed)
+
+    def _scored_after(self, context: list[int], target: list[int]) -> Item | None:
+        """``context`` compressed (whole chunks, no loss), then ``target`` with the loss: the layout
+        of ``vist2 eval olm`` (:func:`vist2.eval.olm.optical_segments`). None when the fit rule cuts
+        context + target elsewhere, or the sample does not fit a row."""
+        from ..eval.olm import optical_segments
+
+        try:
+            segs = optical_segments(context, target, self.K, self.n_visual, self.chunker())
+        except ValueError:
+            return None
+        s = build_sample(segs)
+        return Item(s) if len(s) <= self.cfg.max_length else None
+
+    def _recall(self, ids: list[int], rng: random.Random) -> Item | None:
+        """A passage of 1..4 whole chunks and a repeat of one of its spans (8..K tokens, from a page
+        start half the time, else anywhere): the repeat's tokens are in the passage's pages, which
+        the repeat cannot see as text."""
+        fits = (self.cfg.max_length - self.K) // (self.K + self.n_visual)  # passage chunks + a K-token repeat
+        p = self._whole(ids, rng.randint(1, max(1, min(4, fits))))
+        if p < 2:
+            return None
+        starts = list(accumulate([0] + [len(c) for c in self.chunker()(ids[: p + 1], b"").closed]))[:-1]
+        o = rng.choice(starts) if rng.random() < 0.5 else rng.randrange(p - 1)
+        m = rng.randint(min(8, p - o), min(self.K, p - o))
+        return self._scored_after(ids[:p], ids[o : o + m])
+
+    def _chunk_start(self, ids: list[int], rng: random.Random) -> Item | None:
+        """1..4 whole chunks of context, then only the first ``chunk_start_tokens`` tokens after
+        them, the ones the end of the last page predicts."""
+        T = self.cfg.chunk_start_tokens
+        fits = (self.cfg.max_length - T) // (self.K + self.n_visual)
+        p = self._whole(ids, rng.randint(1, max(1, min(4, fits))))
+        if p == 0 or p >= len(ids):
+            return None
+        return self._scored_after(ids[:p], ids[p : p + T])
+
+    def _olm_windows(self, ids: list[int]) -> list[tuple[Item, int]]:
+        """The document's consecutive OLM windows, each with the index of its first token."""
         W, M, fit = self.olm_window, self.cfg.max_length, self.chunker()
         # a long document becomes consecutive windows, each a sample of its own (positions restart);
         # chunks the fit rule closes early add images, so a window shrinks until its layout fits
@@ -185,9 +247,9 @@ class StageBuilder:
                 if len(s) <= M:
                     break
                 w -= len(s) - M
-            out.append(Item(s))
+            out.append((Item(s), i))
             i += w
-        return out, (None if out else "too_short")
+        return out
 
     def _sft(self, rec, rng, progress):
         msgs = rec["messages"]
