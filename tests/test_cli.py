@@ -77,3 +77,28 @@ def test_init_rejects_conflicting_flags(tmp_path, capsys):
     assert "no config.json" in capsys.readouterr().err
     assert main(["init", "--preset", "tiny", "--chunk-tokens", "60", "--ratio", "4", "--out", str(tmp_path)]) == 2
     assert "compression_ratio" in capsys.readouterr().err
+
+
+def test_train_on_a_one_line_file_is_one_line(tiny_dir, tmp_path, capsys):
+    """The "no usable samples" error is raised in a DataLoader worker; it used to reach the user as
+    the worker's traceback."""
+    data = tmp_path / "one.jsonl"
+    data.write_text('{"text": "hello world"}\n', encoding="utf-8")
+    assert main(["train", "--stage", "lm", "--model", str(tiny_dir), "--data", str(data), "--out",
+                 str(tmp_path / "run"), "--max-steps", "2", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert f"vist2: error: {data}: no usable training samples" in err
+    assert "Traceback" not in err and "DataLoader worker" not in err, err
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--out", "{tmp}/file/x"], "--out {tmp}/file/x: cannot create the folder"),
+    (["--out", "{tmp}/d", "--max-docs", "-1"], "--max-docs must be >= 1, got -1"),
+    (["--out", "{tmp}/d", "--max-docs", "0"], "--max-docs must be >= 1, got 0"),
+    (["--out", "{tmp}/d", "--images", "-5"], "--images must be >= 0, got -5"),
+])
+def test_data_prepare_user_errors(tmp_path, capsys, argv, message):
+    (tmp_path / "file").write_text("a file, not a folder")
+    assert main(["data", "prepare", *[a.format(tmp=tmp_path) for a in argv]]) == 2
+    err = capsys.readouterr().err
+    assert message.format(tmp=tmp_path) in err and "Traceback" not in err, err

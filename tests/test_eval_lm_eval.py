@@ -170,3 +170,15 @@ def test_adapter_cuts_chunks_by_the_fit_rule(tiny_dir):
     lm.mode = "pcc"
     assert [list(c) for c, _, _ in build_sample(lm._segments(ctx, cont)).chunks] == [
         list(c) for c in chunks[:n_ctx]]
+
+
+def test_model_args_may_name_device_and_batch_size(tiny_dir):
+    """``--model_args pretrained=...,device=cpu`` used to fail with "got multiple values for keyword
+    argument 'device'": lm-eval passes its own device and batch size too. The model's arguments win."""
+    from vist2.eval.lm_eval_adapter import VIST2LM
+
+    lm = VIST2LM.create_from_arg_string(f"pretrained={tiny_dir},mode=pcc,device=cpu,batch_size=3",
+                                        {"device": "cuda:7", "batch_size": 1, "max_batch_size": None})
+    assert (lm.mode, lm._device.type, lm.batch_size) == ("pcc", "cpu", 3)
+    lm = VIST2LM.create_from_arg_obj({"pretrained": str(tiny_dir)}, {"device": "cpu", "batch_size": 2})
+    assert (lm._device.type, lm.batch_size) == ("cpu", 2)  # lm-eval's own flags still apply when alone

@@ -72,6 +72,20 @@ class VIST2LM(LM):
 
     # -- lm-eval plumbing ---------------------------------------------------------------
 
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> "VIST2LM":
+        """``--model_args pretrained=...,device=cpu``: lm-eval passes its own ``device`` and
+        ``batch_size`` beside the model's arguments, and the base class hands both to the constructor
+        (a TypeError when a name is in both). What ``--model_args`` says wins."""
+        from lm_eval import utils
+
+        return cls.create_from_arg_obj(utils.simple_parse_args_string(arg_string), additional_config)
+
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict: dict, additional_config: dict | None = None) -> "VIST2LM":
+        extra = {k: v for k, v in (additional_config or {}).items() if v is not None and k not in arg_dict}
+        return cls(**arg_dict, **extra)
+
     @property
     def tokenizer_name(self) -> str:
         return str(getattr(self.processor.tokenizer, "name_or_path", "vist2")).replace("/", "__")

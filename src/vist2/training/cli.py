@@ -22,6 +22,18 @@ from ..runtime import require_checkpoint
 from .config import STAGES
 
 
+def _one_line(e: ValueError) -> str:
+    """The user's message of a ValueError. One raised in a DataLoader worker reaches us re-raised as
+    "Caught ValueError in DataLoader worker process 0." plus the worker's traceback; its last line
+    holds the original message."""
+    text = str(e)
+    if text.startswith("Caught ") and "Original Traceback" in text:
+        last = text.strip().splitlines()[-1]
+        name = f"{type(e).__name__}: "
+        return last[len(name):] if last.startswith(name) else last
+    return text
+
+
 def cmd_train(args) -> int:
     from pathlib import Path
 
@@ -40,7 +52,7 @@ def cmd_train(args) -> int:
         result = Trainer(cfg, args.model, args.data, args.out, eval_data=args.eval_data, resume=args.resume,
                          progress=not args.no_progress).train()
     except ValueError as e:
-        raise CLIError(str(e)) from e
+        raise CLIError(_one_line(e)) from e
     from .data import SkipCounter
 
     if result.steps and result.last_loss is not None:

@@ -180,15 +180,22 @@ def prepare(out: str | Path, corpora=CORPORA, max_docs: int | None = None, image
     unknown = sorted(set(corpora) - set(CORPORA))
     if unknown:
         raise ValueError(f"--corpora: unknown {', '.join(unknown)}; known: {', '.join(CORPORA)}")
+    # None: every document; 0 or less would silently drop documents (rows[:-1] loses the last one)
+    for flag, value, low in (("--max-docs", max_docs, 1), ("--images", images, 0), ("--chats", chats, 0)):
+        if value is not None and value < low:
+            raise ValueError(f"{flag} must be >= {low}, got {value}")
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a file in the way (NotADirectoryError, FileExistsError), no permission ...
+        raise ValueError(f"--out {out}: cannot create the folder ({e.strerror or e})") from e
     rng = random.Random(seed)
     manifest: dict = {"seed": seed, "files": {}}
     books = {v: bible_books(v) for v in BIBLES if v in corpora or "chat" in corpora}
     hlm = hlm_chapters() if ("hlm" in corpora or "chat" in corpora) else []
 
     def cap(rows):
-        return rows[:max_docs] if max_docs else rows
+        return rows if max_docs is None else rows[:max_docs]
 
     en = []
     for v in ("kjv", "web"):
