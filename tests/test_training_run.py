@@ -129,18 +129,30 @@ def test_loss_falls_on_a_fixed_batch(tiny_dir, data):
 
 
 def test_resume_ends_with_the_same_weights(tiny_dir, data, tmp_path):
+    """A run stopped by a callback after step 3 (checkpoints every 2 steps) saves step 3, exports
+    nothing, and resumes to the weights of the run that went straight through."""
     kw = dict(save_every=2, shuffle_buffer=8, learning_rate=1e-3)
     run(tiny_dir, "olm", data / "text_en.jsonl", tmp_path / "straight", steps=4, **kw)
     cfg = stage_preset("olm", max_steps=4, log_every=1, max_length=128, num_workers=0, eval_holdout=0, **kw)
-    first = Trainer(cfg, tiny_dir, data / "text_en.jsonl", tmp_path / "resumed", progress=False).train(stop_after=2)
-    assert first.stopped_early and first.steps == 2
+    seen = []
+
+    def stop_at_3(step, logged):
+        seen.append((step, sorted(logged)))
+        return step == 3
+
+    first = Trainer(cfg, tiny_dir, data / "text_en.jsonl", tmp_path / "resumed", progress=False,
+                    callbacks=[stop_at_3]).train()
+    assert first.stopped_early and first.steps == 3
+    assert [s for s, _ in seen] == [1, 2, 3] and "train/loss" in seen[0][1]
+    assert [p.name for p in sorted((tmp_path / "resumed" / "checkpoints").iterdir())] == [
+        "step-00000002", "step-00000003"]  # step 3 saved on the stop, off the save_every grid
     assert not (tmp_path / "resumed" / "model.safetensors").exists()
     with pytest.raises(ValueError, match="--resume"):
         Trainer(cfg, tiny_dir, data / "text_en.jsonl", tmp_path / "resumed", progress=False).train()
-    # the resumed half renders with two DataLoader workers: the batches must still be the same
+    # the resumed part renders with two DataLoader workers: the batches must still be the same
     second = Trainer(cfg.replace(num_workers=2), tiny_dir, data / "text_en.jsonl", tmp_path / "resumed",
                      resume=True, progress=False).train()
-    assert second.steps == 4
+    assert second.steps == 4 and not second.stopped_early
     a, b = weights(tmp_path / "straight"), weights(tmp_path / "resumed")
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)

@@ -29,10 +29,9 @@ import logging
 import math
 import os
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -42,6 +41,7 @@ from .char_loss import CharLoss
 from .checkpoint_manager import CheckpointManager
 from .config import TrainConfig
 from .data import SkipCounter, check_source, open_source
+from .metrics import StepLog, all_ranks
 from .pipeline import StageDataset, make_loader
 from .page_loss import PageLoss
 from .probe import PROBED_STAGES, VisualProbe
@@ -164,73 +164,6 @@ def train_step(model, batch, optimizer, acc, max_grad_norm: float, aux_losses: S
     return out.loss.detach()
 
 
-class StepLog:
-    """The loss window between two log lines, and where the run's lines go.
-
-    Micro-batch losses add up on the device (no sync per micro-batch); :meth:`flush` sums the window
-    over the ranks once and reports mean loss, LR and tokens/s to the tqdm bar (or, without
-    ``progress``, a printed line) and to the trackers (TensorBoard).
-    """
-
-    def __init__(self, acc, stage: str, total: int, initial: int, progress: bool):
-        from tqdm.auto import tqdm
-
-        self.acc, self.stage, self.total, self.progress = acc, stage, total, progress
-        self.main = acc.is_main_process
-        self.bar = tqdm(total=total, initial=initial, disable=not (self.main and progress), dynamic_ncols=True,
-                        desc=f"{stage}")
-        self.tokens_all = 0  # real slots of all ranks, counted at each flush
-        self._fresh()
-
-    def _fresh(self) -> None:
-        self.loss, self.n, self.tokens = torch.zeros((), device=self.acc.device), 0, 0
-        self.t0 = time.perf_counter()
-
-    def add(self, loss: torch.Tensor, n_tokens: int) -> None:
-        self.loss += loss.float()
-        self.n += 1
-        self.tokens += n_tokens
-
-    def flush(self, step: int, lr: float) -> float:
-        """Report the window (all ranks) for ``step``, start a new one; returns the window's mean loss."""
-        counts = torch.tensor([self.n, self.tokens], dtype=torch.float64, device=self.acc.device)
-        stats = self.acc.reduce(torch.cat([self.loss.double()[None], counts]), "sum")
-        loss = float(stats[0] / max(stats[1], 1))
-        tps = float(stats[2]) / max(time.perf_counter() - self.t0, 1e-9)
-        self.tokens_all += int(stats[2])
-        # set before the bar moves, so the line for this step shows this window's loss
-        self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}", refresh=False)
-        if self.main and not self.progress:
-            print(f"{self.stage} step {step}/{self.total}: loss {loss:.4f}, lr {lr:.2e}, {tps:,.0f} tokens/s",
-                  flush=True)
-        self.acc.log({"train/loss": loss, "train/lr": lr, "train/tokens_per_s": tps}, step=step)
-        self._fresh()
-        return loss
-
-    def advance(self) -> None:
-        self.bar.update(1)
-
-    def writer(self):
-        """Where a line for the user goes on this rank (above the bar, or printed); None off the main rank."""
-        if not self.main:
-            return None
-        return self.bar.write if self.progress else print
-
-    def write(self, line: str) -> None:
-        if self.main:
-            self.writer()(line)
-
-    def close(self) -> None:
-        self.bar.close()
-
-
-def _all_ranks(skipped) -> dict:
-    """The skipped-record counts of every rank, added up (each rank calls it)."""
-    from accelerate.utils import gather_object
-
-    return dict(sum((Counter(d) for d in gather_object([dict(skipped)])), Counter()))
-
-
 @dataclass
 class _Run:
     """What one ``Trainer.train`` call sets up and the loop's parts share."""
@@ -251,6 +184,12 @@ class _Run:
     batches: int = 0  # micro-batches consumed (the data position a resume skips to)
     skipped: SkipCounter = field(default_factory=SkipCounter)
     aux_losses: list = field(default_factory=list)  # optional auxiliary losses (models trained from scratch)
+    logged: dict = field(default_factory=dict)  # the scalars logged at the current step, for the callbacks
+
+    def log(self, values: dict, step: int) -> None:
+        """Every scalar of the run goes through here: to the trackers, and to the step's callbacks."""
+        self.acc.log(values, step=step)
+        self.logged.update(values)
 
 
 class Trainer:
@@ -260,13 +199,23 @@ class Trainer:
     through :class:`~vist2.training.checkpoint_manager.CheckpointManager`), then the final save and export.
 
         res = Trainer(stage_preset("olm", max_steps=200), "runs/tiny", "data/text_en.jsonl", "runs/olm").train()
+
+    ``callbacks`` are called after each optimizer step, on every rank, as ``callback(step, logged)``
+    with the scalars logged at that step (``train/loss``, ``eval/loss``, ``probe/*``, ...; empty
+    between log lines). One that returns True stops the run there, as a job that must end before
+    its allocation does: the step is checkpointed (if it is not already), nothing is exported,
+    ``TrainResult.stopped_early`` is set and ``--resume`` continues it. Any rank asking stops all.
+
+        def out_of_time(step, logged):
+            return time.time() > deadline
     """
 
     def __init__(self, cfg: TrainConfig, model_dir: str | Path, data: str | Path, out: str | Path,
-                 eval_data: str | Path | None = None, resume: bool = False, progress: bool = True):
+                 eval_data: str | Path | None = None, resume: bool = False, progress: bool = True,
+                 callbacks: Sequence[Callable[[int, dict], bool | None]] = ()):
         self.cfg, self.model_dir, self.data, self.out = cfg, Path(model_dir), Path(data), Path(out)
         self.eval_data = Path(eval_data) if eval_data else None
-        self.resume, self.progress = resume, progress
+        self.resume, self.progress, self.callbacks = resume, progress, list(callbacks)
         self.ckpt_root = self.out / "checkpoints"
         self.probe = None  # the last eval's visual-path probe result (stages with images)
 
@@ -390,26 +339,25 @@ class Trainer:
 
     # -- the run ----------------------------------------------------------------------
 
-    def train(self, stop_after: int | None = None) -> TrainResult:
-        """Run the stage; ``stop_after`` ends the loop after that many steps without the final
-        save (what a preempted job looks like; used by the resume tests)."""
+    def train(self) -> TrainResult:
+        """Run the stage: to the last step (then save and export) or until a callback stops it."""
         run = self._setup()
         try:
-            self._loop(run, stop_after)
+            self._loop(run)
         finally:
             for a in run.aux_losses:  # their heads go; the model keeps no hook of theirs
                 a.close()
-        run.result.skipped = _all_ranks(run.skipped)
+        run.result.skipped = all_ranks(run.skipped)
         if not run.result.stopped_early:
             self._save(run)  # the final state, so a longer follow-up run (more --max-steps) can resume
             self._export(run.model, run.acc, run.processor, run.original_attn, run.attn, run.result)
         run.acc.end_training()
         return run.result
 
-    def _loop(self, run: _Run, stop_after: int | None) -> None:
-        """Micro-batches until ``run.total`` optimizer steps (or ``stop_after``)."""
+    def _loop(self, run: _Run) -> None:
+        """Micro-batches until ``run.total`` optimizer steps (or a callback stops the run)."""
         cfg, acc, result = self.cfg, run.acc, run.result
-        logs = StepLog(acc, cfg.stage, run.total, run.step, self.progress)
+        logs = StepLog(acc, cfg.stage, run.total, run.step, self.progress, log=run.log)
         t_start = time.perf_counter()
         run.model.train()
         loader = make_loader(run.train_ds, cfg.num_workers)
@@ -425,10 +373,11 @@ class Trainer:
                 run.scheduler.step()
                 run.step += 1
                 self._after_step(run, logs)
-                if stop_after is not None and run.step >= stop_after and run.step < run.total:
-                    result.stopped_early = True
-                    break
+                stop = self._callbacks_stop(run)
                 if run.step >= run.total:
+                    break
+                if stop:
+                    result.stopped_early = True
                     break
         logs.close()
         result.steps = run.step
@@ -441,29 +390,43 @@ class Trainer:
         if step % cfg.log_every == 0 or step == run.total:
             run.result.last_loss = logs.flush(step, run.scheduler.get_last_lr()[0])
             for a in run.aux_losses:
-                run.acc.log(a.log_values(), step=step)
+                run.log(a.log_values(), step=step)
         logs.advance()
         if run.eval_ds is not None and (step % cfg.eval_every == 0 or step == run.total):
             self._eval_step(run, logs)
         if step % cfg.save_every == 0 and step < run.total:
             self._save(run)
 
+    def _callbacks_stop(self, run: _Run) -> bool:
+        """Call the callbacks with this step's scalars; True (on every rank) when any of them, on any
+        rank, asks to stop before the last step; the step is then checkpointed unless
+        :meth:`_after_step` just did."""
+        logged, run.logged = run.logged, {}
+        if not self.callbacks:
+            return False
+        ask = any([bool(cb(run.step, dict(logged))) for cb in self.callbacks])  # a list: every callback runs
+        stop = float(run.acc.reduce(torch.tensor(float(ask), device=run.acc.device), "sum")) > 0
+        stop = stop and run.step < run.total
+        if stop and run.step % self.cfg.save_every:
+            self._save(run)
+        return stop
+
     def _eval_step(self, run: _Run, logs: StepLog) -> None:
         """Eval loss (logged and written) and, for stages with images, the visual-path probe."""
         step, result = run.step, run.result
         result.eval_loss = self.evaluate(run.model, run.eval_ds, run.acc)
         if result.eval_loss is not None:
-            run.acc.log({"eval/loss": result.eval_loss}, step=step)
+            run.log({"eval/loss": result.eval_loss}, step=step)
             logs.write(f"step {step}: eval loss {result.eval_loss:.4f}")
         if self.probe is not None:  # is the visual path alive? (warns on a collapse)
             warm = step >= max(math.ceil(self.cfg.warmup_ratio * run.total), run.total // 10, 1)
-            result.probe = report_probe(self.probe, step, warm, run.acc.log, logs.writer(), logs.main)
+            result.probe = report_probe(self.probe, step, warm, run.log, logs.writer(), logs.main)
         run.model.train()
 
     def _save(self, run: _Run) -> None:
         """A step folder for ``run.step`` (every rank takes part)."""
         state = {"stage": self.cfg.stage, "step": run.step, "batches": run.batches, "total_steps": run.total,
-                 "skipped": _all_ranks(run.skipped), "config": self.cfg.to_dict(),
+                 "skipped": all_ranks(run.skipped), "config": self.cfg.to_dict(),
                  "world_size": run.acc.num_processes}
         run.ckpt.save(run.step, run.model, state, lambda folder: self._write_model(
             folder, run.model, run.acc, run.processor, run.original_attn, final=False))
@@ -487,8 +450,8 @@ class Trainer:
 
     def _write_model(self, folder: Path, model, acc, processor, original_attn: str, final: bool) -> None:
         """``folder`` as an ordinary HF model folder (config with the render settings, safetensors
-        weights, the processor: tokenizer and processor_config.json), LoRA merged. Between steps LoRA is merged into a copy, and the model
-        keeps training as it was."""
+        weights, the processor: tokenizer and processor_config.json), LoRA merged. Between steps LoRA
+        is merged into a copy, and the model keeps training as it was."""
         state_dict = acc.get_state_dict(model)  # gathers FSDP / DeepSpeed shards on every rank
         if not acc.is_main_process:
             return
