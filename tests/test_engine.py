@@ -285,7 +285,7 @@ def test_the_decode_step_never_reads_the_device(tok, monkeypatch):
     tensor value back; lengths and write indices stay on the device."""
     eng = _engine(tok, max_batch=3)
     calls = {"steps": 0}
-    step = eng._step_fn
+    step = eng.runner.step_fn
 
     def refuse(name):
         def read(*a, **k):
@@ -299,7 +299,7 @@ def test_the_decode_step_never_reads_the_device(tok, monkeypatch):
                 m.setattr(torch.Tensor, name, refuse(name))
             return step(*args)
 
-    eng._step_fn = guarded
+    monkeypatch.setattr(eng.runner, "step_fn", guarded)
     reqs = [Request(query=_ids(tok, 30 + 40 * i), params=SamplingParams(max_new_tokens=eng.K + 5, ignore_eos=True))
             for i in range(3)]
     for req, res in zip(reqs, eng.generate(reqs)):
@@ -339,11 +339,9 @@ def test_the_visual_prompt_is_one_forward(tok):
     reports = []
     eng = _engine(tok, "visual", observer=reports.append)
     forwards = []
-    lm = eng._lm
-    eng._lm = lambda emb, pos, mask: forwards.append(emb.shape[1]) or lm(emb, pos, mask)
-    images = []
-    encode = eng._encode
-    eng._encode = lambda texts, styles: images.append(len(texts)) or encode(texts, styles)
+    forward = eng.runner.forward
+    eng.runner.forward = lambda rows, emb, *a: forwards.append(emb.shape[1]) or forward(rows, emb, *a)
+    images = _spy_images(eng)
     req = Request(query=_ids(tok, 6 * eng.K + 20), prefix=_ids(tok, 3, offset=500),
                   params=SamplingParams(max_new_tokens=2, ignore_eos=True))
     res = eng.generate([req])[0]
@@ -354,8 +352,8 @@ def test_the_visual_prompt_is_one_forward(tok):
 
 def _spy_images(eng):
     """Record the images of every vision-tower batch."""
-    images, encode = [], eng._encode
-    eng._encode = lambda texts, styles: images.append(len(texts)) or encode(texts, styles)
+    images, encode = [], eng.runner.encode
+    eng.runner.encode = lambda texts, styles: images.append(len(texts)) or encode(texts, styles)
     return images
 
 

@@ -61,7 +61,7 @@ def test_engine_output_does_not_depend_on_render_workers(proc):
         out.append(eng.generate(reqs))
         # per row 3 prompt chunks (a raw tail of 8) and one generated window, drawn two at a time
         assert [r.stats.chunks_compressed for r in out[-1]] == [4, 4]
-        assert (eng.renderer._pool is not None) == (workers > 1)  # the threads did draw them
+        assert (eng.runner.renderer._pool is not None) == (workers > 1)  # the threads did draw them
     for a, b in zip(*out):
         assert a.token_ids == b.token_ids and a.memory == b.memory
         assert torch.equal(torch.stack(a.logits), torch.stack(b.logits))

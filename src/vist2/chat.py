@@ -65,3 +65,22 @@ def chat_prompt(tokenizer, messages: list[dict]) -> tuple[list[int], list[int], 
     enc = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
     query, span = query_ids(tokenizer, messages[last]["content"], messages[last].get("question"))
     return enc(before), query, enc(after), span
+
+
+def prompt_parts(tokenizer, prompt: str | None = None, messages: list[dict] | None = None,
+                 question: str | None = None) -> tuple[list[int], list[int], list[int], tuple[int, int] | None]:
+    """(raw prefix, compressed query, raw suffix, question span) of a plain prompt or of chat ``messages``
+    (:func:`chat_prompt`). With a plain prompt the whole prompt is the query, and ``question`` is
+    appended to it as in a user message: ``prompt + "\\n" + question`` (:func:`query_ids`)."""
+    if messages is not None:
+        if question is not None:
+            raise ValueError("with messages, give the question as the last user message's 'question' field")
+        parts = chat_prompt(tokenizer, messages)
+    else:
+        if prompt is None:
+            raise ValueError("give a prompt or messages")
+        query, span = query_ids(tokenizer, prompt, question)
+        parts = [], query, [], span
+    if not any(parts[:3]):
+        raise ValueError("the prompt is empty")
+    return parts

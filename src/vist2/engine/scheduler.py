@@ -1,0 +1,193 @@
+"""Scheduling: which requests hold cache rows, and how a prompt is fed in bounded pieces.
+
+- :func:`plan_prompt` lays a request's prompt out (:func:`vist2.layout.prompt_segments`: query chunks
+  cut by the fit rule, the tail rule, raw prefix/suffix) and counts the cache entries it needs at its
+  peak. It reads no engine state, so it can run off the engine thread (tokenizer pools, servers).
+- :class:`PromptFeed` turns that layout into prefill operations (raw text; a chunk's visual tokens,
+  after its text in the interleaved encoding) and hands them out in pieces of at most a budget of
+  cache entries (:meth:`PromptFeed.take`), so a long prompt enters over several steps.
+- :class:`Scheduler` keeps the waiting queue, the running rows and the finished results.
+
+    >>> plan = plan_prompt(request, processor, K=64, n_visual=16, prompt_encoding="visual")  # doctest: +SKIP
+    >>> plan.footprint                                                                        # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+
+from ..layout import Raw, Segment, prompt_segments
+from ..processing import VIST2Processor
+from .types import Mode, Request, Result
+
+
+@dataclass(frozen=True)
+class PromptPlan:
+    """A prompt's layout and the cache entries it needs at its peak (a compressed chunk briefly holds
+    its text and its visual tokens; one more entry for the first generated token)."""
+
+    segments: tuple[Segment, ...]
+    footprint: int
+
+
+def plan_prompt(req: Request, processor: VIST2Processor, chunk_tokens: int, n_visual: int,
+                prompt_encoding: str) -> PromptPlan:
+    """Lay out a request's prompt as the engine will feed it (mode ``none``: one raw run)."""
+    if req.mode == Mode.NONE:
+        segments: list[Segment] = [Raw(tuple(req.prompt_ids))]
+    else:
+        segments = prompt_segments(req.prefix, req.query, req.suffix, chunk_tokens, n_visual, prompt_encoding,
+                                   chunker=processor.chunker(chunk_tokens), question=req.question)
+    kept, peak = 0, 0
+    for seg in segments:
+        if isinstance(seg, Raw):
+            kept += len(seg.tokens)
+        elif seg.mode == "interleaved":
+            peak = max(peak, kept + len(seg.tokens) + seg.n_visual)
+            kept += seg.n_visual
+        else:
+            kept += seg.n_visual
+        peak = max(peak, kept)
+    return PromptPlan(tuple(segments), peak + 1)
+
+
+@dataclass
+class PrefillOp:
+    """One piece of a prompt's prefill: text tokens, or one chunk's visual tokens (``n_text`` > 0:
+    the chunk's text was fed just before, interleaved, and is evicted after them)."""
+
+    kind: str  # "text" | "visual"
+    tokens: list[int] = field(default_factory=list)
+    chunk: int = -1
+    n_text: int = 0
+
+
+@dataclass
+class PrefillPiece:
+    """What one prefill forward feeds of one row: cache entries ``[start, end)``; ``items`` are text
+    token lists and chunk numbers (their visual tokens), in order; ``evict``: an interleaved chunk's
+    text span, dropped after the forward."""
+
+    feed: "PromptFeed"
+    start: int
+    end: int
+    items: list[list[int] | int] = field(default_factory=list)
+    positions: list[int] = field(default_factory=list)
+    evict: tuple[int, int] | None = None
+
+    @property
+    def used(self) -> int:
+        return self.end - self.start
+
+
+class PromptFeed:
+    """A prompt while it is prefilled: the operations left, every chunk's (text, style) in order, and the
+    visual tokens of chunks read ahead. Chunk texts are cut here, in order: ``carry`` holds the bytes of a
+    character split by the last chunk (the first generated window draws them)."""
+
+    def __init__(self, segments: Sequence[Segment], processor: VIST2Processor, n_visual: int):
+        self.n_visual = n_visual
+        self.ops: deque[PrefillOp] = deque()
+        self.chunks: list[tuple[str, Any]] = []  # (text, style: one or per character)
+        self.visual: dict[int, torch.Tensor] = {}  # chunk -> its (n_visual, D) tokens, read ahead
+        self.carry = b""
+        for seg in segments:
+            if isinstance(seg, Raw):
+                self.ops.append(PrefillOp("text", list(seg.tokens)))
+                continue
+            style = processor.char_styles(self.carry, seg.tokens, seg.style)  # before the carry moves
+            text, self.carry = processor.chunk_text(self.carry, seg.tokens)
+            self.chunks.append((text, style))
+            n_text = len(seg.tokens) if seg.mode == "interleaved" else 0
+            if n_text:
+                self.ops.append(PrefillOp("text", list(seg.tokens)))
+            self.ops.append(PrefillOp("visual", chunk=len(self.chunks) - 1, n_text=n_text))
+
+    @property
+    def done(self) -> bool:
+        return not self.ops
+
+    def take(self, start: int, budget: int) -> PrefillPiece:
+        """The next prompt entries, at most ``budget``, written from cache index ``start``. A piece ends
+        after an interleaved chunk's visual tokens (its text is then evicted). With the visual encoding
+        a whole prompt of chunks is one causal run of visual tokens."""
+        p, n_visual = PrefillPiece(self, start, start), self.n_visual
+        while self.ops and p.used < budget:
+            op = self.ops[0]
+            if op.kind == "text":
+                take = op.tokens[: budget - p.used]
+                del op.tokens[: len(take)]
+                p.items.append(take)
+                p.positions += range(p.end, p.end + len(take))
+                p.end += len(take)
+                if not op.tokens:
+                    self.ops.popleft()
+                continue
+            if p.used + n_visual > budget:
+                break
+            self.ops.popleft()
+            p.items.append(op.chunk)
+            p.positions += range(p.end - op.n_text, p.end - op.n_text + n_visual)
+            p.end += n_visual
+            if op.n_text:
+                p.evict = (p.end - n_visual - op.n_text, p.end - n_visual)
+                break
+        return p
+
+
+def chunks_to_read(pieces: Sequence[PrefillPiece], limit: int, n_visual: int) -> list[tuple[PromptFeed, int]]:
+    """The prompt chunks to read in one vision-tower batch: every chunk the pieces hold that was not read
+    yet, and ahead of them each row's next chunks while the batch holds at most as many images as
+    ``limit`` entries would (interleaved pieces hold one chunk each)."""
+    need = [(p.feed, c) for p in pieces for c in p.items if isinstance(c, int) and c not in p.feed.visual]
+    if not need:
+        return []
+    room = max(limit // n_visual, len(need)) - len(need)
+    seen = {(id(f), c) for f, c in need}
+    for p in pieces:
+        nxt = max((c for c in p.items if isinstance(c, int)), default=-1) + 1
+        for c in range(nxt, len(p.feed.chunks)):
+            if room <= 0:
+                break
+            if c not in p.feed.visual and (id(p.feed), c) not in seen:
+                need.append((p.feed, c))
+                seen.add((id(p.feed), c))
+                room -= 1
+    return need
+
+
+class Scheduler:
+    """The waiting queue (FIFO), the running rows (``row -> state``) and the results not yet collected."""
+
+    def __init__(self, max_batch: int):
+        self.max_batch = max_batch
+        self.waiting: deque[tuple[int, Request, PromptPlan]] = deque()
+        self.running: dict[int, Any] = {}
+        self.finished: dict[int, Result] = {}
+        self._next_id = 0
+
+    def add(self, request: Request, plan: PromptPlan) -> int:
+        rid = self._next_id
+        self._next_id += 1
+        self.waiting.append((rid, request, plan))
+        return rid
+
+    def admissions(self, limit: int):
+        """Yield ``(rid, request, plan, row)`` for waiting requests that get a free row now, at most
+        ``limit``; the caller puts each one's state in ``running[row]``."""
+        for _ in range(limit):
+            if not self.waiting or len(self.running) >= self.max_batch:
+                return
+            rid, req, plan = self.waiting.popleft()
+            yield rid, req, plan, min(set(range(self.max_batch)) - set(self.running))
+
+    def remove_waiting(self, request_id: int) -> bool:
+        for i, (rid, _, _) in enumerate(self.waiting):
+            if rid == request_id:
+                del self.waiting[i]
+                return True
+        return False
