@@ -103,12 +103,18 @@ class Engine:
         observer: called with a :class:`StepReport` after every step (timings, cache occupancy).
         render_workers: threads drawing a batch of chunk images (:class:`ChunkRenderer`); 1 draws
             them in the calling thread.
+        memory_cache_bytes: keep prompt chunks' visual tokens across requests, up to this many bytes
+            (:class:`~.memory_cache.MemoryCache`): a chunk seen before (same text, style, render config
+            and weights) is not rendered or read again. 0 (the default) turns it off, so a library
+            engine computes every request from scratch: benchmarks and evaluations that repeat a
+            prompt measure the vision tower, not a lookup. ``vist2 serve`` turns it on.
     """
 
     def __init__(self, model: VIST2ForCausalLM, processor: VIST2Processor, max_batch: int = 8,
                  max_cache_tokens: int | None = None, record_logits: bool = False, prefill_budget: int = 2048,
                  max_prefills_per_step: int = 1, cuda_graphs: bool | None = None,
-                 observer: Callable[[StepReport], None] | None = None, render_workers: int = 1):
+                 observer: Callable[[StepReport], None] | None = None, render_workers: int = 1,
+                 memory_cache_bytes: int = 0):
         if max_batch <= 0:
             raise ValueError(f"max_batch must be > 0, got {max_batch}")
         cfg = model.config
@@ -123,7 +129,8 @@ class Engine:
                              f"are fed together), got {prefill_budget}")
         self.prefill_budget = prefill_budget
         self.max_prefills_per_step = max(1, max_prefills_per_step)
-        self.runner = ModelRunner(model, processor, max_batch, self.max_cache_tokens, cuda_graphs, render_workers)
+        self.runner = ModelRunner(model, processor, max_batch, self.max_cache_tokens, cuda_graphs, render_workers,
+                                  memory_cache_bytes)
         self.compressor = Compressor(self.runner, processor, self.K, self.n_visual)
         self.scheduler = Scheduler(max_batch)
         self.observer = observer
@@ -186,6 +193,10 @@ class Engine:
     @property
     def busy(self) -> bool:
         return bool(self.scheduler.waiting or self.scheduler.running)
+
+    def memory_cache_stats(self) -> dict | None:
+        """The memory cache's counters and occupancy (:meth:`MemoryCache.stats`); None when it is off."""
+        return None if self.runner.memory is None else self.runner.memory.stats()
 
     def cache_usage(self) -> dict:
         """Cache occupancy: live entries per running request, capacity, bytes per entry and allocated."""
@@ -349,10 +360,16 @@ class Engine:
         if not need:
             return
         texts, styles = zip(*(f.chunks[c] for f, c in need))
-        for (f, c), v in zip(need, self.runner.encode(list(texts), list(styles))):
+        visual, hits = self.runner.encode_prompt(list(texts), list(styles))
+        owner = {id(s.feed): s.stats for s in self.scheduler.running.values()}
+        for (f, c), v, hit in zip(need, visual, hits):
             f.visual[c] = v
+            if hit:
+                owner[id(f)].memory_hits += 1
+            else:
+                owner[id(f)].memory_misses += 1
         if self.runner.report is not None:
-            self.runner.report.prefill_chunks += len(need)
+            self.runner.report.prefill_chunks += len(need) - sum(hits)  # read by the vision tower
 
     def _chunk_visual(self, seq: _Row, chunk: int) -> torch.Tensor:
         """A prompt chunk's visual tokens ``(n_visual, D)`` (read by :meth:`_read_chunks`); the chunk

@@ -23,6 +23,7 @@ from ..modeling import VIST2ForCausalLM
 from ..processing import VIST2Processor
 from ..runtime import kv_geometry
 from .cache import CompressedKVCache
+from .memory_cache import MemoryCache, model_scope
 from .rendering import ChunkRenderer
 from .types import StepReport
 
@@ -86,7 +87,7 @@ class ModelRunner:
     """
 
     def __init__(self, model: VIST2ForCausalLM, processor: VIST2Processor, max_batch: int, max_cache_tokens: int,
-                 cuda_graphs: bool | None = None, render_workers: int = 1):
+                 cuda_graphs: bool | None = None, render_workers: int = 1, memory_cache_bytes: int = 0):
         self.model = model.eval()
         self.max_batch, self.max_cache_tokens = max_batch, max_cache_tokens
         self.device = next(model.parameters()).device
@@ -100,6 +101,8 @@ class ModelRunner:
         self._cache: CompressedKVCache | None = None
         self._batch_buckets = sorted({min(max_batch, 1 << i) for i in range(max_batch.bit_length() + 1)})
         self._n_tokens = len(processor.tokenizer)
+        # prompt chunks' visual tokens kept across requests (None: off)
+        self.memory = MemoryCache(memory_cache_bytes, processor.render_config) if memory_cache_bytes else None
 
     @property
     def cache(self) -> CompressedKVCache:
@@ -145,6 +148,14 @@ class ModelRunner:
             pixels = self.renderer.pixels(texts, styles)
         with self.phase("vision"):
             return self.model.model.encode_images(pixels.to(self.device, self.model.dtype))
+
+    def encode_prompt(self, texts: list[str], styles: list) -> tuple[torch.Tensor, list[bool]]:
+        """:meth:`encode` through the memory cache (when on): ``(n, n_visual, D)`` and whether each chunk was
+        a hit (neither rendered nor read). Only prompt chunks come here: a generated window is new text."""
+        if self.memory is None:
+            return self.encode(texts, styles), [False] * len(texts)
+        m = self.model.model
+        return self.memory.fetch(texts, styles, self.encode, model_scope([m.vision, m.aligner]))
 
     # -- the LLM ------------------------------------------------------------------------------
 

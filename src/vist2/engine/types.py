@@ -50,6 +50,8 @@ class Stats:
     kv_tokens_uncompressed: int = 0  # what a plain LLM would hold for the same tokens
     kv_bytes: int = 0
     kv_bytes_peak: int = 0
+    memory_hits: int = 0  # prompt chunks found in the memory cache (not rendered or read again)
+    memory_misses: int = 0  # prompt chunks read by the vision tower while the memory cache is on
     ttft_s: float = 0.0
     tokens_per_s: float = 0.0
     finish_reason: str = ""  # stop | length | eos | error (this request failed; the others carry on)
@@ -94,7 +96,7 @@ class StepReport:
 
     step: int
     prefill_tokens: int = 0  # prompt entries run through the LLM this step (text and visual)
-    prefill_chunks: int = 0  # prompt chunks read by the vision tower this step
+    prefill_chunks: int = 0  # prompt chunks read by the vision tower this step (memory cache hits not counted)
     prefill_rows: list[int] = field(default_factory=list)  # rows in each prefill forward (prompts fed together)
     decode_rows: int = 0  # rows that fed a token
     decode_chunks: int = 0  # generated windows compressed

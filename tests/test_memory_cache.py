@@ -1,0 +1,172 @@
+"""The memory cache: prompt chunks' visual tokens reused across requests, exactly, within a byte bound."""
+
+import pytest
+import torch
+
+from vist2.build import load_tokenizer
+from vist2.config import preset_config
+from vist2.engine.engine import Engine, Request
+from vist2.engine.memory_cache import MemoryCache, model_scope
+from vist2.engine.sampling import SamplingParams
+from vist2.modeling import VIST2ForCausalLM
+from vist2.processing import VIST2Processor
+from vist2.samples import sample_text
+
+
+class Reader:
+    """A stand-in vision tower: ``(n, 2, 4)`` float32 tokens (32 bytes each) derived from the text; counts calls."""
+
+    def __init__(self):
+        self.calls: list[list[str]] = []
+
+    def __call__(self, texts, styles):
+        self.calls.append(list(texts))
+        return torch.stack([torch.full((2, 4), float(len(t) + 100 * (s != "plain"))) for t, s in zip(texts, styles)])
+
+
+ENTRY = 2 * 4 * 4  # tensor bytes of one entry; a one-letter key adds 1
+
+
+def test_hits_misses_and_a_repeat_within_one_call():
+    mc, read = MemoryCache(10_000), Reader()
+    v, hits = mc.fetch(["a", "bb", "a"], ["plain", "user", "plain"], read, scope=0)
+    assert hits == [False, False, False] and read.calls == [["a", "bb"]]  # "a" read once
+    assert v[:, 0, 0].tolist() == [1.0, 102.0, 1.0]
+    v2, hits = mc.fetch(["bb", "a", "c"], ["user", "plain", "plain"], read, scope=0)
+    assert hits == [True, True, False] and read.calls[-1] == ["c"]
+    assert torch.equal(v2[0], v[1]) and torch.equal(v2[1], v[0])
+    _, hits = mc.fetch(["bb"], ["plain"], read, scope=0)  # same text, other style: another image
+    assert hits == [False]
+    assert mc.stats() | {"bytes": 0} == {"hits": 2, "misses": 5, "evictions": 0, "invalidations": 0, "entries": 4,
+                                        "bytes": 0, "max_bytes": 10_000}
+
+
+def test_eviction_keeps_the_byte_bound_least_recently_used_first():
+    mc, read = MemoryCache(3 * (ENTRY + 1)), Reader()  # room for exactly three one-letter entries
+    mc.fetch(["a", "b", "c"], ["plain"] * 3, read, scope=0)
+    assert mc.bytes == 3 * (ENTRY + 1) and len(mc) == 3
+    mc.fetch(["a"], ["plain"], read, scope=0)  # "a" is now the most recently used
+    mc.fetch(["d"], ["plain"], read, scope=0)  # evicts "b"
+    assert mc.evictions == 1 and mc.bytes <= mc.max_bytes
+    _, hits = mc.fetch(["a", "c", "d", "b"], ["plain"] * 4, read, scope=0)
+    assert hits == [True, True, True, False]
+    for n in range(1, 40):  # whatever comes, the bound holds
+        mc.fetch([chr(200 + i) * (1 + i % 3) for i in range(n)], ["plain"] * n, read, scope=0)
+        assert mc.bytes <= mc.max_bytes
+        assert mc.bytes == sum(size for _, size in mc._entries.values())
+
+
+def test_an_entry_over_the_bound_is_not_kept_and_a_new_scope_drops_all():
+    mc, read = MemoryCache(ENTRY), Reader()  # a one-letter key does not fit beside its tokens
+    _, hits = mc.fetch(["a"], ["plain"], read, scope=0)
+    _, hits = mc.fetch(["a"], ["plain"], read, scope=0)
+    assert hits == [False] and len(mc) == 0 and mc.evictions == 0
+    mc = MemoryCache(10_000)
+    mc.fetch(["a", "b"], ["plain"] * 2, read, scope="weights-1")
+    _, hits = mc.fetch(["a"], ["plain"], read, scope="weights-2")
+    assert hits == [False] and mc.invalidations == 1 and len(mc) == 1
+
+
+@pytest.mark.parametrize("bad", [-1, 0, 1.5, True, "1"])
+def test_bad_bounds_are_refused(bad):
+    with pytest.raises(ValueError, match="memory_cache_bytes"):
+        MemoryCache(bad)
+
+
+def test_the_scope_follows_in_place_weight_changes():
+    lin = torch.nn.Linear(2, 2)
+    before = model_scope([lin])
+    assert model_scope([lin]) == before
+    with torch.no_grad():
+        lin.weight.add_(1.0)  # an optimizer step does this
+    assert model_scope([lin]) != before
+
+
+# -- the engine ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer()
+
+
+def _engine(tok, memory_cache_bytes=0, **kw):
+    torch.manual_seed(0)
+    cfg = preset_config("tiny")
+    cfg.text_config.initializer_range = 0.5  # large weights: any difference in the visual tokens shows
+    model = VIST2ForCausalLM(cfg).eval()
+    return Engine(model, VIST2Processor(tok, model.config.render_config), record_logits=True,
+                  memory_cache_bytes=memory_cache_bytes, **kw)
+
+
+def _doc(tok, n):
+    ids = tok(sample_text("en"), add_special_tokens=False)["input_ids"][:n]
+    assert len(ids) == n
+    return ids
+
+
+GREEDY = SamplingParams(max_new_tokens=24, ignore_eos=True)
+
+
+def _run(engine, query):
+    [res] = engine.generate([Request(query=list(query), params=GREEDY)])
+    return res
+
+
+def test_a_cached_request_gives_the_uncached_logits_bitwise(tok):
+    """Exact, not within a tolerance: a hit returns the very tensor the vision tower produced for the
+    same chunk in a batch of the same composition (the first request), so the LLM sees the same bits."""
+    doc = _doc(tok, 400)
+    plain = _run(_engine(tok), doc)
+    engine = _engine(tok, memory_cache_bytes=1 << 22)
+    first, second = _run(engine, doc), _run(engine, doc)
+    n_chunks = first.stats.memory_misses
+    assert n_chunks >= 5 and first.stats.memory_hits == 0
+    assert second.stats.memory_hits == n_chunks and second.stats.memory_misses == 0
+    assert second.token_ids == plain.token_ids == first.token_ids
+    for got, want in zip(second.logits, plain.logits, strict=True):
+        assert torch.equal(got, want)
+    assert engine.memory_cache_stats()["hits"] == n_chunks
+
+
+def test_a_shared_start_is_reused_and_equals_the_uncached_run(tok):
+    """A longer document that begins with the cached one: its first chunks are hits, read in a smaller
+    vision-tower batch than without the cache, so equal within float32 rounding (CPU: <= 1e-5)."""
+    short, long = _doc(tok, 256), _doc(tok, 420)
+    plain = _run(_engine(tok), long)
+    engine = _engine(tok, memory_cache_bytes=1 << 22)
+    _run(engine, short)
+    res = _run(engine, long)
+    assert res.stats.memory_hits >= 3 and res.stats.memory_misses >= 1
+    assert res.token_ids == plain.token_ids
+    got, want = torch.stack(res.logits), torch.stack(plain.logits)
+    assert torch.equal(got.isinf(), want.isinf())  # the padded vocabulary rows, -inf in both
+    diff = (got - want)[got.isfinite()].abs().max().item()
+    assert diff <= 1e-5, diff
+
+
+def test_a_repeated_document_is_not_read_again_and_new_weights_are_not_served_stale(tok):
+    reads = []
+    engine = _engine(tok, memory_cache_bytes=1 << 22, observer=lambda r: reads.append(r.prefill_chunks))
+    doc = _doc(tok, 400)
+    first = _run(engine, doc)
+    assert sum(reads) == first.stats.memory_misses > 0
+    reads.clear()
+    _run(engine, doc)
+    assert sum(reads) == 0  # no chunk rendered or read by the vision tower
+    with torch.no_grad():
+        next(engine.model.model.aligner.parameters()).mul_(1.5)  # as a training step would, in place
+    again = _run(engine, doc)
+    assert again.stats.memory_hits == 0 and engine.memory_cache_stats()["invalidations"] == 1
+    assert not torch.equal(again.logits[0], first.logits[0])
+
+
+def test_the_engine_cache_stays_within_its_bound(tok):
+    probe = _engine(tok)
+    tokens = probe.n_visual * probe.model.config.text_config.hidden_size * 4  # one chunk's float32 visual tokens
+    engine = _engine(tok, memory_cache_bytes=3 * tokens + 3 * 400)  # three chunks and their texts (< 400 bytes each)
+    for n in (300, 330, 360):
+        _run(engine, _doc(tok, n))
+        s = engine.memory_cache_stats()
+        assert s["bytes"] <= s["max_bytes"] and s["entries"] <= 3
+    assert s["evictions"] > 0 and s["misses"] > 3
