@@ -170,3 +170,43 @@ def test_the_engine_cache_stays_within_its_bound(tok):
         s = engine.memory_cache_stats()
         assert s["bytes"] <= s["max_bytes"] and s["entries"] <= 3
     assert s["evictions"] > 0 and s["misses"] > 3
+
+
+# -- the server ---------------------------------------------------------------------------------
+
+
+def _scrape(text: str) -> dict[str, float]:
+    return {k: float(v) for k, v in (line.rsplit(" ", 1) for line in text.splitlines() if line and line[0] != "#")}
+
+
+def test_the_server_reports_the_memory_cache_in_usage_and_metrics(tok):
+    from fastapi.testclient import TestClient
+
+    from vist2.serve.app import create_app
+
+    doc = tok.decode(_doc(tok, 400))
+    body = {"model": "tiny", "prompt": doc, "max_tokens": 4, "temperature": 0, "ignore_eos": True}
+    with TestClient(create_app(_engine(tok, memory_cache_bytes=1 << 22), "tiny")) as c:
+        first = c.post("/v1/completions", json=body).json()["usage"]["memory_cache"]
+        second = c.post("/v1/completions", json=body).json()["usage"]["memory_cache"]
+        m = _scrape(c.get("/metrics").text)
+    assert first["hits"] == 0 and first["misses"] >= 5
+    assert second == {"hits": first["misses"], "misses": 0}
+    assert m["vist2_memory_cache_hits_total"] == first["misses"] == m["vist2_memory_cache_misses_total"]
+    assert 0 < m["vist2_memory_cache_bytes"] <= m["vist2_memory_cache_max_bytes"] == 1 << 22
+    with TestClient(create_app(_engine(tok), "tiny")) as c:  # off: no usage field, zero metrics
+        assert c.post("/v1/completions", json=body).json()["usage"]["memory_cache"] is None
+        assert _scrape(c.get("/metrics").text)["vist2_memory_cache_max_bytes"] == 0
+
+
+def test_the_serve_flag(tmp_path, capsys):
+    import argparse
+
+    from vist2.serve import DEFAULT_MEMORY_CACHE_BYTES, add_parser, main
+
+    p = add_parser(argparse.ArgumentParser(prog="vist2").add_subparsers(dest="command"))
+    assert p.parse_args(["--model", "m"]).memory_cache_bytes == DEFAULT_MEMORY_CACHE_BYTES == 256 << 20
+    assert p.parse_args(["--model", "m", "--memory-cache-bytes", "0"]).memory_cache_bytes == 0
+    assert main(["--model", str(tmp_path), "--memory-cache-bytes", "-1"]) == 2
+    err = capsys.readouterr().err
+    assert "--memory-cache-bytes must be >= 0" in err and "Traceback" not in err

@@ -37,6 +37,12 @@ log = logging.getLogger(__name__)
 # (bench/notes/serve.md). On a GPU the larger budget costs milliseconds.
 CPU_PREFILL_BUDGET = 256
 GPU_PREFILL_BUDGET = 2048
+# The memory cache's default bound. One chunk's visual tokens are n_visual x D x dtype bytes: 16 KiB for
+# the nano model (16 x 256, float32; K = 64), 80 KiB for Qwen3-4B in bfloat16 (D = 2560). 256 MiB holds
+# 16k nano chunks (1M prompt tokens) or 3.2k 4B chunks: the histories of many chats at once. It is what
+# the nano server's KV cache takes at its defaults (8 rows x 8192 entries x 4 KiB), and small beside a
+# large model's (one 32k-entry row of Qwen3-4B in bfloat16 is 4.5 GiB).
+DEFAULT_MEMORY_CACHE_BYTES = 256 << 20
 
 
 def _add_arguments(q: argparse.ArgumentParser) -> None:
@@ -73,6 +79,10 @@ def _add_arguments(q: argparse.ArgumentParser) -> None:
                    help="prompt entries fed per engine step while other streams decode: a smaller budget "
                         f"keeps streams smooth while a long prompt is admitted (default: {CPU_PREFILL_BUDGET} on "
                         f"CPU, {GPU_PREFILL_BUDGET} on CUDA; at least one chunk's visual tokens)")
+    q.add_argument("--memory-cache-bytes", type=int, default=DEFAULT_MEMORY_CACHE_BYTES, metavar="N",
+                   help="keep prompt chunks' visual tokens across requests, up to N bytes: a chunk seen before "
+                        "(a chat's history, a document asked about again) is not rendered or read by the "
+                        f"vision tower again; 0 turns it off (default {DEFAULT_MEMORY_CACHE_BYTES >> 20} MiB)")
     q.add_argument("--mode", choices=MODES, default="gcc",
                    help="compression mode of requests that do not choose one (default gcc)")
     q.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
@@ -110,7 +120,8 @@ def cmd_serve(args) -> int:
                              ("--max-tokens-limit", args.max_tokens_limit, 1),
                              ("--max-body-bytes", args.max_body_bytes, 1),
                              ("--shutdown-grace", args.shutdown_grace, 0),
-                             ("--prefill-budget", args.prefill_budget, 1)):
+                             ("--prefill-budget", args.prefill_budget, 1),
+                             ("--memory-cache-bytes", args.memory_cache_bytes, 0)):
         if value is not None and value < low:
             raise CLIError(f"{flag} must be >= {low}, got {value}")
     if args.port > 65535:
@@ -137,7 +148,7 @@ def cmd_serve(args) -> int:
         budget = args.prefill_budget or max(  # the engine feeds one chunk's visual tokens together
             GPU_PREFILL_BUDGET if device.startswith("cuda") else CPU_PREFILL_BUDGET, model.config.n_visual)
         engine = Engine(model, processor, max_batch=args.max_batch, max_cache_tokens=args.max_cache_tokens,
-                        prefill_budget=budget)
+                        prefill_budget=budget, memory_cache_bytes=args.memory_cache_bytes)
     except CheckpointError as e:  # a damaged folder: the message names the file
         raise CLIError(str(e)) from e
     except (ValueError, OSError) as e:

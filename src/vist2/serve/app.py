@@ -297,6 +297,7 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, m
     if protect_metrics and api_key is None:
         raise ValueError("protect_metrics needs an api_key")
     metrics = ServerMetrics()
+    metrics.watch_memory_cache(engine)
     bridge = EngineBridge(engine, max_queue=max_queue, metrics=metrics)
     serving = OpenAIServing(bridge, ServingConfig(model_name, default_mode, max_prompt_tokens, max_tokens_limit))
 

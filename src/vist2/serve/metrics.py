@@ -12,6 +12,7 @@ Example::
 from __future__ import annotations
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 # TTFT spans a tiny model on a GPU (ms) to a long prompt queued behind others on a CPU (tens of s)
 _TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60, 120)
@@ -36,5 +37,30 @@ class ServerMetrics:
                                        "the end of each finished request", registry=r)
         self.chunks = Counter("vist2_chunks_compressed", "chunks turned into visual tokens", registry=r)
 
+    def watch_memory_cache(self, engine) -> None:
+        """Export the engine's memory cache (``Engine.memory_cache_stats``), read at every scrape: the
+        engine keeps the counters, so they are exact however requests end. All zero when it is off."""
+        self.registry.register(_MemoryCacheCollector(engine))
+
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class _MemoryCacheCollector:
+    """``vist2_memory_cache_*``: prompt chunks found in / missing from the memory cache, entries evicted
+    for the byte bound or dropped when the weights changed, and what it holds."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def collect(self):
+        stats = getattr(self.engine, "memory_cache_stats", lambda: None)() or {}
+        for name, doc in (("hits", "prompt chunks whose visual tokens came from the memory cache"),
+                          ("misses", "prompt chunks read by the vision tower with the memory cache on"),
+                          ("evictions", "memory cache entries evicted to stay within its byte bound"),
+                          ("invalidations", "times the memory cache was emptied because the weights changed")):
+            yield CounterMetricFamily(f"vist2_memory_cache_{name}", doc, value=stats.get(name, 0))
+        for name, doc in (("entries", "chunks the memory cache holds"),
+                          ("bytes", "bytes the memory cache holds (visual tokens and chunk texts)"),
+                          ("max_bytes", "the memory cache's byte bound (--memory-cache-bytes; 0: off)")):
+            yield GaugeMetricFamily(f"vist2_memory_cache_{name}", doc, value=stats.get(name, 0))

@@ -271,11 +271,20 @@ class CompressionUsage(BaseModel):
     kv_ratio: float = 1.0  # kv_entries / kv_entries_uncompressed
 
 
+class MemoryCacheUsage(BaseModel):
+    """Prompt chunks of the request's choices found in the server's memory cache (not rendered or read
+    by the vision tower again) and read anew; present when the server runs one (--memory-cache-bytes)."""
+
+    hits: int = 0
+    misses: int = 0
+
+
 class Usage(BaseModel):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
     compression: Optional[CompressionUsage] = None
+    memory_cache: Optional[MemoryCacheUsage] = None
 
 
 class CompletionChoice(BaseModel):

@@ -46,6 +46,7 @@ from .protocol import (
     CompletionRequest,
     CompletionResponse,
     CompressionUsage,
+    MemoryCacheUsage,
     DeltaMessage,
     ModelCard,
     ModelList,
@@ -273,6 +274,9 @@ class OpenAIServing:
                 kv_entries_peak=sum(s.kv_tokens_peak for s in done), kv_entries_uncompressed=plain,
                 kv_ratio=round(held / plain, 4) if plain else 1.0,
             ),
+            memory_cache=MemoryCacheUsage(hits=sum(s.memory_hits for s in done),
+                                          misses=sum(s.memory_misses for s in done))
+            if getattr(self.engine, "memory_cache_stats", lambda: None)() is not None else None,
         )
 
     async def _collect(self, sub: Submission, raw: HTTPRequest) -> tuple[list[str], list[Stats | None]]:
