@@ -725,7 +725,8 @@ def test_cors_allow_list_and_metrics_key(tiny_dir):
     engine = Engine.from_pretrained(tiny_dir, max_batch=1)
     with pytest.raises(ValueError, match="protect_metrics"):
         create_app(engine, "tiny", protect_metrics=True)
-    preflight = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization,content-type"}
+    preflight = {"Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "authorization,content-type"}
     auth = {"Authorization": f"Bearer {KEY}"}
     app = create_app(engine, "tiny", api_key=KEY, protect_metrics=True, cors_origins=["https://ok.example"])
     with TestClient(app) as c:
@@ -770,3 +771,22 @@ def test_a_damaged_model_folder_is_one_line(tiny_dir, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "model.safetensors: not a readable safetensors file" in err and "Traceback" not in err, err
     assert len(err.strip().splitlines()) == 1, err
+
+
+def test_prompts_are_planned_off_the_engine_thread(server, monkeypatch):
+    """Cutting a prompt into chunks and counting its footprint runs on the tokenizer threads
+    (Engine.plan); the engine thread only queues the planned request."""
+    serving = server.app.state.serving
+    threads = []
+    for _, view in serving._workers.values():
+        real = view.plan
+        monkeypatch.setattr(view, "plan", lambda req, _real=real: threads.append(
+            threading.current_thread().name) or _real(req), raising=False)
+    engine = server.app.state.bridge.engine
+    monkeypatch.setattr(engine, "plan", lambda req: pytest.fail("planned on the engine thread"), raising=False)
+    r = complete(server.client(), prompt=" the" * 300, max_tokens=2, n=2)  # 300 tokens: chunks to cut
+    assert r.usage.compression["chunks_compressed"] > 0 and len(r.choices) == 2
+    r = server.client().chat.completions.create(model="tiny", max_tokens=2, temperature=0, extra_body=FIXED,
+                                                messages=[{"role": "user", "content": "doc " * 200, "question": "q?"}])
+    assert r.choices[0].finish_reason == "length"
+    assert threads == ["vist2-tokenize-short_0"] * 2, threads  # once per prompt, not per choice

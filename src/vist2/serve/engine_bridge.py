@@ -2,9 +2,9 @@
 through queues.
 
 The engine is synchronous and not thread-safe, so every call into it (``add``, ``step``, ``abort``,
-``result``) happens on the engine thread. Prompts arrive as :class:`Admission` s, tokenized and, where
-the engine offers ``Engine.plan``, already cut into segments with their KV footprint (the server does
-both on tokenizer threads of its own), so nothing slow but the model runs here. Handlers run on the
+``result``) happens on the engine thread. Prompts arrive as :class:`Admission` s, tokenized and already
+planned (``Engine.plan``: cut into chunks, their KV footprint counted; the server does both on
+tokenizer threads of its own), so nothing slow but the model runs here. Handlers run on the
 asyncio event loop: they :meth:`EngineBridge.submit` a group of admissions (the ``n`` choices of one
 HTTP request, added all or none), then read ``(choice index, Event)`` pairs from the submission's asyncio queue, which
 the thread fills through ``loop.call_soon_threadsafe``. The thread loops ``engine.step()`` while
@@ -48,9 +48,9 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Admission:
-    """One engine request ready to add: its prompt tokenized off the engine thread, and its plan
-    (``Engine.plan``: segments and KV footprint) when the engine computes plans apart from ``add``.
-    ``param`` is the body field the prompt came from, named when the memory limit refuses it."""
+    """One engine request ready to add: its prompt tokenized and planned (``Engine.plan``: segments
+    and KV footprint) off the engine thread; ``plan=None`` lets ``Engine.add`` plan it. ``param`` is
+    the body field the prompt came from, named when the memory limit refuses it."""
 
     request: Request
     param: str = "prompt"
@@ -220,7 +220,7 @@ class EngineBridge:
         for i, adm in enumerate(sub.admissions):
             try:
                 # with a plan made on a tokenizer thread, add() only queues: no chunking here
-                rid = self.engine.add(adm.request) if adm.plan is None else self.engine.add(adm.request, plan=adm.plan)
+                rid = self.engine.add(adm.request, plan=adm.plan)
             except Exception as e:  # noqa: BLE001 - a bug must not kill the thread or reach the client as a traceback
                 for a in added:
                     self.engine.abort(a)

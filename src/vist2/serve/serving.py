@@ -71,6 +71,7 @@ class ServingConfig:
     default_mode: str = "gcc"
     max_prompt_tokens: int | None = None  # None: only the engine's memory limit applies
     max_tokens_limit: int | None = None  # generated tokens per choice; None: the model's context length
+    chat_history: str = "raw"  # how chats are split (vist2.chat.chat_prompt): raw | compressed
 
 
 def model_max_tokens(engine: Engine) -> int:
@@ -135,13 +136,12 @@ class OpenAIServing:
         self.created = now()
         self.max_tokens_limit = config.max_tokens_limit or model_max_tokens(self.engine)
         self.prompt_limit = prompt_token_bound(self.engine, config.max_prompt_tokens)
-        # Prompts are tokenized (and planned, where the engine offers Engine.plan) on threads of their
+        # Prompts are tokenized and planned (Engine.plan: chunks and KV footprint) on threads of their
         # own, off the event loop (other requests keep being answered) and off the engine thread
         # (running streams keep decoding): one for short prompts, one for long ones. Each has its own
         # tokenizer: a fast tokenizer is not safe to share across threads.
         self._workers = {"short": self._worker("short"), "long": self._worker("long")}
         self._chars_per_token = max_token_chars(self.engine.processor.tokenizer)
-        self._plans = callable(getattr(self.engine, "plan", None))
 
     def _worker(self, name: str) -> tuple[ThreadPoolExecutor, Engine]:
         processor = copy.copy(self.engine.processor)
@@ -227,7 +227,7 @@ class OpenAIServing:
                     raise ValueError(f"token ids must be in [0, {vocab})")
                 req = Request(query=list(ids), params=params, mode=mode)
             elif messages is not None:
-                req = view.request(messages=messages, params=params, mode=mode)
+                req = view.request(messages=messages, params=params, mode=mode, history=self.config.chat_history)
             else:
                 req = view.request(prompt, params=params, mode=mode)
         except ValueError as e:
@@ -236,12 +236,11 @@ class OpenAIServing:
         # refused here rather than by the engine's footprint count on the engine thread
         if len(req.prompt_ids) > self.prompt_limit:
             raise self._too_long(len(req.prompt_ids), param)
-        plan = None
-        if self._plans:
-            try:
-                plan = view.plan(req)
-            except ValueError as e:  # the memory limit, counted here instead of on the engine thread
-                raise APIError(413, str(e), param=param, code="context_length_exceeded") from e
+        plan = view.plan(req)  # the prompt's chunks and footprint, counted here instead of on the engine thread
+        if plan.footprint > self.engine.max_cache_tokens:
+            raise APIError(413, f"the prompt needs {plan.footprint} KV entries ({len(req.prompt_ids)} tokens, "
+                           f"mode {req.mode}), over the memory limit of {self.engine.max_cache_tokens} "
+                           "(--max-cache-tokens)", param=param, code="context_length_exceeded")
         return Admission(req, param, plan)
 
     async def _admissions(self, params: list[SamplingParams], mode: str, prompts: list[dict]) -> list[Admission]:
