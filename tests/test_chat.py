@@ -54,3 +54,128 @@ def test_the_engine_keeps_its_name_for_it():
     import vist2.engine
 
     assert vist2.engine.chat_prompt is chat_prompt
+
+
+# -- history: compressed ----------------------------------------------------------------------------
+
+CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "first question"},
+        {"role": "assistant", "content": "a short answer"}, {"role": "user", "content": "Tell me about the sea."}]
+
+
+def test_compressed_history_is_the_whole_chat_styled_by_role(tok):
+    p = chat_prompt(tok, CHAT, history="compressed")
+    whole = tok.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=True)
+    assert p.prefix == [] and tok.decode(p.suffix) == "<|im_end|>\n<|im_start|>assistant\n"
+    assert tok.decode(p.query) + tok.decode(p.suffix) == whole and whole.startswith(tok.decode(p.query))
+    assert len(p.styles) == len(p.query) and p.question is None
+    by_style = {st: tok.decode([t for t, s in zip(p.query, p.styles) if s == st]) for st in ("user", "plain")}
+    # the assistant's turn (its header and words) is plain; system and user turns are on grey
+    assert by_style["plain"] == "<|im_end|>\n<|im_start|>assistant\na short answer"
+    assert "Be brief." in by_style["user"] and by_style["user"].endswith("<|im_start|>user\nTell me about the sea.")
+    raw = chat_prompt(tok, CHAT)  # the raw rule is unchanged: only the last user message is the query
+    assert tok.decode(raw.query) == "Tell me about the sea." and raw.styles is None
+
+
+def test_a_new_turn_leaves_the_history_before_it_unchanged(tok):
+    """Turn t's query is a prefix of turn t+1's: the chunks cut from it are the same (the memory cache hits)."""
+    later = CHAT + [{"role": "assistant", "content": "It is wide."}, {"role": "user", "content": "And deep?"}]
+    a, b = chat_prompt(tok, CHAT, history="compressed"), chat_prompt(tok, later, history="compressed")
+    assert b.query[: len(a.query)] == a.query and b.styles[: len(a.styles)] == a.styles
+
+
+def test_the_question_is_marked_in_a_compressed_history(tok):
+    msgs = CHAT[:-1] + [{"role": "user", "content": "The ship left at dawn.", "question": "When?"}]
+    p = chat_prompt(tok, msgs, history="compressed")
+    assert tok.decode(p.query[p.question[0]:p.question[1]]) == "When?" and p.question[1] == len(p.query)
+    assert tok.decode(p.query).endswith("<|im_start|>user\nThe ship left at dawn.\nWhen?")
+
+
+def test_bad_history_options_are_refused(tok):
+    with pytest.raises(ValueError, match="history must be one of"):
+        chat_prompt(tok, CHAT, history="zipped")
+    # the bundled template drops an earlier answer's <think> block: the history would not be what it shows
+    thinking = CHAT[:2] + [{"role": "assistant", "content": "<think>hm</think>\n\nok"}] + CHAT[3:]
+    with pytest.raises(ValueError, match="verbatim"):
+        chat_prompt(tok, thinking, history="compressed")
+    assert chat_prompt(tok, thinking).styles is None  # the raw rule takes it as before
+
+
+# -- the engine: a long chat fits, laid out as SFT lays it out --------------------------------------
+
+
+def _engine(tok, **kw):
+    import torch
+
+    from vist2.config import preset_config
+    from vist2.engine import Engine
+    from vist2.modeling import VIST2ForCausalLM
+    from vist2.processing import VIST2Processor
+
+    torch.manual_seed(0)
+    cfg = preset_config("tiny")
+    cfg.text_config.initializer_range = 0.5  # large weights: a wrong layout shows as a large difference
+    model = VIST2ForCausalLM(cfg).eval()
+    return Engine(model, VIST2Processor(tok, model.config.render_config), **kw)
+
+
+def _long_chat(tok, turns: int, user_tokens: int) -> list[dict]:
+    from vist2.samples import sample_text
+
+    ids = tok(sample_text("en"), add_special_tokens=False)["input_ids"]
+    msgs = [{"role": "system", "content": "Answer from the text."}]
+    for t in range(turns):
+        piece = ids[(t * user_tokens) % (len(ids) - user_tokens):][:user_tokens]
+        msgs.append({"role": "user", "content": tok.decode(piece)})
+        if t < turns - 1:
+            msgs.append({"role": "assistant", "content": f"Noted, part {t + 1}: the passage goes on."})
+    return msgs
+
+
+def test_a_twelve_turn_chat_fits_with_a_compressed_history_where_raw_does_not(tok):
+    from vist2.engine import SamplingParams
+
+    engine = _engine(tok, max_cache_tokens=1536, max_batch=1)
+    msgs = _long_chat(tok, 12, 200)
+    params = SamplingParams(max_new_tokens=8, ignore_eos=True)
+    raw = engine.request(messages=msgs, params=params)
+    compressed = engine.request(messages=msgs, params=params, history="compressed")
+    assert len(compressed.prompt_ids) > 2400  # the same chat, about as many tokens either way
+    assert engine.footprint(raw) > 1536 >= engine.footprint(compressed) * 2
+    with pytest.raises(ValueError, match="max_cache_tokens=1536"):
+        engine.add(raw)
+    [res] = engine.generate([compressed])
+    assert res.stats.generated_tokens == 8 and res.stats.finish_reason == "length"
+    assert res.stats.kv_tokens <= 0.3 * res.stats.kv_tokens_uncompressed
+
+
+def test_the_server_answers_a_long_chat_with_a_compressed_history(tok):
+    from fastapi.testclient import TestClient
+
+    from vist2.serve.app import create_app
+
+    msgs = _long_chat(tok, 12, 200)
+    body = {"model": "tiny", "messages": msgs, "max_tokens": 4, "temperature": 0, "ignore_eos": True}
+    engine = _engine(tok, max_cache_tokens=1536, max_batch=1)
+    with TestClient(create_app(engine, "tiny")) as c:  # raw: every earlier turn is text, over the limit
+        r = c.post("/v1/chat/completions", json=body)
+        assert r.status_code == 413 and "1536" in r.json()["error"]["message"]
+    with TestClient(create_app(engine, "tiny", chat_history="compressed")) as c:
+        r = c.post("/v1/chat/completions", json=body)
+        assert r.status_code == 200, r.text
+        usage = r.json()["usage"]
+        assert usage["completion_tokens"] == 4 and usage["prompt_tokens"] > 2400
+        assert usage["compression"]["kv_entries"] <= 0.3 * usage["compression"]["kv_entries_uncompressed"]
+    with pytest.raises(ValueError, match="chat_history"):
+        create_app(engine, "tiny", chat_history="zipped")
+
+
+def test_the_serve_flag(tmp_path):
+    import argparse
+
+    from vist2.serve import add_parser
+
+    p = add_parser(argparse.ArgumentParser(prog="vist2").add_subparsers(dest="command"))
+    assert p.parse_args(["--model", "m"]).chat_history == "raw"
+    assert p.parse_args(["--model", "m", "--chat-history", "compressed"]).chat_history == "compressed"
+    with pytest.raises(SystemExit):
+        p.parse_args(["--model", "m", "--chat-history", "zipped"])

@@ -154,14 +154,16 @@ class Engine:
 
     def request(self, prompt: str | None = None, *, messages: list[dict] | None = None,
                 params: SamplingParams | None = None, mode: Mode | str = Mode.GCC,
-                question: str | None = None) -> Request:
+                question: str | None = None, history: str = "raw") -> Request:
         """Tokenize a plain prompt, or chat ``messages`` (:func:`vist2.chat.prompt_parts`: the last user
-        turn is the compressed query; its optional ``question`` field is the question). With a plain
-        prompt, ``question`` is appended to it the same way: ``prompt + "\\n" + question``."""
+        turn is the compressed query, or with ``history="compressed"`` the whole chat through it, styled
+        by role; its optional ``question`` field is the question). With a plain prompt, ``question`` is
+        appended to it the same way: ``prompt + "\\n" + question``."""
         params = (params or SamplingParams()).validate()
         mode = Mode.parse(mode)
-        prefix, query, suffix, span = prompt_parts(self.processor.tokenizer, prompt, messages, question)
-        return Request(query=query, prefix=prefix, suffix=suffix, params=params, mode=mode, question=span)
+        p = prompt_parts(self.processor.tokenizer, prompt, messages, question, history)
+        return Request(query=p.query, prefix=p.prefix, suffix=p.suffix, params=params, mode=mode,
+                       question=p.question, styles=p.styles)
 
     def plan(self, request: Request) -> PromptPlan:
         """The prompt's layout and footprint (:func:`~.scheduler.plan_prompt`). Reads no engine state:

@@ -22,7 +22,8 @@ __all__ = ["MODES", "Event", "Mode", "Request", "Result", "Stats", "StepReport"]
 @dataclass
 class Request:
     """A prompt as ids: ``prefix`` and ``suffix`` stay raw, ``query`` is compressed by the tail rule.
-    ``question = (start, end)``: ``query[start:end]`` is the user's question, drawn in red (paper Fig. 7)."""
+    ``question = (start, end)``: ``query[start:end]`` is the user's question, drawn in red (paper Fig. 7).
+    ``styles``: one render style per query token (default ``user``; a chat history: by role)."""
 
     query: list[int]
     prefix: list[int] = field(default_factory=list)
@@ -30,6 +31,7 @@ class Request:
     params: SamplingParams = field(default_factory=SamplingParams)
     mode: Mode = Mode.GCC
     question: tuple[int, int] | None = None
+    styles: tuple[str, ...] | None = None
 
     def __post_init__(self):
         self.mode = Mode.parse(self.mode)

@@ -83,6 +83,11 @@ def _add_arguments(q: argparse.ArgumentParser) -> None:
                    help="keep prompt chunks' visual tokens across requests, up to N bytes: a chunk seen before "
                         "(a chat's history, a document asked about again) is not rendered or read by the "
                         f"vision tower again; 0 turns it off (default {DEFAULT_MEMORY_CACHE_BYTES >> 20} MiB)")
+    q.add_argument("--chat-history", choices=("raw", "compressed"), default="raw",
+                   help="chat requests: 'raw' compresses the last user message and keeps every earlier turn "
+                        "as text (what models trained on the raw split read); 'compressed' makes the whole chat "
+                        "through the last user message memory, styled by role, so long chats fit and earlier "
+                        "turns are memory cache hits (default raw)")
     q.add_argument("--mode", choices=MODES, default="gcc",
                    help="compression mode of requests that do not choose one (default gcc)")
     q.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
@@ -158,7 +163,7 @@ def cmd_serve(args) -> int:
                      max_prompt_tokens=args.max_prompt_tokens, default_mode=args.mode,
                      max_tokens_limit=args.max_tokens_limit, max_body_bytes=args.max_body_bytes,
                      shutdown_grace=args.shutdown_grace, cors_origins=args.cors_allow_origin,
-                     protect_metrics=args.protect_metrics)
+                     protect_metrics=args.protect_metrics, chat_history=args.chat_history)
     if not _is_loopback(args.host) and args.api_key is None:
         log.warning("serving on %s without --api-key: anyone who can reach it can use it", args.host)
     print(f"vist2 serve: {folder} as {name!r} on http://{args.host}:{args.port}/v1 ({device}, {dtype_name}; "

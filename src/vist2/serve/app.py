@@ -40,6 +40,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..chat import HISTORIES
 from ..engine import Engine
 from ..modes import MODES
 from .metrics import ServerMetrics
@@ -283,7 +284,7 @@ async def chat(raw: HTTPRequest):
 def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, max_queue: int = 256,
                max_prompt_tokens: int | None = None, default_mode: str = "gcc", max_tokens_limit: int | None = None,
                max_body_bytes: int | None = None, shutdown_grace: float = 10.0, cors_origins: list[str] | None = None,
-               protect_metrics: bool = False) -> FastAPI:
+               protect_metrics: bool = False, chat_history: str = "raw") -> FastAPI:
     """The app serving ``engine``; its engine thread starts and stops with the app's lifespan.
 
     ``max_tokens_limit``: generated tokens a choice may ask for (default: the LLM's positions).
@@ -291,15 +292,19 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, m
     ``shutdown_grace``: seconds in-flight requests may still run once shutdown begins (see :class:`Server`).
     ``cors_origins``: web origins (``https://app.example``, or ``*``) whose pages may call the API from a
     browser (default: none; every cross-site call is refused). ``protect_metrics``: ``/metrics`` needs the
-    ``api_key`` too (``/health`` never does).
+    ``api_key`` too (``/health`` never does). ``chat_history``: how chat requests are split
+    (:func:`vist2.chat.chat_prompt`): ``raw`` keeps earlier turns as text, ``compressed`` makes them memory.
     """
     _check_options(default_mode, max_tokens_limit, max_body_bytes, shutdown_grace)
+    if chat_history not in HISTORIES:
+        raise ValueError(f"chat_history must be one of {', '.join(HISTORIES)}, got {chat_history!r}")
     if protect_metrics and api_key is None:
         raise ValueError("protect_metrics needs an api_key")
     metrics = ServerMetrics()
     metrics.watch_memory_cache(engine)
     bridge = EngineBridge(engine, max_queue=max_queue, metrics=metrics)
-    serving = OpenAIServing(bridge, ServingConfig(model_name, default_mode, max_prompt_tokens, max_tokens_limit))
+    serving = OpenAIServing(bridge, ServingConfig(model_name, default_mode, max_prompt_tokens, max_tokens_limit,
+                                                  chat_history))
 
     @asynccontextmanager
     async def lifespan(app):
