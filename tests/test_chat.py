@@ -179,3 +179,49 @@ def test_the_serve_flag(tmp_path):
     assert p.parse_args(["--model", "m", "--chat-history", "compressed"]).chat_history == "compressed"
     with pytest.raises(SystemExit):
         p.parse_args(["--model", "m", "--chat-history", "zipped"])
+
+
+def test_generate_reads_a_chat_file(tiny_dir, tmp_path, capsys):
+    import json
+
+    from vist2.cli import main
+
+    chat = tmp_path / "chat.json"
+    chat.write_text(json.dumps(CHAT), encoding="utf-8")
+    s = {}
+    for history in ("raw", "compressed"):
+        stats = tmp_path / f"{history}.json"
+        assert main(["generate", "--model", str(tiny_dir), "--chat", str(chat), "--chat-history", history,
+                     "--max-new-tokens", "5", "--ignore-eos", "--stats-json", str(stats)]) == 0
+        s[history] = json.loads(stats.read_text())
+        assert s[history]["generated_tokens"] == 5
+    # the same chat either way; compressed, its history is memory (the raw rule keeps it all as text here:
+    # the last user message is too short to compress)
+    assert s["raw"]["prompt_tokens"] == s["compressed"]["prompt_tokens"] > 30
+    assert s["raw"]["chunks_compressed"] == 0 < s["compressed"]["chunks_compressed"]
+    assert s["compressed"]["kv_tokens"] < s["raw"]["kv_tokens"]
+    capsys.readouterr()
+
+
+@pytest.mark.parametrize("content, extra, message", [
+    (None, [], "no such file"),
+    ("{not json", [], "not a JSON list"),
+    ('{"role": "user"}', [], "messages must be a non-empty list"),
+    ('[{"role": "user", "content": "hi"}]', ["--prompt", "x"], "give no --prompt"),
+])
+def test_generate_chat_file_mistakes(tiny_dir, tmp_path, capsys, content, extra, message):
+    from vist2.cli import main
+
+    chat = tmp_path / "chat.json"
+    if content is not None:
+        chat.write_text(content, encoding="utf-8")
+    assert main(["generate", "--model", str(tiny_dir), "--chat", str(chat), *extra]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err, err
+
+
+def test_generate_needs_a_prompt(tiny_dir, capsys):
+    from vist2.cli import main
+
+    assert main(["generate", "--model", str(tiny_dir), "--chat"]) == 2
+    assert "give --prompt, --prompt-file or --chat FILE" in capsys.readouterr().err

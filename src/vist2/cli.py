@@ -281,18 +281,38 @@ def save_memory(processor, texts: list[str], folder: Path) -> Path:
     return folder
 
 
+def _chat_file(name: str) -> list:
+    """The messages of ``--chat FILE``: a JSON list of ``{"role", "content"}`` (checked by ``vist2.chat``)."""
+    path = Path(name)
+    if not path.is_file():
+        raise CLIError(f"--chat {path}: no such file")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CLIError(f"--chat {path}: not a JSON list of messages ({e})") from e
+
+
 def cmd_generate(args) -> int:
-    if args.prompt is not None:
+    messages = _chat_file(args.chat) if isinstance(args.chat, str) else None
+    if messages is not None:
+        if args.prompt is not None or args.prompt_file is not None:
+            raise CLIError("--chat FILE holds the whole chat; give no --prompt or --prompt-file with it")
+        prompt = None
+    elif args.prompt is not None:
         prompt = args.prompt
-    else:
+    elif args.prompt_file is not None:
         path = Path(args.prompt_file)
         if not path.is_file():
             raise CLIError(f"--prompt-file {path}: no such file")
         prompt = path.read_text(encoding="utf-8")
+    else:
+        raise CLIError("give --prompt, --prompt-file or --chat FILE")
     params = _sampling_params(args)
     engine = _load_engine(args, max_batch=1, max_cache_tokens=args.max_cache_tokens)
     try:
-        if args.chat:
+        if messages is not None:
+            req = engine.request(messages=messages, params=params, mode=args.mode, history=args.chat_history)
+        elif args.chat:
             req = engine.request(messages=[{"role": "user", "content": prompt}], params=params, mode=args.mode)
         else:
             req = engine.request(prompt, params=params, mode=args.mode)
@@ -407,10 +427,15 @@ def _add_generate_parser(sub) -> None:
     q = sub.add_parser("generate", help="generate text with global context compression",
                        description="Stream a continuation to stdout; statistics go to stderr.")
     q.add_argument("--model", required=True, metavar="DIR", help="a VIST2 checkpoint folder")
-    g = q.add_mutually_exclusive_group(required=True)
+    g = q.add_mutually_exclusive_group()  # or --chat FILE
     g.add_argument("--prompt", help="the prompt")
     g.add_argument("--prompt-file", metavar="F", help="a UTF-8 file holding the prompt")
-    q.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the chat template")
+    q.add_argument("--chat", nargs="?", const=True, default=False, metavar="FILE",
+                   help="alone: wrap the prompt as a user message in the chat template; with FILE: the whole chat, "
+                        'a JSON list of {"role", "content"} messages ending with the user\'s turn')
+    q.add_argument("--chat-history", choices=("raw", "compressed"), default="raw",
+                   help="with --chat FILE: 'raw' keeps earlier turns as text, 'compressed' makes the whole chat "
+                        "through the last user message memory, styled by role (default raw)")
     _add_sampling_flags(q)
     q.add_argument("--stats-json", metavar="FILE", help="write the request's statistics as JSON")
     q.add_argument("--save-memory", metavar="DIR", help="write the images the memory holds at the end, with index.json")
