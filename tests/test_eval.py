@@ -283,12 +283,13 @@ def test_retention_is_the_share_of_the_text_gain_the_memory_keeps():
     assert retention({"none": 8.0, "optical": 4.0, "text": 4.0}) == pytest.approx(1.0)
     assert retention({"none": 6.65, "optical": 6.85, "text": 5.48}) == pytest.approx(-0.171, abs=1e-3)  # issue 21
     assert retention({"none": 5.0, "optical": 4.0, "text": 5.0}) is None  # text context worth nothing
+    assert retention({"none": 7.2, "optical": 7.8, "text": 7.5}) is None  # ... or less: no sign flip to R > 0
 
 
 def test_olm_recall_scores_the_passage_start_again_after_the_passage(tiny):
     """--recall: each passage (whole chunks) is followed by its own first M tokens; those M are the
     only targets, in all three layouts, and the optical layout holds the passage only as pages."""
-    from vist2.eval.olm import continuation_nll, optical_segments, recall_windows
+    from vist2.eval.olm import continuation_nll, optical_segments, recall_windows, retention
 
     model, proc = tiny
     K, beta = model.config.chunk_tokens, model.config.n_visual
@@ -311,9 +312,28 @@ def test_olm_recall_scores_the_passage_start_again_after_the_passage(tiny):
     nll = sum(continuation_nll(model, proc, optical_segments(p, r, K, beta, chunker))[0] for p, r in wins[:2])
     assert res["optical"]["nll_nats"] == pytest.approx(nll, rel=1e-5)
     ppl = {k: res[k]["perplexity"] for k in ("optical", "text", "none")}
-    assert res["retention"] == pytest.approx((ppl["none"] - ppl["optical"]) / (ppl["none"] - ppl["text"]))
+    assert res["retention"] == retention(ppl)
     with pytest.raises(ValueError, match="at most --context-tokens"):
         evaluate_olm(model, proc, [sample_text("en")], context_tokens=K, continuation_tokens=K + 1, recall=True)
+
+
+@pytest.mark.parametrize("layout", ["optical", "text", "none"])
+def test_greedy_continuation_is_the_argmax_of_its_own_teacher_forced_scoring(tiny, layout):
+    """What the demo's memory-in-use probe writes: scored back in the same layout, each written token
+    is the model's argmax at the slot that predicts it (the placeholder trick picks that slot)."""
+    from vist2.eval.olm import greedy_continuation, layout_segments, whole_chunks
+    from vist2.layout import IGNORE
+
+    model, proc = tiny
+    ids = proc.encode(sample_text("en"))
+    ctx = ids[: whole_chunks(ids[: 2 * model.config.chunk_tokens], proc.chunker(model.config.chunk_tokens))]
+    out = greedy_continuation(model, proc, ctx, layout, 5)
+    plan = collate([build_sample(layout_segments(layout, ctx, out, model, proc))])
+    pixels = proc.pixels_for(plan.chunks) if plan.chunks else None
+    with torch.no_grad():
+        logits = model(plan=plan, pixel_values=pixels).logits[0]
+    at = (plan.labels[0] != IGNORE).nonzero().flatten()
+    assert plan.labels[0, at].tolist() == out and logits[at].argmax(-1).tolist() == out
 
 
 @pytest.fixture(scope="module")

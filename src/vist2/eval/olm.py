@@ -21,7 +21,7 @@ Reported: perplexity (per token), bits per token and bits per character (total N
 the characters of the continuation), so models with different tokenizers compare; and the
 **retention** ``R = (ppl_none - ppl_optical) / (ppl_none - ppl_text)``: the share of what the
 context is worth as text that survives compression (1: all of it, 0: memory worth nothing, < 0:
-worse than no memory; ``None`` when text context is worth nothing either).
+worse than no memory; ``None`` when text context is worth nothing, or less, either).
 
 **Recall** (``--recall``): each document is cut into passages of whole chunks within
 ``--context-tokens`` tokens; the continuation is the passage's own first ``--continuation-tokens``
@@ -103,6 +103,32 @@ def continuation_nll(model, processor, segments: Sequence[Segment]) -> tuple[flo
     return float(nll), labels[labels != IGNORE].tolist()
 
 
+SEGMENTS = {"optical": None, "text": text_segments, "none": no_context_segments}  # optical needs the geometry
+
+
+def layout_segments(layout: str, context: Sequence[int], continuation: Sequence[int], model, processor):
+    """One of :data:`LAYOUTS` over context + continuation, loss on the continuation."""
+    if layout == "optical":
+        K = model.config.chunk_tokens
+        return optical_segments(context, continuation, K, model.config.n_visual, processor.chunker(K))
+    return SEGMENTS[layout](context, continuation)
+
+
+@torch.no_grad()
+def greedy_continuation(model, processor, context: Sequence[int], layout: str, n: int) -> list[int]:
+    """``n`` tokens written greedily after ``context`` seen as ``layout`` (the context whole chunks):
+    each step scores the layout of context + what is written so far + a placeholder, and takes the
+    argmax where the placeholder is predicted, so the memory is laid out exactly as the eval lays it."""
+    out: list[int] = []
+    for _ in range(n):
+        plan = collate([build_sample(layout_segments(layout, context, [*out, 0], model, processor))])
+        pixels = processor.pixels_for(plan.chunks).to(model.device, model.dtype) if plan.chunks else None
+        logits = model(plan=plan, pixel_values=pixels).logits[0]
+        at = int((plan.labels[0] != IGNORE).nonzero()[-1])  # the slot that predicts the placeholder
+        out.append(int(logits[at].argmax()))
+    return out
+
+
 def windows(docs_ids: Sequence[Sequence[int]], context: int, continuation: int,
             chunker: Chunker | None = None) -> list[tuple[list[int], list[int]]]:
     """Non-overlapping (context, continuation) windows, in document order, wherever ``context +
@@ -139,9 +165,10 @@ def recall_windows(docs_ids: Sequence[Sequence[int]], passage: int, repeat: int,
 
 
 def retention(ppl: dict) -> float | None:
-    """``(ppl_none - ppl_optical) / (ppl_none - ppl_text)``; None when text context is worth nothing."""
+    """``(ppl_none - ppl_optical) / (ppl_none - ppl_text)``; None when text context is worth nothing
+    (or less: then the ratio's sign would flip and a memory worse than no context would score > 0)."""
     gain = ppl["none"] - ppl["text"]
-    return None if abs(gain) < 1e-9 else (ppl["none"] - ppl["optical"]) / gain
+    return None if gain <= 1e-9 else (ppl["none"] - ppl["optical"]) / gain
 
 
 def _summary(nll: float, tokens: int, chars: int) -> dict:
