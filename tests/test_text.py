@@ -240,3 +240,11 @@ def test_chunk_text_keeps_invalid_bytes_visible(tok):
     # a carry that can not be completed is not held forever
     text, carry = chunk_text(tok, b"\xed\xa0", ids_of(tok, "ok"))
     assert text == "\ufffd\ufffdok" and carry == b""
+
+
+def test_special_tokens_stream_no_text(tok):
+    """A generation past EOS (ignore_eos) must not show "<|im_end|>"; <think> is text, not control."""
+    im_end, eot, think = (tok.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>", "<think>"))
+    dec = StreamDecoder(tok)
+    out = [dec.push(i) for i in ids_of(tok, "ok") + [im_end, eot] + ids_of(tok, " go") + [think]]
+    assert "".join(out) + dec.finish() == "ok go<think>" == dec.text

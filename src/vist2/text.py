@@ -145,6 +145,9 @@ class StreamDecoder:
             raise ValueError(f"stop must be a sequence of non-empty strings, got {stop!r}")
         self.tokenizer = tokenizer
         self.stop = tuple(stop)
+        # special tokens (<|im_end|>, <|endoftext|>) are control, not text, as in decode(skip_special_tokens=True):
+        # a generation that runs past EOS (ignore_eos) must not show "<|im_end|>"; <think> is text and stays
+        self._skip = frozenset(getattr(tokenizer, "all_special_ids", ()) or ())
         self.stopped = False
         self.text = ""
         self._table = _table(tokenizer)
@@ -155,6 +158,8 @@ class StreamDecoder:
         self._seen = b""
 
     def _new_bytes(self, token_id: int) -> bytes:
+        if int(token_id) in self._skip:
+            return b""
         if self._table.byte_level:
             return self._table.one(int(token_id))
         self._ids.append(int(token_id))
