@@ -103,8 +103,9 @@ def test_training_logs_the_probe_and_warns_on_collapse(tiny_dir, tmp_path, capsy
     assert main(["train", "--stage", "ocr", "--model", str(collapsed), "--data", str(text), "--eval-data", str(text),
                  "--out", str(tmp_path / "ocr"), "--max-steps", "1", "--max-length", "640", "--num-workers", "0",
                  "--eval-every", "1", "--no-progress"]) == 0
-    err = capsys.readouterr().err
+    out, err = capsys.readouterr()
     assert "COLLAPSED" in err and "same output for every image" in err
+    assert (out + err).count("THE VISUAL PATH HAS COLLAPSED") == 1  # the eval's warning, once (then the summary)
     probe = json.loads((tmp_path / "ocr" / "train_summary.json").read_text())["probe"]
     assert probe["collapsed"] and probe["step"] == 1 and probe["saturated"] == 1.0 and probe["images"] >= 2
     events = list((tmp_path / "ocr" / "train").rglob("events.out.tfevents*"))

@@ -144,9 +144,10 @@ def report(result: ProbeResult, step: int, past_warmup: bool, log_scalars: Calla
     if main:
         if result.collapsed:
             msg = f"{line}: THE VISUAL PATH HAS COLLAPSED: " + "; ".join(result.reasons)
-            log.warning("%s", msg)
-            if write is not None:
+            if write is not None:  # once: the user's line (above the bar), or the log when there is none
                 write("WARNING " + msg)
+            else:
+                log.warning("%s", msg)
         elif write is not None:
             write(line)
     return dict(result.as_dict(), step=step)
