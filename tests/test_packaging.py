@@ -35,7 +35,9 @@ def test_wheel_installs_and_runs_the_demo(tmp_path):
     assert build.returncode == 0, build.stderr[-3000:]
     [wheel] = dist.glob("vist2-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    assert {"vist2/py.typed", "vist2/data/sample_en.txt", "vist2/data/sample_zh.txt"} <= names
+    assert {"vist2/py.typed", "vist2/data/sample_en.txt", "vist2/data/sample_zh.txt",
+            "vist2/models/vist2-nano/model.safetensors", "vist2/models/vist2-nano/config.json"} <= names
+    assert wheel.stat().st_size < 32e6  # the shipped nano model (16 MB) and the code, nothing else
 
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
@@ -58,3 +60,4 @@ def test_wheel_installs_and_runs_the_demo(tmp_path):
                           cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert demo.returncode == 0, demo.stderr[-3000:]
     assert "1. layout:" in demo.stdout and (tmp_path / "demo" / "chunk0.png").is_file()
+    assert "the nano model trained from scratch" in demo.stdout  # the shipped model, not a random one

@@ -133,7 +133,8 @@ def cmd_render(args) -> int:
 
 
 # the nano model trained from scratch by recipes/nano (bench/notes/nano.md), the demo's default
-SHIPPED_MODEL = Path(__file__).resolve().parents[2] / "models" / "vist2-nano"
+# models/ at the checkout's root, reached through the package's link to it; a wheel carries the folder itself
+SHIPPED_MODEL = (Path(__file__).resolve().parent / "models" / "vist2-nano").resolve()
 
 
 def cmd_demo(args) -> int:
