@@ -790,3 +790,44 @@ def test_prompts_are_planned_off_the_engine_thread(server, monkeypatch):
                                                 messages=[{"role": "user", "content": "doc " * 200, "question": "q?"}])
     assert r.choices[0].finish_reason == "length"
     assert threads == ["vist2-tokenize-short_0"] * 2, threads  # once per prompt, not per choice
+
+
+@pytest.mark.slow
+def test_sigterm_drains_within_the_grace_and_exits_0(tiny_dir):
+    """``vist2 serve`` under a service manager: SIGTERM mid-stream ends the stream after the grace
+    period with a ``service_unavailable`` error event, and the process exits 0 (not 143) soon after."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen([sys.executable, "-m", "vist2.serve", "--model", str(tiny_dir), "--port", str(port),
+                             "--served-model-name", "tiny", "--shutdown-grace", "1", "--log-level", "warning"],
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.2)
+        s = type("S", (), {"url": url})()
+        t, out = _background(s, 8000)
+        t0 = time.perf_counter()
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(60)
+        took = time.perf_counter() - t0
+        t.join(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert rc == 0, rc
+    assert 1.0 <= took < 6.0, took  # the 1 s grace, then out (was 6.4 s with a 3 s grace, and exit 143)
+    assert out["error"]["code"] == "service_unavailable" and out["done"], out

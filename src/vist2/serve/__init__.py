@@ -33,9 +33,10 @@ from ..modes import MODES
 log = logging.getLogger(__name__)
 
 # Prefill entries per step while others decode. On CPU a step over 2,048 prompt entries of the nano
-# model takes about 1 s, a stall every running stream sees; 256 keeps it near 0.1-0.3 s
-# (bench/notes/serve.md). On a GPU the larger budget costs milliseconds.
-CPU_PREFILL_BUDGET = 256
+# model takes about 1 s, a stall every running stream sees; with 64 the streams' longest gap while a
+# 32k-character prompt is admitted is about 0.2 s, and the prompt is in no later (bench/notes/serve.md).
+# On a GPU the larger budget costs milliseconds. (Never below one chunk's visual tokens.)
+CPU_PREFILL_BUDGET = 64
 GPU_PREFILL_BUDGET = 2048
 # The memory cache's default bound. One chunk's visual tokens are n_visual x D x dtype bytes: 16 KiB for
 # the nano model (16 x 256, float32; K = 64), 80 KiB for Qwen3-4B in bfloat16 (D = 2560). 256 MiB holds
@@ -174,7 +175,11 @@ def cmd_serve(args) -> int:
     # the app drains itself first (Server.shutdown); uvicorn's own grace is only a backstop after that
     Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                           timeout_graceful_shutdown=5)).run()
-    return 0
+    # Drained and shut down. The interpreter's own teardown (torch, three tokenizers) would take 2-4 s
+    # more on a CPU, past the grace a service manager was promised: nothing is left to clean, so leave.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def main(argv: list[str] | None = None) -> int:
