@@ -33,9 +33,10 @@ from ..modes import MODES
 log = logging.getLogger(__name__)
 
 # Prefill entries per step while others decode. On CPU a step over 2,048 prompt entries of the nano
-# model takes about 1 s, a stall every running stream sees; with 64 the streams' longest gap while a
-# 32k-character prompt is admitted is about 0.2 s, and the prompt is in no later (bench/notes/serve.md).
-# On a GPU the larger budget costs milliseconds. (Never below one chunk's visual tokens.)
+# model takes about 1 s, a stall every running stream sees: with 2,048 the streams' longest gap while a
+# 32k-character prompt is admitted was 5 s on a loaded 2-core machine, with 64 it was 0.5-0.9 s; the long
+# prompt's own answer then comes later (33 s instead of 17-20 s; bench/notes/serve.md). On a GPU the
+# larger budget costs milliseconds. (Never below one chunk's visual tokens.)
 CPU_PREFILL_BUDGET = 64
 GPU_PREFILL_BUDGET = 2048
 # The memory cache's default bound. One chunk's visual tokens are n_visual x D x dtype bytes: 16 KiB for
