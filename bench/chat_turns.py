@@ -1,7 +1,9 @@
 """A long chat, turn by turn: TTFT and KV entries per turn, raw vs compressed history, memory cache on/off.
 
     OMP_NUM_THREADS=1 PYTHONPATH=src python bench/chat_turns.py --model models/vist2-nano --turns 12 \\
-        --user-tokens 1200 --prefill-budget 256 --repeats 3 --out bench/results/chat_turns/nano-cpu.json
+        --user-tokens 1200 --prefill-budget 256 --repeats 3 --out bench/results/chat_turns/nano-cpu.json \\
+        --plot bench/results/chat_turns/nano-cpu.png
+    python bench/chat_turns.py --replot bench/results/chat_turns/nano-cpu.json --plot bench/results/chat_turns/nano-cpu.png
 
 Each turn appends a user message of ``--user-tokens`` tokens of held-out prose (``recipes/nano/heldout.txt``,
 ``recipes/nano/recall.txt``, ``tests/data/prose_hard_breaks.txt``, in that order, none of it from the
@@ -159,6 +161,32 @@ def summary(rows: list[dict]) -> dict:
     }
 
 
+def plot(out: dict, path: Path) -> None:
+    """Two panels over the turns: KV entries held (a plain LLM's for reference, the memory limit) and TTFT."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (kv, ttft) = plt.subplots(1, 2, figsize=(11, 4))
+    for name, r in out["results"].items():
+        done = [row for row in r["turns"] if "refused" not in row]
+        turns = [row["turn"] for row in done]
+        kv.plot(turns, [row["kv_tokens"] for row in done], marker="o", label=name)
+        ttft.plot(turns, [row["ttft_s"] for row in done], marker="o", label=name)
+        for row in r["turns"]:
+            if "refused" in row:
+                kv.plot([row["turn"]], [row["kv_needed"]], marker="x", color="black")
+    kv.axhline(out["max_cache_tokens"], color="grey", linestyle="--", label="memory limit (x: refused)")
+    kv.set(xlabel="turn", ylabel="KV entries after the reply", title="KV cache per turn")
+    ttft.set(xlabel="turn", ylabel="TTFT (s, median)", title="time to first token per turn")
+    fig.legend(*kv.get_legend_handles_labels(), loc="lower center", ncol=6, fontsize=8)
+    fig.suptitle(f"{out['model']}: {out['turns']} turns x {out['user_tokens']} tokens, CPU")
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=Path, default=ROOT / "models" / "vist2-nano")
@@ -172,7 +200,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--memory-cache-bytes", type=int, default=256 << 20, help="the server's default")
     ap.add_argument("--repeats", type=int, default=3, help="whole chats per configuration; times are medians")
     ap.add_argument("--out", type=Path, default=None, help="JSON file (default: print only)")
+    ap.add_argument("--plot", type=Path, default=None, help="PNG of KV and TTFT per turn")
+    ap.add_argument("--replot", type=Path, default=None, metavar="JSON",
+                    help="only draw --plot from a JSON this script wrote")
     args = ap.parse_args(argv)
+    if args.replot:
+        if not args.plot:
+            ap.error("--replot needs --plot")
+        plot(json.loads(args.replot.read_text()), args.plot)
+        return 0
     names = args.configs.split(",")
     if unknown := [n for n in names if n not in CONFIGS]:
         ap.error(f"--configs: unknown {unknown}; choose from {', '.join(CONFIGS)}")
@@ -197,6 +233,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text + "\n")
+    if args.plot:
+        plot(out, args.plot)
     for name, r in results.items():
         print(f"{name:17} {r['summary']}")
     return 0
