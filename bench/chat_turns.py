@@ -51,6 +51,7 @@ from vist2.serve import CPU_PREFILL_BUDGET
 
 ROOT = Path(__file__).resolve().parents[1]
 HELD_OUT = ("recipes/nano/heldout.txt", "recipes/nano/recall.txt", "tests/data/prose_hard_breaks.txt")
+DOCUMENT = (*HELD_OUT, "tests/data/code_sample.py.txt")  # --document-tokens: held-out prose, then source code
 CONFIGS = {  # name -> (mode, history, memory cache on)
     "raw": ("gcc", "raw", False),
     "raw+cache": ("gcc", "raw", True),
@@ -60,8 +61,8 @@ CONFIGS = {  # name -> (mode, history, memory cache on)
 }
 
 
-def held_out_ids(tokenizer) -> list[int]:
-    text = "\n\n".join((ROOT / p).read_text(encoding="utf-8").strip() for p in HELD_OUT)
+def held_out_ids(tokenizer, files=HELD_OUT) -> list[int]:
+    text = "\n\n".join((ROOT / p).read_text(encoding="utf-8").strip() for p in files)
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
@@ -124,6 +125,37 @@ def run_chat(model, processor, name: str, users: list[str], args) -> list[dict]:
               f"hits {row['memory_hits']:3} misses {row['memory_misses']:3}", file=sys.stderr, flush=True)
         msgs.append({"role": "assistant", "content": res.text})
     return rows
+
+
+def repeat_document(model, processor, args) -> dict:
+    """One document of ``--document-tokens`` tokens asked about twice (memory cache on): TTFT, the time in
+    render + vision tower, and the chunks the vision tower read, for each request."""
+    ids = held_out_ids(processor.tokenizer, DOCUMENT)
+    if len(ids) < args.document_tokens:
+        raise SystemExit(f"--document-tokens: the text has only {len(ids)} tokens")
+    text = processor.tokenizer.decode(ids[: args.document_tokens]).strip("\ufffd")
+    reads, phases = [], {}
+
+    def observe(report):
+        reads.append(report.prefill_chunks)
+        for k, v in report.seconds.items():
+            phases[k] = phases.get(k, 0.0) + v
+
+    engine = Engine(model, processor, max_batch=1, max_cache_tokens=args.max_cache_tokens,
+                    prefill_budget=args.prefill_budget, memory_cache_bytes=args.memory_cache_bytes, observer=observe)
+    params = SamplingParams(max_new_tokens=args.reply_tokens, ignore_eos=True)
+    rows = []
+    for i in range(2):
+        reads.clear()
+        phases.clear()
+        [res] = engine.generate([engine.request(text, params=params, question="What is this text about?")])
+        s = res.stats
+        rows.append({"request": i + 1, "prompt_tokens": s.prompt_tokens, "kv_tokens": s.kv_tokens,
+                     "ttft_s": round(s.ttft_s, 4), "vision_chunks_read": sum(reads),
+                     "render_vision_s": round(phases.get("render", 0.0) + phases.get("vision", 0.0), 4),
+                     "memory_hits": s.memory_hits, "memory_misses": s.memory_misses})
+        print(f"  document request {i + 1}: {rows[-1]}", file=sys.stderr, flush=True)
+    return {"document_tokens": args.document_tokens, "files": list(DOCUMENT), "requests": rows}
 
 
 TIMED = ("ttft_s", "turn_s", "render_vision_s", "llm_prefill_s")
@@ -193,7 +225,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--turns", type=int, default=12)
     ap.add_argument("--user-tokens", type=int, default=1200, help="tokens of each user message")
     ap.add_argument("--reply-tokens", type=int, default=16)
-    ap.add_argument("--configs", default=",".join(CONFIGS), help=f"some of {', '.join(CONFIGS)}")
+    ap.add_argument("--configs", default=",".join(CONFIGS), help=f"some of {', '.join(CONFIGS)} ('': no chat)")
+    ap.add_argument("--document-tokens", type=int, default=0, metavar="N",
+                    help="also ask about one N-token document twice (memory cache on): vision-tower reads per request")
     ap.add_argument("--max-cache-tokens", type=int, default=None, help="default: the model's positions")
     ap.add_argument("--prefill-budget", type=int, default=None,
                     help="prompt entries per LLM forward (default: the server's CPU default)")
@@ -209,14 +243,14 @@ def main(argv: list[str] | None = None) -> int:
             ap.error("--replot needs --plot")
         plot(json.loads(args.replot.read_text()), args.plot)
         return 0
-    names = args.configs.split(",")
+    names = [n for n in args.configs.split(",") if n]
     if unknown := [n for n in names if n not in CONFIGS]:
         ap.error(f"--configs: unknown {unknown}; choose from {', '.join(CONFIGS)}")
     torch.set_num_threads(1)
     model, processor = load_checkpoint(args.model, "cpu", torch.float32)
     args.max_cache_tokens = args.max_cache_tokens or model.config.text_config.max_position_embeddings
     args.prefill_budget = args.prefill_budget or CPU_PREFILL_BUDGET
-    users = user_turns(processor.tokenizer, args.turns, args.user_tokens)
+    users = user_turns(processor.tokenizer, args.turns, args.user_tokens) if names else []
     results = {}
     for name in names:
         rows = merge_runs([run_chat(model, processor, name, users, args) for _ in range(args.repeats)])
@@ -229,6 +263,8 @@ def main(argv: list[str] | None = None) -> int:
            "max_cache_tokens": args.max_cache_tokens, "prefill_budget": args.prefill_budget,
            "memory_cache_bytes": args.memory_cache_bytes, "repeats": args.repeats, "held_out": list(HELD_OUT),
            "torch_threads": torch.get_num_threads(), "machine": platform.machine(), "results": results}
+    if args.document_tokens:
+        out["document"] = repeat_document(model, processor, args)
     text = json.dumps(out, indent=1)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
