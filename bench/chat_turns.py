@@ -38,6 +38,7 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 import argparse
 import json
 import platform
+import shlex
 import statistics
 import sys
 import time
@@ -256,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = merge_runs([run_chat(model, processor, name, users, args) for _ in range(args.repeats)])
         results[name] = {"mode": CONFIGS[name][0], "history": CONFIGS[name][1], "memory_cache": CONFIGS[name][2],
                          "summary": summary(rows), "turns": rows}
-    out = {"command": " ".join(["python", "bench/chat_turns.py", *(sys.argv[1:] if argv is None else argv)]),
+    out = {"command": shlex.join(["python", "bench/chat_turns.py", *(sys.argv[1:] if argv is None else argv)]),
            "model": str(args.model.resolve().relative_to(ROOT) if args.model.resolve().is_relative_to(ROOT)
                         else args.model),
            "turns": args.turns, "user_tokens": args.user_tokens, "reply_tokens": args.reply_tokens,
