@@ -438,3 +438,76 @@ def test_captured_decode_equals_eager_on_cuda(tok):
             check(eng, req, res, atol=1e-3)
     for a, b in zip(*outs):
         assert a.token_ids == b.token_ids
+
+
+def _split_char_query(eng):
+    """Complete Chinese text whose last closed chunk ends inside a multi-byte character, and whose tail
+    (the rest of that character onwards, <= beta tokens) stays raw: the bytes left after the closed
+    chunks are not the response's to draw."""
+    tok, K = eng.processor.tokenizer, eng.K
+    # rare characters (CJK extension B, emoji) are several tokens each: chunk boundaries can split them
+    text = "".join(ch + ("𠀀𪚥" if i % 5 == 0 else "") + ("🧪" if i % 7 == 3 else "")
+                   for i, ch in enumerate(sample_text("zh")))
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    for n in range(2 * K, len(ids)):
+        q = ids[:n]
+        if "\ufffd" in tok.decode(q):
+            continue  # not complete text
+        cuts = eng.processor.cuts(q, b"", K)
+        if cuts.carry and 0 < len(cuts.tail) <= eng.n_visual:
+            return q
+    raise AssertionError("no such query in the sample text")
+
+
+@pytest.mark.parametrize("encoding", ["visual", "interleaved"])
+def test_seam_between_query_tail_and_response_draws_every_character_whole(tok, encoding):
+    """D3: a query whose last closed chunk splits a character, a raw tail, then a response cut by the fit
+    rule: engine == teacher, the engine's images are the layout's, and the response's first image starts
+    with the response's own text (no byte of the query's split character carried into it)."""
+    from vist2.layout import Chunk
+
+    eng = _fit_engine(tok, encoding)
+    K = eng.K
+    req = Request(query=_split_char_query(eng), params=SamplingParams(max_new_tokens=3 * K, ignore_eos=True))
+    res = eng.generate([req])[0]
+    check(eng, req, res)
+    segs = sft_segments(req.prefix, req.query, req.suffix, res.token_ids, K, eng.n_visual, encoding,
+                        eng.processor.chunker(K))
+    plan = collate([build_sample(segs)])
+    assert res.memory == eng.processor.chunk_texts(plan.chunks)[: len(res.memory)]
+    n_query = sum(isinstance(s, Chunk) and not s.loss for s in segs)
+    assert n_query >= 2 and all("\ufffd" not in t for t in res.memory[:n_query])
+    first = next(s for s in segs if isinstance(s, Chunk) and s.loss and s.mode != "open")
+    assert res.memory[n_query] == eng.processor.chunk_text(b"", first.tokens)[0]  # checked without the layout
+
+
+def test_two_consecutive_fit_cut_windows_follow_the_paper_rule(tok):
+    """Generated windows closed by the fit rule, one after another: every boundary token is drawn after the
+    compression (recorded logits == teacher's at the last visual slot), and the cuts the engine made are
+    the ones the fit rule makes on the generated text."""
+    eng = _fit_engine(tok)
+    K = eng.K
+    req = Request(query=_ids(tok, 20), params=SamplingParams(max_new_tokens=4 * K, ignore_eos=True))
+    res = eng.generate([req])[0]
+    check(eng, req, res)
+    cuts = eng.processor.cuts(res.token_ids, b"", K)
+    assert sum(cuts.fit_cut) >= 2, cuts.fit_cut
+    compressed = [c for c in cuts.closed if len(c) > eng.n_visual]
+    assert res.stats.chunks_compressed == 1 + len(compressed)  # the query (20 > beta) and the generated ones
+
+
+def test_padded_vocabulary_rows_are_never_sampled(tok):
+    """A model whose vocabulary is padded past the tokenizer's length: those rows get -inf, even when
+    their weights would win."""
+    torch.manual_seed(0)
+    cfg = preset_config("tiny")
+    n = len(tok)
+    cfg.text_config.vocab_size = n + 64
+    model = VIST2ForCausalLM(cfg).eval()
+    with torch.no_grad():
+        model.lm_head.weight[n:] = 10 * model.lm_head.weight[:64].abs().max()  # would win every argmax
+        model.lm_head.weight[n:] *= torch.sign(torch.randn(64, 1))
+    eng = Engine(model, VIST2Processor(tok, cfg.render_config), record_logits=True)
+    res = eng.generate([Request(query=_ids(tok, 30), params=SamplingParams(max_new_tokens=8, ignore_eos=True))])[0]
+    assert all(t < n for t in res.token_ids)
+    assert all(torch.isinf(lg[n:]).all() and (lg[n:] < 0).all() for lg in res.logits)

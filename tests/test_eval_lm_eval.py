@@ -158,18 +158,18 @@ def test_adapter_cuts_chunks_by_the_fit_rule(tiny_dir):
     ctx, cont = ids[: 3 * K], ids[3 * K : 5 * K]
     cuts = proc.cuts(ctx)
     assert any(cuts.fit_cut)  # hard line breaks: the fit rule closes chunks before K tokens
-    chunks = [c for c, _, _ in build_sample(lm._segments(ctx, cont)).chunks]
-    n_ctx = len(cuts.closed) + (len(cuts.tail) > lm.n_visual)
-    assert [list(c) for c in chunks[:n_ctx]] == proc.chunk_ids(ctx)[:n_ctx]
-    # the continuation's images start on the context's carry, as generation after the prompt does
-    cont_cuts = proc.cuts(cont, cuts.carry_tail if len(cuts.tail) > lm.n_visual else cuts.carry)
+    chunks = [list(c.tokens) for c in build_sample(lm._segments(ctx, cont)).chunks]
+    pays = [c for c in cuts.closed + [cuts.tail] if len(c) > lm.n_visual]  # only pieces that pay are images
+    n_ctx = len(pays)
+    assert chunks[:n_ctx] == pays
+    # the continuation's images start on the bytes left after the whole context, as generation does
+    cont_cuts = proc.cuts(cont, cuts.carry_tail)
     parts = cont_cuts.closed + ([cont_cuts.tail] if cont_cuts.tail else [])
-    assert [list(c) for c in chunks[n_ctx:]] == parts[:-1]  # the last part stays open text
+    assert chunks[n_ctx:] == [c for c in parts[:-1] if len(c) > lm.n_visual]  # the last part stays open text
     ((lp, _),) = lm._score([(ctx, cont)])  # raises unless the plan targets exactly the continuation
     assert lp < 0
     lm.mode = "pcc"
-    assert [list(c) for c, _, _ in build_sample(lm._segments(ctx, cont)).chunks] == [
-        list(c) for c in chunks[:n_ctx]]
+    assert [list(c.tokens) for c in build_sample(lm._segments(ctx, cont)).chunks] == chunks[:n_ctx]
 
 
 def test_model_args_may_name_device_and_batch_size(tiny_dir):

@@ -8,6 +8,7 @@ from vist2.attention import allowed_mask, block_mask, dense_mask, additive_mask
 from vist2.layout import (
     IGNORE,
     Kind,
+    Chunk,
     Raw,
     build_sample,
     caption_segments,
@@ -16,7 +17,8 @@ from vist2.layout import (
     olm_segments,
     prompt_segments,
     sft_segments,
-    split_query,
+    pays,
+    query_parts,
 )
 
 T, V = Kind.TEXT, Kind.VISUAL
@@ -100,8 +102,10 @@ def test_caption_is_image_then_caption():
     ],
 )
 def test_query_tail_rule(m, expect):
-    chunks, tail = split_query(list(range(m)), K, BETA)
-    assert (chunks, tail) == expect
+    pieces, carry = query_parts(list(range(m)), K, BETA)
+    chunks = [p for p, compressed, _, _ in pieces if compressed]
+    tail = [t for p, compressed, _, _ in pieces if not compressed for t in p]
+    assert (chunks, tail) == expect and carry == b""
 
 
 def test_sft_visual_prompt_encoding_with_raw_tail():
@@ -205,27 +209,40 @@ def test_allowed_mask_is_the_one_rule():
     assert allowed_mask(f["sample"][q], f["sample"][k], f["chunk"][q], f["chunk"][k], f["evicted"][k], q, k)
 
 
-def test_tail_rule_when_k_is_at_most_beta():
-    # K=2 <= beta=3: a closed (full) chunk is always compressed; only the open tail faces m > beta
-    assert split_query(list(range(4)), 2, 3) == ([[0, 1], [2, 3]], [])
-    assert split_query(list(range(5)), 2, 3) == ([[0, 1], [2, 3]], [4])
-    # a chunk the fit rule closed early (1 token) is closed, so compressed too
+def test_a_chunk_is_compressed_only_where_it_pays():
+    """The tail rule holds for every piece: a chunk the fit rule closed early with <= beta tokens stays
+    text (its image would hold more entries than its text), wherever it sits."""
     from vist2.layout import Cuts
 
-    def fit(tokens, carry=b""):
-        return Cuts([list(tokens[:1]), list(tokens[1:3])], [True, False], list(tokens[3:]))
+    def fit(tokens, carry=b""):  # closed early: [7] (1 <= beta), [8, 9, 10] (3 > beta); tail [11, 12]
+        return Cuts([list(tokens[:1]), list(tokens[1:4])], [True, True], list(tokens[4:]), carries=[b"", b"x"])
 
-    assert split_query([7, 8, 9, 10], 2, 3, chunker=fit) == ([[7], [8, 9]], [10])
-
-
-def test_fit_cut_chunk_predicts_next_token_from_its_text():
-    from vist2.layout import Cuts
-
-    def fit(tokens, carry=b""):
-        return Cuts([list(tokens[:2])], [True], list(tokens[2:]))
-
-    plan = collate([build_sample(olm_segments([10, 11, 12, 13], K, BETA, chunker=fit))])
+    pieces, _ = query_parts([7, 8, 9, 10, 11, 12], K, BETA, chunker=fit)
+    assert [(p, c) for p, c, _, _ in pieces] == [([7], False), ([8, 9, 10], True), ([11, 12], False)]
+    assert [pays(n, BETA) for n in (1, 2, 3)] == [False, False, True]
+    segs = prompt_segments([1], [7, 8, 9, 10, 11, 12], [2], K, BETA, "visual", chunker=fit)
+    assert segs == [Raw((1,)), Raw((7,)), Chunk((8, 9, 10), BETA, "visual", fit_cut=True, style="user", carry=b"x"),
+                    Raw((11, 12)), Raw((2,))]
+    # generated text (OLM) keeps the same rule: the short chunk is text with loss, never an image
+    plan = collate([build_sample(olm_segments([7, 8, 9, 10, 11, 12], K, BETA, chunker=fit))])
+    assert plan.kind[0].tolist() == [T, T, T, T, V, V, T, T]
+    assert plan.position[0].tolist() == [0, 1, 2, 3, 1, 2, 3, 4]
     I = IGNORE
-    # c1 = [10, 11] (closed early), v1 v1, c2 = [12, 13]: 11 predicts 12 (the text was in sight)
-    assert plan.input_ids[0].tolist() == [10, 11, -1, -1, 12, 13]
-    assert plan.labels[0].tolist() == [11, 12, I, I, 13, I]
+    assert plan.labels[0].tolist() == [8, 9, 10, I, I, 11, 12, I]
+    # K <= beta: no chunk pays, so nothing is compressed
+    assert olm_segments(list(range(5)), 2, 3) == [Raw((0, 1), True), Raw((2, 3), True), Chunk((4,), 0, "open", True)]
+
+
+def test_fit_cut_boundary_token_is_predicted_from_memory():
+    """Paper §3.1 at every boundary: the first token of chunk i+1 is predicted by the last visual token
+    of chunk i, never by c_i's text, whether K or the fit rule closed c_i."""
+    from vist2.layout import Cuts
+
+    def fit(tokens, carry=b""):
+        return Cuts([list(tokens[:3])], [True], list(tokens[3:]))
+
+    plan = collate([build_sample(olm_segments([10, 11, 12, 13, 14], K, BETA, chunker=fit))])
+    I = IGNORE
+    # c1 = [10, 11, 12] (closed early), v1 v1, c2 = [13, 14]: the second v1 predicts 13
+    assert plan.input_ids[0].tolist() == [10, 11, 12, -1, -1, 13, 14]
+    assert plan.labels[0].tolist() == [11, 12, I, I, 13, 14, I]

@@ -9,7 +9,7 @@ import vist2  # noqa: F401  (registers the Auto classes)
 from vist2.cli import main
 from vist2.config import VIST2Config, preset_config
 from vist2.layout import Chunk, Kind, Raw, build_sample, collate, olm_segments, sft_segments
-from vist2.modeling import VIST2ForCausalLM, VIST2Model, merge_patches
+from vist2.modeling import VIST2ForCausalLM, VIST2Model, cache_kwarg, merge_patches
 
 
 def _tiny(**overrides):
@@ -158,7 +158,7 @@ def test_dropping_evicted_text_from_the_cache_is_exact():
             emb = model.model.embed(first.input_ids, first.kind == Kind.VISUAL, pixel_values=px)
             cache = DynamicCache()
             lm(inputs_embeds=emb, position_ids=first.position, attention_mask=additive_mask(first, emb.dtype),
-               past_key_values=cache, use_cache=True)
+               use_cache=True, **cache_kwarg(lm, cache))
             keep = (~first.evicted[0]).nonzero().flatten() if drop_evicted else torch.arange(n_first)
             for layer in cache.layers:
                 layer.keys, layer.values = layer.keys[:, :, keep], layer.values[:, :, keep]
@@ -167,7 +167,7 @@ def test_dropping_evicted_text_from_the_cache_is_exact():
             causal = torch.ones(len(rest), n + len(rest)).tril(n).bool()
             mask = torch.where(causal, 0.0, torch.finfo(torch.float32).min)[None, None]
             out = lm(inputs_embeds=model.model.embed(torch.tensor([rest]), torch.zeros(1, len(rest), dtype=torch.bool)),
-                     position_ids=pos, attention_mask=mask, past_key_values=cache, use_cache=True)
+                     position_ids=pos, attention_mask=mask, use_cache=True, **cache_kwarg(lm, cache))
             return model.lm_head(out.last_hidden_state)[0], pos[0]
 
     with torch.no_grad():

@@ -99,7 +99,7 @@ def test_shuffled_ocr_text_keeps_the_words_in_another_order(tiny_dir):
         b = StageBuilder(cfg, proc.tokenizer, 64, 16, "visual")
         items, reason = b.items({"text": text}, random.Random(0), 0.0)
         assert reason is None
-        ids = [t for it in items for toks, _, _ in it.sample.chunks for t in toks]
+        ids = [t for it in items for c in it.sample.chunks for t in c.tokens]
         texts[mode] = proc.tokenizer.decode(ids)
     assert texts["natural"].split() == text.split()
     assert texts["shuffled"].split() != text.split()

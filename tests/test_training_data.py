@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from vist2.layout import IGNORE, Kind, build_sample, collate, sft_segments, split_query
+from vist2.layout import IGNORE, Kind, build_sample, collate, query_parts, sft_segments
 from vist2.runtime import write_json
 from vist2.training.checkpoint import STATE_FILE, atomic_dir, clean_partial, latest_checkpoint, list_checkpoints
 from vist2.training.config import PAPER_BATCH, load_config, ocr_images_per_row, paper_batch, stage_preset
@@ -267,7 +267,7 @@ def test_memory_use_samples_score_only_what_the_pages_hold_or_predict(proc):
     recalls = starts = 0
     for s in extra:
         assert len(s) <= 400
-        pages = [list(c) for c, _, _ in s.chunks]
+        pages = [list(c.tokens) for c in s.chunks]
         passage = [t for c in pages for t in c]
         scored = [t for t, l in zip(s.input_ids, s.loss) if l]
         # the layout: the pages' text carries no loss, the scored tokens are the open tail after them
@@ -304,7 +304,7 @@ def test_sft_loss_on_response_only_and_tail_rule(proc):
     from vist2.chat import chat_prompt
 
     prefix, q, suffix, _ = chat_prompt(proc.tokenizer, [{"role": "user", "content": query}])
-    chunks, tail = split_query(q, 64, 16)
+    chunks = [c for c, compressed, _, _ in query_parts(q, 64, 16)[0] if compressed]
     s = build_sample(sft_segments(prefix, q, suffix, want, 64, 16, "visual"))
     assert items[0].sample.input_ids == s.input_ids and len(chunks) >= 2  # the query is compressed
     # visual prompt encoding: 2,000 query tokens take ~500 slots, which a 300-slot row cannot hold

@@ -74,11 +74,12 @@ class Raw:
 
 @dataclass(frozen=True)
 class Chunk:
-    """``fit_cut``: the fit rule closed this chunk before K tokens. Generation learns that only
-    after sampling the next token (from the chunk's last text token, the text still in sight), so
-    that token is predicted there, not after the visual tokens. ``style``: the render style of
-    the chunk's image (``user`` for a prompt's query, paper Fig. 7), or one style per token (a
-    query chunk holding part of the question: ``question`` on those tokens)."""
+    """``fit_cut``: the fit rule closed this chunk before K tokens (for reports; the layout is the
+    same: as at every boundary, the next chunk's first token is predicted from the visual tokens,
+    paper §3.1). ``style``: the render style of the chunk's image (``user`` for a prompt's query,
+    paper Fig. 7), or one style per token (a query chunk holding part of the question: ``question``
+    on those tokens). ``carry``: the bytes of a character split by the text before this chunk, drawn
+    first in its image (None: those left by the sample's previous image)."""
 
     tokens: tuple[int, ...]
     n_visual: int
@@ -86,6 +87,7 @@ class Chunk:
     loss: bool = False
     fit_cut: bool = False
     style: str | tuple[str, ...] = "plain"
+    carry: bytes | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "tokens", tuple(int(t) for t in self.tokens))
@@ -114,6 +116,7 @@ class ChunkInfo:
     row: int = 0
     sample: int = 0
     style: str | tuple[str, ...] = "plain"  # the render style, or one per token (see Chunk.style)
+    carry: bytes | None = None  # bytes drawn before its text (see Chunk.carry)
 
 
 @dataclass
@@ -126,7 +129,7 @@ class Sample:
     position: list[int] = field(default_factory=list)
     evicted: list[bool] = field(default_factory=list)
     loss: list[bool] = field(default_factory=list)  # this token is a prediction target
-    chunks: list[tuple[tuple[int, ...], int, str | tuple[str, ...]]] = field(default_factory=list)  # (tokens, n_visual, style)
+    chunks: list[Chunk] = field(default_factory=list)  # the chunks that have an image
     # index of the slot each token predicts (normally the next one; -1: none)
     predicts: list[int] = field(default_factory=list)
 
@@ -161,8 +164,6 @@ def build_sample(segments: Sequence[Segment]) -> Sample:
         if seg.mode == "interleaved":
             s._add(c, Kind.TEXT, idx, range(base, base + len(c)), True, seg.loss)
             s._add(visual_ids, Kind.VISUAL, idx, range(base, base + n_visual), False, False)
-            if seg.fit_cut and c:  # the next token is predicted by the chunk's last text token
-                s.predicts[-n_visual - 1], s.predicts[-1] = len(s.kind), -1
             base += n_visual
         elif seg.mode == "visual":
             s._add(visual_ids, Kind.VISUAL, idx, range(base, base + n_visual), False, False)
@@ -175,7 +176,7 @@ def build_sample(segments: Sequence[Segment]) -> Sample:
             s._add(c, Kind.TEXT, idx, range(base, base + len(c)), False, seg.loss)
             base += len(c)
         if n_visual:
-            s.chunks.append((c, n_visual, seg.style))
+            s.chunks.append(seg)
         n_chunks += 1
     return s
 
@@ -194,9 +195,10 @@ def _check_sizes(chunk_tokens: int, n_visual: int) -> None:
 
 @dataclass(frozen=True)
 class Cuts:
-    """How a token sequence is cut into chunks: ``closed`` chunks (always compressed) and the open
-    ``tail`` after the last cut (shorter than a chunk, possibly empty). ``fit_cut[i]``: chunk i was
-    closed by the fit rule, before K tokens. ``carry`` / ``carry_tail``: bytes of a split character
+    """How a token sequence is cut into chunks: ``closed`` chunks and the open ``tail`` after the last
+    cut (shorter than a chunk, possibly empty). ``fit_cut[i]``: chunk i was closed by the fit rule,
+    before K tokens. ``carries[i]``: the bytes of a split character before chunk i (drawn first in
+    its image; None where the chunker does not track them). ``carry`` / ``carry_tail``: the bytes
     left after the closed chunks / after the tail too, for the sample's next chunk."""
 
     closed: list[list[int]]
@@ -204,6 +206,17 @@ class Cuts:
     tail: list[int]
     carry: bytes = b""
     carry_tail: bytes = b""
+    carries: list[bytes | None] | None = None
+
+    def carry_before(self, i: int) -> bytes | None:
+        return self.carries[i] if self.carries is not None else None
+
+
+def pays(n_tokens: int, n_visual: int) -> bool:
+    """Whether compressing ``n_tokens`` text tokens into ``n_visual`` visual tokens shrinks the cache:
+    the paper's tail rule, applied to every chunk (a chunk the fit rule closed early may hold fewer
+    tokens than its image has visual tokens; it then stays text)."""
+    return n_tokens > n_visual
 
 
 # (tokens, carry) -> Cuts. The processor's fit rule (``VIST2Processor.chunker``) is the real one;
@@ -242,8 +255,9 @@ def olm_segments(tokens: Sequence[int], chunk_tokens: int, n_visual: int, loss: 
     """PT-3 optical language modelling: ``[c1, v1, c2, v2, ..., c_n]`` with the sparse mask.
 
     Chunks are cut by ``chunker`` (the fit rule; every K tokens without one). The last chunk
-    stays open (no visual tokens): nothing after it would read them. The same layout describes
-    generated text, which is why SFT responses use it.
+    stays open (no visual tokens): nothing after it would read them. A closed chunk that holds no
+    more tokens than ``n_visual`` stays text (:func:`pays`). The same layout describes generated
+    text, which is why SFT responses use it.
     """
     _check_sizes(chunk_tokens, n_visual)
     cuts = _cut(tokens, chunk_tokens, chunker, carry)
@@ -251,27 +265,28 @@ def olm_segments(tokens: Sequence[int], chunk_tokens: int, n_visual: int, loss: 
     if cuts.tail or not parts:
         parts.append(cuts.tail)
         fit.append(False)
-    segs: list[Segment] = [Chunk(tuple(p), n_visual, "interleaved", loss, f) for p, f in zip(parts[:-1], fit)]
+    segs: list[Segment] = [
+        Chunk(tuple(p), n_visual, "interleaved", loss, f, carry=cuts.carry_before(i)) if pays(len(p), n_visual)
+        else Raw(tuple(p), loss)
+        for i, (p, f) in enumerate(zip(parts[:-1], fit))
+    ]
     if parts[-1]:
         segs.append(Chunk(tuple(parts[-1]), 0, "open", loss))
     return segs
 
 
-def split_query(tokens: Sequence[int], chunk_tokens: int, n_visual: int,
-                chunker: Chunker | None = None) -> tuple[list[list[int]], list[int]]:
-    """The paper's tail rule: closed chunks (K tokens, or fewer when the fit rule closed them)
-    are always compressed; the open tail of m tokens is compressed too if m > n_visual, else it stays
-    raw text. Returns (chunks, raw_tail)."""
-    chunks, tail, _, _ = _split_query(tokens, chunk_tokens, n_visual, chunker)
-    return chunks, tail
-
-
-def _split_query(tokens, chunk_tokens, n_visual, chunker, carry=b""):
+def query_parts(tokens: Sequence[int], chunk_tokens: int, n_visual: int, chunker: Chunker | None = None,
+                carry: bytes = b"") -> tuple[list[tuple[list[int], bool, bool, bytes | None]], bytes]:
+    """The paper's tail rule, applied to every piece of a query: its chunks (K tokens, or fewer where the
+    fit rule closed them) and its open tail are compressed where that pays (:func:`pays`: more tokens
+    than ``n_visual``), else they stay raw text. Returns ``(tokens, compressed, fit_cut, carry)`` per
+    piece, and the bytes left after the query (for the response's first image)."""
     _check_sizes(chunk_tokens, n_visual)
     cuts = _cut(tokens, chunk_tokens, chunker, carry)
-    if len(cuts.tail) > n_visual:
-        return cuts.closed + [cuts.tail], [], cuts.carry_tail, cuts.fit_cut + [False]
-    return cuts.closed, cuts.tail, cuts.carry, cuts.fit_cut
+    pieces = [(list(c), f, cuts.carry_before(i)) for i, (c, f) in enumerate(zip(cuts.closed, cuts.fit_cut))]
+    if cuts.tail:
+        pieces.append((list(cuts.tail), False, cuts.carry if cuts.carries is not None else None))
+    return [(c, pays(len(c), n_visual), f, cy) for c, f, cy in pieces], cuts.carry_tail
 
 
 def prompt_segments(
@@ -283,30 +298,35 @@ def prompt_segments(
     prompt_encoding: str,
     chunker: Chunker | None = None,
     question: tuple[int, int] | None = None,
+    styles: Sequence[str] | None = None,
 ) -> list[Segment]:
-    """A prompt: raw prefix, the query compressed by the tail rule, raw suffix.
+    """A prompt: raw prefix, the query compressed by the tail rule (:func:`query_parts`), raw suffix.
 
     ``prompt_encoding`` is ``visual`` (only the query's visual tokens enter the
     LLM) or ``interleaved`` (its text runs first and the visual tokens read it).
     Query chunks render in the ``user`` style (grey background, paper Fig. 7);
     ``question = (start, end)`` marks ``query[start:end]`` as the user's question,
     whose tokens render in the ``question`` style (red on grey) in whichever chunks
-    they fall. Chunks are cut the same with or without it.
+    they fall; ``styles`` gives one render style per query token instead of ``user``
+    (a chat history: ``user`` turns on grey, the assistant's in ``plain``). Chunks are
+    cut the same with or without them.
     """
-    return _prompt(prefix, query, suffix, chunk_tokens, n_visual, prompt_encoding, chunker, question)[0]
+    return prompt_layout(prefix, query, suffix, chunk_tokens, n_visual, prompt_encoding, chunker, question, styles)[0]
 
 
-def query_styles(chunks: Sequence[Sequence[int]], question: tuple[int, int] | None) -> list[str | tuple[str, ...]]:
-    """The render style of each query chunk (consecutive pieces of the query): ``user``, or one style
-    per token where the chunk holds part of ``query[start:end]`` (``question``)."""
+def query_styles(chunks: Sequence[Sequence[int]], question: tuple[int, int] | None,
+                 styles: Sequence[str] | None = None) -> list[str | tuple[str, ...]]:
+    """The render style of each query chunk (consecutive pieces of the query): ``user`` (or ``styles``,
+    one per query token), and ``question`` on the tokens of ``query[start:end]``; one string where a
+    chunk's tokens share a style and hold none of the question, else one style per token."""
     out: list[str | tuple[str, ...]] = []
     i = 0
     for c in chunks:
         j = i + len(c)
-        if question is None or question[1] <= i or question[0] >= j:
-            out.append("user")
-        else:
-            out.append(tuple("question" if question[0] <= k < question[1] else "user" for k in range(i, j)))
+        asked = question is not None and question[0] < j and question[1] > i
+        st = tuple("question" if asked and question[0] <= k < question[1]
+                   else (styles[k] if styles is not None else "user") for k in range(i, j))
+        out.append(st[0] if st and not asked and all(x == st[0] for x in st) else st)
         i = j
     return out
 
@@ -321,18 +341,23 @@ def _check_question(question, n_query: int) -> None:
                          f"{n_query}, got {question!r}")
 
 
-def _prompt(prefix, query, suffix, chunk_tokens, n_visual, prompt_encoding, chunker, question=None):
+def prompt_layout(prefix, query, suffix, chunk_tokens, n_visual, prompt_encoding, chunker=None, question=None,
+                  styles=None) -> tuple[list[Segment], bytes]:
+    """:func:`prompt_segments` and the bytes of a character split at the query's very end (drawn first
+    by the response's first image; none after a suffix, whose own text comes between)."""
     if prompt_encoding not in PROMPT_ENCODINGS:
         raise ValueError(f"prompt_encoding must be one of {PROMPT_ENCODINGS}, got {prompt_encoding!r}")
     _check_question(question, len(query))
-    chunks, tail, carry, fit = _split_query(query, chunk_tokens, n_visual, chunker)
+    if styles is not None and len(styles) != len(query):
+        raise ValueError(f"styles must give one render style per query token ({len(query)}), got {len(styles)}")
+    pieces, carry = query_parts(query, chunk_tokens, n_visual, chunker)
     segs: list[Segment] = [Raw(tuple(prefix))] if len(prefix) else []
-    segs += [Chunk(tuple(c), n_visual, prompt_encoding, fit_cut=f, style=st)
-             for c, f, st in zip(chunks, fit, query_styles(chunks, question))]
-    if tail:
-        segs.append(Raw(tuple(tail)))
+    for (c, compressed, f, cy), st in zip(pieces, query_styles([p[0] for p in pieces], question, styles)):
+        segs.append(Chunk(tuple(c), n_visual, prompt_encoding, fit_cut=f, style=st, carry=cy) if compressed
+                    else Raw(tuple(c)))
     if len(suffix):
         segs.append(Raw(tuple(suffix)))
+        carry = b""
     return segs, carry
 
 
@@ -346,10 +371,13 @@ def sft_segments(
     prompt_encoding: str,
     chunker: Chunker | None = None,
     question: tuple[int, int] | None = None,
+    styles: Sequence[str] | None = None,
 ) -> list[Segment]:
-    """SFT: the prompt (see :func:`prompt_segments`, ``question`` included), then the response as OLM
-    with loss (its first image also shows a character split by the query's last image, as in generation)."""
-    segs, carry = _prompt(prefix, query, suffix, chunk_tokens, n_visual, prompt_encoding, chunker, question)
+    """SFT: the prompt (see :func:`prompt_segments`, ``question`` and ``styles`` included), then the
+    response as OLM with loss (its first image also draws a character split at the query's end, as in
+    generation: :func:`prompt_layout`)."""
+    segs, carry = prompt_layout(prefix, query, suffix, chunk_tokens, n_visual, prompt_encoding, chunker, question,
+                                styles)
     return segs + olm_segments(response, chunk_tokens, n_visual, loss=True, chunker=chunker, carry=carry)
 
 
@@ -461,7 +489,7 @@ def collate(rows: Sequence[Sample | Sequence[Sample]], pad_to: int | None = None
             out["position"][b, sl] = torch.tensor(s.position, dtype=torch.long)
             out["evicted"][b, sl] = torch.tensor(s.evicted, dtype=torch.bool)
             out["loss"][b, sl] = torch.tensor(s.loss, dtype=torch.bool)
-            chunks += [ChunkInfo(toks, n_visual, b, si, st) for toks, n_visual, st in s.chunks]
+            chunks += [ChunkInfo(c.tokens, c.n_visual, b, si, c.style, c.carry) for c in s.chunks]
             chunk_base += max(s.chunk, default=-1) + 1
             t += n
     # position t predicts the slot Sample.predicts names (normally t + 1), if that slot is a loss target

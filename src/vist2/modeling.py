@@ -21,6 +21,8 @@ Example (random tiny model, CPU)::
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -32,6 +34,16 @@ from .attention import additive_mask, block_mask
 from .config import VIST2Config
 from .layout import IGNORE, Kind, Plan
 from .loss import linear_cross_entropy
+
+
+def cache_kwarg(language_model: nn.Module, cache) -> dict:
+    """The KV cache as the LLM's forward names it: ``cache`` in newer transformers (which deprecate
+    ``past_key_values`` with a warning on every call), ``past_key_values`` in older ones; nothing
+    when there is no cache."""
+    if cache is None:
+        return {}
+    params = inspect.signature(type(language_model).forward).parameters
+    return {"cache": cache} if "cache" in params else {"past_key_values": cache}
 
 
 class Aligner(nn.Module):
@@ -187,8 +199,8 @@ class VIST2Model(VIST2PreTrainedModel):
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
             use_cache=use_cache,
+            **cache_kwarg(self.language_model, past_key_values),
             **kwargs,
         )
 

@@ -207,7 +207,7 @@ class VIST2Processor(ProcessorMixin):
         ``carry`` left by an earlier chunk of the same sample."""
         K = self._k(chunk_tokens)
         ids = [int(i) for i in ids]
-        closed, by_fit = [], []
+        closed, by_fit, carries = [], [], []
         i, n = 0, len(ids)
         while True:
             window = ids[i : i + K]
@@ -215,9 +215,10 @@ class VIST2Processor(ProcessorMixin):
             # fast path: every prefix of a window that fits fits too (greedy wrapping is monotone)
             if unicodedata.is_normalized("NFC", text) and self.renderer.fits(text):
                 if len(window) < K:
-                    return Cuts(closed, by_fit, window, carry, after)
+                    return Cuts(closed, by_fit, window, carry, after, carries)
                 closed.append(window)
                 by_fit.append(False)
+                carries.append(carry)
                 carry, i = after, i + K
                 continue
             fit = ChunkFit(self, K, carry)
@@ -226,13 +227,15 @@ class VIST2Processor(ProcessorMixin):
                     break
             else:  # only reached when NFC made the fast path unsure: the whole window fits
                 if len(window) < K:
-                    return Cuts(closed, by_fit, window, carry, fit.carry)
+                    return Cuts(closed, by_fit, window, carry, fit.carry, carries)
                 closed.append(window)
                 by_fit.append(False)
+                carries.append(carry)
                 carry, i = fit.carry, i + K
                 continue
             closed.append(window[:j])
             by_fit.append(True)
+            carries.append(carry)
             carry, i = fit.carry, i + j
 
     def chunk_ids(self, ids: Sequence[int], chunk_tokens: int | None = None) -> list[list[int]]:
@@ -267,7 +270,7 @@ class VIST2Processor(ProcessorMixin):
                 out.append((None, c.style))
                 continue
             key = (c.row, c.sample)
-            carry = carries.get(key, b"")
+            carry = carries.get(key, b"") if c.carry is None else c.carry
             style = self.char_styles(carry, c.tokens, c.style)
             text, carries[key] = self.chunk_text(carry, c.tokens)
             out.append((text, style))

@@ -39,6 +39,12 @@ class Window:
         """Take the token if the window's image has room for it; False leaves the window as it was."""
         return self.fit.push(token_id)
 
+    def fits(self, token_id: int) -> bool:
+        """Whether the token would fit, leaving the window as it is (the window's text is fitted again
+        on a fresh state: only asked at a fit cut's boundary token)."""
+        trial = self.fit.processor.chunk_fit(self.fit.K, self.carry_in)
+        return all(trial.push(t) for t in self.tokens) and trial.push(token_id)
+
 
 class Compressor:
     """Closes windows: ``K`` text tokens in, ``n_visual`` cache entries out."""

@@ -42,6 +42,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from ..chat import prompt_parts
+from ..layout import pays
 from ..modeling import VIST2ForCausalLM
 from ..processing import VIST2Processor
 from ..runtime import eos_ids, load_checkpoint
@@ -51,6 +52,9 @@ from .runner import CacheFull, ModelRunner, pad_left
 from .sampling import Sampler, SamplingParams
 from .scheduler import PromptFeed, PromptPlan, Scheduler, chunks_to_read, plan_prompt
 from .types import Event, Mode, Request, Result, Stats, StepReport
+
+
+_REDRAWS = 16  # draws of a fit-cut boundary token before it falls back to the proposal (see Engine._redraw)
 
 
 class _Row:
@@ -64,6 +68,7 @@ class _Row:
         self.decoder = StreamDecoder(processor.tokenizer, stop=p.stop)
         self.history = list(req.prompt_ids)  # what the sampler's penalties see
         self.generated: list[int] = []
+        self.plan: PromptPlan | None = None  # the prompt's layout
         self.feed: PromptFeed | None = None  # the prompt, while it is prefilled
         self.window: Window | None = None  # generated text not yet compressed (gcc, once the prompt is in)
         self.memory: list[str] = []  # the text of every chunk held as an image
@@ -219,8 +224,7 @@ class Engine:
         self._prefill(budget=self.prefill_budget if decoding else None)
         ready = [s for s in rows.values() if not s.prefilling]
         if ready:
-            with self.runner.phase("sample"):
-                feed = [s for s in ready if self._sample_one(s, events)]
+            feed = self._sample(ready, events)
             if feed:
                 self._decode(feed)
         if report is not None:
@@ -242,18 +246,72 @@ class Engine:
                 continue
             sched.running[row] = seq
             self.runner.cache.set_length(row, 0)
-            seq.feed = PromptFeed(plan.segments, self.processor, self.n_visual)
+            seq.plan, seq.feed = plan, PromptFeed(plan.segments, self.processor, self.n_visual)
         return events
 
-    def _sample_one(self, seq: _Row, events: list[Event]) -> bool:
-        """Sample a row's next token and report it; True if the row goes on (its token is to be fed)."""
+    def _sample(self, seqs: list[_Row], events: list[Event]) -> list[_Row]:
+        """Draw every row's next token and report it; returns the rows that go on (their token is fed).
+
+        The paper's rule at every chunk boundary: the first token of a chunk is predicted from the
+        memory, never from the chunk before it. A window of K tokens is closed right after its last
+        token is fed; one that the fit rule closes learns it only now, when the drawn token does not
+        fit its image: it is closed first (compressed where that pays) and the token drawn again from
+        what the cache then holds, among the tokens that would not have fitted the closed window
+        (:meth:`_redraw`). So the cuts of the generated text are the ones the fit rule makes on it, and
+        every boundary token is predicted where training labels it."""
+        with self.runner.phase("sample"):
+            drawn = {s: self._draw(s, events) for s in seqs}
+        seqs = [s for s in seqs if drawn[s] is not None]
+        overflow = [s for s in seqs if s.window is not None and s.window.tokens and not s.window.push(drawn[s])]
+        if overflow:
+            squeezed = {s: s.window for s in overflow if pays(len(s.window.tokens), self.n_visual)}
+            going = set(self._close(overflow))
+            seqs = [s for s in seqs if s in going or s not in overflow]
+            with self.runner.phase("sample"):
+                for s in going.intersection(squeezed):  # a short window stays text: its token stands as drawn
+                    drawn[s] = self._redraw(s, squeezed[s], drawn[s], events)
+            seqs = [s for s in seqs if drawn[s] is not None]
+        return [s for s in seqs if self._accept(s, drawn[s], events)]
+
+    def _redraw(self, seq: _Row, closed: Window, proposal: int, events: list[Event]) -> int | None:
+        """The boundary token after a fit cut, drawn from the logits after the memory, conditioned on
+        what made the cut: it does not fit the closed window. Tokens drawn that would fit are masked
+        and the draw repeated (at most ``_REDRAWS`` times; then the proposal, which does not fit)."""
+        if self.record_logits:
+            seq.recorded.pop()  # the proposal's distribution: the token is drawn again from the new one
+        logits = seq.logits
+        for i in range(_REDRAWS):
+            tok = self._draw(seq, events, logits, record=i == 0)
+            if tok is None or not closed.fits(tok):
+                return tok
+            logits = logits.clone() if i == 0 else logits
+            logits[tok] = float("-inf")
+        return proposal
+
+    def _draw(self, seq: _Row, events: list[Event], logits: torch.Tensor | None = None,
+              record: bool = True) -> int | None:
+        """A token drawn from the row's logits (not yet its own); None if drawing failed (the row is finished)."""
+        logits = seq.logits if logits is None else logits
+        if self.record_logits and record:
+            seq.recorded.append(logits.detach().cpu().clone())
         try:
-            tok = self._sample(seq)
+            return seq.sampler(logits, seq.history)
         except Exception as e:  # noqa: BLE001 - one row's sampling failing must not end the other rows
             seq.stats.error = f"{type(e).__name__}: {e}"
             self._finish(seq, "error")
             events.append(Event(seq.rid, "", None, True, seq.stats))
-            return False
+            return None
+
+    def _accept(self, seq: _Row, tok: int, events: list[Event]) -> bool:
+        """The token is the row's: report it; True if the row goes on."""
+        if not seq.generated:
+            seq.t_first = time.perf_counter()
+            seq.stats.ttft_s = seq.t_first - seq.t_start
+        seq.generated.append(tok)
+        seq.history.append(tok)
+        seq.stats.generated_tokens += 1
+        # what a plain LLM would hold at this moment: every token fed so far (the newest is not fed yet)
+        seq.stats.kv_tokens_uncompressed = seq.stats.prompt_tokens + seq.stats.generated_tokens - 1
         # an end-of-sequence token ends the text; it is not part of it
         delta = "" if tok in seq.stop_ids else seq.decoder.push(tok)
         reason = self._finish_reason(seq, tok)
@@ -320,7 +378,7 @@ class Engine:
                 budget -= used
             for seq in seqs:
                 if not seq.prefilling and seq.req.mode == Mode.GCC:
-                    seq.window = self.compressor.open(seq.feed.carry)  # the response goes on from the prompt
+                    seq.window = self.compressor.open(seq.plan.carry)  # the response goes on from the prompt
                 if not seq.prefilling:
                     self._update_kv_stats(seq)
 
@@ -384,17 +442,10 @@ class Engine:
     # -- decode ----------------------------------------------------------------------------
 
     def _decode(self, seqs: list[_Row]) -> None:
-        """Feed every row's newest token; gcc rows close their window before a token that does not fit
-        it, and after the token that fills it (K tokens)."""
-        # the fit rule: a token whose text would not fit the open window's image closes the window
-        # first (it was sampled with the window's text in sight, as the layout's fit_cut says)
-        overflow = [s for s in seqs if s.window is not None and s.window.tokens and not s.window.push(s.generated[-1])]
-        if overflow and not self._compress(overflow):
-            seqs = [s for s in seqs if s not in overflow]
-            if not seqs:
-                return
+        """Feed every row's newest token (it begins a new window where the last one closed); close the
+        windows it fills (K tokens)."""
         for s in seqs:
-            if s.window is not None and not s.window.tokens:  # it begins the new window
+            if s.window is not None and not s.window.tokens:
                 taken = s.window.push(s.generated[-1])  # or raises if it never fits an image
                 assert taken
         try:
@@ -412,20 +463,27 @@ class Engine:
             self._update_kv_stats(s)
         full = [s for s in seqs if s.window is not None and s.window.full]  # K tokens: closed right away
         if full:
-            self._compress(full)
+            self._close(full)
 
-    def _compress(self, seqs: list[_Row]) -> bool:
-        """Close the open windows of these rows (:meth:`Compressor.close`). False if the memory limit
-        was reached (the rows are finished)."""
-        rows = [s.row for s in seqs]
+    def _close(self, seqs: list[_Row]) -> list[_Row]:
+        """Close the open windows of these rows: compressed where that pays (:func:`vist2.layout.pays`),
+        else their text stays in the cache as it is. Returns the rows that go on (the others reached
+        the memory limit and are finished)."""
+        squeeze = [s for s in seqs if pays(len(s.window.tokens), self.n_visual)]
+        for s in seqs:
+            if s not in squeeze:  # a short window the fit rule closed: its text stays, a new window begins
+                s.window = self.compressor.open(s.window.fit.carry)
+        if not squeeze:
+            return seqs
+        rows = [s.row for s in squeeze]
         peaks = [self.runner.length(r) + self.n_visual for r in rows]  # text and visual, briefly
         try:
-            texts, logits = self.compressor.close(rows, [s.window for s in seqs])
+            texts, logits = self.compressor.close(rows, [s.window for s in squeeze])
         except CacheFull:
-            for s in seqs:
+            for s in squeeze:
                 self._finish(s, "length")
-            return False
-        for s, lg, peak, text in zip(seqs, logits, peaks, texts):
+            return [s for s in seqs if s not in squeeze]
+        for s, lg, peak, text in zip(squeeze, logits, peaks, texts):
             s.logits = lg
             s.stats.kv_tokens_peak = max(s.stats.kv_tokens_peak, peak)
             s.memory.append(text)
@@ -433,21 +491,7 @@ class Engine:
             s.stats.visual_tokens += self.n_visual
             s.window = self.compressor.open(s.window.fit.carry)
             self._update_kv_stats(s)
-        return True
-
-    def _sample(self, seq: _Row) -> int:
-        if self.record_logits:
-            seq.recorded.append(seq.logits.detach().cpu().clone())
-        tok = seq.sampler(seq.logits, seq.history)
-        if not seq.generated:
-            seq.t_first = time.perf_counter()
-            seq.stats.ttft_s = seq.t_first - seq.t_start
-        seq.generated.append(tok)
-        seq.history.append(tok)
-        seq.stats.generated_tokens += 1
-        # what a plain LLM would hold at this moment: every token fed so far (the newest is not fed yet)
-        seq.stats.kv_tokens_uncompressed = seq.stats.prompt_tokens + seq.stats.generated_tokens - 1
-        return tok
+        return seqs
 
     def _finish_reason(self, seq: _Row, tok: int) -> str:
         if seq.decoder.stopped:

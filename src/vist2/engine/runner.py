@@ -19,7 +19,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from ..modeling import VIST2ForCausalLM
+from ..modeling import VIST2ForCausalLM, cache_kwarg
 from ..processing import VIST2Processor
 from ..runtime import kv_geometry
 from .cache import CompressedKVCache
@@ -142,6 +142,7 @@ class ModelRunner:
     def embed_text(self, ids_BT: torch.Tensor) -> torch.Tensor:
         return self.model.model.get_input_embeddings()(ids_BT.to(self.device))
 
+    @torch.no_grad()  # the vision tower's activations are not kept for a backward pass
     def encode(self, texts: list[str], styles: list) -> torch.Tensor:
         """Render chunk texts and read them with the vision tower + aligner: ``(n, n_visual, D)``."""
         with self.phase("render"):
@@ -162,8 +163,8 @@ class ModelRunner:
     def _lm(self, embeds_BTD: torch.Tensor, positions_BT: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """The LLM over new tokens whose cache slots were planned; the last token's logits ``(b, V)``."""
         out = self.model.model.language_model(
-            inputs_embeds=embeds_BTD, position_ids=positions_BT, attention_mask=mask,
-            past_key_values=self.cache, use_cache=True,
+            inputs_embeds=embeds_BTD, position_ids=positions_BT, attention_mask=mask, use_cache=True,
+            **cache_kwarg(self.model.model.language_model, self.cache),
         )
         logits = self.model.lm_head(out.last_hidden_state[:, -1]).float()
         logits[:, self._n_tokens :] = float("-inf")  # padded vocabulary rows the tokenizer cannot decode

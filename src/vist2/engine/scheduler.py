@@ -20,7 +20,7 @@ from typing import Any, Sequence
 
 import torch
 
-from ..layout import Raw, Segment, prompt_segments
+from ..layout import Raw, Segment, prompt_layout
 from ..processing import VIST2Processor
 from .types import Mode, Request, Result
 
@@ -32,16 +32,18 @@ class PromptPlan:
 
     segments: tuple[Segment, ...]
     footprint: int
+    carry: bytes = b""  # bytes of a character split at the query's end: the response's first image draws them
 
 
 def plan_prompt(req: Request, processor: VIST2Processor, chunk_tokens: int, n_visual: int,
                 prompt_encoding: str) -> PromptPlan:
     """Lay out a request's prompt as the engine will feed it (mode ``none``: one raw run)."""
+    carry = b""
     if req.mode == Mode.NONE:
         segments: list[Segment] = [Raw(tuple(req.prompt_ids))]
     else:
-        segments = prompt_segments(req.prefix, req.query, req.suffix, chunk_tokens, n_visual, prompt_encoding,
-                                   chunker=processor.chunker(chunk_tokens), question=req.question)
+        segments, carry = prompt_layout(req.prefix, req.query, req.suffix, chunk_tokens, n_visual, prompt_encoding,
+                                        processor.chunker(chunk_tokens), req.question, req.styles)
     kept, peak = 0, 0
     for seg in segments:
         if isinstance(seg, Raw):
@@ -52,7 +54,7 @@ def plan_prompt(req: Request, processor: VIST2Processor, chunk_tokens: int, n_vi
         else:
             kept += seg.n_visual
         peak = max(peak, kept)
-    return PromptPlan(tuple(segments), peak + 1)
+    return PromptPlan(tuple(segments), peak + 1, carry)
 
 
 @dataclass
@@ -86,21 +88,22 @@ class PrefillPiece:
 
 class PromptFeed:
     """A prompt while it is prefilled: the operations left, every chunk's (text, style) in order, and the
-    visual tokens of chunks read ahead. Chunk texts are cut here, in order: ``carry`` holds the bytes of a
-    character split by the last chunk (the first generated window draws them)."""
+    visual tokens of chunks read ahead. Chunk texts are cut here, in order, each drawing first the bytes of a
+    character split before it (its ``carry``)."""
 
     def __init__(self, segments: Sequence[Segment], processor: VIST2Processor, n_visual: int):
         self.n_visual = n_visual
         self.ops: deque[PrefillOp] = deque()
         self.chunks: list[tuple[str, Any]] = []  # (text, style: one or per character)
         self.visual: dict[int, torch.Tensor] = {}  # chunk -> its (n_visual, D) tokens, read ahead
-        self.carry = b""
+        carry = b""
         for seg in segments:
             if isinstance(seg, Raw):
                 self.ops.append(PrefillOp("text", list(seg.tokens)))
                 continue
-            style = processor.char_styles(self.carry, seg.tokens, seg.style)  # before the carry moves
-            text, self.carry = processor.chunk_text(self.carry, seg.tokens)
+            carry = carry if seg.carry is None else seg.carry
+            style = processor.char_styles(carry, seg.tokens, seg.style)  # before the carry moves
+            text, carry = processor.chunk_text(carry, seg.tokens)
             self.chunks.append((text, style))
             n_text = len(seg.tokens) if seg.mode == "interleaved" else 0
             if n_text:
