@@ -148,6 +148,40 @@ def test_a_twelve_turn_chat_fits_with_a_compressed_history_where_raw_does_not(to
     assert res.stats.kv_tokens <= 0.3 * res.stats.kv_tokens_uncompressed
 
 
+def test_the_chat_plan_is_what_sft_lays_out_and_the_engine_matches_the_model_on_it(tok):
+    """train == infer for a compressed history: the engine's plan is SFT's prompt layout for the same chat
+    (chunks, per-token styles, the question), and every distribution the engine samples from equals the
+    model's plain forward over SFT's layout of the chat and its answer."""
+    import torch
+
+    from vist2.engine import SamplingParams
+    from vist2.layout import IGNORE, Chunk, build_sample, collate, sft_segments
+
+    engine = _engine(tok, record_logits=True)
+    msgs = _long_chat(tok, 3, 120)
+    msgs[-1]["question"] = "What happened first?"
+    req = engine.request(messages=msgs, params=SamplingParams(max_new_tokens=40, ignore_eos=True),
+                         history="compressed")
+    p = chat_prompt(tok, msgs, history="compressed")
+    K, beta, enc, fit = engine.K, engine.n_visual, engine.prompt_encoding, engine.processor.chunker(engine.K)
+    plan = engine.plan(req)
+    want = sft_segments(p.prefix, p.query, p.suffix, [], K, beta, enc, fit, p.question, p.styles)
+    assert list(plan.segments) == want[: len(plan.segments)]
+    chunks = [seg for seg in plan.segments if isinstance(seg, Chunk)]
+    styles = {st for c in chunks for st in ([c.style] if isinstance(c.style, str) else c.style)}
+    assert {"plain", "user", "question"} <= styles
+    [res] = engine.generate([req])
+    layout = collate([build_sample(sft_segments(p.prefix, p.query, p.suffix, res.token_ids, K, beta, enc, fit,
+                                                p.question, p.styles))])
+    with torch.no_grad():
+        logits = engine.model(plan=layout, pixel_values=engine.processor.pixels_for(layout.chunks)).logits[0]
+    lab = layout.labels[0]
+    assert lab[lab != IGNORE].tolist() == res.token_ids
+    n_tok = len(tok)
+    diff = (torch.stack(res.logits)[:, :n_tok] - logits[lab != IGNORE][:, :n_tok]).abs().max().item()
+    assert diff < 1e-4, diff
+
+
 def test_the_server_answers_a_long_chat_with_a_compressed_history(tok):
     from fastapi.testclient import TestClient
 
