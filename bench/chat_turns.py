@@ -3,7 +3,8 @@
     OMP_NUM_THREADS=1 PYTHONPATH=src python bench/chat_turns.py --model models/vist2-nano --turns 12 \\
         --user-tokens 1200 --prefill-budget 256 --repeats 3 --out bench/results/chat_turns/nano-cpu.json \\
         --plot bench/results/chat_turns/nano-cpu.png
-    python bench/chat_turns.py --replot bench/results/chat_turns/nano-cpu.json --plot bench/results/chat_turns/nano-cpu.png
+    python bench/chat_turns.py --replot bench/results/chat_turns/nano-cpu.json \\
+        --plot bench/results/chat_turns/nano-cpu.png
 
 Each turn appends a user message of ``--user-tokens`` tokens of held-out prose (``recipes/nano/heldout.txt``,
 ``recipes/nano/recall.txt``, ``tests/data/prose_hard_breaks.txt``, in that order, none of it from the

@@ -78,8 +78,8 @@ class MemoryCache:
         self._entries.clear()
         self.bytes = 0
 
-    def fetch(self, texts: Sequence[str], styles: Sequence[Style],
-              read: Callable[[list[str], list[Style]], torch.Tensor], scope: Hashable) -> tuple[torch.Tensor, list[bool]]:
+    def fetch(self, texts: Sequence[str], styles: Sequence[Style], read: Callable[[list[str], list], torch.Tensor],
+              scope: Hashable) -> tuple[torch.Tensor, list[bool]]:
         """The visual tokens of each chunk ``(n, n_visual, D)`` and whether each was a hit. Misses are read
         in one call ``read(texts, styles)`` (a chunk repeated within the call is read once) and stored."""
         if len(texts) != len(styles):
