@@ -511,3 +511,25 @@ def test_padded_vocabulary_rows_are_never_sampled(tok):
     res = eng.generate([Request(query=_ids(tok, 30), params=SamplingParams(max_new_tokens=8, ignore_eos=True))])[0]
     assert all(t < n for t in res.token_ids)
     assert all(torch.isinf(lg[n:]).all() and (lg[n:] < 0).all() for lg in res.logits)
+
+
+def test_the_vision_tower_reads_in_micro_batches(tok):
+    """Prefill reads a long prompt's chunks a few images at a time (bounded activations), without autograd,
+    and the result is the same as reading them all at once."""
+    eng = _engine(tok, "visual", vision_batch=2)
+    batches = []
+    encode_images = eng.model.model.encode_images
+
+    def spy(px):
+        batches.append(px.shape[0])
+        out = encode_images(px)
+        assert not out.requires_grad  # no activations kept for a backward pass
+        return out
+
+    eng.model.model.encode_images = spy
+    req = Request(query=_ids(tok, 6 * eng.K + 20), params=SamplingParams(max_new_tokens=2, ignore_eos=True))
+    res = eng.generate([req])[0]
+    assert batches == [2, 2, 2, 1]  # 7 chunks (the tail of 20 > beta is one)
+    check(eng, req, res)
+    with pytest.raises(ValueError, match="vision_batch"):
+        _engine(tok, vision_batch=0)

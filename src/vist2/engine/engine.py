@@ -108,6 +108,8 @@ class Engine:
         observer: called with a :class:`StepReport` after every step (timings, cache occupancy).
         render_workers: threads drawing a batch of chunk images (:class:`ChunkRenderer`); 1 draws
             them in the calling thread.
+        vision_batch: images the vision tower reads at once (a batch of chunks is read in micro-batches
+            of this size, so its activations stay bounded however long the prompt).
         memory_cache_bytes: keep prompt chunks' visual tokens across requests, up to this many bytes
             (:class:`~.memory_cache.MemoryCache`): a chunk seen before (same text, style, render config
             and weights) is not rendered or read again. 0 (the default) turns it off, so a library
@@ -119,7 +121,7 @@ class Engine:
                  max_cache_tokens: int | None = None, record_logits: bool = False, prefill_budget: int = 2048,
                  max_prefills_per_step: int = 1, cuda_graphs: bool | None = None,
                  observer: Callable[[StepReport], None] | None = None, render_workers: int = 1,
-                 memory_cache_bytes: int = 0):
+                 memory_cache_bytes: int = 0, vision_batch: int = 4):
         if max_batch <= 0:
             raise ValueError(f"max_batch must be > 0, got {max_batch}")
         cfg = model.config
@@ -135,7 +137,7 @@ class Engine:
         self.prefill_budget = prefill_budget
         self.max_prefills_per_step = max(1, max_prefills_per_step)
         self.runner = ModelRunner(model, processor, max_batch, self.max_cache_tokens, cuda_graphs, render_workers,
-                                  memory_cache_bytes)
+                                  memory_cache_bytes, vision_batch)
         self.compressor = Compressor(self.runner, processor, self.K, self.n_visual)
         self.scheduler = Scheduler(max_batch)
         self.observer = observer
@@ -246,7 +248,7 @@ class Engine:
                 continue
             sched.running[row] = seq
             self.runner.cache.set_length(row, 0)
-            seq.plan, seq.feed = plan, PromptFeed(plan.segments, self.processor, self.n_visual)
+            seq.plan, seq.feed = plan, PromptFeed(plan, self.n_visual)
         return events
 
     def _sample(self, seqs: list[_Row], events: list[Event]) -> list[_Row]:

@@ -87,9 +87,13 @@ class ModelRunner:
     """
 
     def __init__(self, model: VIST2ForCausalLM, processor: VIST2Processor, max_batch: int, max_cache_tokens: int,
-                 cuda_graphs: bool | None = None, render_workers: int = 1, memory_cache_bytes: int = 0):
+                 cuda_graphs: bool | None = None, render_workers: int = 1, memory_cache_bytes: int = 0,
+                 vision_batch: int = 4):
         self.model = model.eval()
         self.max_batch, self.max_cache_tokens = max_batch, max_cache_tokens
+        if vision_batch < 1:
+            raise ValueError(f"vision_batch must be >= 1, got {vision_batch}")
+        self.vision_batch = vision_batch  # images read by the vision tower at once
         self.device = next(model.parameters()).device
         if cuda_graphs and self.device.type != "cuda":
             raise ValueError(f"cuda_graphs needs the model on a CUDA device, it is on {self.device}")
@@ -148,7 +152,10 @@ class ModelRunner:
         with self.phase("render"):
             pixels = self.renderer.pixels(texts, styles)
         with self.phase("vision"):
-            return self.model.model.encode_images(pixels.to(self.device, self.model.dtype))
+            # in micro-batches: the tower's activations grow with the images read at once, and a long
+            # prompt's prefill must not need more memory than a plain LLM's (each batch is freed before the next)
+            return torch.cat([self.model.model.encode_images(px.to(self.device, self.model.dtype))
+                              for px in pixels.split(self.vision_batch)])
 
     def encode_prompt(self, texts: list[str], styles: list) -> tuple[torch.Tensor, list[bool]]:
         """:meth:`encode` through the memory cache (when on): ``(n, n_visual, D)`` and whether each chunk was

@@ -27,12 +27,15 @@ from .types import Mode, Request, Result
 
 @dataclass(frozen=True)
 class PromptPlan:
-    """A prompt's layout and the cache entries it needs at its peak (a compressed chunk briefly holds
-    its text and its visual tokens; one more entry for the first generated token)."""
+    """A prompt's layout, the cache entries it needs at its peak (a compressed chunk briefly holds
+    its text and its visual tokens; one more entry for the first generated token), and what each of
+    its images shows: ``(text, style)`` per compressed chunk, in order (a style per character where
+    they differ). All of it is made off the engine thread when a server plans its requests."""
 
     segments: tuple[Segment, ...]
     footprint: int
     carry: bytes = b""  # bytes of a character split at the query's end: the response's first image draws them
+    chunks: tuple[tuple[str, Any], ...] = ()
 
 
 def plan_prompt(req: Request, processor: VIST2Processor, chunk_tokens: int, n_visual: int,
@@ -44,17 +47,23 @@ def plan_prompt(req: Request, processor: VIST2Processor, chunk_tokens: int, n_vi
     else:
         segments, carry = prompt_layout(req.prefix, req.query, req.suffix, chunk_tokens, n_visual, prompt_encoding,
                                         processor.chunker(chunk_tokens), req.question, req.styles)
-    kept, peak = 0, 0
+    kept, peak, chunks, cy = 0, 0, [], b""
     for seg in segments:
         if isinstance(seg, Raw):
             kept += len(seg.tokens)
-        elif seg.mode == "interleaved":
+            peak = max(peak, kept)
+            continue
+        cy = cy if seg.carry is None else seg.carry
+        style = processor.char_styles(cy, seg.tokens, seg.style)  # before the carry moves
+        text, cy = processor.chunk_text(cy, seg.tokens)
+        chunks.append((text, style))
+        if seg.mode == "interleaved":
             peak = max(peak, kept + len(seg.tokens) + seg.n_visual)
             kept += seg.n_visual
         else:
             kept += seg.n_visual
         peak = max(peak, kept)
-    return PromptPlan(tuple(segments), peak + 1, carry)
+    return PromptPlan(tuple(segments), peak + 1, carry, tuple(chunks))
 
 
 @dataclass
@@ -87,28 +96,24 @@ class PrefillPiece:
 
 
 class PromptFeed:
-    """A prompt while it is prefilled: the operations left, every chunk's (text, style) in order, and the
-    visual tokens of chunks read ahead. Chunk texts are cut here, in order, each drawing first the bytes of a
-    character split before it (its ``carry``)."""
+    """A prompt while it is prefilled: the operations left, every chunk's (text, style) in order (from its
+    :class:`PromptPlan`), and the visual tokens of chunks read ahead."""
 
-    def __init__(self, segments: Sequence[Segment], processor: VIST2Processor, n_visual: int):
+    def __init__(self, plan: PromptPlan, n_visual: int):
         self.n_visual = n_visual
         self.ops: deque[PrefillOp] = deque()
-        self.chunks: list[tuple[str, Any]] = []  # (text, style: one or per character)
+        self.chunks = plan.chunks  # (text, style: one or per character)
         self.visual: dict[int, torch.Tensor] = {}  # chunk -> its (n_visual, D) tokens, read ahead
-        carry = b""
-        for seg in segments:
+        n_chunks = 0
+        for seg in plan.segments:
             if isinstance(seg, Raw):
                 self.ops.append(PrefillOp("text", list(seg.tokens)))
                 continue
-            carry = carry if seg.carry is None else seg.carry
-            style = processor.char_styles(carry, seg.tokens, seg.style)  # before the carry moves
-            text, carry = processor.chunk_text(carry, seg.tokens)
-            self.chunks.append((text, style))
             n_text = len(seg.tokens) if seg.mode == "interleaved" else 0
             if n_text:
                 self.ops.append(PrefillOp("text", list(seg.tokens)))
-            self.ops.append(PrefillOp("visual", chunk=len(self.chunks) - 1, n_text=n_text))
+            self.ops.append(PrefillOp("visual", chunk=n_chunks, n_text=n_text))
+            n_chunks += 1
 
     @property
     def done(self) -> bool:
