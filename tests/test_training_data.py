@@ -469,3 +469,29 @@ with atomic_dir(Path({str(root)!r}) / "step-00000005") as tmp:
     p.wait(timeout=30)
     assert latest_checkpoint(root) is None
     assert not (root / "step-00000005").exists()
+
+
+def test_sft_can_hold_the_chat_history_as_memory(proc):
+    """chat_history='compressed': the SFT sample is laid out exactly as the engine lays out the same chat
+    (vist2.chat.chat_prompt with history='compressed', styles by role), loss on the last reply only."""
+    from vist2.chat import chat_prompt
+
+    msgs = [{"role": "system", "content": "You answer briefly."}, {"role": "user", "content": TEXT},
+            {"role": "assistant", "content": "It tells of the beginning."}, {"role": "user", "content": "And then?"},
+            {"role": "assistant", "content": "Light."}]
+    b = _builder(proc, "sft", max_length=4096, chat_history="compressed")
+    items, reason = b.items({"messages": msgs}, random.Random(0), 0.0)
+    assert reason is None and len(items) == 1
+    chat = chat_prompt(proc.tokenizer, msgs[:-1], history="compressed")
+    want = b.encode("Light.") + [b.turn_end]
+    prefix, query, suffix, question = chat
+    s = build_sample(sft_segments(prefix, query, suffix, want, 64, 16, "visual", b.chunker(), question,
+                                  chat.styles))
+    assert items[0].sample.input_ids == s.input_ids and len(s.chunks) >= 2
+    assert {st for c in s.chunks for st in ((c.style,) if isinstance(c.style, str) else c.style)} >= {"user", "plain"}
+    plan = collate([items[0].sample])
+    assert plan.labels[plan.labels != IGNORE].tolist() == want
+    raw = _builder(proc, "sft", max_length=4096).items({"messages": msgs}, random.Random(0), 0.0)[0][0].sample
+    assert len(raw.chunks) < len(s.chunks)  # the raw split compresses only the last user message
+    with pytest.raises(ValueError, match="chat_history"):
+        stage_preset("sft", chat_history="all")

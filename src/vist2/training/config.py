@@ -100,6 +100,10 @@ class TrainConfig:
     # image each; ocr_text and ocr_stop apply), so PT-3 and SFT keep what PT-2 taught; 0 = the paper's
     # pure stages
     ocr_mix: float = 0.0
+    # sft: how a chat's earlier turns enter the prompt (vist2.chat.chat_prompt): "raw" (only the last user
+    # message is compressed) or "compressed" (the whole history is memory, styled by role), as the engine's
+    # and the server's --chat-history lay it out at inference
+    chat_history: str = "raw"
     # olm: memory-use samples besides the stage's windows (bench/notes/nano.md, round 4), built from
     # each window's text, this many per window on average (3.5: 3, and a fourth half the time).
     # recall: whole chunks of a passage (compressed, no loss) then a repeat of one of its spans (loss on
@@ -181,6 +185,8 @@ class TrainConfig:
             raise ValueError("num_workers, shuffle_buffer and eval_holdout must be >= 0, keep_checkpoints >= 1")
         if self.ocr_text not in ("natural", "shuffled"):
             raise ValueError(f"ocr_text must be natural or shuffled, got {self.ocr_text!r}")
+        if self.chat_history not in ("raw", "compressed"):
+            raise ValueError(f"chat_history must be raw or compressed, got {self.chat_history!r}")
         if not 0 <= self.ocr_mix <= 1:
             raise ValueError(f"ocr_mix must be in [0, 1], got {self.ocr_mix!r}")
         if self.ocr_mix and self.stage not in ("olm", "sft"):

@@ -254,12 +254,13 @@ class StageBuilder:
     def _sft(self, rec, rng, progress):
         msgs = rec["messages"]
         try:
-            prefix, query, suffix, question = self._chat_prompt(self.tok, msgs[:-1])
+            chat = self._chat_prompt(self.tok, msgs[:-1], history=self.cfg.chat_history)
         except ValueError:
             return [], "bad_chat"
+        prefix, query, suffix, question = chat
         response = self.encode(msgs[-1]["content"]) + [self.turn_end]  # <think>...</think> stays in the reply
         s = build_sample(sft_segments(prefix, query, suffix, response, self.K, self.n_visual, self.prompt_encoding,
-                                      self.chunker(), question))
+                                      self.chunker(), question, chat.styles))
         if len(s) > self.cfg.max_length:
             return [], "too_long"
         return [Item(s)], None
