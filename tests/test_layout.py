@@ -212,7 +212,7 @@ def test_allowed_mask_is_the_one_rule():
 def test_a_chunk_is_compressed_only_where_it_pays():
     """The tail rule holds for every piece: a chunk the fit rule closed early with <= beta tokens stays
     text (its image would hold more entries than its text), wherever it sits."""
-    from vist2.layout import Cuts
+    from vist2.chunking import Cuts
 
     def fit(tokens, carry=b""):  # closed early: [7] (1 <= beta), [8, 9, 10] (3 > beta); tail [11, 12]
         return Cuts([list(tokens[:1]), list(tokens[1:4])], [True, True], list(tokens[4:]), carries=[b"", b"x"])
@@ -236,7 +236,7 @@ def test_a_chunk_is_compressed_only_where_it_pays():
 def test_fit_cut_boundary_token_is_predicted_from_memory():
     """Paper §3.1 at every boundary: the first token of chunk i+1 is predicted by the last visual token
     of chunk i, never by c_i's text, whether K or the fit rule closed c_i."""
-    from vist2.layout import Cuts
+    from vist2.chunking import Cuts
 
     def fit(tokens, carry=b""):
         return Cuts([list(tokens[:3])], [True], list(tokens[3:]))

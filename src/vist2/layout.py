@@ -46,9 +46,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import Callable, Literal, Sequence
+from typing import Literal, Sequence
 
 import torch
+
+from .chunking import Chunker, Cuts, fixed_chunker, pays  # noqa: F401 - the layout functions' cut types
 
 IGNORE = -100  # label of positions that carry no loss (the value torch's cross_entropy skips)
 PROMPT_ENCODINGS = ("visual", "interleaved")
@@ -191,49 +193,6 @@ def _check_sizes(chunk_tokens: int, n_visual: int) -> None:
         raise ValueError(f"chunk_tokens must be > 0, got {chunk_tokens}")
     if n_visual <= 0:
         raise ValueError(f"n_visual must be > 0, got {n_visual}")
-
-
-@dataclass(frozen=True)
-class Cuts:
-    """How a token sequence is cut into chunks: ``closed`` chunks and the open ``tail`` after the last
-    cut (shorter than a chunk, possibly empty). ``fit_cut[i]``: chunk i was closed by the fit rule,
-    before K tokens. ``carries[i]``: the bytes of a split character before chunk i (drawn first in
-    its image; None where the chunker does not track them). ``carry`` / ``carry_tail``: the bytes
-    left after the closed chunks / after the tail too, for the sample's next chunk."""
-
-    closed: list[list[int]]
-    fit_cut: list[bool]
-    tail: list[int]
-    carry: bytes = b""
-    carry_tail: bytes = b""
-    carries: list[bytes | None] | None = None
-
-    def carry_before(self, i: int) -> bytes | None:
-        return self.carries[i] if self.carries is not None else None
-
-
-def pays(n_tokens: int, n_visual: int) -> bool:
-    """Whether compressing ``n_tokens`` text tokens into ``n_visual`` visual tokens shrinks the cache:
-    the paper's tail rule, applied to every chunk (a chunk the fit rule closed early may hold fewer
-    tokens than its image has visual tokens; it then stays text)."""
-    return n_tokens > n_visual
-
-
-# (tokens, carry) -> Cuts. The processor's fit rule (``VIST2Processor.chunker``) is the real one;
-# without one, chunks are cut every ``chunk_tokens`` tokens (pure layout tests, slot counting).
-Chunker = Callable[[Sequence[int], bytes], Cuts]
-
-
-def fixed_chunker(chunk_tokens: int) -> Chunker:
-    """Cut every ``chunk_tokens`` tokens (no image to fit)."""
-
-    def cut(tokens: Sequence[int], carry: bytes = b"") -> Cuts:
-        t = [int(x) for x in tokens]
-        n_full = len(t) // chunk_tokens * chunk_tokens
-        closed = [t[i : i + chunk_tokens] for i in range(0, n_full, chunk_tokens)]
-        return Cuts(closed, [False] * len(closed), t[n_full:])
-
-    return cut
 
 
 def _cut(tokens, chunk_tokens: int, chunker: Chunker | None, carry: bytes = b"") -> Cuts:

@@ -46,41 +46,14 @@ from ..layout import pays
 from ..modeling import VIST2ForCausalLM
 from ..processing import VIST2Processor
 from ..runtime import eos_ids, load_checkpoint
-from ..text import StreamDecoder
 from .compress import Compressor, Window
 from .runner import CacheFull, ModelRunner, pad_left
-from .sampling import Sampler, SamplingParams
-from .scheduler import PromptFeed, PromptPlan, Scheduler, chunks_to_read, plan_prompt
+from .sampling import SamplingParams
+from .scheduler import PromptFeed, PromptPlan, Row, Scheduler, chunks_to_read, plan_prompt
 from .types import Event, Mode, Request, Result, Stats, StepReport
 
 
 _REDRAWS = 16  # draws of a fit-cut boundary token before it falls back to the proposal (see Engine._redraw)
-
-
-class _Row:
-    """Mutable per-request state while it occupies a cache row."""
-
-    def __init__(self, rid: int, req: Request, row: int, processor: VIST2Processor, eos: Sequence[int]):
-        p = req.params
-        self.rid, self.req, self.row = rid, req, row
-        self.sampler = Sampler(p)
-        self.stop_ids = set(p.stop_token_ids) | (set() if p.ignore_eos else set(eos))
-        self.decoder = StreamDecoder(processor.tokenizer, stop=p.stop)
-        self.history = list(req.prompt_ids)  # what the sampler's penalties see
-        self.generated: list[int] = []
-        self.plan: PromptPlan | None = None  # the prompt's layout
-        self.feed: PromptFeed | None = None  # the prompt, while it is prefilled
-        self.window: Window | None = None  # generated text not yet compressed (gcc, once the prompt is in)
-        self.memory: list[str] = []  # the text of every chunk held as an image
-        self.logits: torch.Tensor | None = None  # what the next token is sampled from
-        self.recorded: list[torch.Tensor] = []
-        self.stats = Stats(prompt_tokens=len(req.prompt_ids))
-        self.t_start = time.perf_counter()
-        self.t_first = 0.0
-
-    @property
-    def prefilling(self) -> bool:
-        return self.feed is not None and not self.feed.done
 
 
 class Engine:
@@ -239,7 +212,7 @@ class Engine:
         sched = self.scheduler
         for rid, req, plan, row in sched.admissions(self.max_prefills_per_step):
             try:
-                seq = _Row(rid, req, row, self.processor, self.eos)
+                seq = Row(rid, req, row, self.processor, self.eos)
             except Exception as e:  # noqa: BLE001 - e.g. its sampler refused its params: fail this request only
                 stats = Stats(prompt_tokens=len(req.prompt_ids), finish_reason="error",
                               error=f"{type(e).__name__}: {e}")
@@ -251,7 +224,7 @@ class Engine:
             seq.plan, seq.feed = plan, PromptFeed(plan, self.n_visual)
         return events
 
-    def _sample(self, seqs: list[_Row], events: list[Event]) -> list[_Row]:
+    def _sample(self, seqs: list[Row], events: list[Event]) -> list[Row]:
         """Draw every row's next token and report it; returns the rows that go on (their token is fed).
 
         The paper's rule at every chunk boundary: the first token of a chunk is predicted from the
@@ -275,7 +248,7 @@ class Engine:
             seqs = [s for s in seqs if drawn[s] is not None]
         return [s for s in seqs if self._accept(s, drawn[s], events)]
 
-    def _redraw(self, seq: _Row, closed: Window, proposal: int, events: list[Event]) -> int | None:
+    def _redraw(self, seq: Row, closed: Window, proposal: int, events: list[Event]) -> int | None:
         """The boundary token after a fit cut, drawn from the logits after the memory, conditioned on
         what made the cut: it does not fit the closed window. Tokens drawn that would fit are masked
         and the draw repeated (at most ``_REDRAWS`` times; then the proposal, which does not fit)."""
@@ -290,7 +263,7 @@ class Engine:
             logits[tok] = float("-inf")
         return proposal
 
-    def _draw(self, seq: _Row, events: list[Event], logits: torch.Tensor | None = None,
+    def _draw(self, seq: Row, events: list[Event], logits: torch.Tensor | None = None,
               record: bool = True) -> int | None:
         """A token drawn from the row's logits (not yet its own); None if drawing failed (the row is finished)."""
         logits = seq.logits if logits is None else logits
@@ -304,7 +277,7 @@ class Engine:
             events.append(Event(seq.rid, "", None, True, seq.stats))
             return None
 
-    def _accept(self, seq: _Row, tok: int, events: list[Event]) -> bool:
+    def _accept(self, seq: Row, tok: int, events: list[Event]) -> bool:
         """The token is the row's: report it; True if the row goes on."""
         if not seq.generated:
             seq.t_first = time.perf_counter()
@@ -384,7 +357,7 @@ class Engine:
                 if not seq.prefilling:
                     self._update_kv_stats(seq)
 
-    def _prefill_rows(self, seqs: list[_Row], limit: int) -> int:
+    def _prefill_rows(self, seqs: list[Row], limit: int) -> int:
         """One LLM forward over the next prompt piece of each row, left-padded to the longest; returns
         its padded size (rows x longest piece, what the LLM computes), at most ``limit``. The rows share
         ``limit`` evenly (each piece at least one chunk's visual tokens, the rows in admission order
@@ -433,7 +406,7 @@ class Engine:
         if self.runner.report is not None:
             self.runner.report.prefill_chunks += len(need) - sum(hits)  # read by the vision tower
 
-    def _chunk_visual(self, seq: _Row, chunk: int) -> torch.Tensor:
+    def _chunk_visual(self, seq: Row, chunk: int) -> torch.Tensor:
         """A prompt chunk's visual tokens ``(n_visual, D)`` (read by :meth:`_read_chunks`); the chunk
         enters the row's memory."""
         seq.memory.append(seq.feed.chunks[chunk][0])
@@ -443,7 +416,7 @@ class Engine:
 
     # -- decode ----------------------------------------------------------------------------
 
-    def _decode(self, seqs: list[_Row]) -> None:
+    def _decode(self, seqs: list[Row]) -> None:
         """Feed every row's newest token (it begins a new window where the last one closed); close the
         windows it fills (K tokens)."""
         for s in seqs:
@@ -467,7 +440,7 @@ class Engine:
         if full:
             self._close(full)
 
-    def _close(self, seqs: list[_Row]) -> list[_Row]:
+    def _close(self, seqs: list[Row]) -> list[Row]:
         """Close the open windows of these rows: compressed where that pays (:func:`vist2.layout.pays`),
         else their text stays in the cache as it is. Returns the rows that go on (the others reached
         the memory limit and are finished)."""
@@ -495,7 +468,7 @@ class Engine:
             self._update_kv_stats(s)
         return seqs
 
-    def _finish_reason(self, seq: _Row, tok: int) -> str:
+    def _finish_reason(self, seq: Row, tok: int) -> str:
         if seq.decoder.stopped:
             return "stop"
         if tok in seq.stop_ids:
@@ -504,14 +477,14 @@ class Engine:
             return "length"
         return ""
 
-    def _update_kv_stats(self, seq: _Row) -> None:
+    def _update_kv_stats(self, seq: Row) -> None:
         st, n, per = seq.stats, self.runner.length(seq.row), self.runner.cache.bytes_per_token
         st.kv_tokens = n
         st.kv_tokens_peak = max(st.kv_tokens_peak, n)
         st.kv_bytes = n * per
         st.kv_bytes_peak = st.kv_tokens_peak * per
 
-    def _finish(self, seq: _Row, reason: str) -> None:
+    def _finish(self, seq: Row, reason: str) -> None:
         seq.stats.finish_reason = reason
         elapsed = time.perf_counter() - seq.t_first if seq.t_first else 0.0
         if elapsed > 0 and seq.stats.generated_tokens > 1:

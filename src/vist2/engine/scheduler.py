@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 from collections import deque
+import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -22,7 +23,10 @@ import torch
 
 from ..layout import Raw, Segment, prompt_layout
 from ..processing import VIST2Processor
-from .types import Mode, Request, Result
+from ..text import StreamDecoder
+from .compress import Window
+from .sampling import Sampler
+from .types import Mode, Request, Result, Stats
 
 
 @dataclass(frozen=True)
@@ -168,13 +172,40 @@ def chunks_to_read(pieces: Sequence[PrefillPiece], limit: int, n_visual: int) ->
     return need
 
 
+class Row:
+    """A request's state while it occupies a cache row: its sampler and text decoder, what it generated,
+    its prompt (being prefilled), its open window of generated text, its memory and its stats."""
+
+    def __init__(self, rid: int, req: Request, row: int, processor: VIST2Processor, eos: Sequence[int]):
+        p = req.params
+        self.rid, self.req, self.row = rid, req, row
+        self.sampler = Sampler(p)
+        self.stop_ids = set(p.stop_token_ids) | (set() if p.ignore_eos else set(eos))
+        self.decoder = StreamDecoder(processor.tokenizer, stop=p.stop)
+        self.history = list(req.prompt_ids)  # what the sampler's penalties see
+        self.generated: list[int] = []
+        self.plan: PromptPlan | None = None  # the prompt's layout
+        self.feed: PromptFeed | None = None  # the prompt, while it is prefilled
+        self.window: Window | None = None  # generated text not yet compressed (gcc, once the prompt is in)
+        self.memory: list[str] = []  # the text of every chunk held as an image
+        self.logits: torch.Tensor | None = None  # what the next token is sampled from
+        self.recorded: list[torch.Tensor] = []
+        self.stats = Stats(prompt_tokens=len(req.prompt_ids))
+        self.t_start = time.perf_counter()
+        self.t_first = 0.0
+
+    @property
+    def prefilling(self) -> bool:
+        return self.feed is not None and not self.feed.done
+
+
 class Scheduler:
     """The waiting queue (FIFO), the running rows (``row -> state``) and the results not yet collected."""
 
     def __init__(self, max_batch: int):
         self.max_batch = max_batch
         self.waiting: deque[tuple[int, Request, PromptPlan]] = deque()
-        self.running: dict[int, Any] = {}
+        self.running: dict[int, Row] = {}
         self.finished: dict[int, Result] = {}
         self._next_id = 0
 
