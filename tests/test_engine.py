@@ -225,12 +225,12 @@ def test_chat_prompt_splits_around_the_user_message(tok):
     assert eng.processor.decode(req.suffix) == "<|im_end|>\n<|im_start|>assistant\n"
 
 
-def _fit_engine(tok, prompt_encoding="visual"):
+def _fit_engine(tok, prompt_encoding="visual", **kw):
     """The tiny model read through a coarser font (8 px cells: 25 x 12 of them): the fit rule, not K,
     closes many of its chunks, in the prompt and in generated text."""
     model = _model(prompt_encoding)
     rc = model.config.render_config.replace(font_size=8, min_font_size=8)
-    return Engine(model, VIST2Processor(tok, rc, model.config.chunk_tokens), record_logits=True)
+    return Engine(model, VIST2Processor(tok, rc, model.config.chunk_tokens), record_logits=True, **kw)
 
 
 @pytest.mark.parametrize("encoding", ["visual", "interleaved"])
@@ -533,3 +533,16 @@ def test_the_vision_tower_reads_in_micro_batches(tok):
     check(eng, req, res)
     with pytest.raises(ValueError, match="vision_batch"):
         _engine(tok, vision_batch=0)
+
+
+@pytest.mark.parametrize("encoding", ["visual", "interleaved"])
+def test_fit_cut_boundaries_in_a_batch(tok, encoding):
+    """Three rows whose windows the fit rule closes at different steps: each row equals the teacher."""
+    eng = _fit_engine(tok, encoding, max_batch=3)
+    K = eng.K
+    p = SamplingParams(max_new_tokens=2 * K, ignore_eos=True)
+    reqs = [Request(query=_ids(tok, 2 * K + 7), params=p), Request(query=_ids(tok, 40, "zh"), params=p),
+            Request(query=_ids(tok, 5, offset=300), params=p)]
+    for req, res in zip(reqs, eng.generate(reqs)):
+        check(eng, req, res)
+        assert any(eng.processor.cuts(res.token_ids, b"", K).fit_cut)
