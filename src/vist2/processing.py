@@ -21,6 +21,7 @@ import itertools
 import json
 import logging
 import unicodedata
+import weakref
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Sequence
@@ -313,13 +314,21 @@ class ChunkFit:
     character is shown by the next chunk), as :func:`vist2.text.chunk_text` defines it.
     """
 
-    __slots__ = ("processor", "K", "tokens", "carry", "_fit")
+    __slots__ = ("processor", "K", "tokens", "carry", "_fit", "_bytes")
+
+    # tokenizer -> {token id: its bytes}: the fit rule runs once per token, so its bytes are looked up once
+    _BYTES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
     def __init__(self, processor: VIST2Processor, chunk_tokens: int, carry: bytes = b""):
         self.processor, self.K = processor, chunk_tokens
         self.tokens: list[int] = []
         self.carry = bytes(carry)  # incomplete bytes at the end so far (the next chunk's carry)
         self._fit = LineFit(processor.renderer)
+        tok = processor.tokenizer
+        try:
+            self._bytes = ChunkFit._BYTES.setdefault(tok, {})
+        except TypeError:  # a tokenizer that takes no weak reference: no cache shared across chunks
+            self._bytes = {}
 
     @property
     def full(self) -> bool:
@@ -333,8 +342,17 @@ class ChunkFit:
         """
         if self.full:
             return False
-        complete, pending = split_complete(self.carry + token_bytes(self.processor.tokenizer, [token_id]))
-        text = complete.decode("utf-8", errors="replace")
+        token_id = int(token_id)
+        data = self._bytes.get(token_id)
+        if data is None:
+            data = self._bytes[token_id] = token_bytes(self.processor.tokenizer, [token_id])
+        if self.carry:
+            data = self.carry + data
+        try:  # whole characters (nearly every token): nothing to carry
+            text, pending = data.decode("utf-8"), b""
+        except UnicodeDecodeError:
+            complete, pending = split_complete(data)
+            text = complete.decode("utf-8", errors="replace")
         if not self._fit.try_append(text):
             if not self.tokens:
                 raise ValueError(
@@ -343,6 +361,6 @@ class ChunkFit:
                     f"alone at min_font_size={self.processor.renderer.config.min_font_size}"
                 )
             return False
-        self.tokens.append(int(token_id))
+        self.tokens.append(token_id)
         self.carry = pending
         return True

@@ -61,6 +61,7 @@ class Renderer:
         self._style_index = {n: i for i, n in enumerate(config.style_names)}
         self._style_colored, self._lut_rgb, self._lut_l = _style_luts(config)
         self._lut_plain = self._lut_l[0].copy()
+        self._fit_tables = None  # LineFit's per-character and per-piece measures, built on first use
 
         geo = self._geometry(config.min_font_size)
         if geo.cols < 2 or geo.rows < 1:
