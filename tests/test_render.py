@@ -12,6 +12,7 @@ import pytest
 
 from vist2.metrics import cer, ocr_read_back
 from vist2.render import (  # noqa: I001
+    LineFit,
     layout_marks,
     unmark,
     RENDER_PRESETS,
@@ -241,7 +242,7 @@ def test_too_long_text_raises_not_truncates(r):
     with pytest.raises(ValueError) as e:
         r.render(text)
     msg = str(e.value)
-    assert "min_font_size=8" in msg and "did not fit" in msg
+    assert "min_font_size=9" in msg and "did not fit" in msg
     assert re.search(r"\d+ line\(s\) holding \d+ character\(s\) did not fit", msg)
     assert "width/height" in msg
     with pytest.raises(ValueError):
@@ -537,3 +538,33 @@ def test_ocr_reads_back_structure_heavy_chunks(ocr, r, fn, limit):
     assert "\n" in text and len(text) > 2500
     got = cer(unmark(layout_marks(text)), ocr_read_back(ocr, r, text))
     assert got < limit, got
+
+
+@pytest.mark.parametrize("preset", ["tiny", "nano-char", "default"])
+def test_line_fit_equals_a_full_fit_check_on_random_text(preset):
+    """The incremental fit check answers exactly as ``Renderer.fits`` on the whole text, on pieces
+    mixing prose, code, Chinese, combining marks and Hangul jamo (which compose with the character
+    before), ``\\r`` then ``\\n``, tabs, long space runs and characters the renderer drops."""
+    r = Renderer.get(RENDER_PRESETS[preset])
+    alphabet = (list("abcdefghij klmno-()[]{},.;:!?\"'=_") + [" "] * 8
+                + ["\n", "\r", "\r\n", "\t", "  ", "    ", "        ", " " * 40]
+                + list("中文，。「」（）") + ["e\u0301", "\u0301", "\u0308", "\u1100", "\u1161", "\u11a8",
+                                              "\u212b", "\uf900", "\u200b", "\x00", "\u2028", "🙂", "—"])
+    rng = np.random.default_rng(0)
+    checked = failed = 0
+    trials, steps = (3, 2500) if preset == "default" else (20, 600)
+    for _ in range(trials):
+        fit, acc = LineFit(r), ""
+        p = rng.dirichlet(np.full(len(alphabet), 0.3))
+        for _ in range(steps):
+            piece = "".join(alphabet[k] for k in rng.choice(len(alphabet), int(rng.integers(1, 6)), p=p))
+            ok = fit.try_append(piece)
+            assert ok == r.fits(acc + piece), (acc[-60:], piece)
+            checked += 1
+            if ok:
+                acc += piece
+            else:
+                failed += 1
+                if rng.random() < 0.5:
+                    break
+    assert failed >= 2 and checked > 300  # both answers were exercised

@@ -116,7 +116,7 @@ class RenderConfig:
     font: str = "DejaVuSansMono"
     cjk_font: str | None = "NotoSansSC"
     font_size: int = 16
-    min_font_size: int = 8
+    min_font_size: int = 9  # legible for code too (see RENDER_PRESETS["default"]); saved configs keep theirs
     margin: int = 2
     line_spacing: float = 1.2
     background: int = 255
@@ -206,7 +206,8 @@ RENDER_PRESETS: dict[str, RenderConfig] = {
     # patches so the LLM still sees n_visual=256 tokens.  A 1024-token English
     # chunk (~4200 chars) lands at 9 px on 5x11 px cells, Chinese (~1200 chars)
     # at 12 px (CJK drawn at 14 px); rapidocr reads both back at CER < 2%.
-    # 8 px (5x10 cells) is the smallest size that stays that legible.
+    # Code is the limit: at 8 px (5x10 cells) symbol runs read back at CER up to 0.54, at 9 px
+    # (5x11) <= 0.15 with fill 0.99, and 10 px reads no better but fills 0.77 (bench/notes/render.md).
     "default": RenderConfig(),
     # The paper's geometry: 256x256, 256 patches of 16 px.  A 1024-token chunk
     # only fits at 4-5 px glyphs (2x5 / 3x6 px cells), where OCR CER is 0.66-0.99:
