@@ -4,7 +4,8 @@ For each text, the Qwen3 token ids are cut by ``VIST2Processor.chunk_ids`` at a 
 (K tokens per chunk, or fewer when the text would not fit at ``min_font_size``); every closed
 chunk is rendered. Reports mean tokens per closed chunk / K, how many chunks the fit rule closed
 early, characters dropped (text of all chunk images joined vs the decoded text: must be 0), and
-the cost of ``ChunkFit.push`` per token (the check generation runs after every sampled token).
+the CPU cost of ``ChunkFit.push`` per token (the check generation runs after every sampled token; the
+first pass over each text, so the per-renderer piece cache starts cold for it).
 
     python bench/chunk_fill.py --out bench/results/chunk_fill.json
     python bench/chunk_fill.py --quick      # the test fixtures only
@@ -55,14 +56,14 @@ def measure(proc: VIST2Processor, K: int, ids: list[int]) -> dict:
         proc.render_chunk(t)  # raises if a chunk's text did not fit
     whole = proc.decode(ids)
     dropped = len(whole) - len("".join(shown))
-    t0 = time.perf_counter()
+    t0 = time.process_time()  # CPU time: on a shared machine wall time mostly measures the neighbours
     n = 0
     for c in closed:
         fit = proc.chunk_fit(K)
         for t in c:
             fit.push(t)
         n += len(c)
-    dt = time.perf_counter() - t0
+    dt = time.process_time() - t0
     return {
         "tokens": len(ids), "closed_chunks": len(closed),
         "fill": sum(map(len, closed)) / (len(closed) * K) if closed else None,
