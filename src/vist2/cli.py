@@ -242,35 +242,24 @@ def _demo_recall(model, proc, memory: list[str]) -> None:
         print(f"   character error rate over the memory: {sum(r['cer'] for r in rows) / len(rows):.1%}")
 
 
-def _demo_memory_in_use(model, proc, text: str, probe: int = 48) -> None:
-    """4. memory in use: the passage's whole chunks as the only context, the next ``probe`` tokens
-    written greedily from the visual memory, from the same text uncompressed, and from no context
-    (the last token only), beside the true text; with each layout's perplexity of the true text."""
-    import math
+def _demo_memory_in_use(model, proc, text: str) -> None:
+    """4. memory in use: the passage's next tokens written from its gcc memory, from text and from
+    nothing, beside the true text (:func:`vist2.eval.olm.memory_probe`)."""
+    from .eval.olm import LAYOUTS, memory_probe
 
-    from .eval.olm import LAYOUTS, continuation_nll, greedy_continuation, layout_segments, retention, whole_chunks
-
-    ids = proc.encode(text)
-    K = model.config.chunk_tokens
-    n = whole_chunks(ids[: max(len(ids) - probe, 0)], proc.chunker(K))
-    if n == 0:
-        print(f"\n4. memory in use: skipped (the passage has no whole chunk before its last {probe} tokens)")
+    p = memory_probe(model, proc, text)
+    if p is None:
+        print("\n4. memory in use: skipped (the passage has no whole chunk before its last 48 tokens)")
         return
-    truth = ids[n : n + probe]
-    pages = sum(1 for s in layout_segments("optical", ids[:n], truth, model, proc) if not s.loss)
-    print(f"\n4. memory in use: the passage's first {n} tokens as the only context ({pages} memory page(s) in gcc), "
-          f"then its next {len(truth)} tokens written greedily")
-    print(f"   true text:        {proc.decode(truth)!r}")
+    print(f"\n4. memory in use: the passage's first {p['context_tokens']} tokens as the only context "
+          f"({p['pages']} memory page(s) in gcc), then its next {len(p['truth'])} tokens written greedily")
     names = {"optical": "from memory (gcc)", "text": "from text context", "none": "no context"}
-    ppl = {}
-    for layout in LAYOUTS:
-        nll, _ = continuation_nll(model, proc, layout_segments(layout, ids[:n], truth, model, proc))
-        ppl[layout] = math.exp(nll / len(truth))
-        written = proc.decode(greedy_continuation(model, proc, ids[:n], layout, len(truth)))
-        print(f"   {names[layout] + ':':18}{written!r}")
-    R = retention(ppl)
-    print("   perplexity of the true text: " + ", ".join(f"{names[k]} {ppl[k]:.2f}" for k in LAYOUTS)
-          + f"; retention R = {'-' if R is None else f'{R:.2f}'} (1: the memory is worth its text)")
+    print(f"   {'true text:':18}{p['truth']!r}")
+    for k in LAYOUTS:
+        print(f"   {names[k] + ':':18}{p['written'][k]!r}")
+    R = "-" if p["retention"] is None else f"{p['retention']:.2f}"
+    print("   perplexity of the true text: " + ", ".join(f"{names[k]} {p['perplexity'][k]:.2f}" for k in LAYOUTS)
+          + f"; retention R = {R} (1: the memory is worth its text)")
 
 
 # -- generate -----------------------------------------------------------------------

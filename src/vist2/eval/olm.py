@@ -129,6 +129,26 @@ def greedy_continuation(model, processor, context: Sequence[int], layout: str, n
     return out
 
 
+def memory_probe(model, processor, text: str, probe: int = 48) -> dict | None:
+    """The demo's memory-in-use probe: the text's whole chunks before its last ``probe`` tokens are the
+    context; the next ``probe`` tokens are written greedily in each layout, and scored teacher-forced.
+    ``{"context_tokens", "pages", "truth", "written": {layout: text}, "perplexity": {...}, "retention"}``;
+    None when no whole chunk fits."""
+    ids = processor.encode(text)
+    n = whole_chunks(ids[: max(len(ids) - probe, 0)], processor.chunker(model.config.chunk_tokens))
+    if n == 0:
+        return None
+    truth = ids[n : n + probe]
+    ppl, written = {}, {}
+    for layout in LAYOUTS:
+        ppl[layout] = math.exp(continuation_nll(model, processor, layout_segments(layout, ids[:n], truth, model,
+                                                                                  processor))[0] / len(truth))
+        written[layout] = processor.decode(greedy_continuation(model, processor, ids[:n], layout, len(truth)))
+    pages = sum(1 for s in layout_segments("optical", ids[:n], truth, model, processor) if not s.loss)
+    return {"context_tokens": n, "pages": pages, "truth": processor.decode(truth), "written": written,
+            "perplexity": ppl, "retention": retention(ppl)}
+
+
 def windows(docs_ids: Sequence[Sequence[int]], context: int, continuation: int,
             chunker: Chunker | None = None) -> list[tuple[list[int], list[int]]]:
     """Non-overlapping (context, continuation) windows, in document order, wherever ``context +
