@@ -102,3 +102,23 @@ def test_data_prepare_user_errors(tmp_path, capsys, argv, message):
     assert main(["data", "prepare", *[a.format(tmp=tmp_path) for a in argv]]) == 2
     err = capsys.readouterr().err
     assert message.format(tmp=tmp_path) in err and "Traceback" not in err, err
+
+
+def test_the_command_reference_is_what_the_parsers_say(tmp_path):
+    """docs/cli.md is generated from the parsers behind --help; --check fails when a flag changed and the
+    file was not regenerated (a stale copy, one row edited, is caught too)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "docs" / "make_cli.py"
+    ok = subprocess.run([sys.executable, str(script), "--check"], capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    # the same check against a copy with one help text changed must fail
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    stale = (script.parent / "cli.md").read_text(encoding="utf-8").replace("render geometry preset", "render preset", 1)
+    (docs / "cli.md").write_text(stale, encoding="utf-8")
+    (docs / "make_cli.py").write_text(script.read_text(encoding="utf-8"), encoding="utf-8")
+    bad = subprocess.run([sys.executable, str(docs / "make_cli.py"), "--check"], capture_output=True, text=True)
+    assert bad.returncode == 1 and "out of date" in bad.stdout + bad.stderr

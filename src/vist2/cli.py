@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 
 from .bench import add_parser as add_bench_parser
-from .config import PRESETS, SIZE_FLAGS
+from .config import DEFAULT_MERGE, PRESETS, RENDER_MERGE, SIZE_FLAGS
 from .errors import CLIError
 from .modes import MODES
 from .eval import add_parser as add_eval_parser
@@ -397,7 +397,8 @@ def _add_init_parser(sub) -> None:
     q.add_argument("--ratio", type=float, metavar="R",
                    help="compression ratio K / n_visual (default: the preset's, 4; with --chunk-tokens they must agree)")
     q.add_argument("--render", choices=sorted(RENDER_PRESETS),
-                   help="render geometry preset (image size, font); brings its merge: paper 1, nano 4, else 2")
+                   help="render geometry preset (image size, font); brings its merge: "
+                        + ", ".join(f"{k} {v}" for k, v in RENDER_MERGE.items()) + f", else {DEFAULT_MERGE}")
     q.add_argument("--merge", type=int, help="fold merge x merge patches into one visual token (default: the render's)")
     q.add_argument("--aligner", choices=["linear_tanh", "mlp"], help="aligner type (default linear_tanh)")
     q.add_argument("--prompt-encoding", choices=["visual", "interleaved"], help="how prompt chunks enter the LLM")
