@@ -91,12 +91,14 @@ def tok():
 
 
 def _engine(tok, memory_cache_bytes=0, **kw):
+    """The memory cache alone: with the prefix cache on, a repeated prompt start would not reach it
+    (tests/test_prefix_cache.py)."""
     torch.manual_seed(0)
     cfg = preset_config("tiny")
     cfg.text_config.initializer_range = 0.5  # large weights: any difference in the visual tokens shows
     model = VIST2ForCausalLM(cfg).eval()
     return Engine(model, VIST2Processor(tok, model.config.render_config), record_logits=True,
-                  memory_cache_bytes=memory_cache_bytes, **kw)
+                  memory_cache_bytes=memory_cache_bytes, prefix_cache_bytes=0, **kw)
 
 
 def _doc(tok, n):
@@ -191,7 +193,7 @@ def test_the_server_reports_the_memory_cache_in_usage_and_metrics(tok):
         second = c.post("/v1/completions", json=body).json()["usage"]["memory_cache"]
         m = _scrape(c.get("/metrics").text)
     assert first["hits"] == 0 and first["misses"] >= 5
-    assert second == {"hits": first["misses"], "misses": 0}
+    assert second == {"hits": first["misses"], "misses": 0, "prefix_hit_chunks": 0, "prefix_hit_tokens": 0}
     assert m["vist2_memory_cache_hits_total"] == first["misses"] == m["vist2_memory_cache_misses_total"]
     assert 0 < m["vist2_memory_cache_bytes"] <= m["vist2_memory_cache_max_bytes"] == 1 << 22
     with TestClient(create_app(_engine(tok), "tiny")) as c:  # off: no usage field, zero metrics

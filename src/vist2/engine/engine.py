@@ -49,7 +49,7 @@ from ..runtime import eos_ids, load_checkpoint
 from .compress import Compressor, Window
 from .runner import CacheFull, ModelRunner, pad_left
 from .sampling import SamplingParams
-from .scheduler import PromptFeed, PromptPlan, Row, Scheduler, chunks_to_read, plan_prompt
+from .scheduler import PromptPlan, Row, Scheduler, chunks_to_read, plan_prompt
 from .types import Event, Mode, Request, Result, Stats, StepReport
 
 
@@ -88,13 +88,17 @@ class Engine:
             and weights) is not rendered or read again. 0 (the default) turns it off, so a library
             engine computes every request from scratch: benchmarks and evaluations that repeat a
             prompt measure the vision tower, not a lookup. ``vist2 serve`` turns it on.
+        prefix_cache_bytes: keep the LLM's K/V of prompts' starts (whole chunks, raw text in blocks) across
+            requests, up to this many bytes (:class:`~.prefix_cache.PrefixCache`): a prompt that begins as
+            a cached one copies those entries and feeds only the rest. None: the memory cache's bound
+            (a bound of its own; both on or both off); needs the memory cache on.
     """
 
     def __init__(self, model: VIST2ForCausalLM, processor: VIST2Processor, max_batch: int = 8,
                  max_cache_tokens: int | None = None, record_logits: bool = False, prefill_budget: int = 2048,
                  max_prefills_per_step: int = 1, cuda_graphs: bool | None = None,
                  observer: Callable[[StepReport], None] | None = None, render_workers: int = 1,
-                 memory_cache_bytes: int = 0, vision_batch: int = 4):
+                 memory_cache_bytes: int = 0, vision_batch: int = 4, prefix_cache_bytes: int | None = None):
         if max_batch <= 0:
             raise ValueError(f"max_batch must be > 0, got {max_batch}")
         cfg = model.config
@@ -108,9 +112,12 @@ class Engine:
             raise ValueError(f"prefill_budget must be >= n_visual={self.n_visual} (one chunk's visual tokens "
                              f"are fed together), got {prefill_budget}")
         self.prefill_budget = prefill_budget
+        prefix_cache_bytes = memory_cache_bytes if prefix_cache_bytes is None else prefix_cache_bytes
+        if prefix_cache_bytes and not memory_cache_bytes:
+            raise ValueError("prefix_cache_bytes needs the memory cache on (memory_cache_bytes > 0)")
         self.max_prefills_per_step = max(1, max_prefills_per_step)
         self.runner = ModelRunner(model, processor, max_batch, self.max_cache_tokens, cuda_graphs, render_workers,
-                                  memory_cache_bytes, vision_batch)
+                                  memory_cache_bytes, vision_batch, prefix_cache_bytes)
         self.compressor = Compressor(self.runner, processor, self.K, self.n_visual)
         self.scheduler = Scheduler(max_batch)
         self.observer = observer
@@ -177,8 +184,10 @@ class Engine:
         return bool(self.scheduler.waiting or self.scheduler.running)
 
     def memory_cache_stats(self) -> dict | None:
-        """The memory cache's counters and occupancy (:meth:`MemoryCache.stats`); None when it is off."""
-        return None if self.runner.memory is None else self.runner.memory.stats()
+        """The memory cache's counters and occupancy (:meth:`MemoryCache.stats`), the prefix cache's under
+        ``prefix`` (:meth:`PrefixCache.stats`, None when off); None when the memory cache is off."""
+        memory, prefix = self.runner.memory, self.runner.prefix
+        return None if memory is None else memory.stats() | {"prefix": None if prefix is None else prefix.stats()}
 
     def cache_usage(self) -> dict:
         """Cache occupancy: live entries per running request, capacity, bytes per entry and allocated."""
@@ -220,8 +229,7 @@ class Engine:
                 events.append(Event(rid, "", None, True, stats))
                 continue
             sched.running[row] = seq
-            self.runner.cache.set_length(row, 0)
-            seq.plan, seq.feed = plan, PromptFeed(plan, self.n_visual)
+            seq.begin(plan, self.n_visual, self.runner.begin_prompt(row, plan))  # its cached start copied in
         return events
 
     def _sample(self, seqs: list[Row], events: list[Event]) -> list[Row]:
@@ -289,7 +297,7 @@ class Engine:
         seq.stats.kv_tokens_uncompressed = seq.stats.prompt_tokens + seq.stats.generated_tokens - 1
         # an end-of-sequence token ends the text; it is not part of it
         delta = "" if tok in seq.stop_ids else seq.decoder.push(tok)
-        reason = self._finish_reason(seq, tok)
+        reason = seq.finish_reason(tok)
         if reason:
             delta += seq.decoder.finish() if reason != "stop" else ""
             self._finish(seq, reason)
@@ -384,6 +392,7 @@ class Engine:
                 runner.cache.evict(seq.row, p.evict[0], p.evict[1], self.n_visual)
             else:
                 runner.cache.set_length(seq.row, p.end)
+            runner.settle_prompt(seq.row, seq.feed.settled)
         if runner.report is not None:
             runner.report.prefill_tokens += sum(p.used for p in pieces)
             runner.report.prefill_rows.append(len(pieces))
@@ -467,15 +476,6 @@ class Engine:
             s.window = self.compressor.open(s.window.fit.carry)
             self._update_kv_stats(s)
         return seqs
-
-    def _finish_reason(self, seq: Row, tok: int) -> str:
-        if seq.decoder.stopped:
-            return "stop"
-        if tok in seq.stop_ids:
-            return "eos"
-        if len(seq.generated) >= seq.req.params.max_new_tokens:
-            return "length"
-        return ""
 
     def _update_kv_stats(self, seq: Row) -> None:
         st, n, per = seq.stats, self.runner.length(seq.row), self.runner.cache.bytes_per_token

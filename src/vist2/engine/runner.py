@@ -24,6 +24,7 @@ from ..processing import VIST2Processor
 from ..runtime import kv_geometry
 from .cache import CompressedKVCache
 from .memory_cache import MemoryCache, model_scope
+from .prefix_cache import PrefixCache, prompt_pieces
 from .rendering import ChunkRenderer
 from .types import StepReport
 
@@ -88,7 +89,7 @@ class ModelRunner:
 
     def __init__(self, model: VIST2ForCausalLM, processor: VIST2Processor, max_batch: int, max_cache_tokens: int,
                  cuda_graphs: bool | None = None, render_workers: int = 1, memory_cache_bytes: int = 0,
-                 vision_batch: int = 4):
+                 vision_batch: int = 4, prefix_cache_bytes: int = 0):
         self.model = model.eval()
         self.max_batch, self.max_cache_tokens = max_batch, max_cache_tokens
         if vision_batch < 1:
@@ -107,6 +108,10 @@ class ModelRunner:
         self._n_tokens = len(processor.tokenizer)
         # prompt chunks' visual tokens kept across requests (None: off)
         self.memory = MemoryCache(memory_cache_bytes, processor.render_config) if memory_cache_bytes else None
+        # the K/V of prompts' starts kept across requests (None: off)
+        cfg = model.config
+        self.prefix = (PrefixCache(prefix_cache_bytes, (processor.render_config, cfg.prompt_encoding, cfg.n_visual))
+                       if prefix_cache_bytes else None)
 
     @property
     def cache(self) -> CompressedKVCache:
@@ -164,6 +169,21 @@ class ModelRunner:
             return self.encode(texts, styles), [False] * len(texts)
         m = self.model.model
         return self.memory.fetch(texts, styles, self.encode, model_scope([m.vision, m.aligner]))
+
+    # -- the prefix cache ---------------------------------------------------------------------
+
+    def begin_prompt(self, row: int, plan) -> int:
+        """A prompt enters ``row``: its longest cached start is copied in (the prefix cache, when on);
+        returns the row's length, the entries the prompt feed skips."""
+        if self.prefix is None:
+            self.cache.set_length(row, 0)
+            return 0
+        return self.prefix.begin(row, prompt_pieces(plan), self.cache, model_scope([self.model.model]))
+
+    def settle_prompt(self, row: int, settled: int) -> None:
+        """The row's first ``settled`` entries are final prompt K/V: the prefix cache keeps them."""
+        if self.prefix is not None:
+            self.prefix.settle(row, settled, self.cache, model_scope([self.model.model]))
 
     # -- the LLM ------------------------------------------------------------------------------
 

@@ -77,7 +77,7 @@ class PrefillOp:
 
     kind: str  # "text" | "visual"
     tokens: list[int] = field(default_factory=list)
-    chunk: int = -1
+    chunk: int = -1  # the chunk it feeds (an interleaved chunk's text too); -1: raw text
     n_text: int = 0
 
 
@@ -103,25 +103,40 @@ class PromptFeed:
     """A prompt while it is prefilled: the operations left, every chunk's (text, style) in order (from its
     :class:`PromptPlan`), and the visual tokens of chunks read ahead."""
 
-    def __init__(self, plan: PromptPlan, n_visual: int):
+    def __init__(self, plan: PromptPlan, n_visual: int, reused: int = 0):
         self.n_visual = n_visual
         self.ops: deque[PrefillOp] = deque()
         self.chunks = plan.chunks  # (text, style: one or per character)
         self.visual: dict[int, torch.Tensor] = {}  # chunk -> its (n_visual, D) tokens, read ahead
-        n_chunks = 0
+        self.settled = reused  # the prompt's first cache entries whose K/V is final once the pieces taken are fed
+        n_chunks, skip = 0, reused  # the first `reused` entries are in the row already (the prefix cache)
         for seg in plan.segments:
             if isinstance(seg, Raw):
-                self.ops.append(PrefillOp("text", list(seg.tokens)))
+                cut = min(skip, len(seg.tokens))
+                skip -= cut
+                if cut < len(seg.tokens):
+                    self.ops.append(PrefillOp("text", list(seg.tokens[cut:])))
+                continue
+            if skip:
+                assert skip >= seg.n_visual, "a chunk is reused whole or not at all"
+                skip -= seg.n_visual
+                n_chunks += 1
                 continue
             n_text = len(seg.tokens) if seg.mode == "interleaved" else 0
             if n_text:
-                self.ops.append(PrefillOp("text", list(seg.tokens)))
+                self.ops.append(PrefillOp("text", list(seg.tokens), chunk=n_chunks))
             self.ops.append(PrefillOp("visual", chunk=n_chunks, n_text=n_text))
             n_chunks += 1
+        self.first_chunk = next((op.chunk for op in self.ops if op.chunk >= 0), n_chunks)  # chunks before: reused
 
     @property
     def done(self) -> bool:
         return not self.ops
+
+    @property
+    def next_chunk(self) -> int:
+        """The first chunk not yet taken (all chunks: their number)."""
+        return next((op.chunk for op in self.ops if op.chunk >= 0), len(self.chunks))
 
     def take(self, start: int, budget: int) -> PrefillPiece:
         """The next prompt entries, at most ``budget``, written from cache index ``start``. A piece ends
@@ -136,6 +151,7 @@ class PromptFeed:
                 p.items.append(take)
                 p.positions += range(p.end, p.end + len(take))
                 p.end += len(take)
+                self.settled += len(take) if op.chunk < 0 else 0  # a chunk's text is evicted, not kept
                 if not op.tokens:
                     self.ops.popleft()
                 continue
@@ -145,6 +161,7 @@ class PromptFeed:
             p.items.append(op.chunk)
             p.positions += range(p.end - op.n_text, p.end - op.n_text + n_visual)
             p.end += n_visual
+            self.settled += n_visual
             if op.n_text:
                 p.evict = (p.end - n_visual - op.n_text, p.end - n_visual)
                 break
@@ -161,8 +178,7 @@ def chunks_to_read(pieces: Sequence[PrefillPiece], limit: int, n_visual: int) ->
     room = max(limit // n_visual, len(need)) - len(need)
     seen = {(id(f), c) for f, c in need}
     for p in pieces:
-        nxt = max((c for c in p.items if isinstance(c, int)), default=-1) + 1
-        for c in range(nxt, len(p.feed.chunks)):
+        for c in range(p.feed.next_chunk, len(p.feed.chunks)):  # not those fed already, nor those reused
             if room <= 0:
                 break
             if c not in p.feed.visual and (id(p.feed), c) not in seen:
@@ -197,6 +213,28 @@ class Row:
     @property
     def prefilling(self) -> bool:
         return self.feed is not None and not self.feed.done
+
+    def finish_reason(self, tok: int) -> str:
+        """Why the row ends after taking ``tok`` ("" if it goes on)."""
+        if self.decoder.stopped:
+            return "stop"
+        if tok in self.stop_ids:
+            return "eos"
+        if len(self.generated) >= self.req.params.max_new_tokens:
+            return "length"
+        return ""
+
+    def begin(self, plan: PromptPlan, n_visual: int, reused: int = 0) -> None:
+        """Start feeding the prompt; its first ``reused`` cache entries are in the row already (the prefix
+        cache): their chunks enter the memory as if fed."""
+        self.plan, self.feed = plan, PromptFeed(plan, n_visual, reused)
+        k = self.feed.first_chunk
+        self.memory += [text for text, _ in plan.chunks[:k]]
+        st = self.stats
+        st.chunks_compressed += k
+        st.visual_tokens += k * n_visual
+        st.prefix_hit_chunks, st.prefix_hit_tokens = k, reused
+        st.kv_tokens_peak = max(st.kv_tokens_peak, reused)
 
 
 class Scheduler:

@@ -54,6 +54,8 @@ class Stats:
     kv_bytes_peak: int = 0
     memory_hits: int = 0  # prompt chunks found in the memory cache (not rendered or read again)
     memory_misses: int = 0  # prompt chunks read by the vision tower while the memory cache is on
+    prefix_hit_chunks: int = 0  # prompt chunks whose K/V came from the prefix cache (not rendered, read or fed)
+    prefix_hit_tokens: int = 0  # prompt cache entries copied from the prefix cache (those chunks and raw text)
     ttft_s: float = 0.0
     tokens_per_s: float = 0.0
     finish_reason: str = ""  # stop | length | eos | error (this request failed; the others carry on)

@@ -64,3 +64,15 @@ class _MemoryCacheCollector:
                           ("bytes", "bytes the memory cache holds (visual tokens and chunk texts)"),
                           ("max_bytes", "the memory cache's byte bound (--memory-cache-bytes; 0: off)")):
             yield GaugeMetricFamily(f"vist2_memory_cache_{name}", doc, value=stats.get(name, 0))
+        prefix = stats.get("prefix") or {}  # vist2_prefix_cache_*: the K/V of cached prompt starts
+        for name, doc in (("hit_tokens", "prompt cache entries copied from the prefix cache instead of computed"),
+                          ("miss_tokens", "prompt cache entries computed that the prefix cache could have held"),
+                          ("hit_chunks", "prompt chunks whose K/V came from the prefix cache"),
+                          ("miss_chunks", "prompt chunks prefilled that the prefix cache could have held"),
+                          ("evictions", "prefix cache nodes evicted to stay within its byte bound"),
+                          ("invalidations", "times the prefix cache was emptied because the weights changed")):
+            yield CounterMetricFamily(f"vist2_prefix_cache_{name}", doc, value=prefix.get(name, 0))
+        for name, doc in (("nodes", "prompt pieces (chunks, raw blocks) the prefix cache holds"),
+                          ("bytes", "bytes the prefix cache holds (K/V and keys)"),
+                          ("max_bytes", "the prefix cache's byte bound (that of --memory-cache-bytes; 0: off)")):
+            yield GaugeMetricFamily(f"vist2_prefix_cache_{name}", doc, value=prefix.get(name, 0))

@@ -273,10 +273,15 @@ class CompressionUsage(BaseModel):
 
 class MemoryCacheUsage(BaseModel):
     """Prompt chunks of the request's choices found in the server's memory cache (not rendered or read
-    by the vision tower again) and read anew; present when the server runs one (--memory-cache-bytes)."""
+    by the vision tower again) and read anew; present when the server runs one (--memory-cache-bytes).
+    ``prefix_hit_chunks`` / ``prefix_hit_tokens``: the prompt chunks and cache entries whose K/V came from
+    the prefix cache (a cached prompt start: not rendered, read or run through the LLM; counted in
+    neither ``hits`` nor ``misses``)."""
 
     hits: int = 0
     misses: int = 0
+    prefix_hit_chunks: int = 0
+    prefix_hit_tokens: int = 0
 
 
 class Usage(BaseModel):

@@ -274,7 +274,9 @@ class OpenAIServing:
                 kv_ratio=round(held / plain, 4) if plain else 1.0,
             ),
             memory_cache=MemoryCacheUsage(hits=sum(s.memory_hits for s in done),
-                                          misses=sum(s.memory_misses for s in done))
+                                          misses=sum(s.memory_misses for s in done),
+                                          prefix_hit_chunks=sum(s.prefix_hit_chunks for s in done),
+                                          prefix_hit_tokens=sum(s.prefix_hit_tokens for s in done))
             if getattr(self.engine, "memory_cache_stats", lambda: None)() is not None else None,
         )
 
