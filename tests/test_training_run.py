@@ -110,8 +110,8 @@ def test_loss_falls_on_a_fixed_batch(tiny_dir, data):
     proc = VIST2Processor.from_pretrained(tiny_dir)
     model = VIST2ForCausalLM.from_pretrained(str(tiny_dir))
     cfg = stage_preset("olm", max_length=88, learning_rate=5e-3, warmup_ratio=0.0, lr_scheduler="constant_with_warmup")
-    ds = StageDataset(open_source(data / "text_en.jsonl"), StageBuilder(cfg, proc.tokenizer, 64, 16, "visual"),
-                      proc, cfg, split="eval")
+    builder = StageBuilder(cfg, proc.tokenizer, 64, 16, "visual", processor=proc)
+    ds = StageDataset(open_source(data / "text_en.jsonl"), builder, proc, cfg, split="eval")
     batch = next(iter(ds))
     assert len(batch.plan.chunks) >= 1  # the batch really has a compressed chunk
     apply_trainable(model, cfg)
@@ -262,3 +262,52 @@ def test_intermediate_checkpoint_is_loadable_by_the_cli(tiny_dir, data, tmp_path
     step1 = tmp_path / "o" / "checkpoints" / "step-00000001"
     assert main(["generate", "--model", str(step1), "--prompt", "In the beginning", "--max-new-tokens", "3"]) == 0
     assert capsys.readouterr().out.strip()
+
+
+def test_every_saved_model_folder_records_its_provenance(tiny_dir, data, tmp_path, monkeypatch):
+    """PT-1 then PT-2 from its output: the PT-2 folder and its step folder record stage, steps, the
+    resolved config, the data's bytes and sha256, the code and library versions, and the parent (its
+    weights' sha256 and its own record, chained back to the untrained init, which has none)."""
+    import hashlib
+    import subprocess
+
+    import transformers
+
+    import vist2
+    from vist2.training import provenance
+
+    def sha(path):
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+    pt1 = run(tiny_dir, "caption", data / "caption.jsonl", tmp_path / "pt1", steps=1)
+    assert pt1.steps == 1
+    ocr = dict(curriculum=[{"until": 1.0, "min_images": 1, "max_images": 1}], save_every=1, seed=3)
+    run(tmp_path / "pt1", "ocr", data / "text_en.jsonl", tmp_path / "pt2", steps=2, **ocr)
+    rec = provenance.read(tmp_path / "pt2")
+    cfg = stage_preset("ocr", max_steps=2, log_every=1, max_length=128, num_workers=0, eval_holdout=0, **ocr)
+    assert rec["written_by"] == "vist2 trainer" and rec["stage"] == "ocr"
+    assert rec["steps"] == rec["total_steps"] == 2 and rec["final"] is True and rec["seed"] == 3
+    assert rec["config"] == json.loads(json.dumps(cfg.to_dict()))
+    (f,) = rec["data"]["files"]
+    assert f == {"path": str((data / "text_en.jsonl").resolve()), "bytes": (data / "text_en.jsonl").stat().st_size,
+                 "sha256": sha(data / "text_en.jsonl")}
+    assert rec["eval_data"] is None and rec["world_size"] == 1 and rec["device"] == "cpu"
+    assert rec["code"]["vist2"] == vist2.__version__
+    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True)
+    if head.returncode == 0 and Path(vist2.__file__).resolve().parents[2] == ROOT:  # tests of this checkout
+        assert rec["code"]["git_commit"] == head.stdout.strip() and isinstance(rec["code"]["git_dirty"], bool)
+    assert rec["libraries"]["torch"] == torch.__version__
+    assert rec["libraries"]["transformers"] == transformers.__version__
+    assert rec["started"] <= rec["written"]  # ISO 8601, UTC: strings order as times
+    parent = rec["parent"]
+    assert parent["path"] == str((tmp_path / "pt1").resolve())
+    assert [w["sha256"] for w in parent["weights"]] == [sha(tmp_path / "pt1" / "model.safetensors")]
+    assert parent["provenance"] == provenance.read(tmp_path / "pt1")
+    assert parent["provenance"]["stage"] == "caption" and parent["provenance"]["steps"] == 1
+    grand = parent["provenance"]["parent"]
+    assert grand["path"] == str(Path(tiny_dir).resolve()) and grand["provenance"] is None  # `vist2 init`
+    step1 = provenance.read(tmp_path / "pt2" / "checkpoints" / "step-00000001")
+    assert step1["steps"] == 1 and step1["final"] is False and step1["started"] == rec["started"]
+    # no git (or not a checkout): recorded as unknown, never an error
+    monkeypatch.setenv("PATH", str(tmp_path / "no-bin"))
+    assert provenance.code_version() == {"vist2": vist2.__version__, "git_commit": None, "git_dirty": None}

@@ -55,6 +55,8 @@ def cmd_train(args) -> int:
         raise CLIError(_one_line(e)) from e
     from .data import SkipCounter
 
+    if not result.main:  # under accelerate launch every process gets here; the summary is printed once
+        return 0
     if result.steps and result.last_loss is not None:
         ev = f", eval loss {result.eval_loss:.4f}" if result.eval_loss is not None else ""
         print(f"{cfg.stage}: {result.steps} steps, loss {result.last_loss:.4f}{ev}; "

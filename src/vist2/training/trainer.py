@@ -13,7 +13,8 @@ tokens/s (with ``--no-progress``: a printed line every ``log_every`` steps);
 TensorBoard scalars under ``OUT/logs``; eval loss every ``eval_every`` steps;
 atomic checkpoints under ``OUT/checkpoints`` (each step folder is a model folder
 that generate / eval / serve load, plus the training state: optimizer,
-scheduler, RNG states, data position). On CPU, torch uses half the cores unless
+scheduler, RNG states, data position). Every model folder it writes records how
+it was made in ``provenance.json`` (:mod:`vist2.training.provenance`). On CPU, torch uses half the cores unless
 ``OMP_NUM_THREADS`` says otherwise. ``--resume``
 continues from the newest complete checkpoint exactly: the data stream skips
 the batches already consumed, and the RNG states come back.
@@ -42,10 +43,12 @@ from .checkpoint_manager import CheckpointManager
 from .config import TrainConfig
 from .data import SkipCounter, check_source, open_source
 from .metrics import StepLog, all_ranks
+from .optim import make_optimizer, make_scheduler  # noqa: F401 (part of this module's interface)
 from .pipeline import StageDataset, make_loader
 from .page_loss import PageLoss
 from .probe import PROBED_STAGES, VisualProbe
 from .probe import report as report_probe
+from .provenance import Provenance
 from .stages import StageBuilder
 
 log = logging.getLogger(__name__)
@@ -63,6 +66,7 @@ class TrainResult:
     seconds: float = 0.0
     stopped_early: bool = False
     probe: dict | None = None  # the last eval's visual-path probe (blind gap, aligner spread, collapse)
+    main: bool = True  # this process is the main one (its summary is the one to print)
 
 
 def runtime_choices(cfg: TrainConfig, device_type: str) -> tuple[str, str, int]:
@@ -102,33 +106,6 @@ def merge_lora(model) -> None:
     lm = model.model.language_model
     if hasattr(lm, "merge_and_unload"):
         model.model.language_model = lm.merge_and_unload()
-
-
-def make_optimizer(model, cfg: TrainConfig) -> torch.optim.Optimizer:
-    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    if not params:
-        raise ValueError("no parameter trains: check train_vision / train_aligner / train_llm")
-    # weight decay on matrices only: decaying norms and biases toward 0 fights their role; the vision
-    # tower and aligner at learning_rate x vision_lr_scale
-    groups = []
-    for visual in (False, True):
-        lr = cfg.learning_rate * (cfg.vision_lr_scale if visual else 1.0)
-        part = [p for n, p in params if _is_visual(n) == visual]
-        groups += [{"params": [p for p in part if p.ndim >= 2], "weight_decay": cfg.weight_decay, "lr": lr},
-                   {"params": [p for p in part if p.ndim < 2], "weight_decay": 0.0, "lr": lr}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.learning_rate,
-                             betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
-
-
-def _is_visual(name: str) -> bool:
-    return name.startswith(("model.vision.", "model.aligner.", "vision.", "aligner."))
-
-
-def make_scheduler(optimizer, cfg: TrainConfig, total_steps: int):
-    from transformers import get_scheduler
-
-    warmup = math.ceil(cfg.warmup_ratio * total_steps)
-    return get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
 
 
 def _tensorboard_available() -> bool:
@@ -218,6 +195,7 @@ class Trainer:
         self.resume, self.progress, self.callbacks = resume, progress, list(callbacks)
         self.ckpt_root = self.out / "checkpoints"
         self.probe = None  # the last eval's visual-path probe result (stages with images)
+        self.provenance: Provenance | None = None  # what each saved model folder records (main process)
 
     # -- setup ------------------------------------------------------------------------
 
@@ -322,7 +300,7 @@ class Trainer:
         run = _Run(acc=acc, ckpt=ckpt, processor=processor, model=model, optimizer=optimizer, scheduler=scheduler,
                    aux_losses=aux_losses,
                    train_ds=train_ds, eval_ds=eval_ds, total=total, attn=attn, original_attn=original_attn,
-                   result=TrainResult(out=self.out, steps=0, total_steps=total))
+                   result=TrainResult(out=self.out, steps=0, total_steps=total, main=acc.is_main_process))
         if state:
             ckpt.load(latest)
             run.step, run.batches = int(state["step"]), int(state["batches"])
@@ -330,6 +308,8 @@ class Trainer:
             if acc.is_main_process:
                 run.skipped.update(state.get("skipped", {}))
         if acc.is_main_process:
+            self.provenance = Provenance(cfg, self.model_dir, self.data, self.eval_data, total, acc.num_processes,
+                                         device_type, resumed_from=run.step if state else None)
             log.info("stage %s: %d of %d parameters train; %d steps of %d micro-batches x %d rows x %d slots",
                      cfg.stage, n_train, n_all, total, cfg.grad_accum, cfg.batch_size, cfg.max_length)
             if acc.log_with:
@@ -350,7 +330,7 @@ class Trainer:
         run.result.skipped = all_ranks(run.skipped)
         if not run.result.stopped_early:
             self._save(run)  # the final state, so a longer follow-up run (more --max-steps) can resume
-            self._export(run.model, run.acc, run.processor, run.original_attn, run.attn, run.result)
+            self._export(run.model, run.acc, run.processor, run.original_attn, run.result)
         run.acc.end_training()
         return run.result
 
@@ -429,7 +409,7 @@ class Trainer:
                  "skipped": all_ranks(run.skipped), "config": self.cfg.to_dict(),
                  "world_size": run.acc.num_processes}
         run.ckpt.save(run.step, run.model, state, lambda folder: self._write_model(
-            folder, run.model, run.acc, run.processor, run.original_attn, final=False))
+            folder, run.model, run.acc, run.processor, run.original_attn, run.step, final=False))
 
     def evaluate(self, model, eval_ds: StageDataset, acc) -> float | None:
         """Mean loss per target token over the eval batches (all ranks together)."""
@@ -448,11 +428,13 @@ class Trainer:
         self.probe = probe.finish(lambda t: acc.reduce(t, "sum")) if probe is not None else None
         return float(total[0] / total[1]) if total[1] > 0 else None
 
-    def _write_model(self, folder: Path, model, acc, processor, original_attn: str, final: bool) -> None:
+    def _write_model(self, folder: Path, model, acc, processor, original_attn: str, steps: int,
+                     final: bool) -> None:
         """``folder`` as an ordinary HF model folder (config with the render settings, safetensors
-        weights, the processor: tokenizer and processor_config.json), LoRA merged. Between steps LoRA
-        is merged into a copy, and the model keeps training as it was."""
-        state_dict = acc.get_state_dict(model)  # gathers FSDP / DeepSpeed shards on every rank
+        weights, the processor: tokenizer and processor_config.json, and provenance.json), LoRA merged.
+        Between steps LoRA is merged into a copy, and the model keeps training as it was. Every rank
+        calls it (FSDP / DeepSpeed gather the weights on all of them); only the main process writes."""
+        state_dict = acc.get_state_dict(model)
         if not acc.is_main_process:
             return
         m = acc.unwrap_model(model)
@@ -469,13 +451,14 @@ class Trainer:
             if not final:
                 set_attention(m, train_attn)
         processor.save_pretrained(str(folder))
+        self.provenance.write(folder, steps, final)
 
-    def _export(self, model, acc, processor, original_attn: str, attn: str, result: TrainResult) -> None:
+    def _export(self, model, acc, processor, original_attn: str, result: TrainResult) -> None:
         """Write OUT as an ordinary HF folder (LoRA merged), plus train_summary.json."""
         acc.wait_for_everyone()
         if self.cfg.gradient_checkpointing:
             acc.unwrap_model(model).gradient_checkpointing_disable()
-        self._write_model(self.out, model, acc, processor, original_attn, final=True)
+        self._write_model(self.out, model, acc, processor, original_attn, result.steps, final=True)
         if acc.is_main_process:
             write_json(self.out / "train_summary.json", {
                 "stage": self.cfg.stage, "steps": result.steps, "total_steps": result.total_steps,
