@@ -1,4 +1,4 @@
-"""A long chat, turn by turn: TTFT and KV entries per turn, raw vs compressed history, memory cache on/off.
+"""A long chat, turn by turn: TTFT and KV entries per turn, raw vs compressed history, memory and prefix caches.
 
     OMP_NUM_THREADS=1 PYTHONPATH=src python bench/chat_turns.py --model models/vist2-nano --turns 12 \\
         --user-tokens 1200 --prefill-budget 256 --repeats 3 --out bench/results/chat_turns/nano-cpu.json \\
@@ -16,14 +16,17 @@ CPU defaults (one cache row of ``max_cache_tokens`` = the model's positions, ``-
 
 - ``raw``: today's split, the last user message compressed and every earlier turn raw text;
 - ``compressed``: the whole chat through the last user message compressed (``history="compressed"``);
-- each with the memory cache off and on (``--memory-cache-bytes``, the server's 256 MiB default);
+- each with the memory cache off and on (``--memory-cache-bytes``, the server's 256 MiB default; on, the
+  prefix cache too, as in the server: the LLM's K/V of the chat's earlier chunks is reused);
+- ``compressed+memory``: the memory cache alone (visual tokens reused, the LLM prefills every chunk again);
 - ``none``: a plain LLM (mode none) for reference.
 
 Per turn: prompt tokens, the KV entries the prompt needs at its peak (``Engine.footprint``, checked before
 the request is added: a chat over the memory limit is *refused* there, as the server answers 413, and the
 configuration stops), entries held after the reply and what a plain LLM would hold, TTFT (engine clock,
 prompt admission to first token) and where it went (render + vision tower; the LLM's prefill), the whole
-turn's wall time, and the memory cache's hits and misses. One untimed warm-up request (other text) first;
+turn's wall time, the memory cache's hits and misses, and the prompt chunks and cache entries whose K/V
+came from the prefix cache. One untimed warm-up request (other text) first;
 the whole chat runs ``--repeats`` times per configuration (a fresh engine each) and every time is the
 median over them (the runs' own times are kept). The machine's other load shows in the times; the counts
 are exact.
@@ -54,12 +57,13 @@ from vist2.serve import CPU_PREFILL_BUDGET
 ROOT = Path(__file__).resolve().parents[1]
 HELD_OUT = ("recipes/nano/heldout.txt", "recipes/nano/recall.txt", "tests/data/prose_hard_breaks.txt")
 DOCUMENT = (*HELD_OUT, "tests/data/code_sample.py.txt")  # --document-tokens: held-out prose, then source code
-CONFIGS = {  # name -> (mode, history, memory cache on)
-    "raw": ("gcc", "raw", False),
-    "raw+cache": ("gcc", "raw", True),
-    "compressed": ("gcc", "compressed", False),
-    "compressed+cache": ("gcc", "compressed", True),
-    "none": ("none", "raw", False),
+CONFIGS = {  # name -> (mode, history, memory cache on, prefix cache on)
+    "raw": ("gcc", "raw", False, False),
+    "raw+cache": ("gcc", "raw", True, True),
+    "compressed": ("gcc", "compressed", False, False),
+    "compressed+memory": ("gcc", "compressed", True, False),
+    "compressed+cache": ("gcc", "compressed", True, True),
+    "none": ("none", "raw", False, False),
 }
 
 
@@ -81,7 +85,7 @@ def user_turns(tokenizer, turns: int, n: int) -> list[str]:
 
 
 def run_chat(model, processor, name: str, users: list[str], args) -> list[dict]:
-    mode, history, cached = CONFIGS[name]
+    mode, history, cached, prefix = CONFIGS[name]
     phases: dict[str, float] = {}
 
     def observe(report):  # the step's phases: prefill (the LLM, with render and vision inside it), render, vision
@@ -90,7 +94,7 @@ def run_chat(model, processor, name: str, users: list[str], args) -> list[dict]:
 
     engine = Engine(model, processor, max_batch=1, max_cache_tokens=args.max_cache_tokens,
                     prefill_budget=args.prefill_budget, memory_cache_bytes=args.memory_cache_bytes if cached else 0,
-                    observer=observe)
+                    prefix_cache_bytes=None if prefix else 0, observer=observe)
     params = SamplingParams(max_new_tokens=args.reply_tokens, ignore_eos=True)
     warm = engine.request(messages=[{"role": "user", "content": "A short warm-up. " * 40}], params=params,
                           mode=mode, history=history)
@@ -118,13 +122,15 @@ def run_chat(model, processor, name: str, users: list[str], args) -> list[dict]:
                    turn_s=round(wall, 4), generated_tokens=s.generated_tokens, chunks_compressed=s.chunks_compressed,
                    memory_hits=after.get("hits", 0) - before.get("hits", 0),
                    memory_misses=after.get("misses", 0) - before.get("misses", 0),
+                   prefix_hit_chunks=s.prefix_hit_chunks, prefix_hit_tokens=s.prefix_hit_tokens,
                    render_vision_s=round(phases.get("render", 0.0) + phases.get("vision", 0.0), 4),
                    llm_prefill_s=round(phases.get("prefill", 0.0) - phases.get("render", 0.0)
                                        - phases.get("vision", 0.0), 4))
         rows.append(row)
         print(f"  {name:17} turn {t:2}: {row['prompt_tokens']:6} tokens, KV {s.kv_tokens:5} / "
               f"{s.kv_tokens_uncompressed:5} ({row['kv_ratio']:.0%}), TTFT {s.ttft_s:6.2f} s, "
-              f"hits {row['memory_hits']:3} misses {row['memory_misses']:3}", file=sys.stderr, flush=True)
+              f"hits {row['memory_hits']:3} misses {row['memory_misses']:3} prefix {s.prefix_hit_chunks:3}",
+              file=sys.stderr, flush=True)
         msgs.append({"role": "assistant", "content": res.text})
     return rows
 
@@ -192,6 +198,7 @@ def summary(rows: list[dict]) -> dict:
         "ttft_last_over_turn2": round(last["ttft_s"] / by_turn[2]["ttft_s"], 3) if last and 2 in by_turn else None,
         "memory_hit_rate": (round(sum(r["memory_hits"] for r in done)
                                   / max(1, sum(r["memory_hits"] + r["memory_misses"] for r in done)), 4)),
+        "prefix_hit_chunks": sum(r.get("prefix_hit_chunks", 0) for r in done),
     }
 
 
@@ -257,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in names:
         rows = merge_runs([run_chat(model, processor, name, users, args) for _ in range(args.repeats)])
         results[name] = {"mode": CONFIGS[name][0], "history": CONFIGS[name][1], "memory_cache": CONFIGS[name][2],
-                         "summary": summary(rows), "turns": rows}
+                         "prefix_cache": CONFIGS[name][3], "summary": summary(rows), "turns": rows}
     out = {"command": shlex.join(["python", "bench/chat_turns.py", *(sys.argv[1:] if argv is None else argv)]),
            "model": str(args.model.resolve().relative_to(ROOT) if args.model.resolve().is_relative_to(ROOT)
                         else args.model),
