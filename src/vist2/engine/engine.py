@@ -7,6 +7,8 @@ tokens into pixels and generated ids into text. Its parts, one file each:
   into cache rows, prefill in pieces of at most ``prefill_budget`` entries;
 - :mod:`.runner` — the model, the KV cache, the decode step and its CUDA graphs, padding;
 - :mod:`.compress` — the open window of generated text, closed into visual tokens;
+- :mod:`.memory_cache`, :mod:`.prefix_cache` — prompt chunks' visual tokens, and the K/V of prompts' starts,
+  kept across requests (a prompt that starts as a cached one is fed from where the cache ends);
 - :mod:`.types` — requests, results, stats, the compression :class:`~vist2.modes.Mode`.
 
 Per sequence:
