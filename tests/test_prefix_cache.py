@@ -7,6 +7,7 @@ from vist2.build import load_tokenizer
 from vist2.config import preset_config
 from vist2.engine.cache import CompressedKVCache
 from vist2.engine.engine import Engine, Request
+from vist2.engine import prefix_cache
 from vist2.engine.prefix_cache import Piece, PrefixCache, prompt_pieces
 from vist2.engine.sampling import SamplingParams
 from vist2.modeling import VIST2ForCausalLM
@@ -36,7 +37,9 @@ ENTRY = 2 * 2 * 2 * 4  # K and V, 2 layers, one head of 2 floats: bytes per cach
 NODE = 2 * ENTRY + 2 * 8  # a two-token raw block with its key
 
 
-def test_a_shared_start_is_copied_at_the_same_indices_and_never_the_last_piece():
+@pytest.mark.parametrize("copy_bytes", [64 << 20, 1])  # the nodes copied in one piece, or one copy each
+def test_a_shared_start_is_copied_at_the_same_indices_and_never_the_last_piece(monkeypatch, copy_bytes):
+    monkeypatch.setattr(prefix_cache, "_COPY_BYTES", copy_bytes)
     cache, pc = _cache(), PrefixCache(1 << 20)
     first = _raw((1, 2), (3, 4), (5,))
     assert pc.begin(0, first, cache, scope=0) == 0

@@ -75,6 +75,27 @@ def _key_bytes(key: tuple) -> int:
     return 8 * len(key[1]) + len(key[4].encode("utf-8", "surrogatepass")) + (0 if isinstance(style, str) else 8 * len(style))
 
 
+_COPY_BYTES = 64 << 20  # nodes are joined into copies of about this size (few copies, a bounded temporary)
+
+
+def _copy_in(path: list, cache: CompressedKVCache, row: int) -> None:
+    """Write the K/V of ``path``'s nodes into the row's first entries, in order."""
+    layers, start, i = len(cache.keys), 0, 0
+    while i < len(path):
+        group, size = [path[i].kv], path[i].bytes
+        i += 1
+        while i < len(path) and size + path[i].bytes <= _COPY_BYTES:
+            group.append(path[i].kv)
+            size += path[i].bytes
+            i += 1
+        kv = torch.cat(group, dim=2) if len(group) > 1 else group[0]  # (2 x layers, kv_heads, n, head_dim)
+        end = start + kv.shape[2]
+        for j in range(layers):
+            cache.keys[j][row, :, start:end] = kv[j]
+            cache.values[j][row, :, start:end] = kv[layers + j]
+        start = end
+
+
 class _Node:
     __slots__ = ("key", "parent", "children", "kv", "bytes", "attached")
 
@@ -150,11 +171,7 @@ class PrefixCache:
             entries += p.entries
         if path:
             self._touch(node)
-            kv = torch.cat([n.kv for n in path], dim=2) if len(path) > 1 else path[0].kv  # (2L, H, entries, d)
-            layers = len(cache.keys)
-            for i in range(layers):
-                cache.keys[i][row, :, :entries] = kv[i]
-                cache.values[i][row, :, :entries] = kv[layers + i]
+            _copy_in(path, cache, row)
         hit = pieces[: len(path)]
         self.hit_tokens += entries
         self.hit_chunks += sum(p.chunk is not None for p in hit)
