@@ -311,3 +311,45 @@ def test_every_saved_model_folder_records_its_provenance(tiny_dir, data, tmp_pat
     # no git (or not a checkout): recorded as unknown, never an error
     monkeypatch.setenv("PATH", str(tmp_path / "no-bin"))
     assert provenance.code_version() == {"vist2": vist2.__version__, "git_commit": None, "git_dirty": None}
+
+
+@pytest.mark.slow
+def test_fsdp_config_on_two_cpu_processes_with_accelerate_launch(tiny_dir, data, tmp_path):
+    """configs/accelerate/fsdp-cpu-2proc.yaml: 2 processes train 3 OLM steps and save; only the main
+    process writes model folders, the run's lines are printed once, and the output loads and changed.
+    accelerate 1.16 applies FSDP to GPU runs only, so on CPU the run is MULTI_CPU data parallel: the
+    trainer warns, and provenance.json says so (this test notices when accelerate starts sharding on CPU)."""
+    from vist2.modeling import VIST2ForCausalLM
+    from vist2.training import provenance
+
+    cfg = tmp_path / "olm.yaml"
+    cfg.write_text("stage: olm\neval_holdout: 4\neval_every: 2\neval_batches: 1\n")
+    docs = [json.loads(x) for x in (data / "text_en.jsonl").read_text(encoding="utf-8").splitlines()]
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": d["text"][i * 3000:(i + 1) * 3000]}) + "\n"
+                              for d in docs for i in range(4)), encoding="utf-8")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
+               OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="1")
+    out = tmp_path / "fsdp"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(ROOT / "configs/accelerate/fsdp-cpu-2proc.yaml"), "-m", "vist2.training", "train", "--stage", "olm",
+           "--model", str(tiny_dir), "--data", str(corpus), "--out", str(out), "--max-steps", "3",
+           "--max-length", "128", "--num-workers", "0", "--no-progress", "--save-every", "2", "--config", str(cfg)]
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    printed = p.stdout + p.stderr
+    for line in ("step 2: eval loss", "step 3: eval loss", "olm: 3 steps, loss", f"wrote {out}",
+                 "an FSDP config on cpu: accelerate runs it as MULTI_CPU"):
+        assert printed.count(line) == 1, (line, printed[-3000:])
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["steps"] == 3 and summary["eval_loss"] is not None
+    step2 = out / "checkpoints" / "step-00000002"
+    assert json.loads((step2 / "trainer_state.json").read_text())["world_size"] == 2
+    for folder, steps in ((out, 3), (step2, 2)):
+        rec = provenance.read(folder)
+        assert (rec["steps"], rec["world_size"], rec["distributed"]) == (steps, 2, "MULTI_CPU")
+    model = VIST2ForCausalLM.from_pretrained(str(out))  # the gathered weights load as a plain folder
+    assert model.config.text_config._attn_implementation == VIST2ForCausalLM.from_pretrained(
+        str(tiny_dir)).config.text_config._attn_implementation
+    assert changed(weights(tiny_dir), weights(out), "model.language_model.")
+    assert not changed(weights(tiny_dir), weights(out), "model.vision.")  # olm leaves the vision tower as it was

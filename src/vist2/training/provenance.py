@@ -108,7 +108,7 @@ class Provenance:
 
     def __init__(self, cfg, model_dir: str | Path, data: str | Path, eval_data: str | Path | None = None,
                  total_steps: int | None = None, world_size: int = 1, device: str | None = None,
-                 resumed_from: int | None = None):
+                 distributed: str | None = None, resumed_from: int | None = None):
         model_dir = Path(model_dir)
         self.base = {
             "format": FORMAT,
@@ -124,6 +124,7 @@ class Provenance:
             "libraries": library_versions(),
             "world_size": world_size,
             "device": device,
+            "distributed": distributed,  # accelerate's distributed type (NO, MULTI_GPU, FSDP, DEEPSPEED, ...)
             "parent": {"path": str(model_dir.resolve()),
                        "weights": [f for p in sorted(model_dir.glob("*.safetensors")) for f in describe_files(p)],
                        "provenance": read(model_dir)},

@@ -205,11 +205,16 @@ class Trainer:
         cfg = self.cfg
         # a batch without images leaves the vision tower and aligner idle; DDP must allow that
         unused = cfg.stage in ("olm", "sft") and (cfg.train_vision or cfg.train_aligner)
-        return Accelerator(
+        acc = Accelerator(
             gradient_accumulation_steps=cfg.grad_accum, mixed_precision=precision,
             log_with="tensorboard" if _tensorboard_available() else None, project_dir=str(self.out),
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=unused)],
         )
+        if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" and acc.distributed_type != "FSDP":
+            if acc.is_main_process:  # accelerate applies FSDP to GPU runs only (1.16: MULTI_CPU ignores it)
+                log.warning("an FSDP config on %s: accelerate runs it as %s (every rank holds the whole model)",
+                            acc.device.type, acc.distributed_type.value)
+        return acc
 
     def _datasets(self, processor, model_cfg, acc, total_steps, skip, pad_multiple):
         cfg = self.cfg
@@ -309,7 +314,7 @@ class Trainer:
                 run.skipped.update(state.get("skipped", {}))
         if acc.is_main_process:
             self.provenance = Provenance(cfg, self.model_dir, self.data, self.eval_data, total, acc.num_processes,
-                                         device_type, resumed_from=run.step if state else None)
+                                         device_type, acc.distributed_type.value, run.step if state else None)
             log.info("stage %s: %d of %d parameters train; %d steps of %d micro-batches x %d rows x %d slots",
                      cfg.stage, n_train, n_all, total, cfg.grad_accum, cfg.batch_size, cfg.max_length)
             if acc.log_with:
