@@ -20,6 +20,7 @@ import hashlib
 import json
 import platform
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -103,7 +104,9 @@ class Provenance:
         prov.write("runs/pt3/checkpoints/step-00000100", steps=100, final=False)
 
     What does not change during the run (data and parent digests, code and library versions) is
-    gathered once, here.
+    gathered once. The digests are computed on a background thread: a large corpus takes minutes
+    to hash, and the other ranks must not wait for it at their first collective; the first folder
+    written waits for them instead (hashlib releases the GIL, so training goes on meanwhile).
     """
 
     def __init__(self, cfg, model_dir: str | Path, data: str | Path, eval_data: str | Path | None = None,
@@ -117,24 +120,44 @@ class Provenance:
             "total_steps": total_steps,
             "seed": cfg.seed,
             "config": cfg.to_dict(),
-            "data": {"path": str(Path(data).resolve()), "files": describe_files(data)},
-            "eval_data": None if eval_data is None else {"path": str(Path(eval_data).resolve()),
-                                                         "files": describe_files(eval_data)},
+            "data": {"path": str(Path(data).resolve()), "files": None},
+            "eval_data": None if eval_data is None else {"path": str(Path(eval_data).resolve()), "files": None},
             "code": code_version(),
             "libraries": library_versions(),
             "world_size": world_size,
             "device": device,
             "distributed": distributed,  # accelerate's distributed type (NO, MULTI_GPU, FSDP, DEEPSPEED, ...)
-            "parent": {"path": str(model_dir.resolve()),
-                       "weights": [f for p in sorted(model_dir.glob("*.safetensors")) for f in describe_files(p)],
-                       "provenance": read(model_dir)},
+            "parent": {"path": str(model_dir.resolve()), "weights": None, "provenance": read(model_dir)},
             "resumed_from_step": resumed_from,
             "started": now(),
         }
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vist2-provenance")
+        self._digests = self._pool.submit(_digests, Path(data), eval_data and Path(eval_data), model_dir)
+        self._pool.shutdown(wait=False)  # the thread ends with its one task
 
     def record(self, steps: int, final: bool) -> dict:
         """The record for a folder written after ``steps`` optimizer steps (``final``: the run's output)."""
-        return {**self.base, "steps": steps, "final": final, "written": now()}
+        data, eval_data, weights = self._digests.result()
+        rec = {**self.base, "steps": steps, "final": final, "written": now()}
+        rec["data"] = {**rec["data"], "files": data}
+        if rec["eval_data"] is not None:
+            rec["eval_data"] = {**rec["eval_data"], "files": eval_data}
+        rec["parent"] = {**rec["parent"], "weights": weights}
+        return rec
 
     def write(self, folder: str | Path, steps: int, final: bool) -> None:
         write_json(Path(folder) / FILE, self.record(steps, final))
+
+
+def _digests(data: Path, eval_data: Path | None, model_dir: Path):
+    """(data files, eval data files, the parent's weight files), each None where it cannot be read."""
+
+    def files(path: Path | None, pattern: str | None = None):
+        try:
+            if pattern is not None:
+                return [f for p in sorted(path.glob(pattern)) for f in describe_files(p) or []]
+            return None if path is None else describe_files(path)
+        except OSError:  # unreadable or gone: recorded as unknown, the save goes on
+            return None
+
+    return files(data), files(eval_data), files(model_dir, "*.safetensors")
