@@ -84,7 +84,9 @@ def _add_arguments(q: argparse.ArgumentParser) -> None:
     q.add_argument("--memory-cache-bytes", type=int, default=DEFAULT_MEMORY_CACHE_BYTES, metavar="N",
                    help="keep prompt chunks' visual tokens across requests, up to N bytes: a chunk seen before "
                         "(a chat's history, a document asked about again) is not rendered or read by the "
-                        f"vision tower again; 0 turns it off (default {DEFAULT_MEMORY_CACHE_BYTES >> 20} MiB)")
+                        "vision tower again; the LLM's K/V of a prompt's cached start (the prefix cache) gets "
+                        "a second bound of N bytes, so a request that begins like an earlier one skips that "
+                        f"prefill; 0 turns both off (default {DEFAULT_MEMORY_CACHE_BYTES >> 20} MiB each)")
     q.add_argument("--chat-history", choices=("raw", "compressed"), default="raw",
                    help="chat requests: 'raw' compresses the last user message and keeps every earlier turn "
                         "as text (what models trained on the raw split read); 'compressed' makes the whole chat "
