@@ -1,6 +1,6 @@
 """How full the fit rule keeps each image, and what the running fit check costs per token.
 
-For each text, the Qwen3 token ids are cut by ``VIST2Processor.chunk_ids`` at a render geometry
+For each text, the Qwen3 token ids are cut by ``VIST2Processor.chunker`` at a render geometry
 (K tokens per chunk, or fewer when the text would not fit at ``min_font_size``); every closed
 chunk is rendered. Reports mean tokens per closed chunk / K, how many chunks the fit rule closed
 early, characters dropped (text of all chunk images joined vs the decoded text: must be 0), and
@@ -46,7 +46,7 @@ def texts(quick: bool) -> dict[str, str]:
 
 
 def measure(proc: VIST2Processor, K: int, ids: list[int]) -> dict:
-    cuts = proc.cuts(ids, b"", K)
+    cuts = proc.chunker(K)(ids)
     closed = cuts.closed
     from vist2.layout import ChunkInfo
 
@@ -59,7 +59,7 @@ def measure(proc: VIST2Processor, K: int, ids: list[int]) -> dict:
     t0 = time.process_time()  # CPU time: on a shared machine wall time mostly measures the neighbours
     n = 0
     for c in closed:
-        fit = proc.chunk_fit(K)
+        fit = proc.chunker(K).window()
         for t in c:
             fit.push(t)
         n += len(c)

@@ -244,11 +244,13 @@ def _layout_ratio(r: dict) -> float | None:
     """gcc / none entries after the prompt and GEN_TARGET tokens by the layout rule (chunks of K)."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
     from vist2.bench.kv import kv_layout
+    from vist2.chunking import fixed_chunker
     from vist2.layout import Raw, prompt_segments
 
     m, N = r["model"], r["prompt_tokens"]
     K, nv = m["K"], m["n_visual"]
-    gcc = kv_layout(prompt_segments([], list(range(N)), [], K, nv, m["prompt_encoding"]), GEN_TARGET, K, nv, "gcc")
+    query = prompt_segments([], list(range(N)), [], K, nv, m["prompt_encoding"], chunker=fixed_chunker(K))
+    gcc = kv_layout(query, GEN_TARGET, K, nv, "gcc")
     none = kv_layout([Raw(tuple(range(N)))], GEN_TARGET, K, nv, "none")
     return gcc["final"] / none["final"]
 

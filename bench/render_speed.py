@@ -8,7 +8,7 @@ at evenly spaced offsets.  Without those packages (or with ``--source
 builtin``) the single English and Chinese chunk embedded in
 ``tests/test_render.py`` are used.  Structure-heavy text too (``--structured``,
 on by default): prose with hard line breaks and Python source from
-``tests/data/``, cut by the fit rule (``VIST2Processor.chunk_ids``, K = 1024)
+``tests/data/``, cut by the fit rule (``VIST2Processor.chunker``, K = 1024)
 for each preset, so every chunk is one the model would see.  Only
 ``Renderer.render`` is timed, after a warm-up pass that builds the glyph atlases.
 
@@ -57,7 +57,7 @@ def structured_chunks(config, n: int, k: int = 1024) -> dict[str, list[str]]:
     out = {}
     for name, (fn, reps) in STRUCTURED.items():
         ids = proc.encode((ROOT / "tests" / "data" / fn).read_text(encoding="utf-8") * reps)
-        out[name] = _texts(proc, proc.cuts(ids))[:n]
+        out[name] = _texts(proc, proc.chunker()(ids))[:n]
     return out
 
 

@@ -38,7 +38,7 @@ from vist2.processing import VIST2Processor  # noqa: E402
 
 def prompt_chunks(proc: VIST2Processor, n_tokens: int) -> list[str]:
     texts, carry = [], b""
-    for ids in proc.chunk_ids(prompt_ids(proc.tokenizer, n_tokens)):
+    for ids in proc.chunker()(prompt_ids(proc.tokenizer, n_tokens)).chunks:
         text, carry = proc.chunk_text(carry, ids)
         texts.append(text)
     return texts

@@ -57,7 +57,7 @@ def one_row(processor, model_cfg, length: int, pad_multiple: int):
     """One packed OLM row of about ``length`` slots from the embedded sample, repeated."""
     cfg = stage_preset("olm", max_length=length)
     builder = StageBuilder(cfg, processor.tokenizer, model_cfg.chunk_tokens, model_cfg.n_visual,
-                           model_cfg.prompt_encoding)
+                           model_cfg.prompt_encoding, processor=processor)
     text = sample_text("en")
     need = length * 5  # characters: plenty for `length` tokens
     doc = (text + "\n\n") * (need // len(text) + 1)

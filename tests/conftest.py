@@ -69,3 +69,19 @@ def tiny_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("vist2-tiny")
     assert main(["init", "--preset", "tiny", "--out", str(path)]) == 0
     return path
+
+
+class EveryK:
+    """Stands in for a processor where token ids stand for no text (synthetic documents, slot counting):
+    its chunker cuts every K tokens, with no image to fit."""
+
+    def chunker(self, chunk_tokens: int):
+        from vist2.chunking import fixed_chunker
+
+        return fixed_chunker(chunk_tokens)
+
+
+@pytest.fixture
+def every_k():
+    """A processor stand-in whose chunker cuts every K tokens (see :class:`EveryK`)."""
+    return EveryK()

@@ -9,6 +9,7 @@ import torch
 
 from vist2 import bench
 from vist2.bench import FlopShape, chunk_flops, decode_flops, flops_per_token, image_flops, kv_layout
+from vist2.chunking import fixed_chunker
 from vist2.cli import main
 from vist2.errors import CLIError
 from vist2.layout import Raw, prompt_segments
@@ -174,7 +175,7 @@ def test_flops_formula_by_hand():
 
 def _prompt(n, encoding="visual"):
     """A query of n tokens laid out by the tail rule, chunks cut every K tokens."""
-    return prompt_segments([], list(range(n)), [], K, N_VISUAL, encoding)
+    return prompt_segments([], list(range(n)), [], K, N_VISUAL, encoding, chunker=fixed_chunker(K))
 
 
 def test_kv_layout_tail_rule():

@@ -256,7 +256,7 @@ def test_chunks_cut_short_by_the_fit_rule(tok, mode, encoding):
         assert any(c.fit_cut for c in reply_chunks)  # a generated window closed by the fit rule
         n_images += len(reply_chunks)
     assert res.stats.chunks_compressed == n_images
-    # the engine's images show exactly the texts of the chunks the layout (chunk_ids) cuts
+    # the engine's images show exactly the texts of the chunks the layout (the chunker) cuts
     plan = collate([build_sample(segs)])
     assert res.memory == eng.processor.chunk_texts(plan.chunks)[:n_images]
 
@@ -453,7 +453,7 @@ def _split_char_query(eng):
         q = ids[:n]
         if "\ufffd" in tok.decode(q):
             continue  # not complete text
-        cuts = eng.processor.cuts(q, b"", K)
+        cuts = eng.processor.chunker(K)(q)
         if cuts.carry and 0 < len(cuts.tail) <= eng.n_visual:
             return q
     raise AssertionError("no such query in the sample text")
@@ -490,7 +490,7 @@ def test_two_consecutive_fit_cut_windows_follow_the_paper_rule(tok):
     req = Request(query=_ids(tok, 20), params=SamplingParams(max_new_tokens=4 * K, ignore_eos=True))
     res = eng.generate([req])[0]
     check(eng, req, res)
-    cuts = eng.processor.cuts(res.token_ids, b"", K)
+    cuts = eng.processor.chunker(K)(res.token_ids)
     assert sum(cuts.fit_cut) >= 2, cuts.fit_cut
     compressed = [c for c in cuts.closed if len(c) > eng.n_visual]
     assert res.stats.chunks_compressed == 1 + len(compressed)  # the query (20 > beta) and the generated ones
@@ -545,4 +545,4 @@ def test_fit_cut_boundaries_in_a_batch(tok, encoding):
             Request(query=_ids(tok, 5, offset=300), params=p)]
     for req, res in zip(reqs, eng.generate(reqs)):
         check(eng, req, res)
-        assert any(eng.processor.cuts(res.token_ids, b"", K).fit_cut)
+        assert any(eng.processor.chunker(K)(res.token_ids).fit_cut)

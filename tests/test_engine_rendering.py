@@ -23,7 +23,7 @@ def _chunks(proc, n):
     texts = []
     for lang in ("en", "zh"):
         ids = proc.encode(sample_text(lang))
-        texts += [t for t, _ in (proc.chunk_text(b"", c) for c in proc.chunk_ids(ids))]
+        texts += [t for t, _ in (proc.chunk_text(b"", c) for c in proc.chunker()(ids).chunks)]
     texts = texts[:n]
     styles = ["user"] * len(texts)
     styles[1] = tuple("user" if i < len(texts[1]) // 2 else "question" for i in range(len(texts[1])))

@@ -238,7 +238,7 @@ def test_olm_text_perplexity_is_the_backbone_loss(tiny):
 
 def test_olm_windows_end_the_context_on_a_fit_rule_chunk_boundary(tiny):
     """With hard line breaks the fit rule closes chunks before K tokens: the context is cut back to
-    whole chunks, the optical layout's chunks are the processor's chunk_ids, and the loss falls on
+    whole chunks, the optical layout's chunks are the processor's chunker's, and the loss falls on
     the continuation only."""
     from pathlib import Path
 
@@ -259,12 +259,12 @@ def test_olm_windows_end_the_context_on_a_fit_rule_chunk_boundary(tiny):
     i = 0
     for ctx, cont in wins:
         assert ctx == ids[i : i + len(ctx)] and cont == ids[i + len(ctx) : i + len(ctx) + M]
-        closed = proc.chunk_ids(ids[i : i + N])[:-1]
+        closed = proc.chunker()(ids[i : i + N]).closed
         assert len(ctx) == sum(map(len, closed))
         segs = optical_segments(ctx, cont, K, beta, chunker)
         assert [list(s.tokens) for s in segs][: len(closed)] == closed  # the fit rule's chunks
         assert [s.loss for s in segs] == [False] * len(closed) + [True] * (len(segs) - len(closed))
-        assert [list(s.tokens) for s in segs] == proc.chunk_ids(ctx + cont)[: len(segs)]
+        assert [list(s.tokens) for s in segs] == proc.chunker()(ctx + cont).chunks[: len(segs)]
         i += len(ctx) + M
     with pytest.raises(ValueError, match="ends inside a chunk"):
         optical_segments(ctx[:-1], [ctx[-1], *cont], K, beta, chunker)
@@ -272,7 +272,7 @@ def test_olm_windows_end_the_context_on_a_fit_rule_chunk_boundary(tiny):
                        progress=False)
     assert res["windows"] == 2 and res["optical"]["tokens"] == res["text"]["tokens"] == 2 * M
     assert res["context_tokens_mean"] == sum(len(c) for c, _ in wins[:2]) / 2
-    n_chunks = sum(len(proc.chunk_ids(ids[j : j + N])) - 1 for j in (0, len(wins[0][0]) + M))
+    n_chunks = sum(len(proc.chunker()(ids[j : j + N]).closed) for j in (0, len(wins[0][0]) + M))
     assert res["optical"]["context_kv_entries"] == n_chunks * beta / 2
 
 
@@ -301,7 +301,7 @@ def test_olm_recall_scores_the_passage_start_again_after_the_passage(tiny):
     i = 0
     for passage, repeat in wins:
         assert passage == ids[i : i + len(passage)] and repeat == passage[:M]
-        assert len(passage) == sum(map(len, proc.chunk_ids(ids[i : i + N + 1])[:-1])) <= N  # whole chunks
+        assert len(passage) == sum(map(len, proc.chunker()(ids[i : i + N + 1]).closed)) <= N  # whole chunks
         i += len(passage)
     res = evaluate_olm(model, proc, [sample_text("en")], context_tokens=N, continuation_tokens=M, limit=2,
                        progress=False, recall=True)

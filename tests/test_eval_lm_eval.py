@@ -156,14 +156,14 @@ def test_adapter_cuts_chunks_by_the_fit_rule(tiny_dir):
     K = lm.K
     ids = proc.encode((Path(__file__).parent / "data" / "prose_hard_breaks.txt").read_text())
     ctx, cont = ids[: 3 * K], ids[3 * K : 5 * K]
-    cuts = proc.cuts(ctx)
+    cuts = proc.chunker()(ctx)
     assert any(cuts.fit_cut)  # hard line breaks: the fit rule closes chunks before K tokens
     chunks = [list(c.tokens) for c in build_sample(lm._segments(ctx, cont)).chunks]
     pays = [c for c in cuts.closed + [cuts.tail] if len(c) > lm.n_visual]  # only pieces that pay are images
     n_ctx = len(pays)
     assert chunks[:n_ctx] == pays
     # the continuation's images start on the bytes left after the whole context, as generation does
-    cont_cuts = proc.cuts(cont, cuts.carry_tail)
+    cont_cuts = proc.chunker()(cont, cuts.carry_tail)
     parts = cont_cuts.closed + ([cont_cuts.tail] if cont_cuts.tail else [])
     assert chunks[n_ctx:] == [c for c in parts[:-1] if len(c) > lm.n_visual]  # the last part stays open text
     ((lp, _),) = lm._score([(ctx, cont)])  # raises unless the plan targets exactly the continuation

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from vist2.attention import allowed_mask, block_mask, dense_mask, additive_mask
+from vist2.chunking import fixed_chunker
 from vist2.layout import (
     IGNORE,
     Kind,
@@ -23,6 +24,7 @@ from vist2.layout import (
 
 T, V = Kind.TEXT, Kind.VISUAL
 K, BETA = 4, 2
+EVERY_K = fixed_chunker(K)  # token ids that stand for no text: chunks of K tokens
 
 
 def rows(plan, row=0):
@@ -33,7 +35,7 @@ def rows(plan, row=0):
 
 def test_olm_three_chunks():
     toks = [10, 11, 12, 13, 20, 21, 22, 23, 30, 31]
-    plan = collate([build_sample(olm_segments(toks, K, BETA))])
+    plan = collate([build_sample(olm_segments(toks, K, BETA, chunker=EVERY_K))])
     assert plan.kind[0].tolist() == [T, T, T, T, V, V, T, T, T, T, V, V, T, T]
     # pos = sum |v_<i| + j : text of chunk i and its visual tokens start at the same place
     assert plan.position[0].tolist() == [0, 1, 2, 3, 0, 1, 2, 3, 4, 5, 2, 3, 4, 5]
@@ -56,7 +58,8 @@ def test_olm_three_chunks():
 def test_olm_raw_prefix_and_exact_multiple():
     # a raw prefix stays text forever; a last chunk of exactly K gets no visual tokens
     # (nothing after it could read them)
-    plan = collate([build_sample([Raw((1, 2))] + olm_segments([10, 11, 12, 13, 20, 21, 22, 23], K, BETA))])
+    plan = collate([build_sample([Raw((1, 2))] + olm_segments([10, 11, 12, 13, 20, 21, 22, 23], K, BETA,
+                                                              chunker=EVERY_K))])
     assert plan.kind[0].tolist() == [T, T, T, T, T, T, V, V, T, T, T, T]
     assert plan.position[0].tolist() == [0, 1, 2, 3, 4, 5, 2, 3, 4, 5, 6, 7]
     assert rows(plan) == [
@@ -102,7 +105,7 @@ def test_caption_is_image_then_caption():
     ],
 )
 def test_query_tail_rule(m, expect):
-    pieces, carry = query_parts(list(range(m)), K, BETA)
+    pieces, carry = query_parts(list(range(m)), K, BETA, chunker=EVERY_K)
     chunks = [p for p, compressed, _, _ in pieces if compressed]
     tail = [t for p, compressed, _, _ in pieces if not compressed for t in p]
     assert (chunks, tail) == expect and carry == b""
@@ -110,7 +113,7 @@ def test_query_tail_rule(m, expect):
 
 def test_sft_visual_prompt_encoding_with_raw_tail():
     # header | query 6 tokens = chunk of 4 + raw tail of 2 | suffix | response 5 tokens
-    segs = sft_segments([1], [50, 51, 52, 53, 54, 55], [2], [60, 61, 62, 63, 64], K, BETA, "visual")
+    segs = sft_segments([1], [50, 51, 52, 53, 54, 55], [2], [60, 61, 62, 63, 64], K, BETA, "visual", chunker=EVERY_K)
     plan = collate([build_sample(segs)])
     #            hdr  v(q1)  tail     sfx  r1              v(r1)  r2
     assert plan.kind[0].tolist() == [T, V, V, T, T, T, T, T, T, T, V, V, T]
@@ -132,7 +135,7 @@ def test_sft_visual_prompt_encoding_with_raw_tail():
 
 def test_sft_interleaved_prompt_encoding_with_compressed_tail():
     # query of 3 tokens > beta: one compressed chunk of 3; interleaved: text then visual
-    segs = sft_segments([], [50, 51, 52], [2], [60], K, BETA, "interleaved")
+    segs = sft_segments([], [50, 51, 52], [2], [60], K, BETA, "interleaved", chunker=EVERY_K)
     plan = collate([build_sample(segs)])
     assert plan.kind[0].tolist() == [T, T, T, V, V, T, T]
     assert plan.position[0].tolist() == [0, 1, 2, 0, 1, 2, 3]
@@ -144,11 +147,11 @@ def test_sft_interleaved_prompt_encoding_with_compressed_tail():
 
 def test_prompt_encoding_is_validated():
     with pytest.raises(ValueError, match="prompt_encoding"):
-        prompt_segments([], [1, 2, 3], [], K, BETA, "pixels")
+        prompt_segments([], [1, 2, 3], [], K, BETA, "pixels", chunker=EVERY_K)
 
 
 def test_packing_and_padding_never_cross_samples():
-    a = build_sample(olm_segments([10, 11, 12, 13, 20], K, BETA))  # c1 v1 c2: 7 tokens
+    a = build_sample(olm_segments([10, 11, 12, 13, 20], K, BETA, chunker=EVERY_K))  # c1 v1 c2: 7 tokens
     b = build_sample([Raw((5, 6), loss=True)])
     plan = collate([[a, b], [b]], pad_to=10)
     assert plan.sample[0].tolist() == [0] * 7 + [1, 1, -1]
@@ -178,7 +181,7 @@ def test_pad_to_too_short_is_an_error():
 
 
 def test_additive_mask_is_zero_or_very_negative():
-    plan = collate([build_sample(olm_segments([1, 2, 3, 4, 5], K, BETA))])
+    plan = collate([build_sample(olm_segments([1, 2, 3, 4, 5], K, BETA, chunker=EVERY_K))])
     add = additive_mask(plan, torch.float32)
     assert add.shape == (1, 1, 7, 7)
     allowed = dense_mask(plan)
@@ -188,8 +191,9 @@ def test_additive_mask_is_zero_or_very_negative():
 
 def test_block_mask_matches_dense_mask():
     pytest.importorskip("torch.nn.attention.flex_attention")
-    segs = sft_segments([1], list(range(40, 47)), [2], list(range(60, 71)), K, BETA, "interleaved")
-    plan = collate([[build_sample(segs), build_sample(olm_segments(list(range(9)), K, BETA))]], pad_to=64)
+    segs = sft_segments([1], list(range(40, 47)), [2], list(range(60, 71)), K, BETA, "interleaved", chunker=EVERY_K)
+    plan = collate([[build_sample(segs), build_sample(olm_segments(list(range(9)), K, BETA, chunker=EVERY_K))]],
+                   pad_to=64)
     bm = block_mask(plan, block_size=16)
     # evaluate the BlockMask's own mask_mod on every (q, k) and compare with the dense mask
     q = torch.arange(64).view(-1, 1)
@@ -201,7 +205,7 @@ def test_block_mask_matches_dense_mask():
 
 def test_allowed_mask_is_the_one_rule():
     # the dense mask is the one rule broadcast over (q, k); spot-check the rule itself
-    plan = collate([build_sample(olm_segments([1, 2, 3, 4, 5], K, BETA))])
+    plan = collate([build_sample(olm_segments([1, 2, 3, 4, 5], K, BETA, chunker=EVERY_K))])
     f = {n: getattr(plan, n)[0] for n in ("sample", "chunk", "evicted")}
     q, k = torch.tensor(6), torch.tensor(2)  # c2[0] looking at c1[2]
     assert not allowed_mask(f["sample"][q], f["sample"][k], f["chunk"][q], f["chunk"][k], f["evicted"][k], q, k)
@@ -230,7 +234,8 @@ def test_a_chunk_is_compressed_only_where_it_pays():
     I = IGNORE
     assert plan.labels[0].tolist() == [8, 9, 10, I, I, 11, 12, I]
     # K <= beta: no chunk pays, so nothing is compressed
-    assert olm_segments(list(range(5)), 2, 3) == [Raw((0, 1), True), Raw((2, 3), True), Chunk((4,), 0, "open", True)]
+    assert olm_segments(list(range(5)), 2, 3, chunker=fixed_chunker(2)) == [Raw((0, 1), True), Raw((2, 3), True),
+                                                                            Chunk((4,), 0, "open", True)]
 
 
 def test_fit_cut_boundary_token_is_predicted_from_memory():

@@ -7,6 +7,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, DynamicCac
 
 import vist2  # noqa: F401  (registers the Auto classes)
 from vist2.cli import main
+from vist2.chunking import fixed_chunker
 from vist2.config import VIST2Config, preset_config
 from vist2.layout import Chunk, Kind, Raw, build_sample, collate, olm_segments, sft_segments
 from vist2.modeling import VIST2ForCausalLM, VIST2Model, cache_kwarg, merge_patches
@@ -102,8 +103,8 @@ def test_sparse_mask_eager_equals_sdpa():
     model = _tiny()
     K, beta = model.config.chunk_tokens, model.config.n_visual
     segs = sft_segments([1, 2], list(range(100, 100 + K + 20)), [3], list(range(500, 500 + 2 * K + 5)), K, beta,
-                        "interleaved")
-    plan = collate([build_sample(segs), build_sample(olm_segments(range(900, 960), K, beta))])
+                        "interleaved", chunker=fixed_chunker(K))
+    plan = collate([build_sample(segs), build_sample(olm_segments(range(900, 960), K, beta, chunker=fixed_chunker(K)))])
     px = _pixels(len(plan.chunks))
     outs = {}
     for impl in ("eager", "sdpa"):
@@ -122,7 +123,7 @@ def test_what_each_token_can_influence():
     model = _tiny()
     K, beta = model.config.chunk_tokens, model.config.n_visual
     ids = list(range(1000, 1000 + 2 * K + 10))
-    plan = collate([build_sample(olm_segments(ids, K, beta))])
+    plan = collate([build_sample(olm_segments(ids, K, beta, chunker=fixed_chunker(K)))])
     px = _pixels(2)
     with torch.no_grad():
         base = model(plan=plan, pixel_values=px).logits[0]
@@ -146,7 +147,7 @@ def test_dropping_evicted_text_from_the_cache_is_exact():
     model = _tiny()
     K, beta = model.config.chunk_tokens, model.config.n_visual
     ids = list(range(2000, 2000 + K + 9))
-    plan = collate([build_sample([Raw((7, 8, 9))] + olm_segments(ids, K, beta))])
+    plan = collate([build_sample([Raw((7, 8, 9))] + olm_segments(ids, K, beta, chunker=fixed_chunker(K)))])
     px = _pixels(1)
     lm = model.model.language_model
     n_first = 3 + K + beta  # raw, c1, v1
@@ -183,7 +184,7 @@ def test_dropping_evicted_text_from_the_cache_is_exact():
 def test_loss_counts_only_target_tokens():
     model = _tiny()
     K, beta = model.config.chunk_tokens, model.config.n_visual
-    plan = collate([build_sample(olm_segments(range(3000, 3000 + K + 5), K, beta))])
+    plan = collate([build_sample(olm_segments(range(3000, 3000 + K + 5), K, beta, chunker=fixed_chunker(K)))])
     px = _pixels(1)
     with torch.no_grad():
         out = model(plan=plan, pixel_values=px)
@@ -197,8 +198,8 @@ def test_loss_only_gives_the_same_loss_and_gradients():
     """The training path (chunked linear cross-entropy at the labelled slots) against the full logits."""
     model = _tiny().train()
     K, beta = model.config.chunk_tokens, model.config.n_visual
-    plan = collate([build_sample(olm_segments(range(3000, 3000 + 2 * K + 7), K, beta)),
-                    build_sample(olm_segments(range(4000, 4000 + K + 3), K, beta))])
+    plan = collate([build_sample(olm_segments(range(3000, 3000 + 2 * K + 7), K, beta, chunker=fixed_chunker(K))),
+                    build_sample(olm_segments(range(4000, 4000 + K + 3), K, beta, chunker=fixed_chunker(K)))])
     px = _pixels(len(plan.chunks))
     watched = {"aligner": model.model.aligner.proj.weight, "head": model.lm_head.weight,
                "attention": model.model.language_model.layers[0].self_attn.q_proj.weight}
@@ -223,7 +224,7 @@ def test_loss_only_gives_the_same_loss_and_gradients():
 def test_missing_or_extra_images_are_errors():
     model = _tiny()
     K, beta = model.config.chunk_tokens, model.config.n_visual
-    plan = collate([build_sample(olm_segments(range(3 * K), K, beta))])
+    plan = collate([build_sample(olm_segments(range(3 * K), K, beta, chunker=fixed_chunker(K)))])
     with pytest.raises(ValueError, match="visual slots"):
         model(plan=plan)
     with pytest.raises(ValueError, match="visual slots"):

@@ -96,7 +96,7 @@ def test_shuffled_ocr_text_keeps_the_words_in_another_order(tiny_dir):
     for mode in ("natural", "shuffled"):
         cfg = stage_preset("ocr", ocr_text=mode, max_length=2000,
                            curriculum=[{"until": 1.0, "min_images": 8, "max_images": 8}])
-        b = StageBuilder(cfg, proc.tokenizer, 64, 16, "visual")
+        b = StageBuilder(cfg, proc.tokenizer, 64, 16, "visual", processor=proc)
         items, reason = b.items({"text": text}, random.Random(0), 0.0)
         assert reason is None
         ids = [t for it in items for c in it.sample.chunks for t in c.tokens]

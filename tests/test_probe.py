@@ -23,7 +23,7 @@ def batches(tiny_dir):
     path = tiny_dir.parent / "probe.txt"
     path.write_text(sample_text("en"), encoding="utf-8")
     cfg = stage_preset("ocr", max_length=240, curriculum=[{"until": 1.0, "min_images": 2, "max_images": 2}])
-    ds = StageDataset(open_source(path), StageBuilder(cfg, proc.tokenizer, 64, 16, "visual"), proc, cfg,
+    ds = StageDataset(open_source(path), StageBuilder(cfg, proc.tokenizer, 64, 16, "visual", processor=proc), proc, cfg,
                       split="eval", max_batches=2)
     out = list(ds)
     assert len(out) == 2 and all(b.pixel_values.shape[0] >= 2 for b in out)

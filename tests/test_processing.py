@@ -1,4 +1,4 @@
-"""The fit rule (VIST2Processor.chunk_ids): nothing dropped, images kept full, the same cuts and
+"""The fit rule (VIST2Processor.chunker): nothing dropped, images kept full, the same cuts and
 the same styled pixels in training and in generation; the processor saved with a checkpoint and
 loaded back (or built from an older folder's config.json) renders the same pixels."""
 
@@ -41,7 +41,7 @@ def _proc(tok, preset):
 def test_no_character_dropped_and_images_stay_full(tok, preset, fill, kind):
     proc = _proc(tok, preset)
     ids = tok(TEXTS[kind], add_special_tokens=False)["input_ids"]
-    chunks = proc.chunk_ids(ids)
+    chunks = proc.chunker()(ids).chunks
     assert sum(chunks, []) == ids
     texts = proc.chunk_texts([ChunkInfo(tuple(c), 1) for c in chunks])
     assert "".join(texts) == proc.decode(ids)  # every character is in exactly one image
@@ -56,7 +56,7 @@ def test_fit_rule_cuts_exactly_where_the_next_token_would_overflow(tok):
     cfg = preset_config("tiny")  # read through a coarser font (25 x 12 cells), as in test_engine
     proc = VIST2Processor(tok, cfg.render_config.replace(font_size=8, min_font_size=8), cfg.chunk_tokens)
     ids = tok(TEXTS["prose"], add_special_tokens=False)["input_ids"]
-    cuts = proc.cuts(ids)
+    cuts = proc.chunker()(ids)
     assert any(cuts.fit_cut)
     carry, i = b"", 0
     for c, by_fit in zip(cuts.closed, cuts.fit_cut):
@@ -94,7 +94,7 @@ def test_a_token_that_cannot_fit_alone_is_an_error_naming_it(tok):
     big = tok("=" * 32, add_special_tokens=False)["input_ids"]
     assert len(big) == 1
     with pytest.raises(ValueError, match=f"token {big[0]}"):
-        proc.chunk_ids(ids[:1] + big)
+        proc.chunker()(ids[:1] + big)
     with pytest.raises(ValueError, match="does not fit"):
         proc.render_chunk("=" * 200)  # no silent truncation
 
@@ -216,7 +216,7 @@ def test_processor_round_trips_through_save_pretrained(tok, tmp_path):
         assert back.render_config == rc and back.chunk_tokens == 48
         assert torch.equal(_pixels(back), want)
         assert back.encode(SAVED_TEXT) == proc.encode(SAVED_TEXT) and len(back.tokenizer) == len(tok)
-        assert back.chunk_ids(proc.encode(SAVED_TEXT * 9)) == proc.chunk_ids(proc.encode(SAVED_TEXT * 9))
+        assert back.chunker()(proc.encode(SAVED_TEXT * 9)) == proc.chunker()(proc.encode(SAVED_TEXT * 9))
 
 
 def test_folder_saved_before_processor_files_still_loads(tmp_path):

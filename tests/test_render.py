@@ -534,7 +534,7 @@ def test_ocr_reads_back_structure_heavy_chunks(ocr, r, fn, limit):
 
     proc = VIST2Processor(load_tokenizer(), DEFAULT, 1024)
     ids = proc.encode((Path(__file__).parent / "data" / fn).read_text() * 3)
-    text, _ = proc.chunk_text(b"", proc.chunk_ids(ids)[0])
+    text, _ = proc.chunk_text(b"", proc.chunker()(ids).chunks[0])
     assert "\n" in text and len(text) > 2500
     got = cer(unmark(layout_marks(text)), ocr_read_back(ocr, r, text))
     assert got < limit, got
@@ -583,7 +583,7 @@ def test_ocr_reads_back_the_densest_code_chunks(ocr, r):
 
     proc = VIST2Processor(load_tokenizer(), DEFAULT, 1024)
     texts, carry = [], b""
-    for c in proc.cuts(proc.encode(inspect.getsource(argparse))).closed:
+    for c in proc.chunker()(proc.encode(inspect.getsource(argparse))).closed:
         t, carry = proc.chunk_text(carry, c)
         texts.append(t)
     assert len(texts) >= 15 and min(r.font_size_for(t) for t in texts) == 9

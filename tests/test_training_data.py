@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from vist2.chunking import fixed_chunker
 from vist2.layout import IGNORE, Kind, build_sample, collate, query_parts, sft_segments
 from vist2.runtime import write_json
 from vist2.training.checkpoint import STATE_FILE, atomic_dir, clean_partial, latest_checkpoint, list_checkpoints
@@ -137,7 +138,7 @@ def test_hf_parquet_and_saved_dataset(tmp_path):
 
 def _builder(proc, stage, **kw):
     cfg = stage_preset(stage, **kw)
-    return StageBuilder(cfg, proc.tokenizer, 64, 16, "visual")
+    return StageBuilder(cfg, proc.tokenizer, 64, 16, "visual", processor=proc)
 
 
 def test_curriculum_schedule():
@@ -163,14 +164,14 @@ def test_ocr_samples_follow_the_curriculum(proc):
 
 
 @pytest.mark.parametrize("preset", ["qwen3-0.6b", "qwen3-4b-paper", "tiny"])
-def test_the_ocr_preset_reaches_its_hard_phase(proc, preset):
+def test_the_ocr_preset_reaches_its_hard_phase(proc, every_k, preset):
     """At the stage preset's max_length, the last phase's samples hold 5-8 images (paper: hard > 4)."""
     from vist2.config import preset_config
 
     mc = preset_config(preset)
     cfg = stage_preset("ocr")
     assert ocr_images_per_row(cfg, mc.chunk_tokens, mc.n_visual) >= 8
-    b = StageBuilder(cfg, proc.tokenizer, mc.chunk_tokens, mc.n_visual, "visual")
+    b = StageBuilder(cfg, proc.tokenizer, mc.chunk_tokens, mc.n_visual, "visual", processor=every_k)
     b.encode = lambda text: list(range(100, 100 + 20 * mc.chunk_tokens))  # a 20-chunk document, no tokenizing
     hard, _ = b.items({"text": "x"}, random.Random(0), progress=0.95)
     counts = [len(it.sample.chunks) for it in hard]
@@ -304,8 +305,8 @@ def test_sft_loss_on_response_only_and_tail_rule(proc):
     from vist2.chat import chat_prompt
 
     prefix, q, suffix, _ = chat_prompt(proc.tokenizer, [{"role": "user", "content": query}])
-    chunks = [c for c, compressed, _, _ in query_parts(q, 64, 16)[0] if compressed]
-    s = build_sample(sft_segments(prefix, q, suffix, want, 64, 16, "visual"))
+    chunks = [c for c, compressed, _, _ in query_parts(q, 64, 16, chunker=fixed_chunker(64))[0] if compressed]
+    s = build_sample(sft_segments(prefix, q, suffix, want, 64, 16, "visual", chunker=fixed_chunker(64)))
     assert items[0].sample.input_ids == s.input_ids and len(chunks) >= 2  # the query is compressed
     # visual prompt encoding: 2,000 query tokens take ~500 slots, which a 300-slot row cannot hold
     long = _builder(proc, "sft", max_length=300).items(
@@ -343,7 +344,8 @@ def test_packing_keeps_samples_apart(proc):
 def _stream(proc, path, stage="olm", **kw):
     cfg = stage_preset(stage, max_length=kw.pop("max_length", 160), shuffle_buffer=kw.pop("shuffle_buffer", 4),
                        batch_size=kw.pop("batch_size", 2), seed=kw.pop("seed", 0))
-    return StageDataset(open_source(path), StageBuilder(cfg, proc.tokenizer, 64, 16, "visual"), proc, cfg, **kw)
+    builder = StageBuilder(cfg, proc.tokenizer, 64, 16, "visual", processor=proc)
+    return StageDataset(open_source(path), builder, proc, cfg, **kw)
 
 
 def _key(batch):

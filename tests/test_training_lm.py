@@ -36,8 +36,8 @@ def test_lm_samples_are_plain_causal_text(tiny_dir, text_jsonl):
 
     proc = VIST2Processor.from_pretrained(tiny_dir)
     cfg = stage_preset("lm", max_length=64)
-    ds = StageDataset(open_source(text_jsonl), StageBuilder(cfg, proc.tokenizer, 64, 16, "visual"), proc, cfg,
-                      split="eval")
+    builder = StageBuilder(cfg, proc.tokenizer, 64, 16, "visual", processor=proc)
+    ds = StageDataset(open_source(text_jsonl), builder, proc, cfg, split="eval")
     batch = next(iter(ds))
     plan = batch.plan
     assert batch.pixel_values is None and not plan.chunks and not (plan.kind == Kind.VISUAL).any()
@@ -74,8 +74,8 @@ def test_lm_loss_falls_on_a_fixed_batch(tiny_dir, text_jsonl):
     proc = VIST2Processor.from_pretrained(tiny_dir)
     model = VIST2ForCausalLM.from_pretrained(str(tiny_dir))
     cfg = stage_preset("lm", max_length=64, learning_rate=5e-3, warmup_ratio=0.0, lr_scheduler="constant_with_warmup")
-    ds = StageDataset(open_source(text_jsonl), StageBuilder(cfg, proc.tokenizer, 64, 16, "visual"), proc, cfg,
-                      split="eval")
+    builder = StageBuilder(cfg, proc.tokenizer, 64, 16, "visual", processor=proc)
+    ds = StageDataset(open_source(text_jsonl), builder, proc, cfg, split="eval")
     batch = next(iter(ds))
     apply_trainable(model, cfg)
     opt = make_optimizer(model, cfg)

@@ -110,8 +110,8 @@ def test_loss_falls_on_a_fixed_batch(tiny_dir, data):
     proc = VIST2Processor.from_pretrained(tiny_dir)
     model = VIST2ForCausalLM.from_pretrained(str(tiny_dir))
     cfg = stage_preset("olm", max_length=88, learning_rate=5e-3, warmup_ratio=0.0, lr_scheduler="constant_with_warmup")
-    ds = StageDataset(open_source(data / "text_en.jsonl"), StageBuilder(cfg, proc.tokenizer, 64, 16, "visual"),
-                      proc, cfg, split="eval")
+    builder = StageBuilder(cfg, proc.tokenizer, 64, 16, "visual", processor=proc)
+    ds = StageDataset(open_source(data / "text_en.jsonl"), builder, proc, cfg, split="eval")
     batch = next(iter(ds))
     assert len(batch.plan.chunks) >= 1  # the batch really has a compressed chunk
     apply_trainable(model, cfg)

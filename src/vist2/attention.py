@@ -6,8 +6,9 @@ training) calls it per element, so the two cannot drift apart.
 
 Example::
 
+    >>> from vist2.chunking import fixed_chunker
     >>> from vist2.layout import build_sample, collate, olm_segments
-    >>> plan = collate([build_sample(olm_segments(range(6), 4, 2))])
+    >>> plan = collate([build_sample(olm_segments(range(6), 4, 2, chunker=fixed_chunker(4)))])
     >>> dense_mask(plan).shape
     torch.Size([1, 8, 8])
 """

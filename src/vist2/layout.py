@@ -36,8 +36,9 @@ tokens see.
 
 Example::
 
+    >>> from vist2.chunking import fixed_chunker
     >>> from vist2.layout import build_sample, collate, olm_segments
-    >>> plan = collate([build_sample(olm_segments(list(range(10)), chunk_tokens=4, n_visual=2))])
+    >>> plan = collate([build_sample(olm_segments(list(range(10)), 4, 2, chunker=fixed_chunker(4)))])
     >>> plan.position[0].tolist()
     [0, 1, 2, 3, 0, 1, 2, 3, 4, 5, 2, 3, 4, 5]
 """
@@ -50,7 +51,7 @@ from typing import Literal, Sequence
 
 import torch
 
-from .chunking import Chunker, Cuts, fixed_chunker, pays  # noqa: F401 - the layout functions' cut types
+from .chunking import Chunker, Cuts, pays  # noqa: F401 - the layout functions' cut types
 
 IGNORE = -100  # label of positions that carry no loss (the value torch's cross_entropy skips)
 PROMPT_ENCODINGS = ("visual", "interleaved")
@@ -195,8 +196,11 @@ def _check_sizes(chunk_tokens: int, n_visual: int) -> None:
         raise ValueError(f"n_visual must be > 0, got {n_visual}")
 
 
-def _cut(tokens, chunk_tokens: int, chunker: Chunker | None, carry: bytes = b"") -> Cuts:
-    return (chunker or fixed_chunker(chunk_tokens))(tokens, carry)
+def _cut(tokens, chunker: Chunker, carry: bytes = b"") -> Cuts:
+    if not callable(chunker):  # no silent default: text is cut by the fit rule, token counts by fixed_chunker
+        raise ValueError(f"chunker must be a Chunker (VIST2Processor.chunker(K), or fixed_chunker(K) for token "
+                         f"counts), got {chunker!r}")
+    return chunker(tokens, carry)
 
 
 def caption_segments(n_visual: int, caption: Sequence[int]) -> list[Segment]:
@@ -209,17 +213,17 @@ def ocr_segments(chunks: Sequence[Sequence[int]], n_visual: int) -> list[Segment
     return [Chunk(tuple(c), n_visual, "ocr", loss=True) for c in chunks]
 
 
-def olm_segments(tokens: Sequence[int], chunk_tokens: int, n_visual: int, loss: bool = True,
-                 chunker: Chunker | None = None, carry: bytes = b"") -> list[Segment]:
+def olm_segments(tokens: Sequence[int], chunk_tokens: int, n_visual: int, loss: bool = True, *,
+                 chunker: Chunker, carry: bytes = b"") -> list[Segment]:
     """PT-3 optical language modelling: ``[c1, v1, c2, v2, ..., c_n]`` with the sparse mask.
 
-    Chunks are cut by ``chunker`` (the fit rule; every K tokens without one). The last chunk
+    Chunks are cut by ``chunker`` (``VIST2Processor.chunker(K)``: the fit rule). The last chunk
     stays open (no visual tokens): nothing after it would read them. A closed chunk that holds no
     more tokens than ``n_visual`` stays text (:func:`pays`). The same layout describes generated
     text, which is why SFT responses use it.
     """
     _check_sizes(chunk_tokens, n_visual)
-    cuts = _cut(tokens, chunk_tokens, chunker, carry)
+    cuts = _cut(tokens, chunker, carry)
     parts, fit = list(cuts.closed), list(cuts.fit_cut)
     if cuts.tail or not parts:
         parts.append(cuts.tail)
@@ -234,14 +238,14 @@ def olm_segments(tokens: Sequence[int], chunk_tokens: int, n_visual: int, loss: 
     return segs
 
 
-def query_parts(tokens: Sequence[int], chunk_tokens: int, n_visual: int, chunker: Chunker | None = None,
+def query_parts(tokens: Sequence[int], chunk_tokens: int, n_visual: int, chunker: Chunker,
                 carry: bytes = b"") -> tuple[list[tuple[list[int], bool, bool, bytes | None]], bytes]:
     """The paper's tail rule, applied to every piece of a query: its chunks (K tokens, or fewer where the
     fit rule closed them) and its open tail are compressed where that pays (:func:`pays`: more tokens
     than ``n_visual``), else they stay raw text. Returns ``(tokens, compressed, fit_cut, carry)`` per
     piece, and the bytes left after the query (for the response's first image)."""
     _check_sizes(chunk_tokens, n_visual)
-    cuts = _cut(tokens, chunk_tokens, chunker, carry)
+    cuts = _cut(tokens, chunker, carry)
     pieces = [(list(c), f, cuts.carry_before(i)) for i, (c, f) in enumerate(zip(cuts.closed, cuts.fit_cut))]
     if cuts.tail:
         pieces.append((list(cuts.tail), False, cuts.carry if cuts.carries is not None else None))
@@ -255,7 +259,7 @@ def prompt_segments(
     chunk_tokens: int,
     n_visual: int,
     prompt_encoding: str,
-    chunker: Chunker | None = None,
+    chunker: Chunker,
     question: tuple[int, int] | None = None,
     styles: Sequence[str] | None = None,
 ) -> list[Segment]:
@@ -300,7 +304,7 @@ def _check_question(question, n_query: int) -> None:
                          f"{n_query}, got {question!r}")
 
 
-def prompt_layout(prefix, query, suffix, chunk_tokens, n_visual, prompt_encoding, chunker=None, question=None,
+def prompt_layout(prefix, query, suffix, chunk_tokens, n_visual, prompt_encoding, chunker, question=None,
                   styles=None) -> tuple[list[Segment], bytes]:
     """:func:`prompt_segments` and the bytes of a character split at the query's very end (drawn first
     by the response's first image; none after a suffix, whose own text comes between)."""
@@ -328,7 +332,7 @@ def sft_segments(
     chunk_tokens: int,
     n_visual: int,
     prompt_encoding: str,
-    chunker: Chunker | None = None,
+    chunker: Chunker,
     question: tuple[int, int] | None = None,
     styles: Sequence[str] | None = None,
 ) -> list[Segment]:

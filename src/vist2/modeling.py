@@ -8,11 +8,13 @@ Example (random tiny model, CPU)::
 
     >>> import torch
     >>> from vist2.config import preset_config
+    >>> from vist2.chunking import fixed_chunker
     >>> from vist2.layout import build_sample, collate, olm_segments
     >>> from vist2.modeling import VIST2ForCausalLM
     >>> cfg = preset_config("tiny")
     >>> model = VIST2ForCausalLM(cfg).eval()
-    >>> plan = collate([build_sample(olm_segments(range(100, 200), cfg.chunk_tokens, cfg.n_visual))])
+    >>> K = cfg.chunk_tokens  # chunks of K tokens: the ids stand for no text the fit rule could measure
+    >>> plan = collate([build_sample(olm_segments(range(100, 200), K, cfg.n_visual, chunker=fixed_chunker(K)))])
     >>> pixels = torch.rand(len(plan.chunks), 1, 128, 128)  # normally: rendered chunk text
     >>> out = model(plan=plan, pixel_values=pixels)
     >>> out.logits.shape[:2], out.loss.ndim

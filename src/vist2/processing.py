@@ -20,8 +20,6 @@ import importlib.util
 import itertools
 import json
 import logging
-import unicodedata
-import weakref
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Sequence
@@ -33,8 +31,9 @@ from transformers.processing_utils import ProcessorMixin
 from transformers.utils import PROCESSOR_NAME
 
 from .config import VIST2Config
-from .layout import ChunkInfo, Cuts
-from .render import LineFit, Renderer, RenderConfig, Span
+from .chunking import FitChunker
+from .layout import ChunkInfo
+from .render import Renderer, RenderConfig, Span
 from .text import chunk_text, split_complete, token_bytes
 
 log = logging.getLogger(__name__)
@@ -84,7 +83,7 @@ class VIST2Processor(ProcessorMixin):
         tokenizer: the model's tokenizer (any transformers tokenizer).
         render_config: how a chunk's text becomes an image (a :class:`~vist2.render.RenderConfig`,
             or its dict as ``processor_config.json`` stores it).
-        chunk_tokens: the model's K, the default of :meth:`chunk_ids` and :meth:`chunker`.
+        chunk_tokens: the model's K, the default of :meth:`chunker`.
 
     ``save_pretrained(folder)`` writes the tokenizer files and ``processor_config.json``;
     ``from_pretrained(folder)`` reads them back, or, in a folder saved before processors were
@@ -135,10 +134,22 @@ class VIST2Processor(ProcessorMixin):
         return {"processor_class": type(self).__name__, "render_config": self.render_config.to_dict(),
                 "chunk_tokens": self.chunk_tokens}
 
-    def chunker(self, chunk_tokens: int | None = None):
-        """The fit rule as the layout functions take it (``vist2.layout.Chunker``)."""
-        K = self._k(chunk_tokens)
-        return lambda ids, carry=b"": self.cuts(ids, carry, K)
+    def chunker(self, chunk_tokens: int | None = None) -> FitChunker:
+        """The fit rule at ``chunk_tokens`` (default: the model's K): the one way text is cut into chunks.
+
+        A chunk ends after K tokens, or before the first token whose text would no longer fit the image
+        at ``min_font_size``. Call the chunker to cut (a :class:`~vist2.chunking.Cuts`; the layout
+        functions take it as their ``chunker``), or open the running state of one chunk filled token by
+        token with ``.window(carry)`` (generation). Training, prefill, generation and evaluation all cut
+        through it, so they cut in the same place.
+
+        >>> fit = proc.chunker()                        # doctest: +SKIP
+        >>> fit(proc.encode(text)).chunks               # doctest: +SKIP
+        [[...1024 ids], [...981 ids], [...37 ids]]
+        >>> fit.window(b"").push(token_id)              # doctest: +SKIP
+        True
+        """
+        return FitChunker(self.tokenizer, self.renderer, self.chunk_tokens if chunk_tokens is None else chunk_tokens)
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -160,7 +171,7 @@ class VIST2Processor(ProcessorMixin):
         style per character of ``text`` (as :meth:`char_styles` gives: a query chunk holding part of the
         question).
 
-        :meth:`chunk_ids` cuts chunks so that their text always fits; text that does not fit
+        :meth:`chunker` cuts chunks so that their text always fits; text that does not fit
         is an error (``ValueError``), never cut. Training and generation both render through
         here, so they see the same pixels.
         """
@@ -190,68 +201,6 @@ class VIST2Processor(ProcessorMixin):
         n = len(self.chunk_text(carry, ids)[0])  # equal but for invalid bytes split oddly: then pad/cut
         fill = out[-1] if out else (style[-1] if len(style) else "plain")
         return tuple(out[:n] + [fill] * (n - len(out)))
-
-    # -- the fit rule ------------------------------------------------------------------
-
-    def chunk_fit(self, chunk_tokens: int | None = None, carry: bytes = b"") -> "ChunkFit":
-        """A running fit state for one chunk being filled token by token (generation)."""
-        return ChunkFit(self, self._k(chunk_tokens), carry)
-
-    def _k(self, chunk_tokens: int | None) -> int:
-        K = self.chunk_tokens if chunk_tokens is None else chunk_tokens
-        if not isinstance(K, int) or K <= 0:
-            raise ValueError(f"chunk_tokens must be a positive int (the model's K), got {K!r}")
-        return K
-
-    def cuts(self, ids: Sequence[int], carry: bytes = b"", chunk_tokens: int | None = None) -> Cuts:
-        """Cut ``ids`` into chunks by the fit rule (see :meth:`chunk_ids`), starting with the bytes
-        ``carry`` left by an earlier chunk of the same sample."""
-        K = self._k(chunk_tokens)
-        ids = [int(i) for i in ids]
-        closed, by_fit, carries = [], [], []
-        i, n = 0, len(ids)
-        while True:
-            window = ids[i : i + K]
-            text, after = self.chunk_text(carry, window)
-            # fast path: every prefix of a window that fits fits too (greedy wrapping is monotone)
-            if unicodedata.is_normalized("NFC", text) and self.renderer.fits(text):
-                if len(window) < K:
-                    return Cuts(closed, by_fit, window, carry, after, carries)
-                closed.append(window)
-                by_fit.append(False)
-                carries.append(carry)
-                carry, i = after, i + K
-                continue
-            fit = ChunkFit(self, K, carry)
-            for j, t in enumerate(window):
-                if not fit.push(t):
-                    break
-            else:  # only reached when NFC made the fast path unsure: the whole window fits
-                if len(window) < K:
-                    return Cuts(closed, by_fit, window, carry, fit.carry, carries)
-                closed.append(window)
-                by_fit.append(False)
-                carries.append(carry)
-                carry, i = fit.carry, i + K
-                continue
-            closed.append(window[:j])
-            by_fit.append(True)
-            carries.append(carry)
-            carry, i = fit.carry, i + j
-
-    def chunk_ids(self, ids: Sequence[int], chunk_tokens: int | None = None) -> list[list[int]]:
-        """The chunks a token sequence is cut into, exactly as training, prefill and generation cut it.
-
-        A chunk ends after K tokens, or earlier: before the first token whose text would no longer
-        fit the image at ``min_font_size``. Every list but the last is a closed chunk (compressed);
-        the last is the open tail (possibly empty). A token whose text cannot fit even alone raises
-        ``ValueError`` naming it.
-
-        >>> proc.chunk_ids(ids)           # doctest: +SKIP
-        [[...1024 ids], [...981 ids], [...37 ids]]
-        """
-        c = self.cuts(ids, b"", chunk_tokens)
-        return [list(x) for x in c.closed] + [list(c.tail)]
 
     def pixels_from_texts(self, texts: Sequence[str], styles: Sequence[str | Sequence[str]] | None = None) -> torch.Tensor:
         styles = styles or ["plain"] * len(texts)
@@ -304,63 +253,3 @@ def _model_config(folder: Path) -> VIST2Config | None:
         return None
     return VIST2Config.from_pretrained(str(folder))
 
-
-class ChunkFit:
-    """The fit rule for one chunk filled token by token: :meth:`push` says whether the next token
-    still belongs to it. Generation keeps one per open window; :meth:`VIST2Processor.cuts` uses the
-    same object, so both cut in the same place.
-
-    The chunk's text is ``carry`` + its tokens' bytes, up to the last complete character (a split
-    character is shown by the next chunk), as :func:`vist2.text.chunk_text` defines it.
-    """
-
-    __slots__ = ("processor", "K", "tokens", "carry", "_fit", "_bytes")
-
-    # tokenizer -> {token id: its bytes}: the fit rule runs once per token, so its bytes are looked up once
-    _BYTES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-
-    def __init__(self, processor: VIST2Processor, chunk_tokens: int, carry: bytes = b""):
-        self.processor, self.K = processor, chunk_tokens
-        self.tokens: list[int] = []
-        self.carry = bytes(carry)  # incomplete bytes at the end so far (the next chunk's carry)
-        self._fit = LineFit(processor.renderer)
-        tok = processor.tokenizer
-        try:
-            self._bytes = ChunkFit._BYTES.setdefault(tok, {})
-        except TypeError:  # a tokenizer that takes no weak reference: no cache shared across chunks
-            self._bytes = {}
-
-    @property
-    def full(self) -> bool:
-        """K tokens: the chunk is closed without waiting for the next token."""
-        return len(self.tokens) >= self.K
-
-    def push(self, token_id: int) -> bool:
-        """Add the token if the chunk has room for it (True); else leave the state as it was (False).
-
-        Raises ``ValueError`` if the token does not fit even as the first token of a chunk.
-        """
-        if self.full:
-            return False
-        token_id = int(token_id)
-        data = self._bytes.get(token_id)
-        if data is None:
-            data = self._bytes[token_id] = token_bytes(self.processor.tokenizer, [token_id])
-        if self.carry:
-            data = self.carry + data
-        try:  # whole characters (nearly every token): nothing to carry
-            text, pending = data.decode("utf-8"), b""
-        except UnicodeDecodeError:
-            complete, pending = split_complete(data)
-            text = complete.decode("utf-8", errors="replace")
-        if not self._fit.try_append(text):
-            if not self.tokens:
-                raise ValueError(
-                    f"token {token_id} ({text[:40]!r}{'...' if len(text) > 40 else ''}) does not fit a "
-                    f"{self.processor.renderer.config.width}x{self.processor.renderer.config.height} image even "
-                    f"alone at min_font_size={self.processor.renderer.config.min_font_size}"
-                )
-            return False
-        self.tokens.append(token_id)
-        self.carry = pending
-        return True

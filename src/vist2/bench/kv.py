@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+from ..chunking import fixed_chunker
 from ..layout import Kind, Raw, Segment, build_sample, olm_segments
 from ..modes import Mode
 
@@ -37,7 +38,8 @@ def kv_layout(prompt: Sequence[Segment], n_new: int, K: int, n_visual: int, mode
     """
     prompt = list(prompt)
     response = list(range(n_new))
-    reply = olm_segments(response, K, n_visual) if mode == Mode.GCC else [Raw(tuple(response))]
+    reply = (olm_segments(response, K, n_visual, chunker=fixed_chunker(K)) if mode == Mode.GCC
+             else [Raw(tuple(response))])
     s = build_sample(prompt + reply)
     alive, peak, trace = 0, 0, []
     for t in range(len(s)):

@@ -1,13 +1,13 @@
 """Decode-time compression: the open window of generated text and how it becomes visual tokens.
 
 A gcc row's newest generated tokens form the open window (the chunk being written). The fit
-rule (:class:`vist2.processing.ChunkFit`, the same object that cuts training text) says whether
+rule (:class:`vist2.chunking.ChunkFit`, the same object that cuts training text) says whether
 the next token still belongs to it; the window closes when it holds K tokens or when a token
 would not fit its image. Closing it renders its text, reads it with the vision tower + aligner,
 runs the β visual tokens through the LLM after the window (they attend to it, as the layout's
 mask says), and moves their K/V to where the window began: the window's text entries are gone.
 
-    >>> w = Window(processor.chunk_fit(64))                             # doctest: +SKIP
+    >>> w = Window(processor.chunker(64).window())                      # doctest: +SKIP
     >>> w.push(token_id), w.full                                        # doctest: +SKIP
 """
 
@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import torch
 
-from ..processing import ChunkFit, VIST2Processor
+from ..chunking import ChunkFit
+from ..processing import VIST2Processor
 from .runner import ModelRunner
 
 
@@ -42,7 +43,7 @@ class Window:
     def fits(self, token_id: int) -> bool:
         """Whether the token would fit, leaving the window as it is (the window's text is fitted again
         on a fresh state: only asked at a fit cut's boundary token)."""
-        trial = self.fit.processor.chunk_fit(self.fit.K, self.carry_in)
+        trial = self.fit.chunker.window(self.carry_in)
         return all(trial.push(t) for t in self.tokens) and trial.push(token_id)
 
 
@@ -55,7 +56,7 @@ class Compressor:
 
     def open(self, carry: bytes = b"") -> Window:
         """An empty window after a chunk that left ``carry`` (the bytes of a split character)."""
-        return Window(self.processor.chunk_fit(self.K, carry))
+        return Window(self.processor.chunker(self.K).window(carry))
 
     @torch.no_grad()
     def close(self, rows: list[int], windows: list[Window]) -> tuple[list[str], torch.Tensor]:

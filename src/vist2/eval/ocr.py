@@ -127,7 +127,7 @@ def _chunks(processor, docs_ids: list[list[int]], L: int, n_visual: int, n: int)
     shown in the later chunk)."""
     out = []
     for d, ids in enumerate(docs_ids):
-        infos = [ChunkInfo(tuple(c), n_visual, 0, d) for c in processor.chunk_ids(ids, L)[:-1]]
+        infos = [ChunkInfo(tuple(c), n_visual, 0, d) for c in processor.chunker(L)(ids).closed]
         infos = infos[: n - len(out)]
         out += [(list(c.tokens), t) for c, t in zip(infos, processor.chunk_texts(infos))]
         if len(out) >= n:

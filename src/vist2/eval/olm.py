@@ -58,10 +58,10 @@ GENERATORS = (("vist2", "gcc"), ("backbone", "none"))
 
 
 def optical_segments(context: Sequence[int], continuation: Sequence[int], chunk_tokens: int,
-                     n_visual: int, chunker: Chunker | None = None) -> list[Segment]:
+                     n_visual: int, chunker: Chunker) -> list[Segment]:
     """OLM layout over context + continuation with the loss on the continuation only.
 
-    Chunks are cut by ``chunker`` (the fit rule; every K tokens without one). The context must be
+    Chunks are cut by ``chunker`` (``VIST2Processor.chunker(K)``: the fit rule). The context must be
     whole chunks (a chunk has one loss flag), so the split between context and continuation falls
     on a chunk boundary (:func:`whole_chunks` gives such a context).
     """

@@ -19,7 +19,8 @@ sft        ``sft_segments`` (``chat_prompt`` split, the       the response, ``<t
 =========  =================================================  ===========================
 
     >>> from vist2.training.stages import StageBuilder          # doctest: +SKIP
-    >>> b = StageBuilder(cfg, tokenizer, chunk_tokens=64, n_visual=16, prompt_encoding="visual")  # doctest: +SKIP
+    >>> b = StageBuilder(cfg, processor.tokenizer, chunk_tokens=64, n_visual=16, prompt_encoding="visual",
+    ...                  processor=processor)  # doctest: +SKIP
     >>> items, reason = b.items({"text": "In the beginning ..."}, random.Random(0), progress=0.0)  # doctest: +SKIP
 """
 
@@ -32,8 +33,8 @@ from functools import lru_cache
 from itertools import accumulate
 from typing import Any
 
-from ..layout import (Raw, Sample, build_sample, caption_segments, fixed_chunker, ocr_segments, olm_segments,
-                      sft_segments)
+from ..chunking import FitChunker, fixed_chunker
+from ..layout import Raw, Sample, build_sample, caption_segments, ocr_segments, olm_segments, sft_segments
 from .config import CurriculumPhase, TrainConfig, ocr_images_per_row
 
 log = logging.getLogger(__name__)
@@ -61,10 +62,12 @@ def images_for(curriculum: list[CurriculumPhase], progress: float, rng: random.R
 
 @lru_cache(maxsize=64)
 def olm_text_budget(max_length: int, chunk_tokens: int, n_visual: int) -> int:
-    """Most text tokens whose OLM layout fits ``max_length`` slots (asked of the layout, not re-derived)."""
+    """Most text tokens whose OLM layout fits ``max_length`` slots when chunks hold K tokens (asked of the
+    layout, not re-derived; the fit rule's shorter chunks shrink a window further, ``_olm_windows``)."""
+    every_k = fixed_chunker(chunk_tokens)
 
     def slots(n: int) -> int:
-        return len(build_sample(olm_segments(range(n), chunk_tokens, n_visual)))
+        return len(build_sample(olm_segments(range(n), chunk_tokens, n_visual, chunker=every_k)))
 
     lo, hi = 0, max_length  # slots(n) >= n, so the answer is at most max_length
     while lo < hi:
@@ -101,14 +104,13 @@ def special_id(tokenizer, token: str) -> int:
 
 
 class StageBuilder:
-    """Turns records into :class:`Item` s for one stage."""
+    """Turns records into :class:`Item` s for one stage. Chunks are cut by ``processor``'s fit rule
+    (``VIST2Processor.chunker``), as generation cuts them."""
 
     def __init__(self, cfg: TrainConfig, tokenizer, chunk_tokens: int, n_visual: int, prompt_encoding: str,
                  processor=None):
         self.cfg, self.tok = cfg, tokenizer
         self.K, self.n_visual = chunk_tokens, n_visual
-        # the fit rule (VIST2Processor.chunker), so chunks are cut as generation cuts them; without a
-        # processor (slot counting, pure layout tests) every K tokens
         self.processor = processor
         self.prompt_encoding = cfg.prompt_encoding or prompt_encoding
         self.doc_end = special_id(tokenizer, "<|endoftext|>")  # ends an OLM document / a caption
@@ -131,9 +133,10 @@ class StageBuilder:
 
             self._chat_prompt = chat_prompt
 
-    def chunker(self, chunk_tokens: int | None = None):
-        K = chunk_tokens or self.K
-        return self.processor.chunker(K) if self.processor is not None else fixed_chunker(K)
+    def chunker(self, chunk_tokens: int | None = None) -> FitChunker:
+        if self.processor is None:
+            raise ValueError("StageBuilder(processor=...) is needed to cut chunks: the fit rule is the processor's")
+        return self.processor.chunker(chunk_tokens or self.K)
 
     def encode(self, text: str) -> list[int]:
         return self.tok(text, add_special_tokens=False)["input_ids"]
