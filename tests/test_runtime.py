@@ -10,7 +10,7 @@ import torch
 from vist2.checks import is_int
 from vist2.engine import Engine
 from vist2.errors import CLIError
-from vist2.runtime import (DTYPE_NAMES, KVGeometry, default_device, eos_ids, is_checkpoint, kv_geometry,
+from vist2.runtime import (DTYPE_NAMES, KVGeometry, cast_model, default_device, eos_ids, is_checkpoint, kv_geometry,
                            load_checkpoint, require_checkpoint, torch_dtype, write_json)
 
 
@@ -174,3 +174,20 @@ def test_generate_and_eval_exit_2_on_a_damaged_folder(tiny_dir, tmp_path, capsys
         assert main(argv) == 2
         err = capsys.readouterr().err
         assert err.startswith("vist2: error: ") and needle in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_cast_model_keeps_rotary_frequencies_in_float32(tiny_dir):
+    """A model cast to bf16 with plain ``.to`` rounds RoPE's inv_freq and drifts every position's angle;
+    ``cast_model`` keeps them as ``from_pretrained(dtype=bf16)`` loads them (the reference here)."""
+    loaded, _ = load_checkpoint(tiny_dir, "cpu", "bfloat16")
+    freqs = {n: b for n, b in loaded.named_buffers() if n.endswith("inv_freq")}
+    assert freqs and all(b.dtype == torch.float32 for b in freqs.values())
+    fp32, _ = load_checkpoint(tiny_dir, "cpu", "float32")
+    plain = {n: b for n, b in fp32.to(torch.bfloat16).named_buffers() if n.endswith("inv_freq")}
+    assert any(not torch.equal(plain[n].float(), freqs[n]) for n in freqs)  # the drift cast_model prevents
+    fp32, _ = load_checkpoint(tiny_dir, "cpu", "float32")
+    cast = cast_model(fp32, torch.bfloat16)
+    assert next(cast.parameters()).dtype == torch.bfloat16
+    for n, b in cast.named_buffers():
+        if n.endswith("inv_freq"):
+            assert b.dtype == torch.float32 and torch.equal(b, freqs[n]), n

@@ -100,6 +100,18 @@ def torch_dtype(dtype: Any):
     return getattr(torch, dtype)
 
 
+def cast_model(model, dtype):
+    """``model.to(dtype)`` that keeps the rotary embeddings' ``inv_freq`` buffers in float32, as
+    ``from_pretrained(dtype=...)`` does: rounded to bf16 they shift a position's angle, by 0.69
+    radians at position 4,000, so a model built in fp32 and cast would attend with drifted positions."""
+    keep = {name: buf.detach().clone() for name, buf in model.named_buffers() if name.endswith("inv_freq")}
+    model.to(dtype)
+    for name, buf in keep.items():
+        owner, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(owner), attr, buf.to(model.get_buffer(name).device))
+    return model
+
+
 def default_device(device: str | None = None) -> str:
     """``device`` when given, else ``"cuda"`` where CUDA is available and ``"cpu"`` otherwise."""
     if device:

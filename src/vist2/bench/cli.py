@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..errors import CLIError
 from ..modes import MODES, Mode
-from ..runtime import default_device, load_checkpoint, torch_dtype
+from ..runtime import cast_model, default_device, load_checkpoint, torch_dtype
 from .flops import flop_shape
 from .hf import hf_model, run_hf
 from .memory import PeakMemory, sync
@@ -55,7 +55,7 @@ def _load(args, device, dtype):
 
     if args.preset not in PRESETS:
         raise CLIError(f"--preset {args.preset}: unknown; choose from {', '.join(PRESETS)}")
-    model = build_from_preset(args.preset, seed=args.seed).to(dtype)
+    model = cast_model(build_from_preset(args.preset, seed=args.seed), dtype)
     processor = VIST2Processor(load_tokenizer(), model.config.render_config)
     return model.to(device).eval(), processor
 

@@ -23,7 +23,7 @@ Per sequence:
    running fit state decides; the token then begins the next window). The closed window is
    rendered, read by the vision tower and aligner, and its β visual tokens run through the
    LLM attending to the cache; their K/V replace the window. Chunks are cut exactly where
-   ``VIST2Processor.chunk_ids`` cuts them in training.
+   ``VIST2Processor.chunker(K)`` cuts them in training.
 
 Modes share this one code path: ``gcc`` (prompt and output compressed, the paper), ``pcc`` (prompt
 only, the Glyph-style baseline) and ``none`` (a plain LLM).

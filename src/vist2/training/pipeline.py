@@ -140,8 +140,6 @@ class StageDataset(IterableDataset):
                  total_steps: int | None = None, skip: int = 0, pad_multiple: int = 1,
                  max_batches: int | None = None):
         self.source, self.builder, self.processor, self.cfg = source, builder, processor, cfg
-        if builder.processor is None:  # transitional: Trainer._datasets does not pass processor= to StageBuilder yet
-            builder.processor = processor
         self.split, self.holdout, self.rank, self.world = split, holdout, rank, world
         self.total_steps, self.skip, self.pad_multiple, self.max_batches = total_steps, skip, pad_multiple, max_batches
 

@@ -219,7 +219,7 @@ class Trainer:
     def _datasets(self, processor, model_cfg, acc, total_steps, skip, pad_multiple):
         cfg = self.cfg
         builder = StageBuilder(cfg, processor.tokenizer, model_cfg.chunk_tokens, model_cfg.n_visual,
-                               model_cfg.prompt_encoding)
+                               model_cfg.prompt_encoding, processor=processor)
         source = open_source(self.data, streaming=cfg.streaming)
         check_source(source, cfg.stage, "--data")
         holdout = 0 if self.eval_data else cfg.eval_holdout
