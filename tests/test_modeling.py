@@ -10,7 +10,7 @@ from vist2.cli import main
 from vist2.chunking import fixed_chunker
 from vist2.config import VIST2Config, preset_config
 from vist2.layout import Chunk, Kind, Raw, build_sample, collate, olm_segments, sft_segments
-from vist2.modeling import VIST2ForCausalLM, VIST2Model, cache_kwarg, merge_patches
+from vist2.modeling import VIST2ForCausalLM, VIST2Model, cache_kwarg, merge_patches, output_cache
 
 
 def _tiny(**overrides):
@@ -296,3 +296,22 @@ def test_paper_geometry_preset():
     assert (cfg.render["height"], cfg.patch_size, cfg.merge, cfg.n_visual, cfg.chunk_tokens) == (256, 16, 1, 256, 1024)
     cfg = preset_config("qwen3-0.6b")
     assert (cfg.render["height"], cfg.merge, cfg.n_visual, cfg.chunk_tokens) == (512, 2, 256, 1024)
+
+
+def test_a_forward_with_a_cache_returns_it_without_a_deprecation_message(capfd):
+    """transformers renamed an output's ``past_key_values`` to ``cache`` and warns on the old name (getter
+    and constructor); the model's outputs and our readers use whichever name this transformers has, so
+    ``vist2 eval`` and ``generate`` print no such line."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.get_logger("transformers").warning_once.cache_clear()  # earlier tests may have used up the once
+    model = _tiny()
+    cache = DynamicCache()
+    plan = collate([build_sample([Raw((5, 6, 7))])])
+    with torch.no_grad():
+        out = model(plan=plan, past_key_values=cache, use_cache=True)
+        out_loss = model(plan=plan, labels=plan.labels, loss_only=True)
+    assert output_cache(out) is cache and cache.get_seq_length() == 3
+    assert out_loss.loss is not None
+    err = capfd.readouterr().err
+    assert "deprecated" not in err, err

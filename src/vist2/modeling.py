@@ -48,6 +48,19 @@ def cache_kwarg(language_model: nn.Module, cache) -> dict:
     return {"cache": cache} if "cache" in params else {"past_key_values": cache}
 
 
+def output_cache(output):
+    """The KV cache a transformers model output carries, under the field name this transformers uses
+    (``cache``; ``past_key_values`` before it, whose getter now warns)."""
+    return getattr(output, "cache" if "cache" in getattr(type(output), "__dataclass_fields__", {}) else "past_key_values")
+
+
+def _lm_output(**fields) -> CausalLMOutputWithPast:
+    """``CausalLMOutputWithPast`` with its cache under the field name this transformers uses."""
+    if "cache" in CausalLMOutputWithPast.__dataclass_fields__:
+        fields["cache"] = fields.pop("past_key_values")
+    return CausalLMOutputWithPast(**fields)
+
+
 class Aligner(nn.Module):
     """Projects (merged) vision features into the LLM's embedding space, bounded by tanh."""
 
@@ -272,8 +285,7 @@ class VIST2ForCausalLM(VIST2PreTrainedModel, GenerationMixin):
             n = (labels != IGNORE).sum()
             # a batch without targets gives loss 0 (not NaN), so accumulation stays finite
             loss = linear_cross_entropy(hidden, self.lm_head.weight, labels) / n.clamp(min=1)
-            return CausalLMOutputWithPast(loss=loss, past_key_values=out.past_key_values,
-                                          hidden_states=out.hidden_states)
+            return _lm_output(loss=loss, past_key_values=output_cache(out), hidden_states=out.hidden_states)
         if isinstance(logits_to_keep, int) and logits_to_keep > 0:
             hidden = hidden[:, -logits_to_keep:]
         elif isinstance(logits_to_keep, torch.Tensor):
@@ -287,6 +299,4 @@ class VIST2ForCausalLM(VIST2PreTrainedModel, GenerationMixin):
             loss = F.cross_entropy(
                 logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE, reduction="sum"
             ) / n.clamp(min=1)
-        return CausalLMOutputWithPast(
-            loss=loss, logits=logits, past_key_values=out.past_key_values, hidden_states=out.hidden_states
-        )
+        return _lm_output(loss=loss, logits=logits, past_key_values=output_cache(out), hidden_states=out.hidden_states)

@@ -69,7 +69,9 @@ def run_hf(model, ids, args, device, fshape: FlopShape, memory: PeakMemory, prog
     generated = out.sequences.shape[1] - N
     if generated != M:
         raise RuntimeError(f"hf: generated {generated} tokens, asked for {M}")
-    kv_final = int(out.past_key_values.get_seq_length())
+    from ..modeling import output_cache
+
+    kv_final = int(output_cache(out).get_seq_length())
     t = clock.times
     ttft, decode_s = t[0] - t0, t[-1] - t[0]
     # interval i holds the forward of generated token i: N + i entries once it is cached
