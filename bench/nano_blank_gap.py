@@ -1,0 +1,62 @@
+"""How much a model's continuations read its memory pages: the *blank-page gap*, mean NLL per token of
+teacher-forced continuations after whole chunks of visual memory with white pages minus with the real
+ones (same layout, same targets), on the eval's own windows (``vist2 eval olm``'s gcc layout).
+
+    python bench/nano_blank_gap.py --model models/vist2-nano --data recipes/nano/heldout.txt \\
+        --continuation-tokens 8 64 --out bench/results/nano/blank-gap.json
+
+The shipped model's 8-token gap is what ``tests/test_shipped_model.py`` guards (0.159 nats when shipped).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from vist2.eval.olm import layout_segments, windows
+from vist2.layout import IGNORE, build_sample, collate
+from vist2.runtime import load_checkpoint
+
+
+def blank_gap(model, proc, ids: list[int], context: int, continuation: int) -> dict:
+    wins = windows([ids], context, continuation, proc.chunker(model.config.chunk_tokens))
+    nll, n = {"real": 0.0, "blank": 0.0}, 0
+    for ctx, cont in wins:
+        plan = collate([build_sample(layout_segments("optical", ctx, cont, model, proc))])
+        pixels = proc.pixels_for(plan.chunks)
+        white = torch.full_like(pixels, proc.renderer.config.background / 255)
+        for name, px in (("real", pixels), ("blank", white)):
+            with torch.no_grad():
+                logits = model(plan=plan, pixel_values=px).logits[0].float()
+            nll[name] += F.cross_entropy(logits, plan.labels[0], ignore_index=IGNORE, reduction="sum").item()
+        n += int((plan.labels[0] != IGNORE).sum())
+    return {"windows": len(wins), "targets": n, "nll_real": nll["real"] / n, "nll_blank": nll["blank"] / n,
+            "gap_nats": (nll["blank"] - nll["real"]) / n}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--data", required=True, help="a held-out text file")
+    ap.add_argument("--context-tokens", type=int, default=256)
+    ap.add_argument("--continuation-tokens", type=int, nargs="+", default=[8, 64])
+    ap.add_argument("--out", help="write the results as JSON here")
+    args = ap.parse_args()
+    model, proc = load_checkpoint(args.model, "cpu")
+    ids = proc.encode(Path(args.data).read_text(encoding="utf-8"))
+    res = {"model": args.model, "data": args.data, "context_tokens": args.context_tokens,
+           "gaps": {str(c): blank_gap(model, proc, ids, args.context_tokens, c) for c in args.continuation_tokens}}
+    for c, g in res["gaps"].items():
+        print(f"{c:>3} tokens: {g['windows']} windows, NLL real {g['nll_real']:.3f}, blank {g['nll_blank']:.3f}, "
+              f"gap {g['gap_nats']:.3f} nats")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(res, indent=1) + "\n", encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()
