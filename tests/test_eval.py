@@ -133,6 +133,34 @@ def test_greedy_transcription_matches_teacher_forcing(tiny):
     assert transcribe(model, visual[:1], 10, stop_ids=[first], n_tokens=n_tok) == [[]]
 
 
+def test_transcription_with_the_models_ocr_prompt_matches_teacher_forcing(tiny):
+    """A model trained with an ocr_prompt is asked to read with it: [v, p, g...]; the cached loop picks the
+    argmax of the full plan's forward at every step, and the prompt changes what is read (it is in the layout)."""
+    from vist2.eval.ocr import ocr_prompt_ids
+
+    model, proc = tiny
+    beta, n_tok = model.config.n_visual, len(proc.tokenizer)
+    assert ocr_prompt_ids(model, proc) == []  # the tiny model has none
+    prompt = proc.encode("OCR:")
+    pixels = proc.pixels_from_texts(["In the beginning God created"])
+    with torch.no_grad():
+        visual = model.model.encode_images(pixels)
+    g = transcribe(model, visual, max_new_tokens=10, n_tokens=n_tok, prompt_ids=prompt)[0]
+    plan = collate([build_sample(ocr_segments([g], beta, prompt))])
+    with torch.no_grad():
+        logits = model(plan=plan, pixel_values=pixels).logits[0]
+    first = beta + len(prompt) - 1  # the prompt's last slot predicts g[0]
+    assert logits[first : first + len(g), :n_tok].argmax(-1).tolist() == g
+    with torch.no_grad():
+        plain = model(plan=collate([build_sample(ocr_segments([g], beta))]), pixel_values=pixels).logits[0]
+    assert not torch.allclose(plain[beta - 1], logits[first])
+    model.config.ocr_prompt = "OCR:"
+    try:
+        assert ocr_prompt_ids(model, proc) == prompt
+    finally:
+        model.config.ocr_prompt = None
+
+
 def test_eval_ocr_command(tiny, tiny_dir, en_file, tmp_path, capsys, monkeypatch):
     import vist2.eval.ocr
 

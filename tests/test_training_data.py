@@ -252,6 +252,33 @@ def test_ocr_mix_adds_single_image_ocr_samples_to_olm_and_sft(proc):
         stage_preset("olm", ocr_mix=1.5)
 
 
+def test_ocr_prompt_sits_between_each_page_and_its_text(proc):
+    """ocr_prompt: [v1 p c1 v2 p c2 ...]: no loss on the prompt, the first character of a page predicted at
+    the prompt's last slot, every text token still a target; in PT-2 and in ocr_mix samples alike, and the
+    rows' budget counts the prompt."""
+    prompt = proc.encode("OCR:")
+    cur = [{"until": 1.0, "min_images": 2, "max_images": 2}]
+    b = _builder(proc, "ocr", max_length=2 * (16 + len(prompt) + 64), ocr_prompt="OCR:", curriculum=cur)
+    items, _ = b.items({"text": TEXT * 3}, random.Random(0), 0.5)
+    s = items[0].sample
+    page = [Kind.VISUAL] * 16 + [Kind.TEXT] * (len(prompt) + 64)
+    assert s.kind == page * 2 and len(s.chunks) == 2
+    assert s.input_ids[16 : 16 + len(prompt)] == prompt and s.input_ids[96 + len(prompt):][:len(prompt)] == prompt
+    assert s.loss == ([False] * (16 + len(prompt)) + [True] * 64) * 2
+    assert s.position == list(range(len(s)))  # causal, nothing evicted: as the plain MT-OCR layout
+    plan = collate([s])
+    assert plan.labels[0, 16 + len(prompt) - 1] == s.input_ids[16 + len(prompt)]  # the prompt asks for c1[0]
+    assert plan.labels[0, 15] == -100  # the page's last visual slot predicts nothing: no loss on the prompt
+    with pytest.raises(ValueError, match="holds 1 OCR images"):  # without room for the prompt, the row fails
+        _builder(proc, "ocr", max_length=2 * (16 + 64), ocr_prompt="OCR:", curriculum=cur)
+    mixed, _ = _builder(proc, "olm", max_length=200, ocr_mix=1.0, ocr_prompt="OCR:").items(
+        {"text": TEXT * 3}, random.Random(0), 0.0)
+    ocr = [it.sample for it in mixed if it.sample.kind[0] == Kind.VISUAL]
+    assert ocr and all(o.input_ids[16 : 16 + len(prompt)] == prompt for o in ocr)
+    with pytest.raises(ValueError, match="ocr_prompt"):
+        stage_preset("olm", ocr_prompt="")
+
+
 def test_memory_use_samples_score_only_what_the_pages_hold_or_predict(proc):
     """recall_samples: a passage of whole chunks, compressed with no loss, then a repeat of one of its
     spans, the only targets; chunk_start_samples: whole chunks, then only the next few tokens. The

@@ -353,3 +353,19 @@ def test_fsdp_config_on_two_cpu_processes_with_accelerate_launch(tiny_dir, data,
         str(tiny_dir)).config.text_config._attn_implementation
     assert changed(weights(tiny_dir), weights(out), "model.language_model.")
     assert not changed(weights(tiny_dir), weights(out), "model.vision.")  # olm leaves the vision tower as it was
+
+
+def test_an_ocr_prompt_is_saved_with_the_model_and_kept_by_later_stages(tiny_dir, data, tmp_path):
+    """TrainConfig.ocr_prompt goes into the saved config.json (eval and the demo transcribe with it); a later
+    stage that does not name one keeps the model's, so an SFT of a prompted reader still reads on request."""
+    from vist2.config import VIST2Config
+
+    olm = tmp_path / "olm"
+    run(tiny_dir, "olm", data / STAGE_DATA["olm"], olm, steps=1, ocr_mix=1.0, ocr_prompt="OCR:")
+    assert VIST2Config.from_pretrained(str(olm)).ocr_prompt == "OCR:"
+    assert VIST2Config.from_pretrained(str(tiny_dir)).ocr_prompt is None  # a model without one loads as before
+    sft = tmp_path / "sft"
+    run(olm, "sft", data / STAGE_DATA["sft"], sft, steps=1, max_length=256)
+    assert VIST2Config.from_pretrained(str(sft)).ocr_prompt == "OCR:"
+    with pytest.raises(ValueError, match="ocr_prompt"):
+        VIST2Config(ocr_prompt="")

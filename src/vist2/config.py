@@ -67,6 +67,10 @@ class VIST2Config(PretrainedConfig):
             the name of a render preset. A model is tied to how it learned to read.
         visual_tokens / compression_ratio: optional checks; when given they must match
             the derived n_visual and K / n_visual.
+        ocr_prompt: text between an image and its transcription in MT-OCR samples (None: the image's
+            text follows it directly, as in the paper). A model trained with one transcribes only when
+            given it, and takes text right after its pages as the continuation it is (set by
+            ``TrainConfig.ocr_prompt``; read by ``vist2 eval ocr`` and the demo's recall).
     """
 
     model_type = "vist2"
@@ -85,6 +89,7 @@ class VIST2Config(PretrainedConfig):
         visual_tokens: int | None = None,
         compression_ratio: float | None = None,
         initializer_range: float = 0.02,
+        ocr_prompt: str | None = None,
         **kwargs,
     ):
         self.text_config = _sub_config(text_config, "qwen3", "text_config")
@@ -109,6 +114,9 @@ class VIST2Config(PretrainedConfig):
             render = render.to_dict()
         self.render = dict(render)
         self.initializer_range = initializer_range
+        if ocr_prompt is not None and (not isinstance(ocr_prompt, str) or not ocr_prompt):
+            raise ValueError(f"ocr_prompt must be a non-empty string or None, got {ocr_prompt!r}")
+        self.ocr_prompt = ocr_prompt
         kwargs.setdefault("tie_word_embeddings", bool(getattr(self.text_config, "tie_word_embeddings", False)))
         super().__init__(**kwargs)
         self.visual_tokens = self._validate(visual_tokens, compression_ratio)

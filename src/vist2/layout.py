@@ -208,9 +208,15 @@ def caption_segments(n_visual: int, caption: Sequence[int]) -> list[Segment]:
     return [Chunk((), n_visual, "visual"), Raw(tuple(caption), loss=True)]
 
 
-def ocr_segments(chunks: Sequence[Sequence[int]], n_visual: int) -> list[Segment]:
-    """PT-2 multi-turn OCR: ``[v1, c1, v2, c2, ...]``, causal; loss on every ``c_i``."""
-    return [Chunk(tuple(c), n_visual, "ocr", loss=True) for c in chunks]
+def ocr_segments(chunks: Sequence[Sequence[int]], n_visual: int, prompt: Sequence[int] = ()) -> list[Segment]:
+    """PT-2 multi-turn OCR: ``[v1, c1, v2, c2, ...]``, causal; loss on every ``c_i``. With a ``prompt``
+    (the model's ``ocr_prompt`` as ids): ``[v1, p, c1, v2, p, c2, ...]``, no loss on ``p``, so that text
+    right after a page is a transcription only when ``p`` asks for one (in OLM it is the continuation)."""
+    if not prompt:
+        return [Chunk(tuple(c), n_visual, "ocr", loss=True) for c in chunks]
+    # the page as a visual-only chunk (its image shows c), then the prompt and c as text: causal, as "ocr"
+    return [seg for c in chunks
+            for seg in (Chunk(tuple(c), n_visual, "visual"), Raw(tuple(prompt)), Raw(tuple(c), loss=True))]
 
 
 def olm_segments(tokens: Sequence[int], chunk_tokens: int, n_visual: int, loss: bool = True, *,

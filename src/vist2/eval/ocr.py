@@ -53,14 +53,21 @@ def ocr_scores(reference: str, hypothesis: str, scorer=None) -> dict[str, float]
 
 
 @torch.no_grad()
+def ocr_prompt_ids(model, processor) -> list[int]:
+    """The ids of the model's ``ocr_prompt`` (what asks it to transcribe a page), [] when it has none."""
+    prompt = getattr(model.config, "ocr_prompt", None)
+    return processor.encode(prompt) if prompt else []
+
+
 def transcribe(model, visual_embeds: torch.Tensor, max_new_tokens: int, stop_ids: Sequence[int] = (),
-               n_tokens: int | None = None) -> list[list[int]]:
+               n_tokens: int | None = None, prompt_ids: Sequence[int] = ()) -> list[list[int]]:
     """Greedy MT-OCR transcription of a batch of images: ``(N, n_visual, D)`` visual embeddings -> token ids.
 
     The layout ``[v, g_1 .. g_max]`` is planned once by :func:`ocr_segments`; since it is causal, the
     plan of a prefix is the prefix of this plan, so each step feeds the next slot with its planned
     position and its row of the planned mask, against a KV cache. Rows stop at a stop id (not
-    included); ``n_tokens`` masks padded vocabulary rows the tokenizer cannot decode.
+    included); ``n_tokens`` masks padded vocabulary rows the tokenizer cannot decode; ``prompt_ids``
+    (:func:`ocr_prompt_ids`) go between the image and the transcription, as the model was trained.
     """
     from transformers import DynamicCache
 
@@ -69,7 +76,7 @@ def transcribe(model, visual_embeds: torch.Tensor, max_new_tokens: int, stop_ids
     N, n_visual = visual_embeds.shape[0], visual_embeds.shape[1]
     dev, dtype = model.device, visual_embeds.dtype
     # the token values do not change positions or visibility, so placeholders plan the whole run
-    plan = collate([build_sample(ocr_segments([[0] * max_new_tokens], n_visual))] * N)
+    plan = collate([build_sample(ocr_segments([[0] * max_new_tokens], n_visual, prompt_ids))] * N)
     mask = additive_mask(plan, dtype).to(dev)
     position = plan.position.to(dev)
     visual = plan.kind == Kind.VISUAL
@@ -77,7 +84,7 @@ def transcribe(model, visual_embeds: torch.Tensor, max_new_tokens: int, stop_ids
     out: list[list[int]] = [[] for _ in range(N)]
     done = torch.zeros(N, dtype=torch.bool)
     stop = torch.tensor(sorted(stop_ids), dtype=torch.long)
-    ids = plan.input_ids[:, :n_visual]  # the visual slots (-1), filled from visual_embeds
+    ids = plan.input_ids[:, : n_visual + len(prompt_ids)]  # the visual slots (-1, from visual_embeds), the prompt
     start = 0
     for step in range(max_new_tokens):
         end = start + ids.shape[1]
@@ -116,7 +123,8 @@ def read_back(model, processor, texts: Sequence[str], margin: float = 0.1, batch
             pixels = torch.full_like(pixels, processor.renderer.config.background / 255)
         with torch.no_grad():
             visual = model.model.encode_images(pixels)
-        hyps = [processor.decode(g) for g in transcribe(model, visual, L + math.ceil(margin * L), stop, n_tokens)]
+        gens = transcribe(model, visual, L + math.ceil(margin * L), stop, n_tokens, ocr_prompt_ids(model, processor))
+        hyps = [processor.decode(g) for g in gens]
         out += [{"reference": r, "transcription": h, "cer": cer(r, h)} for r, h in zip(batch, hyps)]
     return out
 
@@ -173,7 +181,7 @@ def _read_back(model, processor, texts: list[str], cap: int, stop, n_tokens: int
     pixels = processor.pixels_from_texts(texts).to(model.device, model.dtype)
     with torch.no_grad():
         visual = model.model.encode_images(pixels)
-    return [processor.decode(g) for g in transcribe(model, visual, cap, stop, n_tokens)]
+    return [processor.decode(g) for g in transcribe(model, visual, cap, stop, n_tokens, ocr_prompt_ids(model, processor))]
 
 
 def _score_point(model, processor, chunks, point: dict, cap: int, batch_size: int, examples: int,

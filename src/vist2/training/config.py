@@ -96,6 +96,10 @@ class TrainConfig:
     # PT-2: end each OCR sample with the turn end (<|im_end|>, loss on it), so a reader learns where a
     # page's text stops; the paper's MT-OCR has no stop, and transcription then runs to a length cap
     ocr_stop: bool = False
+    # text between each OCR image and its transcription (VIST2Config.ocr_prompt; saved with the model, and
+    # inherited from it when None): text right after a page is then a transcription only when asked for,
+    # so PT-3 no longer teaches two readings of the same place; None = the paper's MT-OCR
+    ocr_prompt: str | None = None
     # olm / sft: the chance that each K-token page of a record's text is also an MT-OCR sample (one
     # image each; ocr_text and ocr_stop apply), so PT-3 and SFT keep what PT-2 taught; 0 = the paper's
     # pure stages
@@ -183,6 +187,8 @@ class TrainConfig:
             raise ValueError(f"lr_scheduler must be cosine, linear or constant_with_warmup, got {self.lr_scheduler!r}")
         if self.num_workers < 0 or self.shuffle_buffer < 0 or self.eval_holdout < 0 or self.keep_checkpoints < 1:
             raise ValueError("num_workers, shuffle_buffer and eval_holdout must be >= 0, keep_checkpoints >= 1")
+        if self.ocr_prompt is not None and (not isinstance(self.ocr_prompt, str) or not self.ocr_prompt):
+            raise ValueError(f"ocr_prompt must be a non-empty string or null, got {self.ocr_prompt!r}")
         if self.ocr_text not in ("natural", "shuffled"):
             raise ValueError(f"ocr_text must be natural or shuffled, got {self.ocr_text!r}")
         if self.chat_history not in ("raw", "compressed"):
@@ -275,11 +281,11 @@ def paper_batch(size: str, stage: str, devices: int = 1, batch_size: int = 1) ->
 _paper_batch = paper_batch  # load_config's argument of the same name shadows the function
 
 
-def ocr_images_per_row(cfg: TrainConfig, chunk_tokens: int, n_visual: int) -> int:
+def ocr_images_per_row(cfg: TrainConfig, chunk_tokens: int, n_visual: int, prompt_tokens: int = 0) -> int:
     """OCR images one sample can hold at ``cfg.max_length``; ``ValueError`` when the curriculum asks
     for more (a silently easier schedule would skip the paper's hard phase)."""
     text = cfg.ocr_tokens_per_image or chunk_tokens
-    per_image = n_visual + text
+    per_image = n_visual + prompt_tokens + text
     fits = (cfg.max_length - int(cfg.ocr_stop)) // per_image
     wants = max(p.max_images for p in cfg.curriculum)
     if wants > fits:

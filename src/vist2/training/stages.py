@@ -116,16 +116,18 @@ class StageBuilder:
         self.doc_end = special_id(tokenizer, "<|endoftext|>")  # ends an OLM document / a caption
         self.turn_end = special_id(tokenizer, "<|im_end|>")  # ends an assistant reply (what generation stops on)
         M = cfg.max_length
+        self.ocr_prompt = self.encode(cfg.ocr_prompt) if cfg.ocr_prompt else []  # between a page and its text
         if cfg.stage == "caption" and M <= n_visual + 1:
             raise ValueError(f"max_length={M} leaves no room for a caption after {n_visual} visual tokens")
         if cfg.stage == "ocr":
             self.ocr_tokens = cfg.ocr_tokens_per_image or chunk_tokens
-            self.ocr_max_images = ocr_images_per_row(cfg, chunk_tokens, n_visual)  # the curriculum fits, or fails
+            # the curriculum fits, or fails
+            self.ocr_max_images = ocr_images_per_row(cfg, chunk_tokens, n_visual, len(self.ocr_prompt))
         elif cfg.ocr_mix:  # olm / sft keep reading: single-image MT-OCR samples of K tokens
             self.ocr_tokens, self.ocr_max_images = chunk_tokens, 1
-            if M < chunk_tokens + n_visual + int(cfg.ocr_stop):
+            if M < chunk_tokens + n_visual + len(self.ocr_prompt) + int(cfg.ocr_stop):
                 raise ValueError(f"ocr_mix: max_length={M} cannot hold one OCR image of {n_visual} visual + "
-                                 f"{chunk_tokens} text tokens")
+                                 f"{len(self.ocr_prompt)} prompt + {chunk_tokens} text tokens")
         if cfg.stage == "olm":
             self.olm_window = olm_text_budget(M, chunk_tokens, n_visual)
         if cfg.stage == "sft":
@@ -175,7 +177,7 @@ class StageBuilder:
         while i < len(chunks):
             n = min(images_for(self.cfg.curriculum, progress, rng), self.ocr_max_images)
             stop = [Raw((self.turn_end,), loss=True)] if self.cfg.ocr_stop else []
-            out.append(Item(build_sample(ocr_segments(chunks[i : i + n], self.n_visual) + stop)))
+            out.append(Item(build_sample(ocr_segments(chunks[i : i + n], self.n_visual, self.ocr_prompt) + stop)))
             i += n
         return out, (None if out else "empty_text")
 

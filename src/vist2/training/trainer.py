@@ -218,6 +218,9 @@ class Trainer:
 
     def _datasets(self, processor, model_cfg, acc, total_steps, skip, pad_multiple):
         cfg = self.cfg
+        if cfg.ocr_prompt is None:  # a reader trained to transcribe on a prompt keeps it in later stages
+            cfg.ocr_prompt = getattr(model_cfg, "ocr_prompt", None)
+        model_cfg.ocr_prompt = cfg.ocr_prompt  # saved with the model: eval and the demo transcribe with it
         builder = StageBuilder(cfg, processor.tokenizer, model_cfg.chunk_tokens, model_cfg.n_visual,
                                model_cfg.prompt_encoding, processor=processor)
         source = open_source(self.data, streaming=cfg.streaming)
