@@ -123,9 +123,10 @@ def greedy_continuation(model, processor, context: Sequence[int], layout: str, n
     for _ in range(n):
         plan = collate([build_sample(layout_segments(layout, context, [*out, 0], model, processor))])
         pixels = processor.pixels_for(plan.chunks).to(model.device, model.dtype) if plan.chunks else None
-        logits = model(plan=plan, pixel_values=pixels).logits[0]
         at = int((plan.labels[0] != IGNORE).nonzero()[-1])  # the slot that predicts the placeholder
-        out.append(int(logits[at].argmax()))
+        # the LM head on that slot alone (no loss either: the logits no longer line up with the labels)
+        logits = model(plan=plan, pixel_values=pixels, logits_to_keep=torch.tensor([at])).logits[0, -1]
+        out.append(int(logits.argmax()))
     return out
 
 
