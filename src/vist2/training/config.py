@@ -290,7 +290,8 @@ def ocr_images_per_row(cfg: TrainConfig, chunk_tokens: int, n_visual: int, promp
     wants = max(p.max_images for p in cfg.curriculum)
     if wants > fits:
         raise ValueError(
-            f"max_length={cfg.max_length} holds {fits} OCR images of {n_visual} visual + {text} text tokens, but "
+            f"max_length={cfg.max_length} holds {fits} OCR images of {n_visual} visual + "
+            f"{f'{prompt_tokens} prompt + ' if prompt_tokens else ''}{text} text tokens, but "
             f"the curriculum asks for up to {wants} per sample: raise max_length to "
             f"{wants * per_image + int(cfg.ocr_stop)}, or lower "
             f"the curriculum's max_images or ocr_tokens_per_image"
