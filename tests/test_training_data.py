@@ -269,7 +269,7 @@ def test_ocr_prompt_sits_between_each_page_and_its_text(proc):
     plan = collate([s])
     assert plan.labels[0, 16 + len(prompt) - 1] == s.input_ids[16 + len(prompt)]  # the prompt asks for c1[0]
     assert plan.labels[0, 15] == -100  # the page's last visual slot predicts nothing: no loss on the prompt
-    with pytest.raises(ValueError, match=r"holds 1 OCR images of 16 visual \+ 4 prompt \+ 64 text"):  # no room: fails
+    with pytest.raises(ValueError, match=rf"holds 1 OCR images of 16 visual \+ {len(prompt)} prompt \+ 64 text"):  # no room
         _builder(proc, "ocr", max_length=2 * (16 + 64), ocr_prompt="OCR:", curriculum=cur)
     mixed, _ = _builder(proc, "olm", max_length=200, ocr_mix=1.0, ocr_prompt="OCR:").items(
         {"text": TEXT * 3}, random.Random(0), 0.0)
