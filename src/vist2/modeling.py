@@ -51,7 +51,8 @@ def cache_kwarg(language_model: nn.Module, cache) -> dict:
 def output_cache(output):
     """The KV cache a transformers model output carries, under the field name this transformers uses
     (``cache``; ``past_key_values`` before it, whose getter now warns)."""
-    return getattr(output, "cache" if "cache" in getattr(type(output), "__dataclass_fields__", {}) else "past_key_values")
+    fields = getattr(type(output), "__dataclass_fields__", {})
+    return getattr(output, "cache" if "cache" in fields else "past_key_values")
 
 
 def _lm_output(**fields) -> CausalLMOutputWithPast:

@@ -181,7 +181,8 @@ def _read_back(model, processor, texts: list[str], cap: int, stop, n_tokens: int
     pixels = processor.pixels_from_texts(texts).to(model.device, model.dtype)
     with torch.no_grad():
         visual = model.model.encode_images(pixels)
-    return [processor.decode(g) for g in transcribe(model, visual, cap, stop, n_tokens, ocr_prompt_ids(model, processor))]
+    gens = transcribe(model, visual, cap, stop, n_tokens, ocr_prompt_ids(model, processor))
+    return [processor.decode(g) for g in gens]
 
 
 def _score_point(model, processor, chunks, point: dict, cap: int, batch_size: int, examples: int,
