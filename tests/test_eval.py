@@ -264,6 +264,20 @@ def test_olm_text_perplexity_is_the_backbone_loss(tiny):
     assert res["none"]["tokens"] == M and res["none"]["context_kv_entries"] == 1
 
 
+def test_olm_windows_with_a_stride_tile_the_continuations():
+    """--stride S starts a window every S tokens; S = the continuation length scores every token after
+    the first context exactly once (non-overlapping windows score one stretch in every N + M)."""
+    from vist2.eval.olm import windows
+
+    ids = list(range(100))
+    plain = windows([ids], 20, 5)
+    assert [c[0] for _, c in plain] == [20, 45, 70, 95]
+    tiled = windows([ids], 20, 5, stride=5)
+    assert [len(ctx) for ctx, _ in tiled] == [20] * 16
+    assert [t for _, c in tiled for t in c] == list(range(20, 100))  # each token once, in order
+    assert all(ctx == ids[c[0] - 20 : c[0]] for ctx, c in tiled)
+
+
 def test_olm_windows_end_the_context_on_a_fit_rule_chunk_boundary(tiny):
     """With hard line breaks the fit rule closes chunks before K tokens: the context is cut back to
     whole chunks, the optical layout's chunks are the processor's chunker's, and the loss falls on
@@ -442,6 +456,15 @@ def test_eval_olm_command_and_bad_input(tiny_dir, judge_dir, qwen3_dir, en_file,
     rc, err = run_eval(base + ["--data", str(en_file), "--context-tokens", "64", "--continuation-tokens", "65",
                                "--recall"])
     assert rc == 2 and "--continuation-tokens" in err
+    rc, err = run_eval(base + ["--data", str(en_file), "--context-tokens", "128", "--continuation-tokens", "16",
+                               "--limit", "3", "--stride", "16"])
+    assert rc == 0, err
+    tf = json.loads(out.read_text())["teacher_forced"]
+    assert tf["stride"] == 16 and tf["windows"] == 3 and tf["optical"]["tokens"] == 48
+    for bad in (["--stride", "0"], ["--stride", "16", "--recall"]):
+        rc, err = run_eval(base + ["--data", str(en_file), "--context-tokens", "128", "--continuation-tokens", "16",
+                                   *bad])
+        assert rc == 2 and "--stride" in err
 
     rc, err = run_eval(base + ["--data", str(en_file), "--context-tokens", "128", "--continuation-tokens", "16",
                                "--limit", "1", "--judge", str(judge_dir), "--prompt-tokens", "64",

@@ -151,10 +151,12 @@ def memory_probe(model, processor, text: str, probe: int = 48) -> dict | None:
 
 
 def windows(docs_ids: Sequence[Sequence[int]], context: int, continuation: int,
-            chunker: Chunker | None = None) -> list[tuple[list[int], list[int]]]:
-    """Non-overlapping (context, continuation) windows, in document order, wherever ``context +
-    continuation`` tokens remain. With ``chunker`` the context is cut back to whole chunks
-    (:func:`whole_chunks`) and the continuation follows at once."""
+            chunker: Chunker | None = None, stride: int | None = None) -> list[tuple[list[int], list[int]]]:
+    """(context, continuation) windows, in document order, wherever ``context + continuation`` tokens
+    remain: non-overlapping, or one starting every ``stride`` tokens (``stride = continuation``: the
+    continuations tile the text after the first context, so every token there is scored once). With
+    ``chunker`` the context is cut back to whole chunks (:func:`whole_chunks`) and the continuation
+    follows at once."""
     out = []
     for ids in docs_ids:
         i = 0
@@ -163,7 +165,7 @@ def windows(docs_ids: Sequence[Sequence[int]], context: int, continuation: int,
             if c == 0:
                 break
             out.append((list(ids[i : i + c]), list(ids[i + c : i + c + continuation])))
-            i += c + continuation
+            i += c + continuation if stride is None else stride
     return out
 
 
@@ -199,7 +201,7 @@ def _summary(nll: float, tokens: int, chars: int) -> dict:
 
 def evaluate_olm(model, processor, documents: Sequence[str], context_tokens: int | None = None,
                  continuation_tokens: int | None = None, limit: int | None = None, progress: bool = True,
-                 recall: bool = False) -> dict:
+                 recall: bool = False, stride: int | None = None) -> dict:
     """``{"optical": {...}, "text": {...}, "none": {...}, "retention": R, "windows": n, ...}``;
     ``ValueError`` when no window fits. ``recall``: the continuation of each passage is its own
     first M tokens (:func:`recall_windows`), not what follows it."""
@@ -219,7 +221,9 @@ def evaluate_olm(model, processor, documents: Sequence[str], context_tokens: int
     if recall and M > N:
         raise ValueError(f"--recall repeats the passage's first --continuation-tokens tokens: {M} must be at "
                          f"most --context-tokens ({N})")
-    wins = recall_windows(docs_ids, N, M, chunker) if recall else windows(docs_ids, N, M, chunker)
+    if stride is not None and (stride <= 0 or recall):
+        raise ValueError(f"--stride must be > 0 and is for continuations, not --recall; got {stride}")
+    wins = recall_windows(docs_ids, N, M, chunker) if recall else windows(docs_ids, N, M, chunker, stride)
     if not wins:
         longest = max((len(x) for x in docs_ids), default=0)
         need = f"a passage of {N} tokens" if recall else f"{N} + {M} = {N + M} tokens (context + continuation)"
@@ -250,7 +254,7 @@ def evaluate_olm(model, processor, documents: Sequence[str], context_tokens: int
     res["optical"]["context_kv_entries"] = ctx_chunks * n_visual / len(wins)
     res["text"]["context_kv_entries"] = ctx_tokens / len(wins)
     res["none"]["context_kv_entries"] = 1
-    res.update(windows=len(wins), context_tokens=N, context_tokens_mean=ctx_tokens / len(wins),
+    res.update(windows=len(wins), stride=stride, context_tokens=N, context_tokens_mean=ctx_tokens / len(wins),
                continuation_tokens=M, task="recall" if recall else "continuation",
                perplexity_ratio=res["optical"]["perplexity"] / res["text"]["perplexity"],
                retention=retention({k: res[k]["perplexity"] for k in LAYOUTS}),
@@ -371,7 +375,7 @@ def cmd_eval_olm(args) -> int:
         model, processor = load(args.model, args.device, args.dtype)
         judge = load_judge(args.judge, args.device, args.dtype) if args.judge else None
         res = evaluate_olm(model, processor, docs, args.context_tokens, args.continuation_tokens,
-                           limit=args.limit, progress=not args.no_progress, recall=args.recall)
+                           limit=args.limit, progress=not args.no_progress, recall=args.recall, stride=args.stride)
         gen = None
         if judge is not None:
             gen = evaluate_generation(model, processor, docs, *judge, prompt_tokens=args.prompt_tokens,
@@ -425,6 +429,9 @@ def add_parser(sub) -> None:
                    help="recall protocol: each passage (--context-tokens, whole chunks) is followed by its own first "
                         "--continuation-tokens tokens again, scored on that repeat")
     q.add_argument("--limit", type=int, default=None, metavar="N", help="quick run: at most N windows / documents")
+    q.add_argument("--stride", type=int, default=None, metavar="S",
+                   help="start a window every S tokens (default: windows do not overlap); S = the continuation "
+                        "length scores every token after the first context once, many more targets from one text")
     q.add_argument("--judge", metavar="DIR",
                    help="a local causal-LM folder (with tokenizer) that scores generated text (paper: GPT-4)")
     q.add_argument("--prompt-tokens", type=int, default=1024, metavar="P",
