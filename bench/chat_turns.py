@@ -19,7 +19,9 @@ CPU defaults (one cache row of ``max_cache_tokens`` = the model's positions, ``-
 - each with the memory cache off and on (``--memory-cache-bytes``, the server's 256 MiB default; on, the
   prefix cache too, as in the server: the LLM's K/V of the chat's earlier chunks is reused);
 - ``compressed+memory``: the memory cache alone (visual tokens reused, the LLM prefills every chunk again);
-- ``none``: a plain LLM (mode none) for reference.
+- ``none``: a plain LLM (mode none) for reference;
+- ``hf``: the model's LLM as a plain transformers model, the whole raw chat (mode none's ids) prefilled
+  every turn, no cache limit (turns past the model's positions are marked ``beyond_positions``).
 
 Per turn: prompt tokens, the KV entries the prompt needs at its peak (``Engine.footprint``, checked before
 the request is added: a chat over the memory limit is *refused* there, as the server answers 413, and the
@@ -40,6 +42,7 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
 
 import argparse
+import functools
 import json
 import platform
 import shlex
@@ -64,6 +67,7 @@ CONFIGS = {  # name -> (mode, history, memory cache on, prefix cache on)
     "compressed+memory": ("gcc", "compressed", True, False),
     "compressed+cache": ("gcc", "compressed", True, True),
     "none": ("none", "raw", False, False),
+    "hf": ("hf", "raw", False, False),  # transformers: the LLM alone, the whole raw chat prefilled every turn
 }
 
 
@@ -84,7 +88,7 @@ def user_turns(tokenizer, turns: int, n: int) -> list[str]:
     return out
 
 
-def run_chat(model, processor, name: str, users: list[str], args) -> list[dict]:
+def run_chat(model, processor, *, name: str, users: list[str], args) -> list[dict]:
     mode, history, cached, prefix = CONFIGS[name]
     phases: dict[str, float] = {}
 
@@ -132,6 +136,48 @@ def run_chat(model, processor, name: str, users: list[str], args) -> list[dict]:
               f"hits {row['memory_hits']:3} misses {row['memory_misses']:3} prefix {s.prefix_hit_chunks:3}",
               file=sys.stderr, flush=True)
         msgs.append({"role": "assistant", "content": res.text})
+    return rows
+
+
+@torch.no_grad()
+def run_chat_hf(model, processor, users: list[str], args) -> list[dict]:
+    """The same chat on a plain transformers LLM (``vist2.bench.hf.hf_model``: the model's own LLM weights):
+    every turn its whole raw prompt (the ids of mode ``none``) is prefilled, no cache limit, no reuse
+    across turns; TTFT is the prefill forward, the reply is greedy with transformers' own cache."""
+    from transformers import DynamicCache
+
+    from vist2.bench.hf import hf_model
+    from vist2.modeling import cache_kwarg
+
+    hf = hf_model(model)
+    ids_of = Engine(model, processor, max_batch=1)  # only to lay out the chat exactly as mode none does
+    params = SamplingParams(max_new_tokens=args.reply_tokens, ignore_eos=True)
+
+    def reply(ids: list[int]) -> tuple[list[int], float]:
+        cache, t0 = DynamicCache(config=hf.config), time.perf_counter()
+        logits = hf(torch.tensor([ids]), **cache_kwarg(hf, cache), use_cache=True, logits_to_keep=1).logits
+        ttft, out = time.perf_counter() - t0, [int(logits[0, -1].argmax())]
+        while len(out) < args.reply_tokens:
+            logits = hf(torch.tensor([out[-1:]]), **cache_kwarg(hf, cache), use_cache=True).logits
+            out.append(int(logits[0, -1].argmax()))
+        return out, ttft
+
+    reply(ids_of.request("A short warm-up. " * 40, params=params, mode="none").prompt_ids)
+    msgs: list[dict] = [{"role": "system", "content": "You are a careful reader. Answer from the text."}]
+    rows = []
+    for t, text in enumerate(users, 1):
+        msgs.append({"role": "user", "content": text})
+        ids = ids_of.request(messages=msgs, params=params, mode="none").prompt_ids
+        t0 = time.perf_counter()
+        out, ttft = reply(ids)
+        n = len(ids) + len(out) - 1
+        rows.append({"turn": t, "prompt_tokens": len(ids), "kv_needed": len(ids), "kv_tokens": n,
+                     "kv_tokens_uncompressed": n, "kv_ratio": 1.0, "ttft_s": round(ttft, 4),
+                     "turn_s": round(time.perf_counter() - t0, 4), "generated_tokens": len(out),
+                     "memory_hits": 0, "memory_misses": 0,
+                     "beyond_positions": len(ids) > model.config.text_config.max_position_embeddings})
+        print(f"  {'hf':17} turn {t:2}: {len(ids):6} tokens, KV {n:5}, TTFT {ttft:6.2f} s", file=sys.stderr, flush=True)
+        msgs.append({"role": "assistant", "content": processor.decode(out)})
     return rows
 
 
@@ -262,7 +308,8 @@ def main(argv: list[str] | None = None) -> int:
     users = user_turns(processor.tokenizer, args.turns, args.user_tokens) if names else []
     results = {}
     for name in names:
-        rows = merge_runs([run_chat(model, processor, name, users, args) for _ in range(args.repeats)])
+        run = run_chat_hf if name == "hf" else functools.partial(run_chat, name=name)
+        rows = merge_runs([run(model, processor, users=users, args=args) for _ in range(args.repeats)])
         results[name] = {"mode": CONFIGS[name][0], "history": CONFIGS[name][1], "memory_cache": CONFIGS[name][2],
                          "prefix_cache": CONFIGS[name][3], "summary": summary(rows), "turns": rows}
     out = {"command": shlex.join(["python", "bench/chat_turns.py", *(sys.argv[1:] if argv is None else argv)]),
