@@ -147,11 +147,14 @@ def run_chat_hf(model, processor, users: list[str], args) -> list[dict]:
     from transformers import DynamicCache
 
     from vist2.bench.hf import hf_model
+    from vist2.chat import prompt_parts
     from vist2.modeling import cache_kwarg
 
     hf = hf_model(model)
-    ids_of = Engine(model, processor, max_batch=1)  # only to lay out the chat exactly as mode none does
-    params = SamplingParams(max_new_tokens=args.reply_tokens, ignore_eos=True)
+
+    def ids_of(**prompt) -> list[int]:  # the chat's ids as the engine takes them (mode none feeds all as text)
+        p = prompt_parts(processor.tokenizer, **prompt)
+        return [*p.prefix, *p.query, *p.suffix]
 
     def reply(ids: list[int]) -> tuple[list[int], float]:
         cache, t0 = DynamicCache(config=hf.config), time.perf_counter()
@@ -162,12 +165,12 @@ def run_chat_hf(model, processor, users: list[str], args) -> list[dict]:
             out.append(int(logits[0, -1].argmax()))
         return out, ttft
 
-    reply(ids_of.request("A short warm-up. " * 40, params=params, mode="none").prompt_ids)
+    reply(ids_of(prompt="A short warm-up. " * 40))
     msgs: list[dict] = [{"role": "system", "content": "You are a careful reader. Answer from the text."}]
     rows = []
     for t, text in enumerate(users, 1):
         msgs.append({"role": "user", "content": text})
-        ids = ids_of.request(messages=msgs, params=params, mode="none").prompt_ids
+        ids = ids_of(messages=msgs)
         t0 = time.perf_counter()
         out, ttft = reply(ids)
         n = len(ids) + len(out) - 1
