@@ -8,7 +8,8 @@ ones (same layout, same targets), on the eval's own windows (``vist2 eval olm``'
     python bench/nano_blank_gap.py --model models/vist2-nano --data recipes/nano/heldout.txt \
         --continuation-tokens 8 --stride --out bench/results/nano/blank-gap-stride8.json
 
-The shipped model's 8-token gap is what ``tests/test_shipped_model.py`` guards (0.159 nats when shipped).
+The shipped model's 8-token gap is what ``tests/test_shipped_model.py`` guards (0.159 nats when shipped),
+through the same :func:`vist2.eval.olm.blank_page_gap`.
 """
 
 from __future__ import annotations
@@ -17,28 +18,8 @@ import argparse
 import json
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
-
-from vist2.eval.olm import layout_segments, windows
-from vist2.layout import IGNORE, build_sample, collate
+from vist2.eval.olm import blank_page_gap
 from vist2.runtime import load_checkpoint
-
-
-def blank_gap(model, proc, ids: list[int], context: int, continuation: int, stride: int | None = None) -> dict:
-    wins = windows([ids], context, continuation, proc.chunker(model.config.chunk_tokens), stride)
-    nll, n = {"real": 0.0, "blank": 0.0}, 0
-    for ctx, cont in wins:
-        plan = collate([build_sample(layout_segments("optical", ctx, cont, model, proc))])
-        pixels = proc.pixels_for(plan.chunks)
-        white = torch.full_like(pixels, proc.renderer.config.background / 255)
-        for name, px in (("real", pixels), ("blank", white)):
-            with torch.no_grad():
-                logits = model(plan=plan, pixel_values=px).logits[0].float()
-            nll[name] += F.cross_entropy(logits, plan.labels[0], ignore_index=IGNORE, reduction="sum").item()
-        n += int((plan.labels[0] != IGNORE).sum())
-    return {"windows": len(wins), "targets": n, "nll_real": nll["real"] / n, "nll_blank": nll["blank"] / n,
-            "gap_nats": (nll["blank"] - nll["real"]) / n}
 
 
 def main() -> None:
@@ -54,7 +35,7 @@ def main() -> None:
     model, proc = load_checkpoint(args.model, "cpu")
     ids = proc.encode(Path(args.data).read_text(encoding="utf-8"))
     res = {"model": args.model, "data": args.data, "context_tokens": args.context_tokens, "stride": args.stride,
-           "gaps": {str(c): blank_gap(model, proc, ids, args.context_tokens, c, c if args.stride else None)
+           "gaps": {str(c): blank_page_gap(model, proc, ids, args.context_tokens, c, c if args.stride else None)
                     for c in args.continuation_tokens}}
     for c, g in res["gaps"].items():
         print(f"{c:>3} tokens: {g['windows']} windows, NLL real {g['nll_real']:.3f}, blank {g['nll_blank']:.3f}, "

@@ -60,26 +60,13 @@ def test_shipped_model_is_small_and_reads_held_out_pages(shipped):
 def test_shipped_model_continues_from_its_pages_not_only_blank_ones(shipped):
     """Teacher-forced 8-token continuations after whole chunks of memory: the real pages must be worth
     more than blank ones (the blank-page control: same layout, same targets, white pixels)."""
-    import torch
-    import torch.nn.functional as F
-
-    from vist2.eval.olm import layout_segments, windows
-    from vist2.layout import IGNORE, build_sample, collate
+    from vist2.eval.olm import blank_page_gap
 
     model, proc = shipped
     ids = proc.encode((ROOT / "recipes" / "nano" / "heldout.txt").read_text(encoding="utf-8"))
-    wins = windows([ids], 256, 8, proc.chunker(model.config.chunk_tokens))
-    assert len(wins) == 14
-    nll = {"real": 0.0, "blank": 0.0}
-    for ctx, cont in wins:
-        plan = collate([build_sample(layout_segments("optical", ctx, cont, model, proc))])
-        pixels = proc.pixels_for(plan.chunks)
-        for name, px in (("real", pixels), ("blank", torch.full_like(pixels, proc.renderer.config.background / 255))):
-            with torch.no_grad():
-                logits = model(plan=plan, pixel_values=px).logits[0].float()
-            nll[name] += F.cross_entropy(logits, plan.labels[0], ignore_index=IGNORE, reduction="sum").item()
-    gap = (nll["blank"] - nll["real"]) / (8 * len(wins))
-    assert gap >= MEMORY_GAP_BOUND, nll
+    res = blank_page_gap(model, proc, ids, 256, 8)
+    assert res["windows"] == 14 and res["targets"] == 8 * 14
+    assert res["gap_nats"] >= MEMORY_GAP_BOUND, res
 
 
 def test_demo_uses_the_shipped_model_and_prints_recall(tmp_path, capsys):

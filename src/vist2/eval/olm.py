@@ -150,6 +150,27 @@ def memory_probe(model, processor, text: str, probe: int = 48) -> dict | None:
             "perplexity": ppl, "retention": retention(ppl)}
 
 
+@torch.no_grad()
+def blank_page_gap(model, processor, ids: Sequence[int], context: int, continuation: int,
+                   stride: int | None = None) -> dict:
+    """How much continuations read the memory's pages: mean NLL per token of the gcc layout's targets
+    (:func:`windows` of ``ids``, the context whole chunks) with white pages minus with the real ones,
+    same layout and targets. ``{"windows", "targets", "nll_real", "nll_blank", "gap_nats"}``."""
+    wins = windows([ids], context, continuation, processor.chunker(model.config.chunk_tokens), stride)
+    nll, n = {"real": 0.0, "blank": 0.0}, 0
+    for ctx, cont in wins:
+        plan = collate([build_sample(layout_segments("optical", ctx, cont, model, processor))])
+        pixels = processor.pixels_for(plan.chunks).to(model.device, model.dtype)
+        white = torch.full_like(pixels, processor.renderer.config.background / 255)
+        labels = plan.labels.to(model.device).flatten()
+        for name, px in (("real", pixels), ("blank", white)):
+            logits = model(plan=plan, pixel_values=px).logits.float().flatten(0, 1)
+            nll[name] += float(F.cross_entropy(logits, labels, ignore_index=IGNORE, reduction="sum"))
+        n += int((labels != IGNORE).sum())
+    return {"windows": len(wins), "targets": n, "nll_real": nll["real"] / max(n, 1),
+            "nll_blank": nll["blank"] / max(n, 1), "gap_nats": (nll["blank"] - nll["real"]) / max(n, 1)}
+
+
 def windows(docs_ids: Sequence[Sequence[int]], context: int, continuation: int,
             chunker: Chunker | None = None, stride: int | None = None) -> list[tuple[list[int], list[int]]]:
     """(context, continuation) windows, in document order, wherever ``context + continuation`` tokens
