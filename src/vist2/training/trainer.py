@@ -45,6 +45,7 @@ from .data import SkipCounter, check_source, open_source
 from .metrics import StepLog, all_ranks
 from .optim import make_optimizer, make_scheduler  # noqa: F401 (part of this module's interface)
 from .pipeline import StageDataset, make_loader
+from .lookback_loss import LookbackLoss
 from .page_loss import PageLoss
 from .probe import PROBED_STAGES, VisualProbe
 from .probe import report as report_probe
@@ -265,7 +266,8 @@ class Trainer:
     def _optimization(self, model, acc, total: int, processor):
         """AdamW and the LR schedule for ``total`` steps, the model and optimizer prepared by accelerate,
         and the optional auxiliary losses (:class:`~vist2.training.page_loss.PageLoss`,
-        :class:`~vist2.training.char_loss.CharLoss`; the list is empty when both are off)."""
+        :class:`~vist2.training.char_loss.CharLoss`, :class:`~vist2.training.lookback_loss.LookbackLoss`;
+        the list is empty when all are off)."""
         cfg = self.cfg
         optimizer = make_optimizer(model, cfg)
         scheduler = make_scheduler(optimizer, cfg, total)
@@ -275,7 +277,8 @@ class Trainer:
             # (every rank builds its own shard), so it is given here
             ds_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.batch_size
         # from scratch: visual tokens redraw their page and name its characters (both optional)
-        aux = [a for a in (PageLoss.build(cfg, model), CharLoss.build(cfg, model, processor)) if a is not None]
+        aux = [a for a in (PageLoss.build(cfg, model), CharLoss.build(cfg, model, processor),
+                           LookbackLoss.build(cfg, model)) if a is not None]
         model, optimizer = acc.prepare(model, optimizer)
         acc.register_for_checkpointing(scheduler)  # stepped by hand: once per optimizer step, on every rank
         return model, optimizer, scheduler, aux
