@@ -84,3 +84,41 @@ def test_lookback_config_is_checked():
         stage_preset("ocr", lookback_weight=1.0)
     with pytest.raises(ValueError, match="lookback_span"):
         stage_preset("olm", lookback_span=0)
+
+
+def test_twin_pairs_predict_the_same_token_in_both_layouts():
+    from vist2.training.twin_loss import twin_pairs
+
+    ocr = build_sample(ocr_segments([[1, 2, 3, 4]], 2))
+    plan = collate([[ocr, _olm(list(range(100, 112)))], [_olm(list(range(200, 206)))]])
+    twins, student, teacher = twin_pairs(plan, span=3)
+    assert twins is not None and len(student) == len(teacher) == 6 + 2
+    for (b, q), (tb, tq) in zip(student.tolist(), teacher.tolist()):
+        assert b == tb and int(plan.labels[b, q]) == int(twins.input_ids[tb, tq + 1])
+    assert twins.input_ids[0, :12].tolist() == list(range(100, 112))  # no twin of the OCR sample
+    _, student, _ = twin_pairs(plan, span=3, page_slot=False)
+    assert all(int(plan.kind[b, q]) == 1 for b, q in student.tolist()) and len(student) == 4 + 1
+
+
+def test_twin_loss_pulls_the_page_slots_towards_the_text_layout(tiny_dir):
+    from vist2.modeling import VIST2ForCausalLM
+    from vist2.processing import VIST2Processor
+    from vist2.training.twin_loss import TwinLoss
+
+    model = VIST2ForCausalLM.from_pretrained(str(tiny_dir)).train()
+    proc = VIST2Processor.from_pretrained(tiny_dir)
+    assert TwinLoss.build(stage_preset("olm"), model) is None
+    aux = TwinLoss.build(stage_preset("olm", twin_weight=2.0, twin_until=0.5), model)
+    K, nv = model.config.chunk_tokens, model.config.n_visual
+    ids = proc.encode("It was the best of times, it was the worst of times. " * 40)[: 2 * K + 8]
+    plan = collate([build_sample(olm_segments(ids, K, nv, chunker=proc.chunker(K)))])
+    model(plan=plan, pixel_values=proc.pixels_for(plan.chunks))
+    loss = aux.loss(plan, progress=0.1)
+    assert float(loss.detach()) > 0 and aux.last is not None
+    loss.backward()
+    assert any(p.grad is not None and float(p.grad.abs().sum()) > 0 for p in model.model.aligner.parameters())
+    model(plan=plan, pixel_values=proc.pixels_for(plan.chunks))
+    assert aux.loss(plan, progress=0.5) == 0.0  # past twin_until
+    aux.close()
+    with pytest.raises(ValueError, match="twin_weight"):
+        stage_preset("sft", twin_weight=1.0)

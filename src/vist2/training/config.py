@@ -132,6 +132,13 @@ class TrainConfig:
     lookback_span: int = 8
     lookback_tokens: int = 4
     lookback_layer: int | None = None
+    # olm: at the same slots (the first twin_span after each page; twin_page_slot: the page's last visual
+    # slot too) every LLM layer's output is pulled towards the one it has on the sample laid out as plain
+    # text, run without gradients (training/twin_loss.py); weight 0 = off
+    twin_weight: float = 0.0
+    twin_until: float = 1.0
+    twin_span: int = 8
+    twin_page_slot: bool = True
     vision_lr_scale: float = 1.0
     # optimisation (Table 8)
     learning_rate: float = 5e-4
@@ -225,6 +232,11 @@ class TrainConfig:
         if self.lookback_weight and self.stage not in ("olm", "sft"):
             raise ValueError(f"lookback_weight reads pages at the continuation after them (olm, sft), not in "
                              f"{self.stage!r}")
+        if self.twin_weight < 0 or not 0 < self.twin_until <= 1 or self.twin_span <= 0:
+            raise ValueError("twin_weight must be >= 0, twin_until in (0, 1], twin_span > 0; got "
+                             f"{self.twin_weight}, {self.twin_until}, {self.twin_span}")
+        if self.twin_weight and self.stage != "olm":
+            raise ValueError(f"twin_weight compares OLM samples with their text twins (olm), not {self.stage!r}")
         if self.aux_page_weight < 0 or not 0 < self.aux_page_until <= 1 or self.vision_lr_scale <= 0:
             raise ValueError("aux_page_weight must be >= 0, aux_page_until in (0, 1], vision_lr_scale > 0; got "
                              f"{self.aux_page_weight}, {self.aux_page_until}, {self.vision_lr_scale}")

@@ -47,6 +47,7 @@ from .optim import make_optimizer, make_scheduler  # noqa: F401 (part of this mo
 from .pipeline import StageDataset, make_loader
 from .lookback_loss import LookbackLoss
 from .page_loss import PageLoss
+from .twin_loss import TwinLoss
 from .probe import PROBED_STAGES, VisualProbe
 from .probe import report as report_probe
 from .provenance import Provenance
@@ -266,7 +267,8 @@ class Trainer:
     def _optimization(self, model, acc, total: int, processor):
         """AdamW and the LR schedule for ``total`` steps, the model and optimizer prepared by accelerate,
         and the optional auxiliary losses (:class:`~vist2.training.page_loss.PageLoss`,
-        :class:`~vist2.training.char_loss.CharLoss`, :class:`~vist2.training.lookback_loss.LookbackLoss`;
+        :class:`~vist2.training.char_loss.CharLoss`, :class:`~vist2.training.lookback_loss.LookbackLoss`,
+        :class:`~vist2.training.twin_loss.TwinLoss`;
         the list is empty when all are off)."""
         cfg = self.cfg
         optimizer = make_optimizer(model, cfg)
@@ -278,7 +280,7 @@ class Trainer:
             ds_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.batch_size
         # from scratch: visual tokens redraw their page and name its characters (both optional)
         aux = [a for a in (PageLoss.build(cfg, model), CharLoss.build(cfg, model, processor),
-                           LookbackLoss.build(cfg, model)) if a is not None]
+                           LookbackLoss.build(cfg, model), TwinLoss.build(cfg, model)) if a is not None]
         model, optimizer = acc.prepare(model, optimizer)
         acc.register_for_checkpointing(scheduler)  # stepped by hand: once per optimizer step, on every rank
         return model, optimizer, scheduler, aux
