@@ -2,7 +2,7 @@
 the text.
 
 The lookback loss (:mod:`vist2.training.lookback_loss`) showed the nano LLM can fetch a page's last
-characters at the slots that continue it (99 % at the page's last visual slot) and still predict the
+characters at the slots that continue it (97 % at the page's last visual slot) and still predict the
 next token no better than from one raw character (bench/notes/nano.md, round 6): what it fetches is
 not in the form its later layers use for text. This loss asks for that form. For every OLM sample
 of the batch (a sample with compressed chunks) the same tokens are laid out as plain text, its
