@@ -53,3 +53,14 @@ def test_the_shipped_model_has_a_reconstructed_record_of_its_recipe():
     tok = json.loads((SHIPPED / "tokenizer.json").read_text(encoding="utf-8"))
     assert len(tok["model"]["vocab"]) == 261 and not tok["model"]["merges"]  # what the record says: bytes, no merges
     assert "--corpora kjv,web,chat --chats 500" in rec["data"]["command"]
+
+
+def test_paths_under_the_working_directory_are_recorded_relative(tmp_path, monkeypatch):
+    (tmp_path / "runs" / "data").mkdir(parents=True)
+    (tmp_path / "runs" / "data" / "t.jsonl").write_bytes(b'{"text": "a"}\n')
+    monkeypatch.chdir(tmp_path)
+    assert provenance.shown("runs/data/t.jsonl") == "runs/data/t.jsonl"
+    assert provenance.shown(tmp_path / "runs" / "data") == "runs/data"
+    assert [f["path"] for f in provenance.describe_files("runs")] == ["runs/data/t.jsonl"]
+    outside = tmp_path.parent / "elsewhere.txt"
+    assert provenance.shown(outside) == str(outside.resolve())  # not under it: absolute

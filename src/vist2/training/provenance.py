@@ -42,6 +42,17 @@ def sha256_file(path: Path, block: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def shown(path: str | Path) -> str:
+    """A path as a record shows it: relative to the working directory when it lies under it (a model
+    folder shipped in a repository then names ``runs/...``, not the machine it was trained on), else
+    absolute."""
+    path = Path(path).resolve()
+    try:
+        return path.relative_to(Path.cwd().resolve()).as_posix()
+    except ValueError:
+        return str(path)
+
+
 def describe_files(path: str | Path) -> list[dict] | None:
     """``[{path, bytes, sha256}]`` for a file, or for every file under a folder (sorted; hidden
     files skipped); None for a path that does not exist."""
@@ -53,7 +64,7 @@ def describe_files(path: str | Path) -> list[dict] | None:
                        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts))
     else:
         return None
-    return [{"path": str(p.resolve()), "bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in files]
+    return [{"path": shown(p), "bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in files]
 
 
 def _git(root: Path, *args: str) -> str | None:
@@ -120,14 +131,14 @@ class Provenance:
             "total_steps": total_steps,
             "seed": cfg.seed,
             "config": cfg.to_dict(),
-            "data": {"path": str(Path(data).resolve()), "files": None},
-            "eval_data": None if eval_data is None else {"path": str(Path(eval_data).resolve()), "files": None},
+            "data": {"path": shown(data), "files": None},
+            "eval_data": None if eval_data is None else {"path": shown(eval_data), "files": None},
             "code": code_version(),
             "libraries": library_versions(),
             "world_size": world_size,
             "device": device,
             "distributed": distributed,  # accelerate's distributed type (NO, MULTI_GPU, FSDP, DEEPSPEED, ...)
-            "parent": {"path": str(model_dir.resolve()), "weights": None, "provenance": read(model_dir)},
+            "parent": {"path": shown(model_dir), "weights": None, "provenance": read(model_dir)},
             "resumed_from_step": resumed_from,
             "started": now(),
         }
