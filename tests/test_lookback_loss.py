@@ -50,19 +50,26 @@ def test_span_limits_the_queries_per_boundary():
     assert tgt.tolist() == [[103, 102, 101, 100], [107, 106, 105, 104]]
 
 
-def test_lookback_loss_trains_the_llm_below_its_layer_and_its_own_maps(tiny_dir):
+def _tiny_olm(tiny_dir):
+    """The tiny model in training mode, its processor, and a plan of two pages and an open chunk (with
+    the pages' pixels), run forward once so that the loss hooks have recorded it."""
     from vist2.modeling import VIST2ForCausalLM
     from vist2.processing import VIST2Processor
 
     model = VIST2ForCausalLM.from_pretrained(str(tiny_dir)).train()
     proc = VIST2Processor.from_pretrained(tiny_dir)
-    assert LookbackLoss.build(stage_preset("olm"), model) is None  # weight 0: off
-    cfg = stage_preset("olm", lookback_weight=0.5, lookback_until=0.5, lookback_layer=1)
-    aux = LookbackLoss.build(cfg, model)
     K, nv = model.config.chunk_tokens, model.config.n_visual
     ids = proc.encode("It was the best of times, it was the worst of times. " * 40)[: 2 * K + 8]
     plan = collate([build_sample(olm_segments(ids, K, nv, chunker=proc.chunker(K)))])
-    model(plan=plan, pixel_values=proc.pixels_for(plan.chunks))
+    return model, plan, proc.pixels_for(plan.chunks)
+
+
+def test_lookback_loss_trains_the_llm_below_its_layer_and_its_own_maps(tiny_dir):
+    model, plan, pixels = _tiny_olm(tiny_dir)
+    assert LookbackLoss.build(stage_preset("olm"), model) is None  # weight 0: off
+    cfg = stage_preset("olm", lookback_weight=0.5, lookback_until=0.5, lookback_layer=1)
+    aux = LookbackLoss.build(cfg, model)
+    model(plan=plan, pixel_values=pixels)
     loss = aux.loss(plan, progress=0.1)
     assert float(loss.detach()) > 0 and aux.last_acc is not None
     loss.backward()
@@ -72,7 +79,7 @@ def test_lookback_loss_trains_the_llm_below_its_layer_and_its_own_maps(tiny_dir)
     before = aux.maps[0].weight.detach().clone()
     aux.step()
     assert not torch.equal(before, aux.maps[0].weight)
-    model(plan=plan, pixel_values=proc.pixels_for(plan.chunks))
+    model(plan=plan, pixel_values=pixels)
     assert aux.loss(plan, progress=0.5) == 0.0  # past lookback_until
     aux.close()
 
@@ -101,23 +108,17 @@ def test_twin_pairs_predict_the_same_token_in_both_layouts():
 
 
 def test_twin_loss_pulls_the_page_slots_towards_the_text_layout(tiny_dir):
-    from vist2.modeling import VIST2ForCausalLM
-    from vist2.processing import VIST2Processor
     from vist2.training.twin_loss import TwinLoss
 
-    model = VIST2ForCausalLM.from_pretrained(str(tiny_dir)).train()
-    proc = VIST2Processor.from_pretrained(tiny_dir)
+    model, plan, pixels = _tiny_olm(tiny_dir)
     assert TwinLoss.build(stage_preset("olm"), model) is None
     aux = TwinLoss.build(stage_preset("olm", twin_weight=2.0, twin_until=0.5), model)
-    K, nv = model.config.chunk_tokens, model.config.n_visual
-    ids = proc.encode("It was the best of times, it was the worst of times. " * 40)[: 2 * K + 8]
-    plan = collate([build_sample(olm_segments(ids, K, nv, chunker=proc.chunker(K)))])
-    model(plan=plan, pixel_values=proc.pixels_for(plan.chunks))
+    model(plan=plan, pixel_values=pixels)
     loss = aux.loss(plan, progress=0.1)
     assert float(loss.detach()) > 0 and aux.last is not None
     loss.backward()
     assert any(p.grad is not None and float(p.grad.abs().sum()) > 0 for p in model.model.aligner.parameters())
-    model(plan=plan, pixel_values=proc.pixels_for(plan.chunks))
+    model(plan=plan, pixel_values=pixels)
     assert aux.loss(plan, progress=0.5) == 0.0  # past twin_until
     aux.close()
     with pytest.raises(ValueError, match="twin_weight"):
