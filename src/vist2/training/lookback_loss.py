@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..layout import IGNORE, Kind, Plan
+from ..layout import IGNORE, Plan, page_continuations
 
 
 def lookback_targets(plan: Plan, span: int, tokens: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -46,42 +46,15 @@ def lookback_targets(plan: Plan, span: int, tokens: int) -> tuple[torch.Tensor, 
     >>> slot.tolist(), tgt.tolist()
     ([5, 6, 11, 12], [[13, 12], [-100, 13], [17, 16], [-100, 17]])
     """
-    kind, chunk, sample, evicted = plan.kind.cpu(), plan.chunk.cpu(), plan.sample.cpu(), plan.evicted.cpu()
     ids = plan.input_ids.cpu()
     rows, slots, targets = [], [], []
-    B, T = kind.shape
-    for b in range(B):
-        k, c, s, ev = kind[b].tolist(), chunk[b].tolist(), sample[b].tolist(), evicted[b].tolist()
-        t = 0
-        while t < T:
-            # an interleaved chunk: evicted text slots, then its visual slots
-            if not (k[t] == Kind.TEXT and ev[t]):
-                t += 1
-                continue
-            ch, start = c[t], t
-            while t < T and k[t] == Kind.TEXT and ev[t] and c[t] == ch:
-                t += 1
-            page = ids[b, start:t].tolist()
-            v0 = t
-            while t < T and k[t] == Kind.VISUAL and c[t] == ch:
-                t += 1
-            if t == v0:
-                continue
-            last_visual = t - 1
-            # what follows in the same sample: text, not evicted (an open chunk or raw text) or the
-            # next interleaved chunk's text; the slot before each of its first `span` tokens predicts it
-            nxt = t
-            n = 0
-            while n < span and nxt < T and k[nxt] == Kind.TEXT and s[nxt] == s[last_visual]:
-                if ev[nxt] and n and c[nxt] != c[nxt - 1]:
-                    break
-                row = [page[len(page) - d + n] if d > n and d - n <= len(page) else IGNORE
-                       for d in range(1, tokens + 1)]
-                rows.append(b)
-                slots.append(last_visual if n == 0 else nxt - 1)
-                targets.append(row)
-                n += 1
-                nxt += 1
+    for b, start, end, queries in page_continuations(plan, span):
+        page = ids[b, start:end].tolist()
+        for n, q in enumerate(queries):  # q predicts the n-th token after the page
+            rows.append(b)
+            slots.append(q)
+            targets.append([page[len(page) - d + n] if d > n and d - n <= len(page) else IGNORE
+                            for d in range(1, tokens + 1)])
     if not rows:
         empty = torch.zeros(0, dtype=torch.long)
         return empty, empty, torch.zeros((0, tokens), dtype=torch.long)

@@ -21,8 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from ..layout import Kind, Plan, Raw, build_sample, collate
-from .lookback_loss import lookback_targets
+from ..layout import Kind, Plan, Raw, build_sample, collate, page_continuations
 
 
 def twin_pairs(plan: Plan, span: int, page_slot: bool = True) -> tuple[Plan | None, torch.Tensor, torch.Tensor]:
@@ -39,26 +38,25 @@ def twin_pairs(plan: Plan, span: int, page_slot: bool = True) -> tuple[Plan | No
     >>> twins.input_ids[0].tolist(), student[:, 1].tolist(), teacher[:, 1].tolist()
     ([10, 11, 12, 13, 14, 15, 16, 17, 18, 19], [5, 6, 11, 12], [3, 4, 7, 8])
     """
-    rows, slots, _ = lookback_targets(plan, span, 1)
     kind, sample = plan.kind.cpu(), plan.sample.cpu()
-    B, _ = kind.shape
-    twin_rows: list[list] = [[] for _ in range(B)]
+    twin_rows: list[list] = [[] for _ in range(plan.shape[0])]
     where: dict[tuple[int, int], tuple[int, int]] = {}  # (row, sample) -> (twin row offset, first text slot)
     student, teacher = [], []
-    for b, q in zip(rows.tolist(), slots.tolist()):
-        if not page_slot and kind[b, q] == Kind.VISUAL:
-            continue
-        s = int(sample[b, q])
-        if (b, s) not in where:
-            text = ((sample[b] == s) & (kind[b] == Kind.TEXT)).nonzero().flatten()
-            offset = sum(len(t) for t in twin_rows[b])
-            twin_rows[b].append(build_sample([Raw(tuple(plan.input_ids[b, text].tolist()))]))
-            where[(b, s)] = (offset, int(text[0]))
-        offset, first = where[(b, s)]
-        # the predicted token's index among the sample's text tokens; the twin predicts it one slot before
-        u = int(((sample[b, first : q + 2] == s) & (kind[b, first : q + 2] == Kind.TEXT)).sum()) - 1
-        student.append((b, q))
-        teacher.append((b, offset + u - 1))
+    for b, _, _, slots in page_continuations(plan, span):
+        for q in slots:
+            if not page_slot and kind[b, q] == Kind.VISUAL:
+                continue
+            s = int(sample[b, q])
+            if (b, s) not in where:
+                text = ((sample[b] == s) & (kind[b] == Kind.TEXT)).nonzero().flatten()
+                offset = sum(len(t) for t in twin_rows[b])
+                twin_rows[b].append(build_sample([Raw(tuple(plan.input_ids[b, text].tolist()))]))
+                where[(b, s)] = (offset, int(text[0]))
+            offset, first = where[(b, s)]
+            # the predicted token's index among the sample's text tokens; the twin predicts it one slot before
+            u = int(((sample[b, first : q + 2] == s) & (kind[b, first : q + 2] == Kind.TEXT)).sum()) - 1
+            student.append((b, q))
+            teacher.append((b, offset + u - 1))
     if not student:
         empty = torch.zeros((0, 2), dtype=torch.long)
         return None, empty, empty
