@@ -524,3 +524,36 @@ def test_sft_can_hold_the_chat_history_as_memory(proc):
     assert len(raw.chunks) < len(s.chunks)  # the raw split compresses only the last user message
     with pytest.raises(ValueError, match="chat_history"):
         stage_preset("sft", chat_history="all")
+
+
+@pytest.mark.parametrize("encoding", ["visual", "interleaved"])
+def test_prompt_samples_are_the_engines_prompt_layout(proc, encoding):
+    """prompt_samples: whole chunks laid out as the engine lays out a user's prompt under the stage's
+    prompt encoding (with ``visual`` only their visual tokens enter the LLM), then the next tokens,
+    the only targets; the stage's own windows stay as they were."""
+    from vist2.eval.olm import prompt_continuation_segments
+
+    doc = {"text": TEXT * 4}
+    plain, _ = _builder(proc, "olm", max_length=400).items(doc, random.Random(0), 0.0)
+    cfg = stage_preset("olm", max_length=400, prompt_samples=1, prompt_sample_tokens=24, prompt_encoding=encoding)
+    b = StageBuilder(cfg, proc.tokenizer, 64, 16, "visual", processor=proc)
+    ids = b.encode(TEXT * 4)
+    mixed, _ = b.items(doc, random.Random(0), 0.0)
+    extra = [it.sample for it in mixed if it.sample.input_ids not in [p.sample.input_ids for p in plain]]
+    assert len(mixed) == 2 * len(plain) and len(extra) == len(plain)
+    for s in extra:
+        pages = [list(c.tokens) for c in s.chunks]
+        context = [t for c in pages for t in c]
+        scored = [t for t, l in zip(s.input_ids, s.loss) if l]
+        assert 1 <= len(pages) <= 4 and len(scored) == 24
+        at = next(i for i in range(len(ids)) if ids[i : i + len(context)] == context)
+        assert ids[at + len(context) : at + len(context) + 24] == scored  # what follows the prompt
+        want = build_sample(prompt_continuation_segments(context, scored, 64, 16, encoding, proc.chunker(64)))
+        assert s.input_ids == want.input_ids and s.position == want.position and s.kind == want.kind
+        first = s.loss.index(True)
+        n_text = sum(1 for k in s.kind[:first] if k == Kind.TEXT)
+        assert n_text == (0 if encoding == "visual" else len(context))
+    with pytest.raises(ValueError, match="prompt_samples"):
+        stage_preset("sft", prompt_samples=1.0)
+    with pytest.raises(ValueError, match="prompt_sample_tokens"):
+        stage_preset("olm", prompt_sample_tokens=0)

@@ -43,18 +43,17 @@ import math
 import sys
 import time
 from dataclasses import replace
-from pathlib import Path
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
-from ..layout import IGNORE, Chunker, Raw, Segment, build_sample, collate, olm_segments
+from ..layout import IGNORE, PROMPT_ENCODINGS, Chunker, Raw, Segment, build_sample, collate, olm_segments, \
+    prompt_segments
 from .common import table
+from .judge import GENERATORS, evaluate_generation, format_generation_table, judge_nll, load_judge  # noqa: F401
 
 LAYOUTS = ("optical", "text", "none")  # none: only the context's last token (what memory adds)
-# judged generation: (row name, engine mode); ``none`` is the backbone LLM writing on its own
-GENERATORS = (("vist2", "gcc"), ("backbone", "none"))
 
 
 def optical_segments(context: Sequence[int], continuation: Sequence[int], chunk_tokens: int,
@@ -73,6 +72,17 @@ def optical_segments(context: Sequence[int], continuation: Sequence[int], chunk_
         out.append(replace(s, loss=True) if n >= len(context) else s)
         n += len(s.tokens)
     return out
+
+
+def prompt_continuation_segments(context: Sequence[int], continuation: Sequence[int], chunk_tokens: int,
+                                 n_visual: int, prompt_encoding: str, chunker: Chunker) -> list[Segment]:
+    """The engine's layout of a prompt followed by what is written after it: ``context`` as a user's
+    prompt (:func:`vist2.layout.prompt_segments` under ``prompt_encoding``: with ``visual`` only its
+    pages' visual tokens enter the LLM, with ``interleaved`` each page's text runs first), then
+    ``continuation`` as generation lays it out (its own full chunks compressed, interleaved), loss on
+    the continuation only. ``tests/test_engine.py`` proves the engine's prompt equals this layout."""
+    return [*prompt_segments([], context, [], chunk_tokens, n_visual, prompt_encoding, chunker),
+            *olm_segments(continuation, chunk_tokens, n_visual, loss=True, chunker=chunker)]
 
 
 def whole_chunks(ids: Sequence[int], chunker: Chunker) -> int:
@@ -106,11 +116,22 @@ def continuation_nll(model, processor, segments: Sequence[Segment]) -> tuple[flo
 SEGMENTS = {"optical": None, "text": text_segments, "none": no_context_segments}  # optical needs the geometry
 
 
+def prompt_layout_name(encoding: str) -> str:
+    """The layout name of a prompt compressed under ``encoding``: ``prompt-visual``, ``prompt-interleaved``."""
+    if encoding not in PROMPT_ENCODINGS:
+        raise ValueError(f"prompt encoding must be one of {PROMPT_ENCODINGS}, got {encoding!r}")
+    return f"prompt-{encoding}"
+
+
 def layout_segments(layout: str, context: Sequence[int], continuation: Sequence[int], model, processor):
-    """One of :data:`LAYOUTS` over context + continuation, loss on the continuation."""
+    """One of :data:`LAYOUTS`, or ``prompt-<encoding>`` (the engine's prompt layout,
+    :func:`prompt_continuation_segments`), over context + continuation, loss on the continuation."""
+    K = model.config.chunk_tokens
     if layout == "optical":
-        K = model.config.chunk_tokens
         return optical_segments(context, continuation, K, model.config.n_visual, processor.chunker(K))
+    if layout.startswith("prompt-"):
+        return prompt_continuation_segments(context, continuation, K, model.config.n_visual,
+                                            layout.removeprefix("prompt-"), processor.chunker(K))
     return SEGMENTS[layout](context, continuation)
 
 
@@ -141,13 +162,15 @@ def memory_probe(model, processor, text: str, probe: int = 48) -> dict | None:
         return None
     truth = ids[n : n + probe]
     ppl, written = {}, {}
-    for layout in LAYOUTS:
+    prompt = prompt_layout_name(model.config.prompt_encoding)  # a prompt as the engine lays it out
+    for layout in (*LAYOUTS, prompt):
         ppl[layout] = math.exp(continuation_nll(model, processor, layout_segments(layout, ids[:n], truth, model,
                                                                                   processor))[0] / len(truth))
         written[layout] = processor.decode(greedy_continuation(model, processor, ids[:n], layout, len(truth)))
     pages = sum(1 for s in layout_segments("optical", ids[:n], truth, model, processor) if not s.loss)
     return {"context_tokens": n, "pages": pages, "truth": processor.decode(truth), "written": written,
-            "perplexity": ppl, "retention": retention(ppl)}
+            "perplexity": ppl, "retention": retention(ppl), "prompt_layout": prompt,
+            "prompt_retention": retention({**ppl, "optical": ppl[prompt]})}
 
 
 @torch.no_grad()
@@ -222,10 +245,13 @@ def _summary(nll: float, tokens: int, chars: int) -> dict:
 
 def evaluate_olm(model, processor, documents: Sequence[str], context_tokens: int | None = None,
                  continuation_tokens: int | None = None, limit: int | None = None, progress: bool = True,
-                 recall: bool = False, stride: int | None = None) -> dict:
+                 recall: bool = False, stride: int | None = None, prompt_encodings: Sequence[str] = ()) -> dict:
     """``{"optical": {...}, "text": {...}, "none": {...}, "retention": R, "windows": n, ...}``;
     ``ValueError`` when no window fits. ``recall``: the continuation of each passage is its own
-    first M tokens (:func:`recall_windows`), not what follows it."""
+    first M tokens (:func:`recall_windows`), not what follows it. ``prompt_encodings``: also score
+    each window with its context as the engine lays out a user's prompt under each encoding
+    (``prompt-visual``, ``prompt-interleaved``: :func:`prompt_continuation_segments`), each with its
+    own retention in ``res["prompt_retention"]``."""
     from tqdm.auto import tqdm
 
     cfg = model.config
@@ -253,7 +279,8 @@ def evaluate_olm(model, processor, documents: Sequence[str], context_tokens: int
         if limit <= 0:
             raise ValueError(f"--limit must be > 0, got {limit}")
         wins = wins[:limit]
-    totals = {k: 0.0 for k in LAYOUTS}
+    prompts = [prompt_layout_name(e) for e in dict.fromkeys(prompt_encodings)]
+    totals = {k: 0.0 for k in (*LAYOUTS, *prompts)}
     tokens = chars = ctx_chunks = ctx_tokens = 0
     t0 = time.perf_counter()
     for ctx, cont in tqdm(wins, desc="olm", unit="window", disable=not progress, file=sys.stderr):
@@ -265,16 +292,24 @@ def evaluate_olm(model, processor, documents: Sequence[str], context_tokens: int
         nll_n, tgt_n = continuation_nll(model, processor, no_context_segments(ctx, cont))
         # the comparison is only meaningful on identical targets; the layouts must agree
         assert tgt_o == tgt_t == tgt_n == cont, "the layouts score different tokens"
+        for name in prompts:
+            nll_p, tgt_p = continuation_nll(model, processor, layout_segments(name, ctx, cont, model, processor))
+            assert tgt_p == cont, "the layouts score different tokens"
+            totals[name] += nll_p
         totals["optical"] += nll_o
         totals["text"] += nll_t
         totals["none"] += nll_n
         tokens += len(cont)
         chars += len(processor.decode(cont))
-    res = {k: _summary(totals[k], tokens, chars) for k in LAYOUTS}
+    res = {k: _summary(totals[k], tokens, chars) for k in totals}
     # per window, on average: the context is whole chunks, so it may hold fewer than N tokens
     res["optical"]["context_kv_entries"] = ctx_chunks * n_visual / len(wins)
     res["text"]["context_kv_entries"] = ctx_tokens / len(wins)
     res["none"]["context_kv_entries"] = 1
+    ppl = {k: res[k]["perplexity"] for k in totals}
+    for name in prompts:
+        res[name]["context_kv_entries"] = ctx_chunks * n_visual / len(wins)
+    res["prompt_retention"] = {name: retention({**ppl, "optical": ppl[name]}) for name in prompts}
     res.update(windows=len(wins), stride=stride, context_tokens=N, context_tokens_mean=ctx_tokens / len(wins),
                continuation_tokens=M, task="recall" if recall else "continuation",
                perplexity_ratio=res["optical"]["perplexity"] / res["text"]["perplexity"],
@@ -283,106 +318,27 @@ def evaluate_olm(model, processor, documents: Sequence[str], context_tokens: int
     return res
 
 
-def load_judge(folder, device: str | None = None, dtype: str = "float32"):
-    """``(judge, tokenizer)``: any causal LM in a local HF folder, with its own tokenizer files."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from ..processing import has_tokenizer
-    from ..runtime import default_device, is_checkpoint, torch_dtype
-
-    folder = Path(folder)
-    if not is_checkpoint(folder):
-        raise ValueError(f"--judge {folder}: not a transformers checkpoint folder (no config.json)")
-    if not has_tokenizer(folder):
-        raise ValueError(f"--judge {folder}: no tokenizer files (the judge must read text its own way)")
-    judge = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch_dtype(dtype)).to(default_device(device)).eval()
-    return judge, AutoTokenizer.from_pretrained(str(folder))
-
-
-@torch.no_grad()
-def judge_nll(judge, tokenizer, context: str, text: str) -> tuple[float, int]:
-    """Total NLL (nats) the judge gives ``text`` right after ``context``, and the number of scored
-    tokens. The two are tokenized apart, so exactly the text's own tokens are scored."""
-    ctx = tokenizer(context, add_special_tokens=False)["input_ids"]
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    if not ctx:  # the first token needs something before it
-        ctx, ids = ids[:1], ids[1:]
-    if not ids:
-        return 0.0, 0
-    x = torch.tensor([ctx + ids], device=judge.device)
-    # only the last len(ids) + 1 positions' logits: the predictions of the text's tokens (and one spare)
-    logits = judge(input_ids=x, logits_to_keep=len(ids) + 1).logits[0, :-1]
-    return float(F.cross_entropy(logits.float(), x[0, len(ctx):], reduction="sum")), len(ids)
-
-
-def evaluate_generation(model, processor, documents: Sequence[str], judge, judge_tokenizer,
-                        prompt_tokens: int = 1024, max_new_tokens: int = 4096, limit: int | None = None,
-                        max_batch: int = 8, progress: bool = True) -> dict:
-    """The paper's Table 3 protocol: ``{"vist2": {...}, "backbone": {...}, "documents": n, ...}``.
-
-    Each document's first ``prompt_tokens`` tokens are the prompt; both generators write up to
-    ``max_new_tokens`` greedily (stopping at EOS), and the judge scores the generated text after
-    the prompt's text. ``ValueError`` when no document is long enough.
-    """
-    from ..engine import Engine, Request, SamplingParams
-
-    if prompt_tokens <= 0 or max_new_tokens <= 0:
-        raise ValueError(f"--prompt-tokens and --max-new-tokens must be > 0, got {prompt_tokens}, {max_new_tokens}")
-    docs_ids = [processor.encode(d) for d in documents]
-    prompts = [ids[:prompt_tokens] for ids in docs_ids if len(ids) >= prompt_tokens]
-    if not prompts:
-        raise ValueError(f"no document has the {prompt_tokens} prompt tokens of the judged generation; "
-                         f"the longest has {max((len(x) for x in docs_ids), default=0)}")
-    if limit is not None:
-        prompts = prompts[:limit]
-    engine = Engine(model, processor, max_batch=min(max_batch, len(prompts)))
-    params = SamplingParams(max_new_tokens=max_new_tokens)
-    t0 = time.perf_counter()
-    res: dict = {}
-    for name, mode in GENERATORS:
-        results = engine.generate([Request(query=list(p), params=params, mode=mode) for p in prompts])
-        nll = judged = generated = 0
-        samples = []
-        for p, r in zip(_bar(prompts, f"judge {name}", progress), results):
-            n_nll, n = judge_nll(judge, judge_tokenizer, processor.decode(p), r.text)
-            nll, judged, generated = nll + n_nll, judged + n, generated + r.stats.generated_tokens
-            samples.append({"generated_tokens": r.stats.generated_tokens, "judged_tokens": n,
-                            "judge_perplexity": math.exp(n_nll / n) if n else None,
-                            "finish_reason": r.stats.finish_reason, "kv_tokens_peak": r.stats.kv_tokens_peak,
-                            "text": r.text})
-        res[name] = {"mode": mode, "generated_tokens": generated, "judged_tokens": judged, "judge_nll_nats": nll,
-                     "judge_perplexity": math.exp(nll / judged) if judged else None, "samples": samples}
-    res.update(documents=len(prompts), prompt_tokens=prompt_tokens, max_new_tokens=max_new_tokens,
-               seconds=round(time.perf_counter() - t0, 3))
-    return res
-
-
-def _bar(items, desc: str, progress: bool):
-    from tqdm.auto import tqdm
-
-    return tqdm(items, desc=desc, unit="doc", disable=not progress, file=sys.stderr)
-
-
 def format_table(res: dict) -> str:
     rows = [[k, res[k]["context_kv_entries"], res[k]["tokens"], f"{res[k]['perplexity']:.3f}",
-             f"{res[k]['bits_per_token']:.4f}", f"{res[k]['bits_per_character']:.4f}"] for k in LAYOUTS]
+             f"{res[k]['bits_per_token']:.4f}", f"{res[k]['bits_per_character']:.4f}"]
+            for k in (*LAYOUTS, *res.get("prompt_retention", {}))]
     head = ["context as", "context KV", "tokens", "teacher-forced ppl", "bits/token", "bits/char"]
     R = "-" if res["retention"] is None else f"{res['retention']:.3f}"
     what = ("the first {} tokens of each passage again".format(res["continuation_tokens"])
             if res.get("task") == "recall" else f"{res['continuation_tokens']} continuation tokens")
     return ("teacher-forced perplexity (the model scoring the documents' own continuations):\n" + table(rows, head)
             + f"\n{res['windows']} window(s) of {res['context_tokens']} context + {what}; "
-            f"optical/text perplexity = {res['perplexity_ratio']:.4f}; retention R = {R}")
+            f"optical/text perplexity = {res['perplexity_ratio']:.4f}; retention R = {R}"
+            + "".join(f"; {k} R = " + ("-" if r is None else f"{r:.3f}") for k, r in res.get("prompt_retention", {}).items()))
 
 
-def format_generation_table(res: dict, judge: str) -> str:
-    rows = [[name, res[name]["mode"], res[name]["generated_tokens"], res[name]["judged_tokens"],
-             "-" if res[name]["judge_perplexity"] is None else f"{res[name]['judge_perplexity']:.3f}"]
-            for name, _ in GENERATORS]
-    head = ["writer", "mode", "generated tokens", "judge tokens", "judge perplexity"]
-    return (f"judged generation (paper Table 3; judge {judge}):\n" + table(rows, head)
-            + f"\n{res['documents']} document(s): {res['prompt_tokens']} prompt tokens, up to "
-              f"{res['max_new_tokens']} generated, greedy")
+def prompt_encodings(choice: str, model_encoding: str) -> tuple[str, ...]:
+    """The prompt encodings ``--prompt-encoding`` asks for.
+
+    >>> prompt_encodings("model", "visual"), prompt_encodings("both", "visual"), prompt_encodings("off", "visual")
+    (('visual',), ('visual', 'interleaved'), ())
+    """
+    return {"model": (model_encoding,), "both": PROMPT_ENCODINGS, "off": ()}.get(choice, (choice,))
 
 
 def cmd_eval_olm(args) -> int:
@@ -396,7 +352,8 @@ def cmd_eval_olm(args) -> int:
         model, processor = load(args.model, args.device, args.dtype)
         judge = load_judge(args.judge, args.device, args.dtype) if args.judge else None
         res = evaluate_olm(model, processor, docs, args.context_tokens, args.continuation_tokens,
-                           limit=args.limit, progress=not args.no_progress, recall=args.recall, stride=args.stride)
+                           limit=args.limit, progress=not args.no_progress, recall=args.recall, stride=args.stride,
+                           prompt_encodings=prompt_encodings(args.prompt_encoding, model.config.prompt_encoding))
         gen = None
         if judge is not None:
             gen = evaluate_generation(model, processor, docs, *judge, prompt_tokens=args.prompt_tokens,
@@ -413,7 +370,10 @@ def cmd_eval_olm(args) -> int:
             "protocol": "teacher-forced perplexity: the model scores each window's true continuation",
             "layouts": {"optical": "olm_segments(context + continuation) cut by the fit rule, loss on the continuation",
                         "text": "[Raw(context), Raw(continuation, loss=True)] (the backbone LLM)",
-                        "none": "[Raw(last context token), Raw(continuation, loss=True)]"},
+                        "none": "[Raw(last context token), Raw(continuation, loss=True)]",
+                        "prompt-<encoding>": "prompt_segments([], context, [], encoding) then the continuation "
+                                             "as generation lays it out (the engine's layout of a user's prompt)"},
+            "model_prompt_encoding": cfg.prompt_encoding,
             "retention_definition": "(ppl_none - ppl_optical) / (ppl_none - ppl_text)",
             **res,
         },
@@ -449,6 +409,10 @@ def add_parser(sub) -> None:
     q.add_argument("--recall", action="store_true",
                    help="recall protocol: each passage (--context-tokens, whole chunks) is followed by its own first "
                         "--continuation-tokens tokens again, scored on that repeat")
+    q.add_argument("--prompt-encoding", choices=["model", "visual", "interleaved", "both", "off"], default="model",
+                   help="also score the context as the engine lays out a user's prompt (what vist2 generate, serve "
+                        "and the lm-eval adapter do): under the model's configured prompt_encoding (default), a "
+                        "given one, both, or off")
     q.add_argument("--limit", type=int, default=None, metavar="N", help="quick run: at most N windows / documents")
     q.add_argument("--stride", type=int, default=None, metavar="S",
                    help="start a window every S tokens (default: windows do not overlap); S = the continuation "

@@ -117,6 +117,12 @@ class TrainConfig:
     recall_samples: float = 0.0
     chunk_start_samples: float = 0.0
     chunk_start_tokens: int = 8
+    # olm: samples in the layout the engine gives a user's prompt (layout.prompt_segments under the
+    # stage's prompt_encoding: with ``visual`` only the pages' visual tokens enter the LLM), 1..4 whole
+    # chunks of a window's text (no loss) then the next prompt_sample_tokens tokens (loss), this many per
+    # window on average; what a compressed prompt is followed by at inference (bench/notes/nano.md, round 7)
+    prompt_samples: float = 0.0
+    prompt_sample_tokens: int = 64
     # from scratch: each visual token redraws its page region (training/page_loss.py), weight 0 = off,
     # until this share of the steps; and the vision tower + aligner at learning_rate x vision_lr_scale
     aux_page_weight: float = 0.0
@@ -212,7 +218,7 @@ class TrainConfig:
             raise ValueError(f"ocr_mix must be in [0, 1], got {self.ocr_mix!r}")
         if self.ocr_mix and self.stage not in ("olm", "sft"):
             raise ValueError(f"ocr_mix mixes MT-OCR samples into the olm and sft stages, not {self.stage!r}")
-        for name in ("recall_samples", "chunk_start_samples"):
+        for name in ("recall_samples", "chunk_start_samples", "prompt_samples"):
             v = getattr(self, name)
             if not 0 <= v <= 16:
                 raise ValueError(f"{name} must be in [0, 16] (samples per OLM window), got {v!r}")
@@ -220,6 +226,8 @@ class TrainConfig:
                 raise ValueError(f"{name} adds memory-use samples to the olm stage, not {self.stage!r}")
         if self.chunk_start_tokens <= 0:
             raise ValueError(f"chunk_start_tokens must be > 0, got {self.chunk_start_tokens}")
+        if self.prompt_sample_tokens <= 0:
+            raise ValueError(f"prompt_sample_tokens must be > 0, got {self.prompt_sample_tokens}")
         if self.aux_char_weight < 0 or not 0 < self.aux_char_until <= 1:
             raise ValueError("aux_char_weight must be >= 0 and aux_char_until in (0, 1]; got "
                              f"{self.aux_char_weight}, {self.aux_char_until}")

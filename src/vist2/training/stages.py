@@ -13,7 +13,9 @@ ocr        ``ocr_segments``: ``[v1 c1 ... vn cn]``, n from    every ``c_i``
 olm        ``olm_segments`` over a window of a document       every text token
            + ``recall_samples``: a passage, then a repeat     the repeat
            of a span of it; ``chunk_start_samples``: whole    the first tokens after
-           chunks, then the first tokens after them           the context
+           chunks, then the first tokens after them;          the context;
+           ``prompt_samples``: whole chunks as the engine     the tokens after the
+           lays out a prompt, then what follows it            prompt
 sft        ``sft_segments`` (``chat_prompt`` split, the       the response, ``<think>``
            query compressed by the tail rule)                 kept
 =========  =================================================  ===========================
@@ -184,13 +186,14 @@ class StageBuilder:
     def _olm(self, rec, rng, progress):
         ids = self.encode(rec["text"]) + [self.doc_end]
         out = self._olm_windows(ids)
-        if self.cfg.recall_samples or self.cfg.chunk_start_samples:  # no draws otherwise: the stream stays as it was
+        if self.cfg.recall_samples or self.cfg.chunk_start_samples or self.cfg.prompt_samples:  # no draws otherwise
             mixed = []
             for it, start in out:
                 mixed.append(it)
                 text = ids[start:-1]  # the window's text onwards, without the document end
                 for make, mean in ((self._recall, self.cfg.recall_samples),
-                                   (self._chunk_start, self.cfg.chunk_start_samples)):
+                                   (self._chunk_start, self.cfg.chunk_start_samples),
+                                   (self._prompt, self.cfg.prompt_samples)):
                     for _ in range(int(mean) + (rng.random() < mean % 1)):
                         if (extra := make(text, rng)) is not None:
                             mixed.append(extra)
@@ -238,6 +241,22 @@ class StageBuilder:
         if p == 0 or p >= len(ids):
             return None
         return self._scored_after(ids[:p], ids[p : p + T])
+
+    def _prompt(self, ids: list[int], rng: random.Random) -> Item | None:
+        """1..4 whole chunks as a user's prompt (the engine's layout under the stage's prompt encoding:
+        with ``visual`` only the pages' visual tokens), then the next ``prompt_sample_tokens`` tokens as
+        generation lays them out, with the loss: what a compressed prompt is followed by at inference."""
+        from ..eval.olm import prompt_continuation_segments
+
+        T = self.cfg.prompt_sample_tokens
+        fits = (self.cfg.max_length - T) // (self.K + self.n_visual)
+        p = self._whole(ids, rng.randint(1, max(1, min(4, fits))))
+        if p == 0 or p >= len(ids):
+            return None
+        segs = prompt_continuation_segments(ids[:p], ids[p : p + T], self.K, self.n_visual, self.prompt_encoding,
+                                            self.chunker())
+        s = build_sample(segs)
+        return Item(s) if len(s) <= self.cfg.max_length else None
 
     def _olm_windows(self, ids: list[int]) -> list[tuple[Item, int]]:
         """The document's consecutive OLM windows, each with the index of its first token."""
