@@ -557,3 +557,25 @@ def test_prompt_samples_are_the_engines_prompt_layout(proc, encoding):
         stage_preset("sft", prompt_samples=1.0)
     with pytest.raises(ValueError, match="prompt_sample_tokens"):
         stage_preset("olm", prompt_sample_tokens=0)
+
+
+def test_needle_samples_score_the_value_hidden_in_the_prompt(proc):
+    """needle_samples: RULER's needle sentence in the window's own text, its question after it, all laid
+    out as the engine lays out a prompt; the targets are the value (and the stop) alone."""
+    from vist2.training.stages import NEEDLE_PROMPT
+
+    b = _builder(proc, "olm", max_length=400, needle_samples=1)
+    mixed, _ = b.items({"text": TEXT * 4}, random.Random(0), 0.0)
+    needles = [it.sample for it in mixed if sum(it.sample.loss) < 16]
+    assert needles
+    for s in needles:
+        scored = proc.tokenizer.decode([t for t, l in zip(s.input_ids, s.loss) if l])
+        value = scored.strip().split(".")[0]
+        assert len(value) == 7 and value.isdigit() and scored.endswith("<|im_end|>")
+        prompt = proc.tokenizer.decode([t for t, l in zip(s.input_ids, s.loss) if not l and t >= 0]
+                                       + [t for c in s.chunks for t in c.tokens])
+        pages = proc.tokenizer.decode([t for c in s.chunks for t in c.tokens])
+        key = pages.split("special magic numbers for ")[1].split(" is: ")[0]
+        assert f"One of the special magic numbers for {key} is: {value}." in pages
+        assert NEEDLE_PROMPT.split("{context}")[0] in pages and prompt
+        assert all(k == Kind.VISUAL for k, l in zip(s.kind, s.loss) if not l and k != Kind.TEXT)

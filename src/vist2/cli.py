@@ -253,13 +253,17 @@ def _demo_memory_in_use(model, proc, text: str) -> None:
         return
     print(f"\n4. memory in use: the passage's first {p['context_tokens']} tokens as the only context "
           f"({p['pages']} memory page(s) in gcc), then its next {len(p['truth'])} tokens written greedily")
-    names = {"optical": "from memory (gcc)", "text": "from text context", "none": "no context"}
-    print(f"   {'true text:':18}{p['truth']!r}")
-    for k in LAYOUTS:
-        print(f"   {names[k] + ':':18}{p['written'][k]!r}")
-    R = "-" if p["retention"] is None else f"{p['retention']:.2f}"
-    print("   perplexity of the true text: " + ", ".join(f"{names[k]} {p['perplexity'][k]:.2f}" for k in LAYOUTS)
-          + f"; retention R = {R} (1: the memory is worth its text)")
+    prompt = p["prompt_layout"]  # the passage as a user's prompt: the engine's layout, the model's encoding
+    names = {"optical": "from memory (gcc)", prompt: f"as a prompt ({prompt.removeprefix('prompt-')})",
+             "text": "from text context", "none": "no context"}
+    shown = ("optical", prompt, "text", "none")
+    assert set(shown) == {*LAYOUTS, prompt}
+    print(f"   {'true text:':26}{p['truth']!r}")
+    for k in shown:
+        print(f"   {names[k] + ':':26}{p['written'][k]!r}")
+    R = {k: "-" if r is None else f"{r:.2f}" for k, r in (("gcc", p["retention"]), ("prompt", p["prompt_retention"]))}
+    print("   perplexity of the true text: " + ", ".join(f"{names[k]} {p['perplexity'][k]:.2f}" for k in shown)
+          + f"; retention R = {R['gcc']} from memory, {R['prompt']} as a prompt (1: the memory is worth its text)")
 
 
 # -- generate -----------------------------------------------------------------------

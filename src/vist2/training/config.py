@@ -123,6 +123,10 @@ class TrainConfig:
     # window on average; what a compressed prompt is followed by at inference (bench/notes/nano.md, round 7)
     prompt_samples: float = 0.0
     prompt_sample_tokens: int = 64
+    # olm: needle-in-a-haystack prompts in RULER's shape over the window's own text (a 7-digit value for a
+    # key at a random depth, the question after it), laid out as the engine lays out a prompt; loss on the
+    # value; this many per window on average
+    needle_samples: float = 0.0
     # from scratch: each visual token redraws its page region (training/page_loss.py), weight 0 = off,
     # until this share of the steps; and the vision tower + aligner at learning_rate x vision_lr_scale
     aux_page_weight: float = 0.0
@@ -218,7 +222,7 @@ class TrainConfig:
             raise ValueError(f"ocr_mix must be in [0, 1], got {self.ocr_mix!r}")
         if self.ocr_mix and self.stage not in ("olm", "sft"):
             raise ValueError(f"ocr_mix mixes MT-OCR samples into the olm and sft stages, not {self.stage!r}")
-        for name in ("recall_samples", "chunk_start_samples", "prompt_samples"):
+        for name in ("recall_samples", "chunk_start_samples", "prompt_samples", "needle_samples"):
             v = getattr(self, name)
             if not 0 <= v <= 16:
                 raise ValueError(f"{name} must be in [0, 16] (samples per OLM window), got {v!r}")

@@ -15,7 +15,8 @@ olm        ``olm_segments`` over a window of a document       every text token
            of a span of it; ``chunk_start_samples``: whole    the first tokens after
            chunks, then the first tokens after them;          the context;
            ``prompt_samples``: whole chunks as the engine     the tokens after the
-           lays out a prompt, then what follows it            prompt
+           lays out a prompt, then what follows it;           prompt; the value
+           ``needle_samples``: a needle prompt (RULER)
 sft        ``sft_segments`` (``chat_prompt`` split, the       the response, ``<think>``
            query compressed by the tail rule)                 kept
 =========  =================================================  ===========================
@@ -40,6 +41,15 @@ from ..layout import Raw, Sample, build_sample, caption_segments, ocr_segments, 
 from .config import CurriculumPhase, TrainConfig, ocr_images_per_row
 
 log = logging.getLogger(__name__)
+
+
+# needle samples (olm ``needle_samples``): RULER's needle sentence, and its niah prompt with the answer's
+# prefix (the words of the task, lm-eval's ``ruler`` niah template; the haystacks and keys are the
+# training corpus's own)
+NEEDLE = "One of the special magic numbers for {key} is: {value}."
+NEEDLE_PROMPT = ("Some special magic numbers are hidden within the following text. Make sure to memorize it. I will "
+                 "quiz you about the numbers afterwards.\n{context}\nWhat are all the special magic numbers for {key} "
+                 "mentioned in the provided text? The special magic number for {key} mentioned in the provided text is")
 
 
 @dataclass
@@ -186,14 +196,15 @@ class StageBuilder:
     def _olm(self, rec, rng, progress):
         ids = self.encode(rec["text"]) + [self.doc_end]
         out = self._olm_windows(ids)
-        if self.cfg.recall_samples or self.cfg.chunk_start_samples or self.cfg.prompt_samples:  # no draws otherwise
+        if any((self.cfg.recall_samples, self.cfg.chunk_start_samples, self.cfg.prompt_samples, self.cfg.needle_samples)):
             mixed = []
             for it, start in out:
                 mixed.append(it)
                 text = ids[start:-1]  # the window's text onwards, without the document end
                 for make, mean in ((self._recall, self.cfg.recall_samples),
                                    (self._chunk_start, self.cfg.chunk_start_samples),
-                                   (self._prompt, self.cfg.prompt_samples)):
+                                   (self._prompt, self.cfg.prompt_samples),
+                                   (self._needle, self.cfg.needle_samples)):
                     for _ in range(int(mean) + (rng.random() < mean % 1)):
                         if (extra := make(text, rng)) is not None:
                             mixed.append(extra)
@@ -255,6 +266,26 @@ class StageBuilder:
             return None
         segs = prompt_continuation_segments(ids[:p], ids[p : p + T], self.K, self.n_visual, self.prompt_encoding,
                                             self.chunker())
+        s = build_sample(segs)
+        return Item(s) if len(s) <= self.cfg.max_length else None
+
+    def _needle(self, ids: list[int], rng: random.Random) -> Item | None:
+        """A needle-in-a-haystack prompt in RULER's shape (:data:`NEEDLE_PROMPT`), its haystack the window's
+        own text, 8..3 x K tokens of it, a 7-digit value for a key of two of its words at a random depth,
+        laid out as the engine lays out a user's prompt; the loss on the value alone (and the stop)."""
+        from ..eval.olm import prompt_continuation_segments
+
+        hay = self.tok.decode(ids[: rng.randint(8, 3 * self.K)])
+        words = [w for w in hay.split() if w.isalpha() and len(w) > 2]
+        if len(words) < 2:
+            return None
+        key, value = f"{rng.choice(words).lower()}-{rng.choice(words).lower()}", str(rng.randrange(10**6, 10**7))
+        cuts = [0] + [i + 1 for i, ch in enumerate(hay) if ch in ".\n"] + [len(hay)]
+        at = rng.choice(cuts)
+        context = f"{hay[:at]} {NEEDLE.format(key=key, value=value)} {hay[at:]}".strip()
+        prompt = self.encode(NEEDLE_PROMPT.format(context=context, key=key))
+        answer = self.encode(f" {value}.") + [self.turn_end]
+        segs = prompt_continuation_segments(prompt, answer, self.K, self.n_visual, self.prompt_encoding, self.chunker())
         s = build_sample(segs)
         return Item(s) if len(s) <= self.cfg.max_length else None
 
