@@ -170,3 +170,76 @@ def test_eval_longbench_command_bad_input(tiny_dir, tmp_path, capsys):
         assert main(["eval", "longbench", "--model", str(tiny_dir), "--out", str(tmp_path / "x.json"), *argv]) == 2
         assert msg in capsys.readouterr().err
     assert not (tmp_path / "x.json").exists()
+
+
+def _longbench_task(folder: Path, dataset: str, data: Path) -> str:
+    """A task over a local LongBench file: lm-eval's own LongBench task (prompt, metric) included, only the
+    data source and generation length changed; lm-eval's templates name LongBench's ``input`` ``question``."""
+    import lm_eval.tasks
+
+    official = Path(lm_eval.tasks.__file__).parent / "longbench" / f"{dataset}.yaml"
+    name = f"vist2_longbench_{dataset}"
+    (folder / f"{dataset}.yaml").write_text(
+        f"include: {json.dumps(str(official))}\n"
+        f"task: {name}\ntag: []\ndataset_path: json\ndataset_name: null\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {json.dumps(str(data))}\n"
+        f"  cache_dir: {json.dumps(str(folder / 'hf-cache'))}\n"
+        "test_split: test\n"
+        f"doc_to_text: {json.dumps(tasks()[dataset]['prompt'].replace('{{question}}', '{{input}}'))}\n"
+        "generation_kwargs:\n  max_gen_toks: 4\n  until: []\n  do_sample: false\n  temperature: 0\n")
+    return name
+
+
+@pytest.mark.slow
+def test_lm_eval_longbench_task_offline(tiny_dir, tmp_path, monkeypatch):
+    """lm-eval's hotpotqa task (its prompt and metric) on the fixture file through the ``vist2`` model type,
+    mode gcc, with a KV budget (max_length) that even the compressed prompts do not fit: the harness's score
+    is the official qa_f1 of the answers it logged, and the prompts were cut in the middle, not refused
+    (the engine refuses a prompt over its budget)."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    import vist2.eval.lm_eval_adapter  # noqa: F401  (registers "vist2")
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    name = _longbench_task(tmp_path, "hotpotqa", DATA / "hotpotqa.jsonl")
+    out = lm_eval.simple_evaluate(
+        model="vist2", model_args={"pretrained": str(tiny_dir), "mode": "gcc", "max_length": 40},
+        tasks=[name], task_manager=TaskManager(include_path=str(tmp_path), include_defaults=False),
+        bootstrap_iters=0, log_samples=True)
+    samples = out["samples"][name]
+    records = read_dataset(DATA / "hotpotqa.jsonl")
+    assert len(samples) == len(records)
+    by_id = {r["_id"]: r for r in records}
+    mine = [score("hotpotqa", s["resps"][0][0], by_id[s["doc"]["_id"]]) for s in samples]
+    assert out["results"][name]["score,none"] == pytest.approx(sum(mine) / len(mine))
+    assert all(s["arguments"][0][0].startswith("Answer the question based on") for s in samples)
+
+
+def test_adapter_cuts_prompts_past_max_length_in_the_middle(tiny_dir):
+    """generate_until: a prompt whose footprint is over max_length is cut to fit (head and tail kept), in
+    the mode's own entries: compressed, the same prompt fits whole."""
+    from lm_eval.api.instance import Instance
+
+    from vist2.eval.lm_eval_adapter import VIST2LM
+    from vist2.samples import sample_text
+
+    text = sample_text("en")[:1500]
+    lm = VIST2LM(pretrained=str(tiny_dir), mode="none", max_length=120)
+    assert lm.max_length == 120 and lm.engine.max_cache_tokens == 120
+    seen = []
+    real = lm.engine.generate
+    lm.engine.generate = lambda reqs: seen.extend(reqs) or real(reqs)
+    inst = Instance("generate_until", {}, (text, {"until": [], "max_gen_toks": 4}), 0)
+    ids = lm.processor.encode(text)
+    for mode, cut in (("none", True), ("gcc", False)):
+        lm.mode = mode
+        (out,) = lm.generate_until([inst], disable_tqdm=True)
+        req = seen.pop()
+        assert isinstance(out, str) and lm.engine.footprint(req) + 4 <= 120
+        if cut:
+            n = len(req.query)
+            assert n < len(ids) and req.query == ids[: n // 2] + ids[len(ids) - (n - n // 2):]
+        else:
+            assert req.query == ids
