@@ -10,7 +10,7 @@ import pytest
 pytest.importorskip("lm_eval")
 pytest.importorskip("jieba")  # lm-eval's LongBench metrics (pip install "lm-eval[longbench]")
 
-from vist2.eval.downstream import fit_to_budget, middle_cut  # noqa: E402
+from vist2.eval.downstream import answer_of, fit_to_budget, generation_length, middle_cut  # noqa: E402
 from vist2.eval.longbench import (FIRST_LINE, NO_CHAT, find_datasets, prompt, read_dataset, score,  # noqa: E402
                                   tasks)
 
@@ -63,6 +63,19 @@ def test_rouge_datasets_score_identity_high_and_disjoint_zero():
     assert score("gov_report", "bananas", rec) == 0.0
     # samsum is scored on the first line: a wrong second line costs nothing
     assert score("samsum", "the agency plans to hire forty inspectors\nbananas", rec) == pytest.approx(1.0, abs=1e-6)
+
+
+def test_the_answer_follows_the_thinking():
+    assert answer_of("<think>It is a city.</think>\nCity") == "\nCity"
+    assert answer_of("<think>a</think>b</think>c") == "c"
+    assert answer_of("<think>still thinking") == ""
+    assert answer_of("City") == "City"
+    # the first-line rule then applies to the answer: trec scores "City", not the thinking
+    rec = {"answers": ["City"], "all_classes": CLASSES}
+    assert score("trec", answer_of("<think>Individual? No.</think>\nCity\nmore"), rec) == 1.0
+    assert generation_length(32, None, 0) == 32 and generation_length(512, 8, 100) == 108
+    with pytest.raises(ValueError, match="--think-tokens"):
+        generation_length(32, None, -1)
 
 
 def test_middle_cut():
@@ -152,7 +165,8 @@ def test_eval_longbench_command_end_to_end(tiny_dir, tmp_path, capsys):
             rec = read_dataset(DATA / f"{ds}.jsonl", 1)[0]
             s = d["samples"][0]
             assert s["id"] == rec["_id"] and s["generated_tokens"] <= 3
-            assert d["score"] == pytest.approx(100 * score(ds, s["text"], rec))
+            assert s["answer"] == answer_of(s["text"])
+            assert d["score"] == pytest.approx(100 * score(ds, s["answer"], rec))
         for cat, c in m["categories"].items():
             scores = [d["score"] for d in m["datasets"].values() if d["category"] == cat]
             assert c["score"] == pytest.approx(sum(scores) / len(scores))

@@ -117,15 +117,16 @@ def test_eval_loogle_command_end_to_end(tiny_dir, judge_dir, tmp_path, capsys):
     """All four tasks in two modes on the tiny preset with a judge: a row per task and mode, metrics that
     re-score from the saved answers, and fewer KV entries held compressed than plain."""
     from vist2.cli import main
+    from vist2.eval.downstream import answer_of
 
     out = tmp_path / "lg.json"
     assert main(["eval", "loogle", "--model", str(tiny_dir), "--data", str(DATA), "--modes", "gcc,none",
-                 "--limit", "1", "--max-new-tokens", "3", "--judge", str(judge_dir), "--device", "cpu",
+                 "--limit", "1", "--max-new-tokens", "2", "--think-tokens", "1", "--judge", str(judge_dir), "--device", "cpu",
                  "--no-progress", "--out", str(out)]) == 0
     res = json.loads(out.read_text())
     printed = capsys.readouterr().out
     assert out.with_suffix(".md").read_text().strip() in printed and "| longdep_qa | gcc |" in printed
-    assert res["judged"] and res["meteor"] == wordnet_available()
+    assert res["judged"] and res["meteor"] == wordnet_available() and res["think_tokens"] == 1
     assert (res["meteor_note"] is None) == res["meteor"]
     assert set(res["provenance"]["data_sha256"]) == {p.name for p in DATA.glob("*.jsonl")}
     for mode, m in res["modes"].items():
@@ -135,7 +136,8 @@ def test_eval_loogle_command_end_to_end(tiny_dir, judge_dir, tmp_path, capsys):
             assert len(t["samples"]) == len(recs) and t["max_new_tokens"] == 3
             for s, rec in zip(t["samples"], recs):
                 assert s["reference"] == rec["reference"] and s["generated_tokens"] <= 3
-                again = scores(rec["reference"], s["text"], res["meteor"])
+                assert s["answer"] == answer_of(s["text"])
+                again = scores(rec["reference"], s["answer"], res["meteor"])
                 assert all(s[k] == pytest.approx(v) for k, v in again.items() if v is not None)
             assert t["rougeL"] == pytest.approx(100 * sum(s["rougeL"] for s in t["samples"]) / len(recs))
             assert t["judged"] == pytest.approx(100 * sum(s["judged"] for s in t["samples"]) / len(recs))

@@ -13,12 +13,16 @@ from its start and its end as fit. In ``gcc`` and ``pcc`` a 32k-token context at
 about 8k visual tokens, so only a context past about r x the budget is cut; in ``none`` (the plain
 backbone) every token is an entry. The generated text is counted at its full length in every mode,
 so a cut prompt always leaves room for it.
+
+**Thinking.** The paper's SFT responses open with a chain of thought in ``<think>...</think>``; what
+is scored is the answer after it (:func:`answer_of`). ``--think-tokens N`` adds N tokens to every
+generation length for it (the benchmarks' own lengths are for the answer alone).
 """
 
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -34,7 +38,6 @@ class Item:
     prompt: str
     max_new_tokens: int
     chat: bool = True
-    meta: dict = field(default_factory=dict)
 
 
 def middle_cut(ids: Sequence[int], keep: int) -> list[int]:
@@ -56,7 +59,10 @@ def fit_to_budget(engine: Engine, request: Request, budget: int) -> tuple[Reques
     The footprint grows with the query, so the longest query that fits is found by bisection.
     ``ValueError`` when not even an empty query fits (the template's text and the generation alone)."""
     room = budget - request.params.max_new_tokens
-    fits = lambda n: engine.footprint(replace(request, query=middle_cut(request.query, n), question=None)) <= room  # noqa: E731
+
+    def fits(n: int) -> bool:
+        return engine.footprint(replace(request, query=middle_cut(request.query, n), question=None)) <= room
+
     if fits(len(request.query)):
         return request, 0
     if not fits(0):
@@ -67,6 +73,18 @@ def fit_to_budget(engine: Engine, request: Request, budget: int) -> tuple[Reques
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if fits(mid) else (lo, mid)
     return replace(request, query=middle_cut(request.query, lo), question=None), len(request.query) - lo
+
+
+def answer_of(text: str) -> str:
+    """The answer in a generated text: what follows its last ``</think>``; nothing when a ``<think>``
+    block never closed (the generation ran out inside it); else the text itself.
+
+        >>> answer_of("<think>Paris is in France.</think>\n\nParis"), answer_of("<think>hmm"), answer_of("Paris")
+        ('\n\nParis', '', 'Paris')
+    """
+    if "</think>" in text:
+        return text.rsplit("</think>", 1)[1]
+    return "" if "<think>" in text else text
 
 
 def make_request(engine: Engine, item: Item, mode: str) -> Request:
@@ -80,8 +98,9 @@ def make_request(engine: Engine, item: Item, mode: str) -> Request:
 def generate(engine: Engine, items: Sequence[Item], mode: str, budget: int, desc: str = "generate",
              progress: bool = True) -> list[dict]:
     """Each item answered by ``engine`` in ``mode`` (greedy), its prompt cut to ``budget``:
-    ``{"text", "prompt_tokens", "cut_tokens", "kv_peak", "generated_tokens", "finish_reason"}`` per item,
-    in order. ``prompt_tokens`` counts the prompt before any cut (the context length)."""
+    ``{"text", "answer", "prompt_tokens", "cut_tokens", "kv_peak", "generated_tokens", "finish_reason"}`` per
+    item, in order (``answer``: :func:`answer_of` the text). ``prompt_tokens`` counts the prompt before any
+    cut (the context length)."""
     from tqdm.auto import tqdm
 
     if mode not in MODES:
@@ -100,7 +119,7 @@ def generate(engine: Engine, items: Sequence[Item], mode: str, budget: int, desc
         for r, n, cut in zip(engine.generate(reqs), lengths, cuts):
             if r.stats.finish_reason == "error":
                 raise RuntimeError(f"generation failed: {r.stats.error}")
-            out.append({"text": r.text, "prompt_tokens": n, "cut_tokens": cut, "kv_peak": r.stats.kv_tokens_peak,
+            out.append({"text": r.text, "answer": answer_of(r.text), "prompt_tokens": n, "cut_tokens": cut, "kv_peak": r.stats.kv_tokens_peak,
                         "generated_tokens": r.stats.generated_tokens, "finish_reason": r.stats.finish_reason})
         bar.update(len(batch))
     bar.close()
@@ -115,6 +134,13 @@ def footprint_summary(rows: Sequence[dict]) -> dict:
             "kv_peak_mean": sum(r["kv_peak"] for r in rows) / n,
             "kv_peak_max": max((r["kv_peak"] for r in rows), default=0),
             "prompts_cut": sum(1 for r in rows if r["cut_tokens"])}
+
+
+def generation_length(official: int, cap: int | None, think: int) -> int:
+    """A task's generation length: the benchmark's own, capped at ``cap`` (quick runs), plus ``think``."""
+    if think < 0 or (cap is not None and cap <= 0):
+        raise ValueError(f"--think-tokens must be >= 0 and --max-new-tokens > 0, got {think}, {cap}")
+    return (official if cap is None else min(official, cap)) + think
 
 
 def parse_modes(text: str) -> list[str]:

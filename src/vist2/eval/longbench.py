@@ -13,7 +13,8 @@ every dataset file found there is run (``--datasets`` picks some). The protocol 
 - the prompt is a user message in the model's chat template, except for trec, triviaqa, samsum, lsht,
   lcc and repobench-p (plain text, as ``pred.py``); greedy decoding;
 - a prompt past the KV budget is cut in the middle (:mod:`vist2.eval.downstream`);
-- scoring: the first line of the answer for trec, triviaqa, samsum, lsht; the official metric of each
+- scoring: the answer after a ``<think>`` block, if the model writes one (the paper's SFT responses
+  do; ``--think-tokens`` gives it room); its first line for trec, triviaqa, samsum, lsht; the official metric of each
   dataset (qa_f1, rouge, classification, retrieval, count, code_sim; lm-eval's LongBench ``metrics``
   module), the best over the reference answers, mean x 100 per dataset;
 - a category (Table 4's columns: SingleDoc QA, MultiDoc QA, Summ., FewShot, Synthetic, Code) is the
@@ -32,8 +33,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Sequence
 
-from .downstream import Item, command, engine_for, folder_provenance, footprint_summary, generate, markdown_table, \
-    parse_modes, write_results
+from .downstream import Item, command, engine_for, folder_provenance, footprint_summary, generate, \
+    generation_length, markdown_table, parse_modes, write_results
 
 # Table 4's columns: LongBench's six categories, each the lm-eval group that lists its datasets
 CATEGORIES = {"single": ("SingleDoc QA", "_longbench_single.yaml"), "multi": ("MultiDoc QA", "_longbench_multi.yaml"),
@@ -156,21 +157,23 @@ def find_datasets(data_dir: str | Path, names: Sequence[str] | None = None) -> d
 
 
 def evaluate_longbench(model, processor, data: dict[str, list[dict]], modes: Sequence[str], budget: int | None = None,
-                       max_batch: int = 4, max_new_tokens: int | None = None, progress: bool = True) -> dict:
+                       max_batch: int = 4, max_new_tokens: int | None = None, progress: bool = True,
+                       think_tokens: int = 0) -> dict:
     """``{"modes": {mode: {"categories": {...}, "datasets": {...}, "average"}}, "max_kv", ...}``: every
-    dataset's records answered in each mode and scored (x 100). ``max_new_tokens`` caps the official
-    generation lengths (quick runs; recorded in the results)."""
+    dataset's records answered in each mode and scored (x 100) on the answer after any ``<think>`` block.
+    ``max_new_tokens`` caps the official generation lengths (quick runs), ``think_tokens`` is added to
+    them (:func:`~vist2.eval.downstream.generation_length`); both are recorded in the results."""
     engine, budget = engine_for(model, processor, budget, max_batch)
     spec = tasks()
-    out: dict = {"max_kv": budget, "max_new_tokens_cap": max_new_tokens, "modes": {}}
+    out: dict = {"max_kv": budget, "max_new_tokens_cap": max_new_tokens, "think_tokens": think_tokens, "modes": {}}
     for mode in modes:
         per_ds, rows_all = {}, []
         for ds, records in data.items():
-            cap = spec[ds]["max_new_tokens"] if max_new_tokens is None else min(max_new_tokens, spec[ds]["max_new_tokens"])
+            cap = generation_length(spec[ds]["max_new_tokens"], max_new_tokens, think_tokens)
             items = [Item(prompt(ds, r), cap, chat=ds not in NO_CHAT) for r in records]
             rows = generate(engine, items, mode, budget, desc=ds, progress=progress)
             for r, rec in zip(rows, records):
-                r.update(id=rec["_id"], length=rec["length"], score=score(ds, r["text"], rec))
+                r.update(id=rec["_id"], length=rec["length"], score=score(ds, r["answer"], rec))
             per_ds[ds] = {"category": spec[ds]["category"], "score": 100 * sum(r["score"] for r in rows) / len(rows),
                           "max_new_tokens": cap, **footprint_summary(rows), "samples": rows}
             rows_all += rows
@@ -213,7 +216,7 @@ def cmd_eval_longbench(args) -> int:
         data = {ds: read_dataset(f, args.limit) for ds, f in files.items()}
         model, processor = load_checkpoint(args.model, args.device, args.dtype)
         res = evaluate_longbench(model, processor, data, modes, args.max_kv, args.max_batch, args.max_new_tokens,
-                                 progress=not args.no_progress)
+                                 progress=not args.no_progress, think_tokens=args.think_tokens)
     except ValueError as e:
         raise CLIError(str(e)) from e
     import lm_eval
@@ -251,6 +254,9 @@ def add_parser(sub) -> None:
     q.add_argument("--limit", type=int, default=None, metavar="N", help="quick run: the first N records of each dataset")
     q.add_argument("--max-new-tokens", type=int, default=None, metavar="N",
                    help="quick run: cap the official generation lengths at N (recorded in the results)")
+    q.add_argument("--think-tokens", type=int, default=0, metavar="N",
+                   help="tokens added to every generation length for a <think> block before the answer "
+                        "(the answer after </think> is scored; default 0)")
     q.add_argument("--max-batch", type=int, default=4, metavar="N", help="prompts generated at once (default 4)")
     q.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
     q.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")

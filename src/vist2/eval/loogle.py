@@ -14,7 +14,8 @@ JSON. The prompts are LooGLE's (:data:`TASKS`; ``--prompts`` reads the release's
 50, 500 and 500 tokens. A prompt past the KV budget is cut in the middle (:mod:`vist2.eval.downstream`);
 the paper's setting is "8k x 4": ``--max-kv 8192`` at r = 4.
 
-Scores (each mean x 100 over the task's answers):
+Scores (each mean x 100 over the task's answers; the answer is what follows a ``<think>`` block, if the
+model writes one, and ``--think-tokens`` gives it room):
 
 - **BLEU-1 / BLEU-4**: NLTK's ``sentence_bleu`` on whitespace words, weights (1, 0, 0, 0) and
   (0, 0, 0, 1) (the 4-gram precision alone), brevity penalty included, no smoothing;
@@ -37,8 +38,8 @@ import warnings
 from pathlib import Path
 from typing import Sequence
 
-from .downstream import Item, command, engine_for, folder_provenance, footprint_summary, generate, markdown_table, \
-    parse_modes, write_results
+from .downstream import Item, command, engine_for, folder_provenance, footprint_summary, generate, \
+    generation_length, markdown_table, parse_modes, write_results
 
 TASKS = {  # task: (prompt, max new tokens)
     "shortdep_qa": ("Please answer the question based on the long texts below. \n{input}\nQuestion: {Q}\nAnswer: ", 300),
@@ -196,31 +197,32 @@ def read_prompts(path: str | Path) -> dict[str, str]:
 
 def evaluate_loogle(model, processor, data: dict[str, list[dict]], modes: Sequence[str], budget: int | None = None,
                     max_batch: int = 4, max_new_tokens: int | None = None, judge=None, progress: bool = True,
-                    prompts: dict[str, str] | None = None) -> dict:
+                    prompts: dict[str, str] | None = None, think_tokens: int = 0) -> dict:
     """``{"modes": {mode: {task: {metric: x100, ...}}}, "meteor": bool, ...}``: each task's questions
     answered in each mode and scored. ``judge``: ``(model, tokenizer)`` from :func:`vist2.eval.olm.load_judge`;
-    ``prompts``: templates that replace :data:`TASKS`'s (:func:`read_prompts`)."""
+    ``prompts``: templates that replace :data:`TASKS`'s (:func:`read_prompts`). The answer after a
+    ``<think>`` block is scored; ``think_tokens`` are added to the generation lengths for it."""
     from .common import rouge_scorer
 
     engine, budget = engine_for(model, processor, budget, max_batch)
     meteor, scorer = wordnet_available(), rouge_scorer()
-    out: dict = {"max_kv": budget, "max_new_tokens_cap": max_new_tokens, "meteor": meteor,
+    out: dict = {"max_kv": budget, "max_new_tokens_cap": max_new_tokens, "think_tokens": think_tokens, "meteor": meteor,
                  "meteor_note": None if meteor else "NLTK's WordNet data not found: METEOR not computed "
                                                     "(python -m nltk.downloader wordnet)",
                  "judged": judge is not None, "modes": {}}
     for mode in modes:
         per_task = {}
         for task, recs in data.items():
-            template, limit = (prompts or {}).get(task, TASKS[task][0]), TASKS[task][1]
-            cap = limit if max_new_tokens is None else min(limit, max_new_tokens)
+            template = (prompts or {}).get(task, TASKS[task][0])
+            cap = generation_length(TASKS[task][1], max_new_tokens, think_tokens)
             items = [Item(template.format(input=r["input"], Q=r["question"] or ""), cap) for r in recs]
             rows = generate(engine, items, mode, budget, desc=task, progress=progress)
             for row, rec in zip(rows, recs):
                 row.update(question=rec["question"], reference=rec["reference"],
-                           **scores(rec["reference"], row["text"], meteor, scorer))
+                           **scores(rec["reference"], row["answer"], meteor, scorer))
                 if judge is not None:
                     row["judged"] = judged_true(*judge, rec["question"] or SUMMARY_QUESTION, rec["reference"],
-                                                row["text"])
+                                                row["answer"])
             mean = lambda k: 100 * sum(r[k] for r in rows) / len(rows)  # noqa: E731
             per_task[task] = {**{k: mean(k) if (k != "meteor" or meteor) else None for k in METRICS},
                               "judged": mean("judged") if judge is not None else None, "max_new_tokens": cap,
@@ -263,7 +265,8 @@ def cmd_eval_loogle(args) -> int:
         judge = load_judge(args.judge, args.device, args.dtype) if args.judge else None
         model, processor = load_checkpoint(args.model, args.device, args.dtype)
         res = evaluate_loogle(model, processor, data, modes, args.max_kv, args.max_batch, args.max_new_tokens,
-                              judge=judge, progress=not args.no_progress, prompts=prompts)
+                              judge=judge, progress=not args.no_progress, prompts=prompts,
+                              think_tokens=args.think_tokens)
     except ValueError as e:
         raise CLIError(str(e)) from e
     import nltk
@@ -304,6 +307,9 @@ def add_parser(sub) -> None:
     q.add_argument("--prompts", metavar="FILE",
                    help="prompt templates as JSON {task: template} with {input} and {Q} (e.g. LooGLE's "
                         "config/task2prompt.json); default: the built-in ones")
+    q.add_argument("--think-tokens", type=int, default=0, metavar="N",
+                   help="tokens added to every generation length for a <think> block before the answer "
+                        "(the answer after </think> is scored; default 0)")
     q.add_argument("--judge", metavar="DIR", help="a local causal-LM folder (with tokenizer) that judges each answer "
                                                   "True/False against the reference (paper: GPT-4)")
     q.add_argument("--max-batch", type=int, default=4, metavar="N", help="prompts generated at once (default 4)")
