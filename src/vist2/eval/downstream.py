@@ -66,8 +66,8 @@ def fit_to_budget(engine: Engine, request: Request, budget: int) -> tuple[Reques
     if fits(len(request.query)):
         return request, 0
     if not fits(0):
-        raise ValueError(f"--max-kv {budget} cannot hold the prompt's template text and {request.params.max_new_tokens} "
-                         f"generated tokens (mode {request.mode})")
+        raise ValueError(f"--max-kv {budget} cannot hold the prompt's template text and "
+                         f"{request.params.max_new_tokens} generated tokens (mode {request.mode})")
     lo, hi = 0, len(request.query)  # fits(lo), not fits(hi)
     while hi - lo > 1:
         mid = (lo + hi) // 2
@@ -76,7 +76,7 @@ def fit_to_budget(engine: Engine, request: Request, budget: int) -> tuple[Reques
 
 
 def answer_of(text: str) -> str:
-    """The answer in a generated text: what follows its last ``</think>``; nothing when a ``<think>``
+    r"""The answer in a generated text: what follows its last ``</think>``; nothing when a ``<think>``
     block never closed (the generation ran out inside it); else the text itself.
 
         >>> answer_of("<think>Paris is in France.</think>\n\nParis"), answer_of("<think>hmm"), answer_of("Paris")
@@ -119,8 +119,9 @@ def generate(engine: Engine, items: Sequence[Item], mode: str, budget: int, desc
         for r, n, cut in zip(engine.generate(reqs), lengths, cuts):
             if r.stats.finish_reason == "error":
                 raise RuntimeError(f"generation failed: {r.stats.error}")
-            out.append({"text": r.text, "answer": answer_of(r.text), "prompt_tokens": n, "cut_tokens": cut, "kv_peak": r.stats.kv_tokens_peak,
-                        "generated_tokens": r.stats.generated_tokens, "finish_reason": r.stats.finish_reason})
+            out.append({"text": r.text, "answer": answer_of(r.text), "prompt_tokens": n, "cut_tokens": cut,
+                        "kv_peak": r.stats.kv_tokens_peak, "generated_tokens": r.stats.generated_tokens,
+                        "finish_reason": r.stats.finish_reason})
         bar.update(len(batch))
     bar.close()
     return out
