@@ -113,6 +113,7 @@ def test_judge_prefers_the_likelier_verdict(judge_dir):
     assert judged_true(judge, tok, "Q?", "In 1887.", "1887") == (logp(" True") > logp(" False"))
 
 
+@pytest.mark.slow
 def test_eval_loogle_command_end_to_end(tiny_dir, judge_dir, tmp_path, capsys):
     """All four tasks in two modes on the tiny preset with a judge: a row per task and mode, metrics that
     re-score from the saved answers, and fewer KV entries held compressed than plain."""
