@@ -14,7 +14,8 @@ or from Python::
 
 Model arguments: ``pretrained`` (a VIST2 checkpoint folder), ``mode`` (``gcc``: prompt and output
 compressed, the paper; ``pcc``: prompt only; ``none``: the plain LLM), ``dtype``, ``device``,
-``batch_size``, ``max_gen_toks``.
+``batch_size``, ``max_gen_toks``, ``max_length`` (the KV budget: cache entries a request may hold,
+default the LLM's ``max_position_embeddings``).
 
 How requests become layouts (all through :mod:`vist2.layout`, as the engine does):
 
@@ -26,7 +27,10 @@ How requests become layouts (all through :mod:`vist2.layout`, as the engine does
   one training and the engine use;
 - ``loglikelihood_rolling(text)``: an end-of-text token, then the text as the continuation;
 - ``generate_until``: :class:`vist2.engine.Engine` with the same mode, greedy unless the task asks
-  for sampling, stopping at the task's ``until`` strings.
+  for sampling, stopping at the task's ``until`` strings. A prompt whose footprint plus the generation
+  is over ``max_length`` KV entries is cut in the middle (LongBench's rule, not lm-eval's left cut;
+  :func:`vist2.eval.downstream.fit_to_budget`): compressed, a context of about r x ``max_length`` tokens
+  fits before anything is cut.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ from ..engine import Engine, Request, SamplingParams
 from ..modes import MODES
 from ..layout import IGNORE, Raw, Segment, build_sample, collate, prompt_segments, sft_segments
 from ..runtime import eos_ids, load_checkpoint
+from .downstream import fit_to_budget
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +55,7 @@ log = logging.getLogger(__name__)
 class VIST2LM(LM):
     def __init__(self, pretrained: str, mode: str = "gcc", dtype: str = "float32", device: str | None = None,
                  batch_size: int | str | None = 1, max_gen_toks: int = 256, max_batch_size: int | None = None,
-                 **kwargs):
+                 max_length: int | str | None = None, **kwargs):
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -68,7 +73,12 @@ class VIST2LM(LM):
         self.max_gen_toks = int(max_gen_toks)
         # the one token a context-free request is conditioned on (lm-eval's "prefix token"): an EOS
         self.prefix_token_id = eos_ids(cfg.text_config, self.processor.tokenizer)[0]
-        self.engine = Engine(self.model, self.processor, max_batch=max(1, self.batch_size))
+        # the KV budget: what a plain LLM's max_length is to lm-eval, in cache entries
+        self._max_length = int(max_length) if max_length else cfg.text_config.max_position_embeddings
+        if self._max_length <= 0:
+            raise ValueError(f"max_length must be > 0, got {max_length!r}")
+        self.engine = Engine(self.model, self.processor, max_batch=max(1, self.batch_size),
+                             max_cache_tokens=self._max_length)
 
     # -- lm-eval plumbing ---------------------------------------------------------------
 
@@ -85,6 +95,10 @@ class VIST2LM(LM):
     def create_from_arg_obj(cls, arg_dict: dict, additional_config: dict | None = None) -> "VIST2LM":
         extra = {k: v for k, v in (additional_config or {}).items() if v is not None and k not in arg_dict}
         return cls(**arg_dict, **extra)
+
+    @property
+    def max_length(self) -> int:
+        return self._max_length
 
     @property
     def tokenizer_name(self) -> str:
@@ -181,7 +195,8 @@ class VIST2LM(LM):
                 stop=tuple(u for u in until if u),
             ).validate()
             query = self.processor.encode(context) if context else [self.prefix_token_id]
-            reqs.append(Request(query=query, params=params, mode=self.mode))
+            reqs.append(fit_to_budget(self.engine, Request(query=query, params=params, mode=self.mode),
+                                      self._max_length)[0])
         out: list[str] = []
         for i in tqdm(range(0, len(reqs), self.batch_size), desc="vist2 generate_until", disable=disable_tqdm):
             out += [r.text for r in self.engine.generate(reqs[i : i + self.batch_size])]
