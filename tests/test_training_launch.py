@@ -138,6 +138,13 @@ def test_fewer_samples_than_ranks_stop_every_rank_with_the_same_error(proc, tmp_
     assert errors[0] == errors[1] and "\n" not in errors[0]
     assert "1 training sample for stage 'olm', fewer than the 2 processes" in errors[0]
     assert "launch fewer processes" in errors[0]
+    # the trainer asks before its first step, so that the ranks stop together
+    assert [_stream(proc, short, rank=r, world=2).shortfall() for r in range(2)] == errors
+    assert _stream(proc, short).shortfall() is None
+    held = _stream(proc, short, holdout=100)  # a short text is held out whole: nothing left to train on
+    with pytest.raises(ValueError) as e:
+        next(held.layouts())
+    assert held.shortfall() == str(e.value) and "no usable training samples" in str(e.value)
 
 
 # -- refusing a launch that is not one job -------------------------------------------------------------
@@ -169,19 +176,21 @@ def _env(**extra):
                 OMP_NUM_THREADS="1", **extra)
 
 
-def test_trainer_refuses_before_writing_the_output_folder(tiny_dir, tmp_path):
-    """A launcher says two processes (WORLD_SIZE) and accelerate sees one: the trainer stops with the
-    one-line error (exit 2) and --out is never created. (Without LOCAL_RANK, so that torch does not wait
-    for a second process; the real torchrun path is the slow test below.)"""
+def test_trainer_refuses_before_writing_the_output_folder(tiny_dir, tmp_path, monkeypatch, capsys):
+    """A launcher says two processes (WORLD_SIZE) and accelerate sees one: `vist2 train` stops with the
+    one-line error (exit 2) and --out is never created. (No LOCAL_RANK, so torch does not wait for a
+    second process; the real torchrun path is the slow test below.)"""
+    from vist2.cli import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     out = tmp_path / "out"
-    env = _env(WORLD_SIZE="2", LOCAL_WORLD_SIZE="2", CUDA_VISIBLE_DEVICES="")
-    env.pop("ACCELERATE_USE_CPU", None)
-    p = subprocess.run([sys.executable, "-m", "vist2.training", "train", "--stage", "olm", "--model", str(tiny_dir),
-                        "--data", str(_novel(tmp_path)), "--out", str(out), "--max-steps", "1"],
-                       env=env, capture_output=True, text=True, timeout=300)
-    assert p.returncode == 2, p.stderr[-2000:]
-    lines = [x for x in p.stderr.splitlines() if x.strip()]
-    assert len(lines) == 1 and lines[0].startswith("vist2: error: the launcher started 2 processes"), p.stderr
+    code = main(["train", "--stage", "olm", "--model", str(tiny_dir), "--data", str(_novel(tmp_path)),
+                 "--out", str(out), "--max-steps", "1", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2
+    lines = [x for x in err.splitlines() if x.strip()]
+    assert len(lines) == 1 and lines[0].startswith("vist2: error: the launcher started 2 processes (WORLD_SIZE=2)"), err
     assert not out.exists()
 
 
@@ -213,22 +222,15 @@ def test_fsdp_config_with_use_cpu_true_is_refused(tiny_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_documented_two_process_launch_trains_on_one_text_file(tiny_dir, tmp_path):
-    """issue 32 (8): configs/accelerate/fsdp-cpu-2proc.yaml with ACCELERATE_USE_CPU=1 on a single
-    60,000-character .txt (the default eval hold-out: its last 1 %) trains; with a text that makes
-    one sample, both processes stop with the same one-line error and no gloo traceback."""
-    config = ROOT / "configs/accelerate/fsdp-cpu-2proc.yaml"
-    novel, out = _novel(tmp_path, 60_000), tmp_path / "out"
-    p = _launch(config, tiny_dir, novel, out, "--max-steps", "2", "--eval-every", "2", ACCELERATE_USE_CPU="1")
-    assert p.returncode == 0, p.stderr[-3000:]
-    summary = json.loads((out / "train_summary.json").read_text())
-    assert summary["steps"] == 2 and summary["eval_loss"] is not None
-    assert json.loads((out / "provenance.json").read_text())["world_size"] == 2
-
+def test_two_processes_with_one_sample_stop_with_the_same_error(tiny_dir, tmp_path):
+    """The documented launch (configs/accelerate/fsdp-cpu-2proc.yaml, ACCELERATE_USE_CPU=1) on a text
+    that makes one sample: both processes stop with the same one-line error and no gloo traceback.
+    (The same launch training on a single 60,000-character .txt: tests/test_training_run.py,
+    test_fsdp_config_on_two_cpu_processes_with_accelerate_launch.)"""
     short = tmp_path / "short.txt"
-    short.write_text("A short note, one sample long, " * 4, encoding="utf-8")
-    p = _launch(config, tiny_dir, short, tmp_path / "short-out", "--max-steps", "2", "--eval-data", str(short),
-                ACCELERATE_USE_CPU="1")
+    short.write_text("A short note, one sample long. " * 4, encoding="utf-8")
+    p = _launch(ROOT / "configs/accelerate/fsdp-cpu-2proc.yaml", tiny_dir, short, tmp_path / "out",
+                "--max-steps", "2", "--eval-data", str(short), ACCELERATE_USE_CPU="1")
     assert p.returncode == 1
     errors = [x for x in p.stderr.splitlines() if x.startswith("vist2: error:")]
     assert len(errors) == 2 and errors[0] == errors[1], p.stderr[-3000:]

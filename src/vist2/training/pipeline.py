@@ -262,6 +262,16 @@ class StageDataset(IterableDataset):
             if not dealt:
                 return  # an eval split with nothing in it
 
+    def shortfall(self) -> str | None:
+        """The error every rank would stop with when an epoch has fewer samples than ranks (the
+        same on every rank), else None. Cheap: it stops at the ``world``-th sample."""
+        counter, dealt = SkipCounter(), 0
+        for _ in self.samples(0, counter):
+            dealt += 1
+            if dealt >= self.world:
+                return None
+        return self._too_few(dealt, counter)
+
     def _too_few(self, dealt: int, counter: SkipCounter) -> str:
         """Why an epoch of the training split gave some rank no sample (the same words on every rank)."""
         cfg = self.cfg

@@ -209,6 +209,9 @@ class Trainer:
         kw = dict(rank=acc.process_index, world=acc.num_processes, pad_multiple=pad_multiple)
         train = StageDataset(source, builder, processor, cfg, split="train", holdout=holdout,
                              total_steps=total_steps, skip=skip, **kw)
+        if (short := train.shortfall()) is not None:  # the same on every rank: all stop here, together
+            acc.wait_for_everyone()
+            raise ValueError(short)
         if self.eval_data:
             esource = open_source(self.eval_data, streaming=cfg.streaming)
             check_source(esource, cfg.stage, "--eval-data")
