@@ -209,7 +209,8 @@ class Trainer:
         kw = dict(rank=acc.process_index, world=acc.num_processes, pad_multiple=pad_multiple)
         train = StageDataset(source, builder, processor, cfg, split="train", holdout=holdout,
                              total_steps=total_steps, skip=skip, **kw)
-        if (short := train.shortfall()) is not None:  # the same on every rank: all stop here, together
+        # the same on every rank: all stop here, together (one process stops in its stream, no one waits)
+        if acc.num_processes > 1 and (short := train.shortfall()) is not None:
             acc.wait_for_everyone()
             raise ValueError(short)
         if self.eval_data:
