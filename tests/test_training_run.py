@@ -318,16 +318,17 @@ def test_fsdp_config_on_two_cpu_processes_with_accelerate_launch(tiny_dir, data,
     """configs/accelerate/fsdp-cpu-2proc.yaml: 2 processes train 3 OLM steps and save; only the main
     process writes model folders, the run's lines are printed once, and the output loads and changed.
     accelerate 1.16 applies FSDP to GPU runs only, so on CPU the run is MULTI_CPU data parallel: the
-    trainer warns, and provenance.json says so (this test notices when accelerate starts sharding on CPU)."""
+    trainer warns, and provenance.json says so (this test notices when accelerate starts sharding on CPU).
+    The data is one 60,000-character .txt with the default eval hold-out (its last 1 %): the ranks share
+    its samples (issue 32: records were shared, so rank 1 had nothing and the launch failed)."""
     from vist2.modeling import VIST2ForCausalLM
     from vist2.training import provenance
 
     cfg = tmp_path / "olm.yaml"
-    cfg.write_text("stage: olm\neval_holdout: 4\neval_every: 2\neval_batches: 1\n")
-    docs = [json.loads(x) for x in (data / "text_en.jsonl").read_text(encoding="utf-8").splitlines()]
-    corpus = tmp_path / "corpus.jsonl"
-    corpus.write_text("".join(json.dumps({"text": d["text"][i * 3000:(i + 1) * 3000]}) + "\n"
-                              for d in docs for i in range(4)), encoding="utf-8")
+    cfg.write_text("stage: olm\neval_every: 2\neval_batches: 1\n")
+    docs = [json.loads(x)["text"] for x in (data / "text_en.jsonl").read_text(encoding="utf-8").splitlines()]
+    corpus = tmp_path / "novel.txt"
+    corpus.write_text(("\n".join(docs) * (60_000 // len("\n".join(docs)) + 1))[:60_000], encoding="utf-8")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
                OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="1")
     out = tmp_path / "fsdp"

@@ -6,8 +6,9 @@ PT-3 optical language modelling, SFT) on ``accelerate``.
 
 Parts: :mod:`.config` (stage presets as dataclasses, YAML), :mod:`.data` (readers),
 :mod:`.stages` (record -> laid-out samples, curriculum, packing), :mod:`.pipeline`
-(the batch stream, rendering in DataLoader workers), :mod:`.checkpoint` (atomic
-saves), :mod:`.trainer`, :mod:`.prepare` (demo corpora), :mod:`.cli`.
+(the batch stream, samples dealt to the ranks, rendering in DataLoader workers),
+:mod:`.checkpoint` (atomic saves), :mod:`.launch` (the accelerator; a launch must be one
+job), :mod:`.trainer`, :mod:`.prepare` (demo corpora), :mod:`.cli`.
 """
 
 from .config import STAGES, CurriculumPhase, LoRAConfig, TrainConfig, load_config, stage_preset

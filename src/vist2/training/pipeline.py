@@ -3,9 +3,11 @@
 Two halves, so that resuming and parallel rendering stay exact:
 
 1. the *cheap* half (:meth:`StageDataset.layouts`) reads, shuffles, tokenizes,
-   lays out and packs — a deterministic function of the seed, the rank and the
-   epoch, numbering batches ``0, 1, 2, ...`` across epochs (it cycles the
-   source; the trainer stops after its step budget);
+   lays out, deals the samples to the ranks and packs — a deterministic function
+   of the seed, the rank and the epoch, numbering batches ``0, 1, 2, ...`` across
+   epochs (it cycles the source; the trainer stops after its step budget). Every
+   rank walks every record and keeps samples ``rank, rank + world, ...``, so a
+   single long document trains on any number of processes;
 2. the *expensive* half (:func:`render_batch`) loads caption images, renders
    chunk text and collates the plan. Batch ``i`` is rendered by DataLoader worker
    ``(i - skip) % num_workers``; every worker walks the cheap half and renders
@@ -32,7 +34,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from ..layout import IGNORE, Kind, Plan, collate
 from .config import TrainConfig
 from .data import SkipCounter, Source
-from .stages import Item, StageBuilder, pack
+from .stages import Item, StageBuilder
 
 
 @dataclass
@@ -128,6 +130,45 @@ def holdout_cut(text: str, holdout: int) -> int:
     return cut
 
 
+class _RankRows:
+    """One rank's rows and batches, fed one sample at a time: :func:`~vist2.training.stages.pack`
+    turned around (the same greedy rule), so a rank can also follow another's batch count."""
+
+    def __init__(self, cfg: TrainConfig):
+        self.max_length, self.pack, self.batch_size = cfg.max_length, cfg.pack, cfg.batch_size
+        self.row, self.used, self.rows, self.batch_index = [], 0, [], 0
+
+    def push(self, it: Item) -> list[list[Item]] | None:
+        """Add a sample; returns a batch (``batch_size`` rows) when this one completes it."""
+        n = len(it)
+        if n > self.max_length:
+            raise ValueError(f"a sample of {n} slots is longer than max_length={self.max_length}")
+        done = None
+        if self.row and (not self.pack or self.used + n > self.max_length):
+            done = self._close_row()
+        self.row.append(it)
+        self.used += n
+        return done
+
+    def _close_row(self) -> list[list[Item]] | None:
+        self.rows.append(self.row)
+        self.row, self.used = [], 0
+        if len(self.rows) < self.batch_size:
+            return None
+        rows, self.rows = self.rows, []
+        self.batch_index += 1
+        return rows
+
+    def end_epoch(self) -> list[list[list[Item]]]:
+        """The epoch's last batches: the open row closed, a short batch of what is left."""
+        out = [b for b in [self._close_row() if self.row else None] if b is not None]
+        if self.rows:
+            out.append(self.rows)
+            self.rows = []
+            self.batch_index += 1
+        return out
+
+
 class StageDataset(IterableDataset):
     """Batches of one stage for one rank (see the module docstring for the order guarantees).
 
@@ -148,28 +189,18 @@ class StageDataset(IterableDataset):
             return 0.0  # counting pass: the curriculum's first phase
         return min(1.0, (batch_index // self.cfg.grad_accum) / self.total_steps)
 
-    def _on_rank(self, idx: int) -> bool:
-        """Is raw record ``idx`` this rank's? Ranks take turns over the held-out records and
-        over the rest separately, so each rank gets a share of both."""
-        if self.holdout:
-            held = idx % self.holdout == 0
-            j = idx // self.holdout if held else idx - idx // self.holdout - 1
-        else:
-            j = idx
-        return j % self.world == self.rank
-
     def _keep(self, idx: int) -> bool:
-        """Is raw record ``idx`` in this split and on this rank? Held-out records are every
-        ``holdout``-th (a long text is split instead, see :func:`holdout_cut`)."""
-        return self._on_rank(idx) and (not self.holdout or (idx % self.holdout == 0) == (self.split == "eval"))
+        """Is raw record ``idx`` in this split? Held-out records are every ``holdout``-th (a long
+        text is split instead, see :func:`holdout_cut`)."""
+        return not self.holdout or (idx % self.holdout == 0) == (self.split == "eval")
 
     def _records(self, counter: SkipCounter) -> Iterator[tuple[int, dict]]:
         if not self.holdout:
-            yield from self.source.records(self.cfg.stage, skipped=counter, keep=self._keep)
+            yield from self.source.records(self.cfg.stage, skipped=counter)
             return
         # Records are read on both splits here: a text long enough is split (its end held out, so a
         # single book can be trained on), any other record goes whole to the split _keep gives it.
-        for idx, rec in self.source.records(self.cfg.stage, skipped=counter, keep=self._on_rank):
+        for idx, rec in self.source.records(self.cfg.stage, skipped=counter):
             text = rec.get("text")
             if isinstance(text, str) and len(text) >= self.holdout * MIN_EVAL_SLICE:
                 cut = holdout_cut(text, self.holdout)
@@ -177,54 +208,83 @@ class StageDataset(IterableDataset):
             elif self._keep(idx):
                 yield idx, rec
 
+    def samples(self, epoch: int, counter: SkipCounter, progress=lambda: 0.0) -> Iterator[Item]:
+        """Every sample of one epoch, the same on every rank: the split's records in the epoch's
+        shuffled order, each laid out with ``progress()`` (0..1 of the run, for the curriculum)."""
+        cfg = self.cfg
+        records = self._records(counter)
+        if self.split == "train":  # rank 0's seed on every rank (one process keeps its order from before sharding)
+            records = _shuffled(records, cfg.shuffle_buffer, random.Random(_mix(cfg.seed, epoch, 0)))
+        for idx, rec in records:
+            its, reason = self.builder.items(rec, random.Random(_mix(cfg.seed, epoch, idx)), progress())
+            if reason:
+                counter[reason] += 1
+            yield from its
+
     def layouts(self, one_epoch: bool = False) -> Iterator[tuple[int, list[list[Item]], dict]]:
-        """The cheap half: (batch index, rows of items, skips since the previous batch)."""
+        """The cheap half: (batch index, rows of items, skips since the previous batch).
+
+        Data parallel deals *samples*, not records: every rank lays out every record and takes
+        samples ``rank, rank + world, ...`` of the epoch, so one long document feeds every rank and
+        the ranks' shares are the epoch's samples, each once. The curriculum's progress is rank 0's
+        batch count (tracked on every rank), so all ranks lay a record out alike."""
         cfg = self.cfg
         counter, last = SkipCounter(), Counter()
-        batch_index, rows = 0, []
+        mine = _RankRows(cfg)
+        lead = mine if self.rank == 0 else _RankRows(cfg)
+
+        def batch(rows):
+            nonlocal last
+            delta = dict(counter - last) if self.rank == 0 else {}  # rank 0 counts the skips of all
+            last = Counter(counter)
+            return mine.batch_index - 1, rows, delta
+
         epochs = count() if self.split == "train" and not one_epoch else range(1)
         for epoch in epochs:
-            shuffle_rng = random.Random(_mix(cfg.seed, epoch, self.rank))
-            records = self._records(counter)
-            if self.split == "train":
-                records = _shuffled(records, cfg.shuffle_buffer, shuffle_rng)
-            produced = False
-
-            def items():
-                nonlocal produced
-                for idx, rec in records:
-                    its, reason = self.builder.items(rec, random.Random(_mix(cfg.seed, epoch, idx)),
-                                                     self._progress(batch_index))
-                    if reason:
-                        counter[reason] += 1
-                    produced = produced or bool(its)
-                    yield from its
-
-            for row in pack(items(), cfg.max_length, cfg.pack):
-                rows.append(row)
-                if len(rows) == cfg.batch_size:
-                    delta = dict(counter - last)
-                    last = Counter(counter)
-                    yield batch_index, rows, delta
-                    batch_index, rows = batch_index + 1, []
-                    if self.max_batches is not None and batch_index >= self.max_batches:
-                        return
-            if rows:  # an epoch's last, short batch
-                delta = dict(counter - last)
-                last = Counter(counter)
-                yield batch_index, rows, delta
-                batch_index, rows = batch_index + 1, []
-            if not produced:
-                if self.split == "eval":
+            dealt = 0
+            for it in self.samples(epoch, counter, lambda: self._progress(lead.batch_index)):
+                owner, dealt = dealt % self.world, dealt + 1
+                if owner == self.rank:
+                    if (rows := mine.push(it)) is not None:
+                        yield batch(rows)
+                        if self.max_batches is not None and mine.batch_index >= self.max_batches:
+                            return
+                elif owner == 0:  # rank 0's batch count, for the curriculum's progress
+                    lead.push(it)
+            if dealt < self.world and self.split == "train":  # every rank knows it: all raise, none waits
+                raise ValueError(self._too_few(dealt, counter))
+            for rows in mine.end_epoch():
+                yield batch(rows)
+                if self.max_batches is not None and mine.batch_index >= self.max_batches:
                     return
-                why = f"rank {self.rank} of {self.world} gets every {self.world}-th record" if self.world > 1 else ""
-                if self.holdout:
-                    why += ("; " if why else "") + (
-                        f"every {self.holdout}-th record, from the first, is held out for eval, and a text shorter "
-                        f"than {self.holdout * MIN_EVAL_SLICE} characters is held out whole: pass --eval-data FILE, "
-                        f"or set eval_holdout: 0 in a --config file (no eval)")
-                raise ValueError(f"{self.source.path}: no usable training samples for stage {cfg.stage!r} "
-                                 f"({counter.report()}{'; ' + why if why else ''})")
+            if lead is not mine:
+                lead.end_epoch()
+            if not dealt:
+                return  # an eval split with nothing in it
+
+    def shortfall(self) -> str | None:
+        """The error every rank would stop with when an epoch has fewer samples than ranks (the
+        same on every rank), else None. Cheap: it stops at the ``world``-th sample."""
+        counter, dealt = SkipCounter(), 0
+        for _ in self.samples(0, counter):
+            dealt += 1
+            if dealt >= self.world:
+                return None
+        return self._too_few(dealt, counter)
+
+    def _too_few(self, dealt: int, counter: SkipCounter) -> str:
+        """Why an epoch of the training split gave some rank no sample (the same words on every rank)."""
+        cfg = self.cfg
+        what = f"{self.source.path}: no usable training samples for stage {cfg.stage!r} ({counter.report()}"
+        if dealt:
+            return (f"{self.source.path}: {dealt} training sample{'s' if dealt > 1 else ''} for stage {cfg.stage!r}, "
+                    f"fewer than the {self.world} processes, so some process has nothing to train on: give more "
+                    f"data, a shorter --max-length, or launch fewer processes")
+        if self.holdout:
+            return what + (f"; every {self.holdout}-th record, from the first, is held out for eval, and a text "
+                           f"shorter than {self.holdout * MIN_EVAL_SLICE} characters is held out whole: pass "
+                           f"--eval-data FILE, or set eval_holdout: 0 in a --config file (no eval))")
+        return what + ")"
 
     def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()

@@ -42,6 +42,7 @@ from .char_loss import CharLoss
 from .checkpoint_manager import CheckpointManager
 from .config import TrainConfig
 from .data import SkipCounter, check_source, open_source
+from .launch import make_accelerator
 from .metrics import StepLog, all_ranks
 from .optim import make_optimizer, make_scheduler  # noqa: F401 (part of this module's interface)
 from .pipeline import StageDataset, make_loader
@@ -108,12 +109,6 @@ def merge_lora(model) -> None:
     lm = model.model.language_model
     if hasattr(lm, "merge_and_unload"):
         model.model.language_model = lm.merge_and_unload()
-
-
-def _tensorboard_available() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("tensorboard") is not None
 
 
 def forward(model, batch, device):
@@ -201,23 +196,6 @@ class Trainer:
 
     # -- setup ------------------------------------------------------------------------
 
-    def _accelerator(self, precision: str):
-        from accelerate import Accelerator, DistributedDataParallelKwargs
-
-        cfg = self.cfg
-        # a batch without images leaves the vision tower and aligner idle; DDP must allow that
-        unused = cfg.stage in ("olm", "sft") and (cfg.train_vision or cfg.train_aligner)
-        acc = Accelerator(
-            gradient_accumulation_steps=cfg.grad_accum, mixed_precision=precision,
-            log_with="tensorboard" if _tensorboard_available() else None, project_dir=str(self.out),
-            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=unused)],
-        )
-        if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" and acc.distributed_type != "FSDP":
-            if acc.is_main_process:  # accelerate applies FSDP to GPU runs only (1.16: MULTI_CPU ignores it)
-                log.warning("an FSDP config on %s: accelerate runs it as %s (every rank holds the whole model)",
-                            acc.device.type, acc.distributed_type.value)
-        return acc
-
     def _datasets(self, processor, model_cfg, acc, total_steps, skip, pad_multiple):
         cfg = self.cfg
         if cfg.ocr_prompt is None:  # a reader trained to transcribe on a prompt keeps it in later stages
@@ -231,6 +209,10 @@ class Trainer:
         kw = dict(rank=acc.process_index, world=acc.num_processes, pad_multiple=pad_multiple)
         train = StageDataset(source, builder, processor, cfg, split="train", holdout=holdout,
                              total_steps=total_steps, skip=skip, **kw)
+        # the same on every rank: all stop here, together (one process stops in its stream, no one waits)
+        if acc.num_processes > 1 and (short := train.shortfall()) is not None:
+            acc.wait_for_everyone()
+            raise ValueError(short)
         if self.eval_data:
             esource = open_source(self.eval_data, streaming=cfg.streaming)
             check_source(esource, cfg.stage, "--eval-data")
@@ -296,7 +278,7 @@ class Trainer:
         if device_type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
             torch.set_num_threads(default_cpu_threads())
         precision, attn, pad_multiple = runtime_choices(cfg, device_type)
-        acc = self._accelerator(precision)
+        acc = make_accelerator(cfg, self.out, precision)  # refuses a launch that is not one job
         ckpt = CheckpointManager(self.ckpt_root, acc, cfg)
         latest, state = ckpt.open(self.out, self.resume)
 
