@@ -2,11 +2,13 @@
 
     vist2 eval ocr --model runs/tiny --data passage.txt --ratios 1,2,4,8,10,16 --samples 100 --out runs/eval/ocr.json
     vist2 eval olm --model runs/tiny --data docs.jsonl --context-tokens 256 --out runs/eval/olm.json
+    vist2 eval niah --model runs/tiny --lengths 512,1024,2048 --depths 0,50,100 --out runs/eval/niah.json
     lm_eval --model vist2 --model_args pretrained=runs/tiny,mode=gcc --tasks my_task --include_path tasks/
 
 ``ocr``: transcription quality by compression ratio (:mod:`vist2.eval.ocr`); ``olm``: teacher-forced
 perplexity with the context as visual memory vs. as plain text, and with ``--judge DIR`` the paper's
-judged generation against the plain backbone (:mod:`vist2.eval.olm`); the lm-eval-harness
+judged generation against the plain backbone (:mod:`vist2.eval.olm`); ``niah``: RULER's needle
+in a haystack by context length and depth (:mod:`vist2.eval.niah`); the lm-eval-harness
 model type ``vist2`` lives in :mod:`vist2.eval.lm_eval_adapter` (``pip install -e ".[eval]"``).
 """
 
@@ -14,16 +16,17 @@ from __future__ import annotations
 
 
 def add_parser(sub) -> None:
-    """Add ``eval`` with its sub-commands ``ocr`` and ``olm`` to an argparse sub-parsers object."""
-    from . import ocr, olm
+    """Add ``eval`` with its sub-commands ``ocr``, ``olm`` and ``niah`` to an argparse sub-parsers object."""
+    from . import niah, ocr, olm
 
     e = sub.add_parser("eval", help="quality evaluation: OCR by compression ratio, optical-LM perplexity "
-                                    "(teacher-forced; judged generation with --judge)",
+                                    "(teacher-forced; judged generation with --judge), needle retrieval",
                        description="Evaluate a VIST2 checkpoint; each sub-command writes a results JSON "
                                    "(with the model folder, config hash, data sha256 and command) and prints a table.")
     esub = e.add_subparsers(dest="eval_command", metavar="EVALUATION")
     ocr.add_parser(esub)
     olm.add_parser(esub)
+    niah.add_parser(esub)
     e.set_defaults(func=lambda args: _no_evaluation(e))
 
 
