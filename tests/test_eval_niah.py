@@ -124,9 +124,9 @@ def test_a_text_file_is_the_haystack(tiny, tmp_path):
     _, proc = tiny
     f = tmp_path / "hay.txt"
     f.write_text("First line here.\nSecond one!  Third?\n\nFourth sentence goes on. " * 3, encoding="utf-8")
-    sents, _ = niah.haystack_sentences(f)
+    sents = niah.haystack_sentences(f)
     assert sents[:4] == ["First line here.", "Second one!", "Third?", "Fourth sentence goes on."]
-    s = niah.build_sample(proc.tokenizer, 300, 50, 0, haystack=(sents, " "))
+    s = niah.build_sample(proc.tokenizer, 300, 50, 0, haystack=sents)
     assert "Fourth sentence goes on." in s.context and "grass" not in s.context  # cycled to fill the length
 
 
@@ -162,3 +162,13 @@ def test_bad_flags_are_clear_errors(tiny_dir, tmp_path, capsys, flags, message):
                  "--no-progress", "--out", str(tmp_path / "x.json")]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "x.json").exists()
+
+
+def test_the_demos_needle_is_asked_from_memory_and_from_text(tiny):
+    model, proc = tiny
+    n = niah.needle_demo(model, proc, length=300, max_new_tokens=3)
+    assert re.fullmatch(r"\d{7}", n["answer"]) and n["answer"] in n["needle"] and n["prompt_tokens"] <= 300
+    assert set(n["written"]) == {"gcc", "none"} and n["pages"] >= 1  # the haystack is pictures in gcc
+    assert n["found"] == {m: n["answer"] in t for m, t in n["written"].items()}
+    with pytest.raises(ValueError, match="without any haystack"):
+        niah.needle_demo(model, proc, length=50)

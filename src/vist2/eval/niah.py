@@ -1,25 +1,23 @@
 """Needle in a haystack: can the model find one exact fact in a long context it holds as pictures?
 
     vist2 eval niah --model models/vist2-nano --lengths 512,1024,2048 --depths 0,50,100 --samples 3 --out runs/niah/niah.json
-    vist2 eval niah --model runs/sft --values uuids --keys 4 --haystack novel.txt --modes gcc,pcc,none --out runs/niah/uuid.json
+    vist2 eval niah --model runs/sft --value-type uuids --keys 4 --haystack novel.txt --modes gcc,pcc,none --out runs/niah/uuid.json
 
-RULER's NIAH task (Hsieh et al. 2024), as lm-eval ships it: a haystack (RULER's repeated "The grass
-is green. The sky is blue. ..." lines, or the sentences of any text file) with needle sentences
-``One of the special magic {numbers} for {key} is: {value}.`` in it, then RULER's question and the
-start of the answer (``The special magic number for {key} mentioned in the provided text is``).
-Keys are adjective-noun words (wonderwords' lists, as RULER draws them); values are 7-digit
-numbers, words or UUIDs. ``--keys`` > 1 adds distractor needles (other keys, at random depths),
-``--values`` > 1 gives a key several values, ``--queries`` > 1 asks for several keys at once.
+RULER's NIAH task (Hsieh et al. 2024) as lm-eval ships it: needle sentences ``One of the special
+magic {numbers} for {key} is: {value}.`` in a haystack (RULER's repeated "The grass is green. The sky
+is blue. ..." lines, or any text file's sentences), RULER's question, and the answer's start. Keys
+are adjective-noun words (wonderwords' lists, as RULER's); values 7-digit numbers, words or UUIDs.
+``--keys`` > 1 adds distractors (other keys, random depths), ``--values`` > 1 gives a key several
+values, ``--queries`` > 1 asks for several keys at once.
 
-The grid: context lengths (tokens of the model's tokenizer, the whole prompt) x needle depths
-(0 %: the needles open the haystack, 100 %: they close it), ``--samples`` seeded samples a cell.
-Each sample is built once and asked in every mode (``gcc``, ``pcc``, ``none`` = the same model
-reading the context as text), the prompt as a user would send it: through
-:class:`vist2.engine.Engine`, greedy; as a chat when the tokenizer has a chat template (the haystack
-is the user's message, the question its ``question`` field, the answer's start opens the
-assistant's turn), else as plain text. A cell's score is RULER's ``string_match_all``: the share of
-the expected values found in the output (case-insensitive). The results JSON holds every sample's
-output; the heatmap (depth x length, one panel a mode) is written beside it as PNG.
+The grid: context lengths (tokens of the model's tokenizer, the whole prompt) x needle depths (0 %:
+the needles open the haystack, 100 %: they close it), ``--samples`` seeded samples a cell, each asked
+in every mode (``none``: the same model reading the context as text) as a user sends a prompt:
+through :class:`vist2.engine.Engine`, greedy; a chat when the tokenizer has a chat template (the
+haystack is the user's message, the question its ``question`` field, the answer's start opens the
+assistant's turn), else plain text. Score: RULER's ``string_match_all`` (the share of the expected
+values in the output). The JSON holds every output; the heatmap PNG (depth x length, a panel a
+mode) is written beside it.
 """
 
 from __future__ import annotations
@@ -64,18 +62,16 @@ class NeedleSample:
     needle_at: int  # character offset of the first queried needle in ``context``
     needle_chars: int  # characters of the queried needles, with the separators between them
     haystack_sentences: int
+    head: str  # RULER's opening lines
 
     @property
     def document(self) -> str:
         """The user's text: RULER's opening lines, then the context."""
         return self.head + "\n" + self.context
 
-    head: str = ""
-
     @property
     def depth_actual(self) -> float:
-        """Where the queried needles stand, in % of the rest of the context's characters (the text
-        before them over all the text around them: 0 at the start, 100 at the end)."""
+        """Where the queried needles stand: % of the context's other characters before them."""
         return 100.0 * self.needle_at / max(len(self.context) - self.needle_chars, 1)
 
 
@@ -103,11 +99,11 @@ def random_value(kind: str, rng: random.Random, words: tuple[list[str], list[str
     raise ValueError(f"--value-type must be one of {', '.join(VALUE_TYPES)}, got {kind!r}")
 
 
-def haystack_sentences(path: str | Path | None) -> tuple[list[str], str]:
-    """(sentences, separator): RULER's repeated lines (None) or a text file's sentences (whitespace
-    folded, cut after . ! or ?). ``ValueError`` for a missing or empty file."""
+def haystack_sentences(path: str | Path | None) -> list[str]:
+    """RULER's repeated lines (None) or a text file's sentences (whitespace folded, cut after . ! or ?).
+    ``ValueError`` for a missing or empty file."""
     if path is None:
-        return list(REPEAT), " "
+        return list(REPEAT)
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"--haystack {path}: no such file")
@@ -115,7 +111,7 @@ def haystack_sentences(path: str | Path | None) -> tuple[list[str], str]:
     sentences = [s for s in re.split(r"(?<=[.!?])\s+", text) if s]
     if not sentences:
         raise ValueError(f"--haystack {path}: the file holds no text")
-    return sentences, " "
+    return sentences
 
 
 def _join(pieces: list[str], repeat: bool) -> str:
@@ -142,20 +138,28 @@ def _place(n: int, depth: float, others: list[float], needles: list[str], distra
     return pieces + hay[i:], at
 
 
+def check_task(depths: Sequence[float], keys: int = 1, values: int = 1, queries: int = 1,
+               modes: Sequence[str] = ()) -> None:
+    """``ValueError`` naming the flag: a depth outside [0, 100], queries over keys, an unknown mode."""
+    if not all(0 <= d <= 100 for d in depths):
+        raise ValueError(f"--depths are percentages in [0, 100], got {', '.join(f'{d:g}' for d in depths)}")
+    if min(keys, values, queries) < 1 or queries > keys:
+        raise ValueError(f"need 1 <= --queries <= --keys and --values >= 1, got keys={keys}, values={values}, "
+                         f"queries={queries}")
+    if any(m not in MODES for m in modes):
+        raise ValueError(f"--modes: a comma-separated subset of {', '.join(MODES)}, got {','.join(modes)!r}")
+
+
 def build_sample(tokenizer, length: int, depth: float, index: int, *, seed: int = 0, value_type: str = "numbers",
-                 keys: int = 1, values: int = 1, queries: int = 1, haystack: tuple[list[str], str] | None = None,
+                 keys: int = 1, values: int = 1, queries: int = 1, haystack: list[str] | None = None,
                  prompt_format: str = "plain", words=None) -> NeedleSample:
     """The sample ``index`` of cell (``length``, ``depth``): keys, values and distractor places are
     drawn from ``seed`` and the cell alone (the same for every mode and every model), then the
     haystack holds as many sentences as keep the prompt (``prompt_format``) within ``length`` tokens."""
-    if not 0 <= depth <= 100:
-        raise ValueError(f"--depths are percentages in [0, 100], got {depth:g}")
-    if min(keys, values, queries) < 1 or queries > keys:
-        raise ValueError(f"need 1 <= --queries <= --keys and --values >= 1, got keys={keys}, values={values}, "
-                         f"queries={queries}")
+    check_task([depth], keys, values, queries)
     words = words or _word_lists()
-    sentences, _ = haystack or haystack_sentences(None)
-    repeat = haystack is None or sentences == list(REPEAT)
+    sentences = haystack or list(REPEAT)
+    repeat = sentences == list(REPEAT)
     rng = random.Random(f"niah:{seed}:{length}:{depth:g}:{index}")
     key_names: list[str] = []
     while len(key_names) < keys:  # distinct keys: a distractor must not answer the question
@@ -184,7 +188,7 @@ def build_sample(tokenizer, length: int, depth: float, index: int, *, seed: int 
         offset = len(_join(pieces[:at], repeat)) + (1 if at else 0)
         chars = len(_join(asked, repeat)) + (1 if 0 < at < len(pieces) - len(asked) else 0)
         return NeedleSample(length, depth, index, text, question, prefix, key_names, q,
-                            [v for vs in vals[:queries] for v in vs], offset, chars, n, head=head)
+                            [v for vs in vals[:queries] for v in vs], offset, chars, n, head)
 
     def tokens(n: int) -> int:
         return len(request(tokenizer, make(n), prompt_format, "none").prompt_ids)
@@ -220,13 +224,11 @@ def request(tokenizer, sample: NeedleSample, prompt_format: str, mode: str, para
 
 def resolve_format(tokenizer, prompt_format: str) -> str:
     """``auto``: ``chat`` when the tokenizer has a chat template, else ``plain``."""
-    if prompt_format not in PROMPT_FORMATS:
-        raise ValueError(f"--prompt-format must be one of {', '.join(PROMPT_FORMATS)}, got {prompt_format!r}")
-    if prompt_format == "auto":
-        return "chat" if getattr(tokenizer, "chat_template", None) else "plain"
-    if prompt_format == "chat" and not getattr(tokenizer, "chat_template", None):
-        raise ValueError("--prompt-format chat: the model's tokenizer has no chat template")
-    return prompt_format
+    chat = bool(getattr(tokenizer, "chat_template", None))
+    if prompt_format not in PROMPT_FORMATS or (prompt_format == "chat" and not chat):
+        raise ValueError(f"--prompt-format must be one of {', '.join(PROMPT_FORMATS)} (chat needs a tokenizer with a "
+                         f"chat template), got {prompt_format!r}")
+    return ("chat" if chat else "plain") if prompt_format == "auto" else prompt_format
 
 
 # -- scoring ----------------------------------------------------------------------------------
@@ -264,10 +266,9 @@ def engine_generator(model, processor, max_batch: int = 4) -> Generator:
 def build_grid(tokenizer, lengths: Sequence[int], depths: Sequence[float], samples: int, prompt_format: str,
                **kw) -> list[NeedleSample]:
     """Every cell's samples, lengths outer, depths inner (built once, asked in every mode)."""
-    if not lengths or not depths or samples < 1:
-        raise ValueError("need at least one --lengths, one --depths and --samples >= 1")
-    if min(lengths) < 1:
-        raise ValueError(f"--lengths must be > 0 tokens, got {min(lengths)}")
+    if not lengths or not depths or samples < 1 or min(lengths) < 1:
+        raise ValueError(f"need --lengths > 0 tokens, one --depths at least and --samples >= 1; got {lengths}, "
+                         f"{depths}, {samples}")
     kw.setdefault("words", _word_lists())
     return [build_sample(tokenizer, L, d, i, prompt_format=prompt_format, **kw)
             for L in lengths for d in depths for i in range(samples)]
@@ -280,9 +281,7 @@ def evaluate_niah(generate: Generator, tokenizer, grid: list[NeedleSample], mode
 
     from ..engine import SamplingParams
 
-    for m in modes:
-        if m not in MODES:
-            raise ValueError(f"--modes: each must be one of {', '.join(MODES)}, got {m!r}")
+    check_task([], modes=modes)
     params = SamplingParams(max_new_tokens=max_new_tokens).validate()  # greedy
     out: dict[str, list[str]] = {}
     bar = tqdm(total=len(grid) * len(modes), desc="niah", unit="prompt", disable=not progress, file=sys.stderr)
@@ -329,14 +328,12 @@ def heatmap(res: dict, modes: Sequence[str], path: str | Path, title: str = "") 
         im = ax.imshow(grid, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
         for (i, j), v in np.ndenumerate(grid):
             ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7)
-        ax.set_xticks(range(len(lengths)), [str(L) for L in lengths])
-        ax.set_yticks(range(len(depths)), [f"{d:g}%" for d in depths])
-        ax.set_xlabel("context length (tokens)")
-        ax.set_title(f"{mode}: {res['modes'][mode]:.2f}")
+        ax.set(xticks=range(len(lengths)), xticklabels=lengths, yticks=range(len(depths)),
+               yticklabels=[f"{d:g}%" for d in depths], xlabel="context length (tokens)",
+               title=f"{mode}: {res['modes'][mode]:.2f}")
     axes[0][0].set_ylabel("needle depth")
     fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="string_match_all")
-    if title:
-        fig.suptitle(title, fontsize=9)
+    fig.suptitle(title, fontsize=9)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120, bbox_inches="tight")
@@ -380,6 +377,19 @@ def needle_demo(model, processor, length: int = 512, depth: float = 50, seed: in
                                                          for m, t in written.items()}}
 
 
+def print_needle_demo(model, processor, length: int = 1024) -> None:
+    """The demo's section 5: :func:`needle_demo`, printed (skipped when the length cannot hold the prompt)."""
+    try:
+        n = needle_demo(model, processor, length=length)
+    except ValueError as e:
+        print(f"\n5. a needle in memory: skipped ({e})")
+        return
+    print(f"\n5. a needle in memory: {n['needle']!r} hidden at {n['depth_actual']:.0f}% of RULER's haystack "
+          f"({n['prompt_format']} prompt of {n['prompt_tokens']} tokens), then {n['question']!r}")
+    for mode, name in (("gcc", f"from memory (gcc, {n['pages']} pages)"), ("none", "from text context")):
+        print(f"   {name + ':':30}{n['written'][mode][:80]!r} ({'found' if n['found'][mode] else 'not found'})")
+
+
 # -- command line -----------------------------------------------------------------------------
 
 
@@ -387,9 +397,9 @@ def _numbers(flag: str, text: str, kind=int) -> list:
     try:
         out = [kind(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise ValueError(f"{flag}: expected comma-separated numbers, got {text!r}") from None
+        out = []
     if not out:
-        raise ValueError(f"{flag}: give at least one value")
+        raise ValueError(f"{flag}: expected comma-separated numbers, got {text!r}")
     return out
 
 
@@ -408,16 +418,10 @@ def cmd_eval_niah(args) -> int:
     try:
         lengths = _numbers("--lengths", args.lengths)
         depths = _numbers("--depths", args.depths, float)
-        modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-        if not modes or any(m not in MODES for m in modes):
-            raise ValueError(f"--modes: a comma-separated subset of {', '.join(MODES)}, got {args.modes!r}")
+        modes = [m.strip() for m in args.modes.split(",") if m.strip()] or [""]
+        check_task(depths, args.keys, args.values, args.queries, modes)
         if args.max_new_tokens < 1 or args.batch < 1 or args.samples < 1:
             raise ValueError("--max-new-tokens, --batch and --samples must be >= 1")
-        if not all(0 <= d <= 100 for d in depths):
-            raise ValueError(f"--depths are percentages in [0, 100], got {args.depths}")
-        if min(args.keys, args.values, args.queries) < 1 or args.queries > args.keys:
-            raise ValueError(f"need 1 <= --queries <= --keys and --values >= 1, got keys={args.keys}, "
-                             f"values={args.values}, queries={args.queries}")
         hay = haystack_sentences(args.haystack)  # everything checked before the model loads
         model, processor = load_checkpoint(args.model, args.device, args.dtype)
         tok = processor.tokenizer
