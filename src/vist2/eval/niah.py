@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from ..chat import prompt_parts
-from ..engine.types import Request
+from ..engine import Request, SamplingParams
 from ..modes import MODES
 
 VALUE_TYPES = ("numbers", "words", "uuids")
@@ -279,8 +279,6 @@ def evaluate_niah(generate: Generator, tokenizer, grid: list[NeedleSample], mode
     """Ask every sample in every mode; ``{"cells": [...], "samples": [...], "modes": {mode: mean}}``."""
     from tqdm.auto import tqdm
 
-    from ..engine import SamplingParams
-
     check_task([], modes=modes)
     params = SamplingParams(max_new_tokens=max_new_tokens).validate()  # greedy
     out: dict[str, list[str]] = {}
@@ -331,9 +329,10 @@ def heatmap(res: dict, modes: Sequence[str], path: str | Path, title: str = "") 
         ax.set(xticks=range(len(lengths)), xticklabels=lengths, yticks=range(len(depths)),
                yticklabels=[f"{d:g}%" for d in depths], xlabel="context length (tokens)",
                title=f"{mode}: {res['modes'][mode]:.2f}")
+        ax.tick_params(labelleft=ax is axes[0][0])  # the depths once, on the left
     axes[0][0].set_ylabel("needle depth")
     fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="string_match_all")
-    fig.suptitle(title, fontsize=9)
+    fig.suptitle(title, fontsize=9, y=1.06)  # above the panels' titles
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120, bbox_inches="tight")
@@ -358,7 +357,7 @@ def needle_demo(model, processor, length: int = 512, depth: float = 50, seed: in
     """One 7-digit needle at ``depth`` % of a RULER haystack of ``length`` tokens, asked in gcc (the
     haystack becomes picture memory) and in none (the same model reading it as text):
     ``{"needle", "answer", "prompt_tokens", "pages", "written": {mode: text}, "found": {mode: bool}}``."""
-    from ..engine import Engine, SamplingParams
+    from ..engine import Engine
 
     tok = processor.tokenizer
     fmt = resolve_format(tok, "auto")
