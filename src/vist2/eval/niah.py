@@ -36,8 +36,8 @@ from ..modes import MODES
 
 VALUE_TYPES = ("numbers", "words", "uuids")
 PROMPT_FORMATS = ("auto", "chat", "plain")
-# RULER's NIAH strings (lm-eval tasks/ruler: the needle, niah_utils.TEMPLATE split at its context,
-# and the answer prefix); the singular forms are what RULER substitutes for one value asked
+# RULER's NIAH strings (lm-eval's tasks/ruler), plural (build_sample makes RULER's singular). Its sample
+# generator is not reused: it takes no depth, draws from the global random state, downloads on import
 NEEDLE = "One of the special magic {type_v} for {key} is: {value}."
 HEAD = ("Some special magic {type_v} are hidden within the following text. Make sure to memorize it. "
         "I will quiz you about the {type_v} afterwards.")
