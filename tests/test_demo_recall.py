@@ -38,6 +38,7 @@ def test_demo_reads_its_memory_back_and_uses_a_models_own_passage(tiny_dir, tmp_
     assert "A passage the model was never trained on." in index  # the model folder's demo.txt
     assert "3. recall from memory" in out and "character error rate over the memory:" in out
     assert "the model is as trained" in out
+    assert "5. a needle in memory: 'One of the special magic numbers for " in out and "from text context:" in out
 
 
 def test_demo_lang_picks_the_embedded_sample_over_a_models_passage(tiny_dir, tmp_path, capsys):

@@ -182,3 +182,41 @@ def test_model_args_may_name_device_and_batch_size(tiny_dir):
     assert (lm.mode, lm._device.type, lm.batch_size) == ("pcc", "cpu", 3)
     lm = VIST2LM.create_from_arg_obj({"pretrained": str(tiny_dir)}, {"device": "cpu", "batch_size": 2})
     assert (lm._device.type, lm.batch_size) == ("cpu", 2)  # lm-eval's own flags still apply when alone
+
+
+def test_rulers_needle_task_runs_through_the_adapter_offline(tiny_dir, monkeypatch):
+    """lm-eval's own RULER ``niah_single_1`` at 512 tokens: the samples are sized with the checkpoint's
+    tokenizer (``pretrained`` is all the task needs), nothing is downloaded, and the score lm-eval
+    reports is RULER's string_match_all of what the engine wrote."""
+    from pathlib import Path
+
+    pytest.importorskip("wonderwords")
+    import nltk
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # RULER's module asks nltk for punkt_tab when imported; the repeat haystack never uses it
+    monkeypatch.setattr(nltk, "download", lambda *a, **k: False)
+    import lm_eval.tasks
+    from lm_eval.tasks import TaskManager
+    from transformers import AutoTokenizer
+
+    import vist2.eval.lm_eval_adapter  # noqa: F401  (registers the "vist2" model type)
+    from vist2.eval.niah import string_match_all
+
+    args = {"pretrained": str(tiny_dir), "mode": "gcc", "device": "cpu"}
+    tm = TaskManager(include_path=str(Path(lm_eval.tasks.__file__).parent / "ruler"), include_defaults=False,
+                     metadata={**args, "max_seq_lengths": [512]})
+    out = lm_eval.simple_evaluate(model="vist2", model_args=args, tasks=["niah_single_1"], task_manager=tm,
+                                  limit=2, log_samples=True, bootstrap_iters=0, gen_kwargs="max_gen_toks=8")
+    score = out["results"]["niah_single_1"]["512,none"]
+    samples = out["samples"]["niah_single_1"]
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    assert len(samples) == 2
+    for s in samples:
+        prompt, gen_kwargs = s["arguments"][0]
+        needle = s["doc"]["outputs"][0]
+        assert f"is: {needle}." in prompt and prompt.endswith("mentioned in the provided text is")
+        assert len(tok(prompt)["input_ids"]) <= 512 and gen_kwargs["max_gen_toks"] == 8
+        assert isinstance(s["resps"][0][0], str)
+    assert score == sum(string_match_all(s["resps"][0][0], s["doc"]["outputs"]) for s in samples) / 2

@@ -138,8 +138,10 @@ SHIPPED_MODEL = (Path(__file__).resolve().parent / "models" / "vist2-nano").reso
 
 
 def cmd_demo(args) -> int:
-    """``vist2 demo``: a model (the shipped nano one, or a random preset), then three sections: the
-    passage's layout plan, generation in each mode, and recall from the gcc memory."""
+    """``vist2 demo``: a model (the shipped nano one, or a random preset), then five sections: the
+    passage's layout plan, generation in each mode, recall from the gcc memory, memory in use, a needle."""
+    from .eval.niah import print_needle_demo
+
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     model, proc, model_dir, trained = _demo_model(args, out)
@@ -153,6 +155,7 @@ def cmd_demo(args) -> int:
     memory = _demo_generate(model, proc, text, out, args.new_tokens, trained)
     _demo_recall(model, proc, memory)
     _demo_memory_in_use(model, proc, text)
+    print_needle_demo(model, proc)  # 5. a needle in a haystack held as pictures, from memory and from text
     return 0
 
 
@@ -435,7 +438,8 @@ def _add_demo_parser(sub) -> None:
                                    "--model DIR for another checkpoint, --preset tiny for a random model), lays a "
                                    "passage out as [c1 v1 c2 v2 ... cn], renders its chunks, runs one forward pass, "
                                    "generates in gcc, pcc and none mode and compares their KV caches, then has the "
-                                   "model transcribe its memory images back to text (recall, with the CER).")
+                                   "model transcribe its memory images back to text (recall, with the CER) and "
+                                   "find a number hidden in a haystack it holds as pictures.")
     d.add_argument("--model", metavar="DIR",
                    help="a VIST2 checkpoint (default: the shipped models/vist2-nano, else a random --preset)")
     d.add_argument("--preset", choices=sorted(PRESETS), help="build this random preset in OUT/model (tiny if no model)")

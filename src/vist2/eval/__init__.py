@@ -5,13 +5,15 @@
     vist2 eval longbench --model runs/sft --data LongBench/data --max-kv 8192 --out runs/eval/longbench.json
     vist2 eval loogle --model runs/sft --data LooGLE/data --max-kv 8192 --out runs/eval/loogle.json
     vist2 eval general --runs gcc=runs/eval/general/gcc,none=runs/eval/general/none --out runs/eval/general.json
+    vist2 eval niah --model runs/tiny --lengths 512,1024,2048 --depths 0,50,100 --out runs/eval/niah.json
     lm_eval --model vist2 --model_args pretrained=runs/tiny,mode=gcc --tasks my_task --include_path tasks/
 
 ``ocr``: transcription quality by compression ratio (:mod:`vist2.eval.ocr`); ``olm``: teacher-forced
 perplexity with the context as visual memory vs. as plain text, and with ``--judge DIR`` the paper's
 judged generation against the plain backbone (:mod:`vist2.eval.olm`); ``longbench`` and ``loogle``: the
 paper's Tables 4 and 5, generation in each compression mode (:mod:`vist2.eval.longbench`,
-:mod:`vist2.eval.loogle`); ``general``: Table 6 from lm-eval runs (:mod:`vist2.eval.general`); the lm-eval-harness
+:mod:`vist2.eval.loogle`); ``general``: Table 6 from lm-eval runs (:mod:`vist2.eval.general`); ``niah``:
+RULER's needle in a haystack by context length and depth (:mod:`vist2.eval.niah`); the lm-eval-harness
 model type ``vist2`` lives in :mod:`vist2.eval.lm_eval_adapter` (``pip install -e ".[eval]"``).
 """
 
@@ -20,10 +22,11 @@ from __future__ import annotations
 
 def add_parser(sub) -> None:
     """Add ``eval`` with its sub-commands to an argparse sub-parsers object."""
-    from . import general, longbench, loogle, ocr, olm
+    from . import general, longbench, loogle, niah, ocr, olm
 
     e = sub.add_parser("eval", help="quality evaluation: OCR by compression ratio, optical-LM perplexity "
-                                    "(teacher-forced; judged generation with --judge), LongBench, LooGLE, Table 6",
+                                    "(teacher-forced; judged generation with --judge), LongBench, LooGLE, Table 6, "
+                                    "needle retrieval",
                        description="Evaluate a VIST2 checkpoint; each sub-command writes a results JSON "
                                    "(with the model folder, config hash, data sha256 and command) and prints a table.")
     esub = e.add_subparsers(dest="eval_command", metavar="EVALUATION")
@@ -32,6 +35,7 @@ def add_parser(sub) -> None:
     longbench.add_parser(esub)
     loogle.add_parser(esub)
     general.add_parser(esub)
+    niah.add_parser(esub)
     e.set_defaults(func=lambda args: _no_evaluation(e))
 
 
