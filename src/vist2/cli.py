@@ -246,8 +246,8 @@ def _demo_recall(model, proc, memory: list[str]) -> None:
 
 
 def _demo_memory_in_use(model, proc, text: str) -> None:
-    """4. memory in use: the passage's next tokens written from its gcc memory, from text and from
-    nothing, beside the true text (:func:`vist2.eval.olm.memory_probe`)."""
+    """4. memory in use: the passage's next tokens written from its gcc memory, as a prompt, from text and
+    from nothing, beside the true text (:func:`vist2.eval.olm.memory_probe`)."""
     from .eval.olm import LAYOUTS, memory_probe
 
     p = memory_probe(model, proc, text)
@@ -257,10 +257,8 @@ def _demo_memory_in_use(model, proc, text: str) -> None:
     print(f"\n4. memory in use: the passage's first {p['context_tokens']} tokens as the only context "
           f"({p['pages']} memory page(s) in gcc), then its next {len(p['truth'])} tokens written greedily")
     prompt = p["prompt_layout"]  # the passage as a user's prompt: the engine's layout, the model's encoding
-    names = {"optical": "from memory (gcc)", prompt: f"as a prompt ({prompt.removeprefix('prompt-')})",
-             "text": "from text context", "none": "no context"}
-    shown = ("optical", prompt, "text", "none")
-    assert set(shown) == {*LAYOUTS, prompt}
+    names = dict(zip(shown := ("optical", prompt, *LAYOUTS[1:]), ("from memory (gcc)", f"as a prompt ({prompt[7:]})",
+                                                                  "from text context", "no context")))
     print(f"   {'true text:':26}{p['truth']!r}")
     for k in shown:
         print(f"   {names[k] + ':':26}{p['written'][k]!r}")

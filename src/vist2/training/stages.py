@@ -16,7 +16,8 @@ olm        ``olm_segments`` over a window of a document       every text token
            chunks, then the first tokens after them;          the context;
            ``prompt_samples``: whole chunks as the engine     the tokens after the
            lays out a prompt, then what follows it;           prompt; the value
-           ``needle_samples``: a needle prompt (RULER)
+           ``needle_samples``: ``eval niah``'s prompts
+           over the window's text
 sft        ``sft_segments`` (``chat_prompt`` split, the       the response, ``<think>``
            query compressed by the tail rule)                 kept
 =========  =================================================  ===========================
@@ -31,25 +32,18 @@ from __future__ import annotations
 
 import logging
 import random
+import re
 from dataclasses import dataclass
 from functools import lru_cache
 from itertools import accumulate
 from typing import Any
 
 from ..chunking import FitChunker, fixed_chunker
-from ..layout import Raw, Sample, build_sample, caption_segments, ocr_segments, olm_segments, sft_segments
+from ..layout import Raw, Sample, build_sample, caption_segments, ocr_segments, olm_segments, prompt_segments, \
+    sft_segments
 from .config import CurriculumPhase, TrainConfig, ocr_images_per_row
 
 log = logging.getLogger(__name__)
-
-
-# needle samples (olm ``needle_samples``): RULER's needle sentence, and its niah prompt with the answer's
-# prefix (the words of the task, lm-eval's ``ruler`` niah template; the haystacks and keys are the
-# training corpus's own)
-NEEDLE = "One of the special magic numbers for {key} is: {value}."
-NEEDLE_PROMPT = ("Some special magic numbers are hidden within the following text. Make sure to memorize it. I will "
-                 "quiz you about the numbers afterwards.\n{context}\nWhat are all the special magic numbers for {key} "
-                 "mentioned in the provided text? The special magic number for {key} mentioned in the provided text is")
 
 
 @dataclass
@@ -270,23 +264,28 @@ class StageBuilder:
         return Item(s) if len(s) <= self.cfg.max_length else None
 
     def _needle(self, ids: list[int], rng: random.Random) -> Item | None:
-        """A needle-in-a-haystack prompt in RULER's shape (:data:`NEEDLE_PROMPT`), its haystack the window's
-        own text, 8..3 x K tokens of it, a 7-digit value for a key of two of its words at a random depth,
-        laid out as the engine lays out a user's prompt; the loss on the value alone (and the stop)."""
-        from ..eval.olm import prompt_continuation_segments
+        """A needle in a haystack as ``vist2 eval niah`` asks it (:func:`vist2.eval.niah.build_sample`:
+        RULER's needle, question and answer start, a chat or a plain prompt), of 256..1,024 tokens at a
+        random depth, but the haystack is the window's own text and the keys pairs of its words; laid out
+        as the engine lays out the request (:func:`vist2.eval.niah.request`), the loss on the value and
+        the stop alone."""
+        from ..eval.niah import build_sample as needle_sample, request
 
-        hay = self.tok.decode(ids[: rng.randint(8, 3 * self.K)])
-        words = [w for w in hay.split() if w.isalpha() and len(w) > 2]
-        if len(words) < 2:
+        sentences = re.split(r"(?<=[.!?;:])\s+", " ".join(self.tok.decode(ids[: 4 * self.cfg.max_length]).split()))
+        words = sorted({w.lower() for w in " ".join(sentences).split() if w.isalpha() and len(w) > 2})
+        if len(sentences) < 2 or len(words) < 2:
             return None
-        key, value = f"{rng.choice(words).lower()}-{rng.choice(words).lower()}", str(rng.randrange(10**6, 10**7))
-        cuts = [0] + [i + 1 for i, ch in enumerate(hay) if ch in ".\n"] + [len(hay)]
-        at = rng.choice(cuts)
-        context = f"{hay[:at]} {NEEDLE.format(key=key, value=value)} {hay[at:]}".strip()
-        prompt = self.encode(NEEDLE_PROMPT.format(context=context, key=key))
-        answer = self.encode(f" {value}.") + [self.turn_end]
-        segs = prompt_continuation_segments(prompt, answer, self.K, self.n_visual, self.prompt_encoding, self.chunker())
-        s = build_sample(segs)
+        fmt = rng.choice(("chat", "plain"))
+        try:
+            sample = needle_sample(self.tok, rng.randint(256, 1024), 100 * rng.random(), 0, seed=rng.getrandbits(48),
+                                   haystack=sentences, prompt_format=fmt, words=(words, words))
+        except ValueError:  # the prompt without a haystack is already longer than the draw
+            return None
+        req = request(self.tok, sample, fmt, "gcc")
+        segs = prompt_segments(req.prefix, req.query, req.suffix, self.K, self.n_visual, self.prompt_encoding,
+                               self.chunker(), req.question, req.styles)
+        answer = self.encode(f" {sample.answers[0]}.") + [self.turn_end]
+        s = build_sample([*segs, *olm_segments(answer, self.K, self.n_visual, loss=True, chunker=self.chunker())])
         return Item(s) if len(s) <= self.cfg.max_length else None
 
     def _olm_windows(self, ids: list[int]) -> list[tuple[Item, int]]:
