@@ -74,6 +74,22 @@ def test_rank_replicas_keeps_keys_and_falls_back_when_overloaded():
     assert rank_replicas(key, [], {}, overload_at=4) == []
 
 
+def test_metrics_of_all_replicas_on_one_page():
+    pytest.importorskip("ray.serve")
+    from vist2.serve.cluster import merge_metrics
+    from vist2.serve.metrics import ServerMetrics
+
+    a, b = ServerMetrics(), ServerMetrics()
+    a.generation_tokens.inc(3)
+    b.generation_tokens.inc(5)
+    b.http_requests.labels("/v1/models", "200").inc()
+    page = merge_metrics({"r1": a.render()[0].decode(), "r2": b.render()[0].decode()}).decode()
+    assert 'vist2_generation_tokens_total{replica="r1"} 3.0' in page
+    assert 'vist2_generation_tokens_total{replica="r2"} 5.0' in page
+    assert 'vist2_http_requests_total{endpoint="/v1/models",replica="r2",status="200"} 1.0' in page
+    assert page.count("# TYPE vist2_generation_tokens_total counter") == 1  # one family, two replicas
+
+
 @pytest.mark.slow
 def test_the_one_process_server_does_not_import_ray(tiny_dir):
     """Without --replicas, building and serving the app never imports Ray (the extra is optional)."""
