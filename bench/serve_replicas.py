@@ -20,8 +20,9 @@ greedy tokens, streamed; the reply joins the history. Configurations (``--config
 
 Per configuration: TTFT (client clock: the request sent to its first generated text) per turn, median and max
 over the chats; turn 12's; the memory cache's hit ratio (hits / (hits + misses), prompt chunks) and the prefix
-cache's (chunks whose K/V was reused / chunks prefilled that it could have held), both over turns 2-12 and
-summed over the replicas' ``/metrics``; the share of the previous turn's prompt chunks found in the prefix
+cache's (chunks whose K/V was reused / chunks prefilled that it could have held), and the share of prompt
+chunks that came from either cache (not read by the vision tower), all over turns 2-12 and summed over the
+replicas' ``/metrics`` (a chunk found in the prefix cache counts in neither memory hits nor misses); the share of the previous turn's prompt chunks found in the prefix
 cache (``usage.memory_cache.prefix_hit_chunks`` of turn t over ``chunks_compressed`` of turn t-1); generated
 tokens per second over the turns' wall time; which replica served each request.
 """
@@ -126,7 +127,7 @@ async def run_chats(url: str, users: list[list[str]], args, kill=None) -> dict:
                   f"replicas {sorted({r['replica'] for r in rows})}, retried {retried}",
                   file=sys.stderr, flush=True)
     if replaced is not None:
-        kill_report["replacement_running_after_s"] = await asyncio.wait_for(replaced, 600)
+        kill_report.update(await asyncio.wait_for(replaced, 600))
     return {"turns": turns, "metrics": totals, "wall_s": wall, "kill": kill_report}
 
 
@@ -137,6 +138,8 @@ def summarize(run: dict) -> dict:
                                                   + d["vist2_memory_cache_misses_total"])
     pre = d["vist2_prefix_cache_hit_chunks_total"] / max(1.0, d["vist2_prefix_cache_hit_chunks_total"]
                                                         + d["vist2_prefix_cache_miss_chunks_total"])
+    hits, pre_hits = d["vist2_memory_cache_hits_total"], d["vist2_prefix_cache_hit_chunks_total"]
+    read_again = (pre_hits + hits) / max(1.0, pre_hits + hits + d["vist2_memory_cache_misses_total"])
     reuse_hit = reuse_all = 0
     for prev, cur in zip(turns, turns[1:]):
         for p, c in zip(prev, cur):
@@ -150,6 +153,7 @@ def summarize(run: dict) -> dict:
     sticky = sum(len({rows[c]["replica"] for rows in turns}) == 1 for c in range(len(turns[0])))
     generated = sum(r.get("usage", {}).get("completion_tokens", 0) for rows in turns for r in rows)
     return {"memory_cache_hit_ratio_turns_2_on": round(mem, 4), "prefix_cache_hit_ratio_turns_2_on": round(pre, 4),
+            "chunks_from_either_cache_ratio_turns_2_on": round(read_again, 4),
             "previous_prompt_reused_ratio": round(reuse_hit / max(1, reuse_all), 4),
             "turn_last_ttft_median_s": per_turn[-1]["ttft_median_s"], "turn_last_ttft_max_s": per_turn[-1]["ttft_max_s"],
             "throughput_tokens_per_s": round(generated / run["wall_s"], 2), "wall_s": round(run["wall_s"], 2),
@@ -204,13 +208,19 @@ def run_config(name: str, users, args, port: int) -> dict:
                  no_restart=True)
 
         async def replaced():
-            await asyncio.sleep(2)  # the controller notices the death first
+            """Seconds from the kill until Ray reports fewer running replicas, and until all run again."""
+            out, full = {}, {"RUNNING": replicas}
             while True:
                 app = await asyncio.to_thread(serve.status)
-                st = app.applications[cluster.APP_NAME].deployments["Engine"].replica_states
-                if st.get("RUNNING", 0) == replicas:
-                    return round(time.perf_counter() - t_kill, 2)
-                await asyncio.sleep(0.5)
+                st = {k: v for k, v in app.applications[cluster.APP_NAME].deployments["Engine"]
+                      .replica_states.items() if v}
+                if "death_noticed_after_s" not in out:
+                    if st != full:
+                        out["death_noticed_after_s"] = round(time.perf_counter() - t_kill, 2)
+                elif st == full:
+                    out["replacement_running_after_s"] = round(time.perf_counter() - t_kill, 2)
+                    return out
+                await asyncio.sleep(0.25)
 
         return {"killed_replica": victim}, asyncio.create_task(replaced())
 

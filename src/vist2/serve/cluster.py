@@ -304,6 +304,9 @@ class Ingress:
             log.warning("a replica stopped before answering: %s", type(e).__name__)
             return None, _error(503, "the replica serving this request stopped; retry (the conversation can go "
                                 "on on any replica)", "replica_unavailable")
+        except StopAsyncIteration:  # the app ended without a response (it always sends one, even a 500)
+            return None, JSONResponse(ErrorResponse.of("internal server error (no response)", "server_error")
+                                      .model_dump(), status_code=500)
         return rest, start
 
     @ingress_app.get("/metrics")
