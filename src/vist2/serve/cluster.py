@@ -360,17 +360,20 @@ def _cuda_visible() -> bool:
     return bool(ray.cluster_resources().get("GPU", 0))
 
 
-def start(args, router_class=ConversationRouter, ray_init: dict | None = None) -> str:
-    """Start (or join) Ray, deploy the application and wait until every replica is up. Returns the base URL.
+def connect(args, ray_init: dict | None = None) -> None:
+    """Join ``--ray-address``, or start a local Ray (``ray_init``: extra ``ray.init`` arguments for it)."""
+    if ray.is_initialized():
+        return
+    if args.ray_address:
+        ray.init(address=args.ray_address)
+    else:
+        ray.init(**{"num_cpus": max(args.replicas, os.cpu_count() or 1), "include_dashboard": False,
+                    **(ray_init or {})})
 
-    ``ray_init``: extra ``ray.init`` arguments for a local Ray (none are used when joining ``--ray-address``).
-    """
-    if not ray.is_initialized():
-        if args.ray_address:
-            ray.init(address=args.ray_address)
-        else:
-            ray.init(**{"num_cpus": max(args.replicas, os.cpu_count() or 1), "include_dashboard": False,
-                        **(ray_init or {})})
+
+def start(args, router_class=ConversationRouter, ray_init: dict | None = None) -> str:
+    """Start (or join) Ray, deploy the application and wait until every replica is up. Returns the base URL."""
+    connect(args, ray_init)
     serve.start(http_options={"host": args.host, "port": args.port})
     serve.run(build_application(args, router_class), name=APP_NAME, route_prefix="/", blocking=False)
     return f"http://{args.host}:{args.port}"
@@ -390,13 +393,14 @@ def serve_cluster(args) -> int:
 
     if not _is_loopback(args.host) and args.api_key is None:
         log.warning("serving on %s without --api-key: anyone who can reach it can use it", args.host)
+    connect(args)
+    stopping = threading.Event()  # handlers set after Ray's own: a signal while deploying stops cleanly too
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stopping.set())
     url = start(args)
     print(f"vist2 serve: {args.model} on {url}/v1 as a Ray Serve application ({args.replicas} replicas, "
           f"ray {ray.__version__}, cluster {ray.get_runtime_context().gcs_address}); Ctrl-C stops it",
           file=sys.stderr, flush=True)
-    stopping = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stopping.set())
     while not stopping.wait(1.0):
         pass
     print("vist2 serve: stopping the replicas", file=sys.stderr, flush=True)
