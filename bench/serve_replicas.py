@@ -22,9 +22,10 @@ Per configuration: TTFT (client clock: the request sent to its first generated t
 over the chats; turn 12's; the memory cache's hit ratio (hits / (hits + misses), prompt chunks) and the prefix
 cache's (chunks whose K/V was reused / chunks prefilled that it could have held), and the share of prompt
 chunks that came from either cache (not read by the vision tower), all over turns 2-12 and summed over the
-replicas' ``/metrics`` (a chunk found in the prefix cache counts in neither memory hits nor misses); the share of the previous turn's prompt chunks found in the prefix
-cache (``usage.memory_cache.prefix_hit_chunks`` of turn t over ``chunks_compressed`` of turn t-1); generated
-tokens per second over the turns' wall time; which replica served each request.
+replicas' ``/metrics`` (a chunk found in the prefix cache counts in neither memory hits nor misses); the
+share of the previous turn's prompt chunks found in the prefix cache (``usage.memory_cache.prefix_hit_chunks``
+of turn t over ``chunks_compressed`` of turn t-1); generated tokens per second over the turns' wall time;
+which replica served each request.
 """
 
 import os
@@ -155,7 +156,8 @@ def summarize(run: dict) -> dict:
     return {"memory_cache_hit_ratio_turns_2_on": round(mem, 4), "prefix_cache_hit_ratio_turns_2_on": round(pre, 4),
             "chunks_from_either_cache_ratio_turns_2_on": round(read_again, 4),
             "previous_prompt_reused_ratio": round(reuse_hit / max(1, reuse_all), 4),
-            "turn_last_ttft_median_s": per_turn[-1]["ttft_median_s"], "turn_last_ttft_max_s": per_turn[-1]["ttft_max_s"],
+            "turn_last_ttft_median_s": per_turn[-1]["ttft_median_s"],
+            "turn_last_ttft_max_s": per_turn[-1]["ttft_max_s"],
             "throughput_tokens_per_s": round(generated / run["wall_s"], 2), "wall_s": round(run["wall_s"], 2),
             "generated_tokens": generated, "chats_on_one_replica": sticky, "metrics_delta_turns_2_on": d,
             "per_turn": per_turn}
@@ -190,12 +192,12 @@ def run_config(name: str, users, args, port: int) -> dict:
     from ray import serve
     from ray.serve.experimental.round_robin_router import RoundRobinRouter
 
-    from vist2.serve import cluster
+    from vist2.serve import build_app, cluster
 
     replicas = int(name.rsplit("-", 1)[1])
     router = RoundRobinRouter if name.startswith("round-robin") else cluster.ConversationRouter
     t0 = time.perf_counter()
-    url = cluster.start(serve_args(args, replicas, port), router_class=router,
+    url = cluster.start(serve_args(args, replicas, port), build_app, router_class=router,
                         ray_init={"num_cpus": 2, "object_store_memory": 200 << 20, "log_to_driver": False})
     up = time.perf_counter() - t0
     print(f"{name}: {replicas} replica(s) up in {up:.1f} s", file=sys.stderr, flush=True)
@@ -257,7 +259,8 @@ def main(argv=None) -> int:
     texts = user_turns(tok, args.chats * args.turns, args.user_tokens)
     users = [texts[c * args.turns:(c + 1) * args.turns] for c in range(args.chats)]
     out = {"command": "python " + shlex.join(sys.argv), "machine": platform.platform(),
-           "cpus": os.cpu_count(), "load_avg_before": os.getloadavg(), "args": {k: str(v) for k, v in vars(args).items()},
+           "cpus": os.cpu_count(), "load_avg_before": os.getloadavg(),
+           "args": {k: str(v) for k, v in vars(args).items()},
            "configs": {}}
     import ray
 
@@ -266,8 +269,9 @@ def main(argv=None) -> int:
             out["configs"][name] = run_config(name, users, args, args.port)
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(out, indent=1))  # after each configuration: a partial run is kept
-            print(json.dumps({k: v for k, v in out["configs"][name].items()
-                              if k not in ("raw", "per_turn", "metrics_delta_turns_2_on")}), file=sys.stderr, flush=True)
+            brief = {k: v for k, v in out["configs"][name].items()
+                     if k not in ("raw", "per_turn", "metrics_delta_turns_2_on")}
+            print(json.dumps(brief), file=sys.stderr, flush=True)
     finally:
         from vist2.serve import cluster
 

@@ -124,7 +124,7 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def cluster(tiny_dir):
     pytest.importorskip("ray.serve")
-    from vist2.serve import _add_arguments
+    from vist2.serve import _add_arguments, build_app
     from vist2.serve import cluster as cl
 
     p = argparse.ArgumentParser()
@@ -132,7 +132,8 @@ def cluster(tiny_dir):
     args = p.parse_args(["--model", str(tiny_dir), "--served-model-name", "tiny", "--replicas", "2",
                          "--port", str(_free_port()), "--chat-history", "compressed", "--max-batch", "4",
                          "--shutdown-grace", "1"])
-    url = cl.start(args, ray_init={"num_cpus": 2, "object_store_memory": 80 << 20, "log_to_driver": False})
+    url = cl.start(args, build_app,
+                   ray_init={"num_cpus": 2, "object_store_memory": 80 << 20, "log_to_driver": False})
     yield url
     cl.stop()
 

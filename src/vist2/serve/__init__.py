@@ -185,10 +185,14 @@ def cmd_serve(args) -> int:
     if args.ray_address is not None and args.replicas is None:
         raise CLIError("--ray-address needs --replicas")
     folder = require_checkpoint(args.model, error=CLIError)
+    if not _is_loopback(args.host) and args.api_key is None:
+        log.warning("serving on %s without --api-key: anyone who can reach it can use it", args.host)
     if args.replicas is not None:  # a Ray Serve application; nothing imports Ray otherwise
-        from .cluster import serve_cluster
-
-        return serve_cluster(args)
+        try:
+            from .cluster import serve_cluster
+        except ImportError as e:
+            raise CLIError(f"--replicas: {e}") from e
+        return serve_cluster(args, build_app)
 
     import uvicorn
 
@@ -196,8 +200,6 @@ def cmd_serve(args) -> int:
 
     app, engine, info = build_app(args)
     device, dtype_name, name = info["device"], info["dtype"], info["name"]
-    if not _is_loopback(args.host) and args.api_key is None:
-        log.warning("serving on %s without --api-key: anyone who can reach it can use it", args.host)
     print(f"vist2 serve: {folder} as {name!r} on http://{args.host}:{args.port}/v1 ({device}, {dtype_name}; "
           f"batch {args.max_batch}, queue {args.max_queue}, KV limit {engine.max_cache_tokens}/sequence, "
           f"prefill {engine.prefill_budget}/step, default mode {args.mode}; at most "

@@ -33,7 +33,10 @@ import threading
 import time
 from typing import AsyncIterator
 
-import ray
+try:
+    import ray
+except ImportError as e:  # the optional extra
+    raise ImportError("vist2 serve --replicas needs Ray Serve: pip install 'vist2[cluster]'") from e
 from fastapi import FastAPI
 from fastapi import Request as HTTPRequest
 from fastapi.responses import JSONResponse, Response
@@ -147,13 +150,11 @@ def _board_name(app_name: str) -> str:
 class EngineReplica:
     """One engine and the one-process server's app, driven request by request through ASGI."""
 
-    async def __init__(self, args):
-        from . import build_app
-
+    async def __init__(self, args, build):
         ctx = serve.get_replica_context()
         self.replica = ctx.replica_id.unique_id
         self.args = args
-        self.app, self.engine, _ = build_app(args)
+        self.app, self.engine, _ = build(args)
         self._lifespan = self.app.router.lifespan_context(self.app)
         await self._lifespan.__aenter__()  # starts the engine thread, as uvicorn's lifespan would
         self._board_name = _board_name(ctx.app_name)
@@ -333,10 +334,12 @@ class Ingress:
 # -- building and running the application --------------------------------------------------------
 
 
-def build_application(args, router_class=ConversationRouter) -> serve.Application:
+def build_application(args, build, router_class=ConversationRouter) -> serve.Application:
     """The Ray Serve application of ``vist2 serve``'s flags (``args.replicas`` engine replicas).
 
-    ``router_class``: the engine deployment's request router (the benchmark compares Ray's round-robin).
+    ``build``: :func:`vist2.serve.build_app`, what each replica serves (passed in: this module is imported
+    by ``vist2.serve`` and does not import it back). ``router_class``: the engine deployment's request
+    router (the benchmark compares Ray's round-robin).
     """
     cuda = (args.device or ("cuda" if _cuda_visible() else "cpu")).startswith("cuda")
     engine = serve.deployment(EngineReplica, name="Engine").options(
@@ -353,7 +356,7 @@ def build_application(args, router_class=ConversationRouter) -> serve.Applicatio
     )
     ingress = serve.deployment(Ingress, name="Ingress").options(
         num_replicas=1, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=10_000)
-    return ingress.bind(engine.bind(args))
+    return ingress.bind(engine.bind(args, build))
 
 
 def _cuda_visible() -> bool:
@@ -371,11 +374,18 @@ def connect(args, ray_init: dict | None = None) -> None:
                     **(ray_init or {})})
 
 
-def start(args, router_class=ConversationRouter, ray_init: dict | None = None) -> str:
-    """Start (or join) Ray, deploy the application and wait until every replica is up. Returns the base URL."""
+def start(args, build, router_class=ConversationRouter, ray_init: dict | None = None) -> str:
+    """Start (or join) Ray, deploy the application and wait until every replica is up. Returns the base URL.
+
+    Example (what the tests do)::
+
+        >>> from vist2.serve import build_app, cluster                                  # doctest: +SKIP
+        >>> url = cluster.start(args, build_app, ray_init={"num_cpus": 2})              # doctest: +SKIP
+        >>> ...; cluster.stop()                                                         # doctest: +SKIP
+    """
     connect(args, ray_init)
     serve.start(http_options={"host": args.host, "port": args.port})
-    serve.run(build_application(args, router_class), name=APP_NAME, route_prefix="/", blocking=False)
+    serve.run(build_application(args, build, router_class), name=APP_NAME, route_prefix="/", blocking=False)
     return f"http://{args.host}:{args.port}"
 
 
@@ -387,17 +397,14 @@ def stop() -> None:
     ray.shutdown()
 
 
-def serve_cluster(args) -> int:
-    """``vist2 serve --replicas N``: deploy, print the address, serve until SIGINT/SIGTERM, then stop."""
-    from . import _is_loopback
-
-    if not _is_loopback(args.host) and args.api_key is None:
-        log.warning("serving on %s without --api-key: anyone who can reach it can use it", args.host)
+def serve_cluster(args, build) -> int:
+    """``vist2 serve --replicas N``: deploy, print the address, serve until SIGINT/SIGTERM, then stop.
+    ``build``: :func:`vist2.serve.build_app`."""
     connect(args)
     stopping = threading.Event()  # handlers set after Ray's own: a signal while deploying stops cleanly too
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stopping.set())
-    url = start(args)
+    url = start(args, build)
     print(f"vist2 serve: {args.model} on {url}/v1 as a Ray Serve application ({args.replicas} replicas, "
           f"ray {ray.__version__}, cluster {ray.get_runtime_context().gcs_address}); Ctrl-C stops it",
           file=sys.stderr, flush=True)

@@ -18,8 +18,8 @@ request with the same key goes to the same replica while that replica has room:
 
 :class:`vist2.serve.cluster.ConversationRouter` is this policy on Ray Serve's request-router API
 (a ``RequestRouter`` named in ``RequestRouterConfig(request_router_class=...)``); the ingress passes the
-key as the request's ``session_id``. This module itself needs no Ray. Requests without a key (``/v1/models``, ``/health``) go to the least-loaded
-replica, as Ray's default router would send them.
+key as the request's ``session_id``. This module itself needs no Ray. Requests without a key
+(``/v1/models``, ``/health``) go to the least-loaded replica, as Ray's default router would send them.
 
 Example (the pure policy; no Ray needed)::
 
