@@ -180,6 +180,13 @@ def test_two_replicas_answer_the_openai_client(cluster):
     with pytest.raises(openai.NotFoundError) as e:  # the replica's own error shape comes through
         client.completions.create(model="nope", prompt="x", max_tokens=1)
     assert e.value.body["code"] == "model_not_found"
+    # an oversized body is refused by the replica's own limit (the ingress reads no more than it allows),
+    # whether it declares its length or comes chunked
+    big = b"[" + b"1," * (1 << 20) + b"1]"  # 2 MiB, over the tiny server's default limit (about 1.5 MiB)
+    for content in (big, iter([big[:1 << 20], big[1 << 20:]])):
+        r = httpx.post(cluster + "/v1/completions", content=content, timeout=60,
+                       headers={"Content-Type": "application/json"})
+        assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large", r.text[:300]
     replicas = _two_sessions(cluster)
     assert len(replicas) == 2
     time.sleep(1.5)  # replicas report their metrics every second
