@@ -98,6 +98,14 @@ def _add_arguments(q: argparse.ArgumentParser) -> None:
     q.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="default: bfloat16 on CUDA, float32 on CPU")
     q.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"], default="info")
+    q.add_argument("--replicas", type=int, default=None, metavar="N",
+                   help="serve as a Ray Serve application of N engine replicas (one device each) behind one "
+                        "address; each conversation is routed to the replica holding its memory and prefix "
+                        "caches (needs the 'cluster' extra: pip install 'vist2[cluster]'; default: one process, "
+                        "no Ray)")
+    q.add_argument("--ray-address", metavar="ADDR", default=None,
+                   help="with --replicas: join this Ray cluster ('auto': the one 'ray start' began on this "
+                        "machine; default: start a local Ray for this server alone)")
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -119,36 +127,15 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def cmd_serve(args) -> int:
+def build_app(args):
+    """The engine and the app of ``vist2 serve``'s flags: what the one process serves, and what each
+    replica of ``--replicas`` serves. Returns ``(app, engine, info)``; info: device, dtype, name, folder."""
+    from ..engine import Engine
     from ..errors import CLIError
     from ..runtime import CheckpointError, default_device, load_checkpoint, require_checkpoint, torch_dtype
+    from .app import create_app
 
-    for flag, value, low in (("--port", args.port, 0), ("--max-batch", args.max_batch, 1),
-                             ("--max-queue", args.max_queue, 1), ("--max-prompt-tokens", args.max_prompt_tokens, 1),
-                             ("--max-cache-tokens", args.max_cache_tokens, 1),
-                             ("--max-tokens-limit", args.max_tokens_limit, 1),
-                             ("--max-body-bytes", args.max_body_bytes, 1),
-                             ("--shutdown-grace", args.shutdown_grace, 0),
-                             ("--prefill-budget", args.prefill_budget, 1),
-                             ("--memory-cache-bytes", args.memory_cache_bytes, 0)):
-        if value is not None and value < low:
-            raise CLIError(f"{flag} must be >= {low}, got {value}")
-    if args.port > 65535:
-        raise CLIError(f"--port must be <= 65535, got {args.port}")
-    if args.api_key is not None and not args.api_key.strip():
-        raise CLIError("--api-key must not be empty")
-    if args.protect_metrics and args.api_key is None:
-        raise CLIError("--protect-metrics needs --api-key (or $VIST2_API_KEY)")
-    for origin in args.cors_allow_origin or ():
-        if origin != "*" and not origin.startswith(("http://", "https://")):
-            raise CLIError(f"--cors-allow-origin must be '*' or an origin such as https://app.example, got {origin!r}")
     folder = require_checkpoint(args.model, error=CLIError)
-
-    import uvicorn
-
-    from ..engine import Engine
-    from .app import Server, create_app
-
     device = default_device(args.device)
     dtype_name = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
     dtype = torch_dtype(dtype_name)
@@ -168,8 +155,51 @@ def cmd_serve(args) -> int:
                      max_tokens_limit=args.max_tokens_limit, max_body_bytes=args.max_body_bytes,
                      shutdown_grace=args.shutdown_grace, cors_origins=args.cors_allow_origin,
                      protect_metrics=args.protect_metrics, chat_history=args.chat_history)
+    return app, engine, {"device": device, "dtype": dtype_name, "name": name, "folder": folder}
+
+
+def cmd_serve(args) -> int:
+    from ..errors import CLIError
+    from ..runtime import require_checkpoint
+
+    for flag, value, low in (("--port", args.port, 0), ("--max-batch", args.max_batch, 1),
+                             ("--max-queue", args.max_queue, 1), ("--max-prompt-tokens", args.max_prompt_tokens, 1),
+                             ("--max-cache-tokens", args.max_cache_tokens, 1),
+                             ("--max-tokens-limit", args.max_tokens_limit, 1),
+                             ("--max-body-bytes", args.max_body_bytes, 1),
+                             ("--shutdown-grace", args.shutdown_grace, 0),
+                             ("--prefill-budget", args.prefill_budget, 1),
+                             ("--memory-cache-bytes", args.memory_cache_bytes, 0),
+                             ("--replicas", args.replicas, 1)):
+        if value is not None and value < low:
+            raise CLIError(f"{flag} must be >= {low}, got {value}")
+    if args.port > 65535:
+        raise CLIError(f"--port must be <= 65535, got {args.port}")
+    if args.api_key is not None and not args.api_key.strip():
+        raise CLIError("--api-key must not be empty")
+    if args.protect_metrics and args.api_key is None:
+        raise CLIError("--protect-metrics needs --api-key (or $VIST2_API_KEY)")
+    for origin in args.cors_allow_origin or ():
+        if origin != "*" and not origin.startswith(("http://", "https://")):
+            raise CLIError(f"--cors-allow-origin must be '*' or an origin such as https://app.example, got {origin!r}")
+    if args.ray_address is not None and args.replicas is None:
+        raise CLIError("--ray-address needs --replicas")
+    folder = require_checkpoint(args.model, error=CLIError)
     if not _is_loopback(args.host) and args.api_key is None:
         log.warning("serving on %s without --api-key: anyone who can reach it can use it", args.host)
+    if args.replicas is not None:  # a Ray Serve application; nothing imports Ray otherwise
+        try:
+            from .cluster import serve_cluster
+        except ImportError as e:
+            raise CLIError(f"--replicas: {e}") from e
+        return serve_cluster(args, build_app)
+
+    import uvicorn
+
+    from .app import Server
+
+    app, engine, info = build_app(args)
+    device, dtype_name, name = info["device"], info["dtype"], info["name"]
     print(f"vist2 serve: {folder} as {name!r} on http://{args.host}:{args.port}/v1 ({device}, {dtype_name}; "
           f"batch {args.max_batch}, queue {args.max_queue}, KV limit {engine.max_cache_tokens}/sequence, "
           f"prefill {engine.prefill_budget}/step, default mode {args.mode}; at most "
@@ -200,4 +230,4 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-__all__ = ["add_parser", "cmd_serve", "main"]
+__all__ = ["add_parser", "build_app", "cmd_serve", "main"]
