@@ -3,13 +3,15 @@
 Starts ``python -m vist2.serve`` on the shipped nano model with two API keys (tenants ``alice`` and
 ``bob``; a free port of 127.0.0.1). Each trial: Alice sends a 1.5 KB chat with a 4-digit PIN at its
 start (``max_tokens`` 1); then, in random order, Bob sends the same chat (the right guess, ``cached``
-if the caches were shared) and the chat with another PIN (a wrong guess, ``uncached``), and Alice
-sends her chat again (``own_repeat``: what the cache does within one tenant). Every request's wall
-time and ``usage.memory_cache`` are kept.
+if the caches were shared), a chat of the same length with another PIN and the text's words shuffled
+(``uncached``: shares no chunk with any other probe, so Bob's own probes do not warm each other), and
+Alice sends her chat again (``own_repeat``: what the cache does within one tenant). Every request's
+wall time and ``usage.memory_cache`` are kept.
 
 Per group: median, p10, p90 of the times; ``auc``: the chance that a right guess answers faster than
-a wrong one (0.5: no separation; 1.0: every right guess is faster), and ``usage_identical``: trials
-whose right and wrong guesses got the same ``usage.memory_cache``. Run it twice, per tenant (the
+a wrong one (0.5: no separation; 1.0: every right guess is faster), and ``hits_identical``: trials
+whose right and wrong guesses got the same cache hits in ``usage.memory_cache`` (``hits``,
+``prefix_hit_chunks``, ``prefix_hit_tokens``). Run it twice, per tenant (the
 default) and with ``--shared-cache`` (the behaviour before tenants), to see the channel close::
 
     OMP_NUM_THREADS=1 python bench/serve_tenant_timing.py --out bench/results/serve-cpu-nano/tenant_timing.json
@@ -45,9 +47,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _chat(prose: str, trial: int, pin: str, chars: int) -> list[dict]:
+def _chat(prose: str, trial: int, pin: str, chars: int, other: bool = False) -> list[dict]:
+    """Trial ``trial``'s chat; ``other``: its words shuffled (the same length, no chunk in common with any
+    other probe)."""
     start = (trial * 97) % max(1, len(prose) - chars)
-    return [{"role": "user", "content": f"My bank PIN is {pin}. Keep it safe.\n" + prose[start:start + chars]}]
+    text = prose[start:start + chars]
+    if other:
+        words = text.split(" ")
+        random.Random(trial).shuffle(words)
+        text = " ".join(words)
+    return [{"role": "user", "content": f"My bank PIN is {pin}. Keep it safe.\n" + text}]
+
+
+def _hits(usage: dict) -> tuple:
+    return usage["hits"], usage["prefix_hit_chunks"], usage["prefix_hit_tokens"]
 
 
 def _ask(c: httpx.Client, who: str, messages: list[dict]) -> tuple[float, dict]:
@@ -76,6 +89,7 @@ def run(url: str, trials: int, chars: int, seed: int) -> dict:
 
     prose, rng = sample_text("en"), random.Random(seed)
     times = {"cached": [], "uncached": [], "own_repeat": []}
+    hits = {k: [] for k in times}  # per trial: (hits, prefix_hit_chunks, prefix_hit_tokens)
     identical = 0
     with httpx.Client(base_url=url, timeout=120) as c:
         _ask(c, "bob", _chat(prose, -1, "9999", chars))  # warm-up: the first request pays one-time costs
@@ -84,17 +98,19 @@ def run(url: str, trials: int, chars: int, seed: int) -> dict:
             while wrong is None or wrong == pin:
                 wrong = f"{rng.randrange(10_000):04d}"
             _ask(c, "alice", _chat(prose, trial, pin, chars))
-            probes = [("cached", "bob", pin), ("uncached", "bob", wrong), ("own_repeat", "alice", pin)]
+            probes = [("cached", "bob", pin, False), ("uncached", "bob", wrong, True),
+                      ("own_repeat", "alice", pin, False)]
             rng.shuffle(probes)
             usage = {}
-            for group, who, guess in probes:
-                took, usage[group] = _ask(c, who, _chat(prose, trial, guess, chars))
+            for group, who, guess, other in probes:
+                took, usage[group] = _ask(c, who, _chat(prose, trial, guess, chars, other))
                 times[group].append(took)
-            identical += usage["cached"] == usage["uncached"]
+                hits[group].append(_hits(usage[group]))
+            identical += _hits(usage["cached"]) == _hits(usage["uncached"])
     return {"groups": {k: _summary(v) for k, v in times.items()},
             "auc_cached_faster_than_uncached": _auc(times["cached"], times["uncached"]),
             "auc_own_repeat_faster_than_uncached": _auc(times["own_repeat"], times["uncached"]),
-            "usage_identical": f"{identical}/{trials}", "times_s": times}
+            "hits_identical": f"{identical}/{trials}", "times_s": times, "hits": hits}
 
 
 def main() -> None:
@@ -137,7 +153,7 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps({k: v for k, v in result.items() if k != "times_s"}, indent=2))
+    print(json.dumps({k: v for k, v in result.items() if k not in ("times_s", "hits")}, indent=2))
 
 
 if __name__ == "__main__":

@@ -47,8 +47,8 @@ GPU_PREFILL_BUDGET = 2048
 # the nano server's KV cache takes at its defaults (8 rows x 8192 entries x 4 KiB), and small beside a
 # large model's (one 32k-entry row of Qwen3-4B in bfloat16 is 4.5 GiB).
 DEFAULT_MEMORY_CACHE_BYTES = 256 << 20
-# Messages per chat. Preparing a chat costs ~0.5 ms a message on a CPU core (the template renders it,
-# each piece is tokenized); 1024 messages is a long conversation and under a second of that work.
+# Messages per chat: a long conversation, and 0.2 s of preparing (the template renders it, each piece
+# is tokenized) on the nano tokenizer on a loaded CPU core (bench/notes/serve.md).
 DEFAULT_MAX_CHAT_MESSAGES = 1024
 # Connection limits (uvicorn's keep-alive and concurrency options; the header deadline is our own).
 DEFAULT_HEADER_TIMEOUT = 10.0
@@ -65,7 +65,8 @@ def _add_arguments(q: argparse.ArgumentParser) -> None:
                    help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0 exposes it)")
     q.add_argument("--port", type=int, default=8000)
     q.add_argument("--api-key", metavar="KEY", default=os.environ.get("VIST2_API_KEY"),
-                   help="require 'Authorization: Bearer KEY' on /v1/* (default: $VIST2_API_KEY; unset = open)")
+                   help="require 'Authorization: Bearer KEY' on every path but /health (default: $VIST2_API_KEY; "
+                        "unset = open)")
     q.add_argument("--api-key-file", metavar="FILE",
                    help="several API keys, one 'name:key' a line ('#' comments); the name is the caller's tenant: "
                         "tenants never share cache entries (see --shared-cache). Not with --api-key")
