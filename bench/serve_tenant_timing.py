@@ -146,8 +146,9 @@ def main() -> None:
         finally:
             server.terminate()
             server.wait(30)
+    model = Path(args.model).resolve()
     result["setup"] = {"command": " ".join(shlex.quote(a) for a in sys.argv), "server_args": args.server_args,
-                       "model": args.model, "trials": args.trials, "chars": args.chars, "python": platform.python_version(),
+                       "model": str(model.relative_to(ROOT)) if model.is_relative_to(ROOT) else model.name, "trials": args.trials, "chars": args.chars, "python": platform.python_version(),
                        "machine": platform.machine(), "cpus": os.cpu_count(), "load_avg_1m": os.getloadavg()[0],
                        "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}
     out = Path(args.out)
