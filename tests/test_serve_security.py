@@ -7,7 +7,6 @@ deep JSON, slow headers and bodies, the 413 that closes, and the raw-history 413
 
 from __future__ import annotations
 
-import json
 import logging
 import socket
 import threading

@@ -1,9 +1,11 @@
-"""The FastAPI application: routes, API-key check, and errors in OpenAI's JSON shape.
+"""The FastAPI application: routes, body parsing, and errors in OpenAI's JSON shape.
 
-Routes stay thin; they hand validated bodies to :class:`~vist2.serve.serving.OpenAIServing`.
-Every error a client can cause leaves as ``{"error": {"message", "type", "param", "code"}}`` with
-its status (400, 401, 404, 413, 415, 429, 503); an unexpected exception becomes a 500 with the same
-shape and no traceback (the traceback goes to the server log), and the server keeps serving.
+Routes stay thin; they hand validated bodies to :class:`~vist2.serve.serving.OpenAIServing`. The API
+keys (tenants) and the body's size and time limits are checked before any route, in
+:mod:`vist2.serve.guard`. Every error a client can cause leaves as ``{"error": {"message", "type",
+"param", "code"}}`` with its status (400, 401, 404, 408, 413, 415, 429, 503); an unexpected exception
+becomes a 500 with the same shape and no traceback (the traceback goes to the server log), and the
+server keeps serving. A body nested deeper than :data:`MAX_JSON_DEPTH` is a 400 before validation.
 
 Cross-site requests: a web page may POST to any address its visitor's browser reaches, without asking
 first, only with a form-like Content-Type (``text/plain``, form encodings) or none. Bodies must
@@ -35,7 +37,7 @@ import uvicorn
 from fastapi import APIRouter, FastAPI
 from fastapi import Request as HTTPRequest
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -43,7 +45,7 @@ from ..chat import HISTORIES
 from ..engine import Engine
 from ..modes import MODES
 from .metrics import ServerMetrics
-from .protocol import APIError, ChatCompletionRequest, CompletionRequest, ErrorResponse
+from .protocol import APIError, ChatCompletionRequest, CompletionRequest
 from .engine_bridge import EngineBridge
 from .guard import DEFAULT_TENANT, OPENABLE, AuthAndLimits, error_response
 from .serving import DEFAULT_MAX_CHAT_MESSAGES, OpenAIServing, ServingConfig, prompt_token_bound

@@ -14,8 +14,11 @@ reach, and how long and how much a connection may take.
 * Headers: :func:`uvicorn_protocol` closes a connection whose request headers take longer than
   ``header_timeout`` (uvicorn has no such limit; its keep-alive timer stops at the first byte).
 
-    >>> read_api_key_file  # doctest: +ELLIPSIS
-    <function read_api_key_file at ...>
+    >>> import pathlib, tempfile
+    >>> keys = pathlib.Path(tempfile.mkdtemp()) / "keys.txt"
+    >>> _ = keys.write_text("alice:key-a\\nbob:key-b\\n")
+    >>> read_api_key_file(keys)
+    {'alice': 'key-a', 'bob': 'key-b'}
 """
 
 from __future__ import annotations
