@@ -212,3 +212,16 @@ def test_the_serve_flag(tmp_path, capsys):
     assert main(["--model", str(tmp_path), "--memory-cache-bytes", "-1"]) == 2
     err = capsys.readouterr().err
     assert "--memory-cache-bytes must be >= 0" in err and "Traceback" not in err
+
+
+def test_salts_are_namespaces():
+    """A chunk stored under one salt (a server's tenant) is never a hit under another, even within one call."""
+    mc, read = MemoryCache(10_000), Reader()
+    _, hits = mc.fetch(["secret", "secret"], ["user", "user"], read, scope=0, salts=["alice", "bob"])
+    assert hits == [False, False] and read.calls == [["secret", "secret"]]  # read once per namespace
+    _, hits = mc.fetch(["secret"] * 3, ["user"] * 3, read, scope=0, salts=["alice", None, "carol"])
+    assert hits == [True, False, False]
+    _, hits = mc.fetch(["secret"], ["user"], read, scope=0)  # no salts: the shared namespace (None)
+    assert hits == [True]
+    with pytest.raises(ValueError, match="salts"):
+        mc.fetch(["a"], ["user"], read, scope=0, salts=["x", "y"])

@@ -315,3 +315,36 @@ def test_the_server_reports_the_prefix_cache_in_usage_and_metrics(tok):
     assert m["vist2_prefix_cache_hit_chunks_total"] == second["prefix_hit_chunks"]
     assert m["vist2_prefix_cache_hit_tokens_total"] == second["prefix_hit_tokens"]
     assert 0 < m["vist2_prefix_cache_bytes"] <= m["vist2_prefix_cache_max_bytes"] == 1 << 24
+
+
+def test_a_salt_puts_a_prompt_in_a_subtree_of_its_own(tok):
+    """Salted pieces (a server's tenant) never reach another salt's, or the unsalted, cached K/V."""
+    cache, pc = _cache(), PrefixCache(1 << 20)
+    salted = lambda pieces, salt: [pieces[0]._replace(key=("s", salt, pieces[0].key)), *pieces[1:]]  # noqa: E731
+    prompt = _raw((1, 2), (3, 4), (5,))
+    assert pc.begin(0, salted(prompt, "alice"), cache, scope=0) == 0
+    _fill(cache, 0, 5, base=1.0)
+    pc.settle(0, 5, cache, scope=0)
+    assert pc.begin(1, salted(prompt, "bob"), cache, scope=0) == 0
+    assert pc.begin(1, prompt, cache, scope=0) == 0
+    assert pc.begin(1, salted(prompt, "alice"), cache, scope=0) == 4  # its own tenant still hits
+    # prompt_pieces salts the first piece the same way
+    plan = _engine(tok).plan(Request(query=_doc(tok, 300)))
+    plain, mine = prompt_pieces(plan), prompt_pieces(plan, salt="alice")
+    assert mine[0].key == ("s", "alice", plain[0].key) and mine[1:] == plain[1:]
+    assert prefix_cache._key_bytes(mine[0].key) == 5 + prefix_cache._key_bytes(plain[0].key)
+
+
+def test_the_engine_shares_cache_entries_only_within_a_salt(tok):
+    """The same document under another ``cache_salt``: no prefix or memory hit (all read anew); under its
+    own salt again: the prefix cache serves its start, and the logits match the uncached run."""
+    engine, doc = _engine(tok), _doc(tok, 300)
+    run = lambda salt: engine.generate([Request(query=doc, params=SamplingParams(max_new_tokens=2, temperature=0),
+                                                cache_salt=salt)])[0]  # noqa: E731
+    first = run("alice")
+    other, again = run("bob"), run("alice")
+    assert first.stats.memory_misses > 0 and first.stats.prefix_hit_chunks == 0
+    assert (other.stats.memory_hits, other.stats.prefix_hit_chunks) == (0, 0)
+    assert other.stats.memory_misses == first.stats.memory_misses
+    assert again.stats.prefix_hit_chunks > 0 and again.token_ids == first.token_ids == other.token_ids
+    assert torch.allclose(torch.stack(again.logits), torch.stack(first.logits), atol=1e-5)

@@ -30,13 +30,13 @@ JSON = {"Content-Type": "application/json"}
 class LiveServer:
     """uvicorn in a thread on a socket bound to a free port of 127.0.0.1."""
 
-    def __init__(self, app):
-        self.app = app
+    def __init__(self, app, api_key: str | None = None, **config):
+        self.app, self.api_key = app, api_key  # the key /metrics needs (any key set protects it)
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.server = Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
+        self.server = Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2, **config))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
         self.thread.start()
         deadline = time.monotonic() + 60
@@ -49,7 +49,8 @@ class LiveServer:
 
     def metrics(self) -> dict[str, float]:
         out = {}
-        for line in httpx.get(self.url + "/metrics").text.splitlines():
+        auth = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        for line in httpx.get(self.url + "/metrics", headers=auth).text.splitlines():
             if line and not line.startswith("#"):
                 name, value = line.rsplit(" ", 1)
                 out[name] = float(value)
@@ -82,7 +83,7 @@ def server(tiny_dir):
 @pytest.fixture(scope="module")
 def small(tiny_dir):
     engine = Engine.from_pretrained(tiny_dir, max_batch=1)
-    s = LiveServer(create_app(engine, "tiny", api_key=KEY, max_queue=1, max_tokens_limit=100_000))
+    s = LiveServer(create_app(engine, "tiny", api_key=KEY, max_queue=1, max_tokens_limit=100_000), api_key=KEY)
     yield s
     s.close()
 

@@ -231,7 +231,7 @@ class Engine:
                 events.append(Event(rid, "", None, True, stats))
                 continue
             sched.running[row] = seq
-            seq.begin(plan, self.n_visual, self.runner.begin_prompt(row, plan))  # its cached start copied in
+            seq.begin(plan, self.n_visual, self.runner.begin_prompt(row, plan, req.cache_salt))  # its cached start copied in
         return events
 
     def _sample(self, seqs: list[Row], events: list[Event]) -> list[Row]:
@@ -406,7 +406,8 @@ class Engine:
         if not need:
             return
         texts, styles = zip(*(f.chunks[c] for f, c in need))
-        visual, hits = self.runner.encode_prompt(list(texts), list(styles))
+        salt = {id(s.feed): s.req.cache_salt for s in self.scheduler.running.values()}
+        visual, hits = self.runner.encode_prompt(list(texts), list(styles), [salt[id(f)] for f, _ in need])
         owner = {id(s.feed): s.stats for s in self.scheduler.running.values()}
         for (f, c), v, hit in zip(need, visual, hits):
             f.visual[c] = v

@@ -14,6 +14,10 @@ Entries live on the model's device, in its dtype: a hit costs no transfer, and t
 returns are the very tensor the vision tower produced when the chunk was first read. Memory is
 bounded by ``max_bytes`` (tensor bytes plus the key's text bytes), least recently used first out.
 
+Every key also holds a *salt*, the namespace of the request that stored it (a server's tenant): a chunk
+stored under one salt is never a hit under another, so one client cannot learn from a hit (or its
+speed) what another sent. None is the shared namespace.
+
     >>> import torch
     >>> mc = MemoryCache(max_bytes=1 << 20)
     >>> read = lambda texts, styles: torch.ones(len(texts), 4, 8)    # the vision tower, for the example
@@ -43,8 +47,8 @@ def model_scope(modules: Sequence[torch.nn.Module]) -> tuple:
 
 
 class MemoryCache:
-    """A byte-bounded LRU of chunk visual tokens keyed by ``(text, style, render config)`` within a scope
-    (the model's weights, see :func:`model_scope`).
+    """A byte-bounded LRU of chunk visual tokens keyed by ``(text, style, render config, salt)`` within a
+    scope (the model's weights, see :func:`model_scope`).
 
     Args:
         max_bytes: the bound on what entries hold (tensor bytes + key text bytes); must be > 0
@@ -65,8 +69,8 @@ class MemoryCache:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def key(self, text: str, style: Style) -> tuple:
-        return (text, style if isinstance(style, str) else tuple(style), self.render_config)
+    def key(self, text: str, style: Style, salt: str | None = None) -> tuple:
+        return (text, style if isinstance(style, str) else tuple(style), self.render_config, salt)
 
     def stats(self) -> dict:
         """Counters since creation (hits and misses count chunks) and what the cache holds now."""
@@ -79,17 +83,19 @@ class MemoryCache:
         self.bytes = 0
 
     def fetch(self, texts: Sequence[str], styles: Sequence[Style], read: Callable[[list[str], list], torch.Tensor],
-              scope: Hashable) -> tuple[torch.Tensor, list[bool]]:
+              scope: Hashable, salts: Sequence[str | None] | None = None) -> tuple[torch.Tensor, list[bool]]:
         """The visual tokens of each chunk ``(n, n_visual, D)`` and whether each was a hit. Misses are read
-        in one call ``read(texts, styles)`` (a chunk repeated within the call is read once) and stored."""
-        if len(texts) != len(styles):
-            raise ValueError(f"{len(texts)} chunk texts for {len(styles)} styles")
+        in one call ``read(texts, styles)`` (a chunk repeated within the call and salt is read once) and
+        stored. ``salts``: each chunk's namespace (default: all None, the shared one)."""
+        salts = [None] * len(texts) if salts is None else list(salts)
+        if not len(texts) == len(styles) == len(salts):
+            raise ValueError(f"{len(texts)} chunk texts for {len(styles)} styles and {len(salts)} salts")
         if scope != self._scope:  # other weights: nothing held can be hit again
             if self._entries:
                 self.invalidations += 1
             self.clear()
             self._scope = scope
-        keys = [self.key(t, s) for t, s in zip(texts, styles)]
+        keys = [self.key(t, s, salt) for t, s, salt in zip(texts, styles, salts)]
         out: list[torch.Tensor | None] = [None] * len(keys)
         hits, todo = [False] * len(keys), {}  # todo: key -> indices of the call that need it
         for i, k in enumerate(keys):
@@ -112,7 +118,8 @@ class MemoryCache:
         return torch.stack(out), hits  # (n, n_visual, D)
 
     def _put(self, key: tuple, tokens: torch.Tensor) -> None:
-        size = tokens.numel() * tokens.element_size() + len(key[0].encode("utf-8", "surrogatepass"))
+        size = (tokens.numel() * tokens.element_size() + len(key[0].encode("utf-8", "surrogatepass"))
+                + len(key[3] or ""))
         if size > self.max_bytes:  # would evict everything and still not fit
             return
         while self.bytes + size > self.max_bytes:

@@ -7,7 +7,10 @@ over cache indices, and the index is the position). A prompt's entries come in *
 is final once fed: a compressed chunk (its ``n_visual`` entries; its key: the ids, the layout kind,
 and the image's text and style, so the carry and the render style too) or a block of at most
 ``raw_block`` raw tokens (its key: the ids). Pieces are the edges of a trie whose root is the
-render config, the prompt encoding and ``n_visual``; a node holds the K/V of its piece for every
+render config, the prompt encoding and ``n_visual``; a prompt with a ``cache_salt`` (its namespace, a
+server's tenant) has the salt in its first piece's key, so its whole path lies in a subtree of its own
+and no other salt's prompt can reach it (vLLM salts the first block's hash the same way). A node holds
+the K/V of its piece for every
 layer, ``(2 x layers, kv_heads, n, head_dim)`` on the model's device and dtype. The chunking is a
 causal stream, so turn t+1 of a chat with a compressed history starts with every chunk closed in
 turn t's prompt, and walks the same nodes. The model's weights are the scope (as in
@@ -52,8 +55,9 @@ class Piece(NamedTuple):
     chunk: int | None  # the prompt chunk it is (its number in PromptPlan.chunks), None for raw text
 
 
-def prompt_pieces(plan, raw_block: int = RAW_BLOCK) -> list[Piece]:
-    """A :class:`~.scheduler.PromptPlan`'s pieces, in cache order."""
+def prompt_pieces(plan, raw_block: int = RAW_BLOCK, salt: str | None = None) -> list[Piece]:
+    """A :class:`~.scheduler.PromptPlan`'s pieces, in cache order; a ``salt`` (the prompt's cache namespace)
+    joins the first piece's key."""
     out, n_chunks = [], 0
     for seg in plan.segments:
         if isinstance(seg, Chunk):
@@ -65,10 +69,14 @@ def prompt_pieces(plan, raw_block: int = RAW_BLOCK) -> list[Piece]:
         for i in range(0, len(seg.tokens), raw_block):
             block = seg.tokens[i : i + raw_block]
             out.append(Piece(("r", block), len(block), None))
+    if salt is not None and out:
+        out[0] = out[0]._replace(key=("s", salt, out[0].key))
     return out
 
 
 def _key_bytes(key: tuple) -> int:
+    if key[0] == "s":  # a salted first piece
+        return len(key[1].encode("utf-8", "surrogatepass")) + _key_bytes(key[2])
     if key[0] == "r":
         return 8 * len(key[1])
     style = key[5]

@@ -162,23 +162,24 @@ class ModelRunner:
             return torch.cat([self.model.model.encode_images(px.to(self.device, self.model.dtype))
                               for px in pixels.split(self.vision_batch)])
 
-    def encode_prompt(self, texts: list[str], styles: list) -> tuple[torch.Tensor, list[bool]]:
+    def encode_prompt(self, texts: list[str], styles: list, salts: list | None = None) -> tuple[torch.Tensor, list[bool]]:
         """:meth:`encode` through the memory cache (when on): ``(n, n_visual, D)`` and whether each chunk was
-        a hit (neither rendered nor read). Only prompt chunks come here: a generated window is new text."""
+        a hit (neither rendered nor read). Only prompt chunks come here: a generated window is new text.
+        ``salts``: each chunk's request's ``cache_salt`` (its cache namespace)."""
         if self.memory is None:
             return self.encode(texts, styles), [False] * len(texts)
         m = self.model.model
-        return self.memory.fetch(texts, styles, self.encode, model_scope([m.vision, m.aligner]))
+        return self.memory.fetch(texts, styles, self.encode, model_scope([m.vision, m.aligner]), salts)
 
     # -- the prefix cache ---------------------------------------------------------------------
 
-    def begin_prompt(self, row: int, plan) -> int:
-        """A prompt enters ``row``: its longest cached start is copied in (the prefix cache, when on);
-        returns the row's length, the entries the prompt feed skips."""
+    def begin_prompt(self, row: int, plan, salt: str | None = None) -> int:
+        """A prompt enters ``row``: its longest cached start in the namespace ``salt`` is copied in (the prefix
+        cache, when on); returns the row's length, the entries the prompt feed skips."""
         if self.prefix is None:
             self.cache.set_length(row, 0)
             return 0
-        return self.prefix.begin(row, prompt_pieces(plan), self.cache, model_scope([self.model.model]))
+        return self.prefix.begin(row, prompt_pieces(plan, salt=salt), self.cache, model_scope([self.model.model]))
 
     def settle_prompt(self, row: int, settled: int) -> None:
         """The row's first ``settled`` entries are final prompt K/V: the prefix cache keeps them."""

@@ -23,7 +23,9 @@ __all__ = ["MODES", "Event", "Mode", "Request", "Result", "Stats", "StepReport"]
 class Request:
     """A prompt as ids: ``prefix`` and ``suffix`` stay raw, ``query`` is compressed by the tail rule.
     ``question = (start, end)``: ``query[start:end]`` is the user's question, drawn in red (paper Fig. 7).
-    ``styles``: one render style per query token (default ``user``; a chat history: by role)."""
+    ``styles``: one render style per query token (default ``user``; a chat history: by role).
+    ``cache_salt``: the namespace of its memory- and prefix-cache entries (a server's tenant); requests
+    with different salts never share an entry (None: the shared namespace)."""
 
     query: list[int]
     prefix: list[int] = field(default_factory=list)
@@ -32,6 +34,7 @@ class Request:
     mode: Mode = Mode.GCC
     question: tuple[int, int] | None = None
     styles: tuple[str, ...] | None = None
+    cache_salt: str | None = None
 
     def __post_init__(self):
         self.mode = Mode.parse(self.mode)

@@ -2,14 +2,16 @@
 
     vist2 serve --model runs/tiny                       # http://127.0.0.1:8000/v1
     python -m vist2.serve --model runs/tiny --port 8001 --api-key "$KEY" --max-batch 8 --max-queue 64
-    vist2 serve --model runs/tiny --api-key "$KEY" --protect-metrics --cors-allow-origin https://app.example
+    vist2 serve --model runs/tiny --api-key "$KEY" --cors-allow-origin https://app.example
+    vist2 serve --model runs/tiny --host 0.0.0.0 --api-key-file keys.txt     # one 'name:key' a line: tenants
 
 Endpoints: ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions`` (SSE streaming
 or not; ``n``, ``stop``, ``max_tokens``, ``temperature``, ``top_p``, ``seed``), ``GET /health`` and
 ``GET /metrics`` (Prometheus). The compression mode is chosen per request with the body field
 ``"mode": "gcc" | "pcc" | "none"`` (default: ``--mode``, itself ``gcc``); ``usage.compression``
 reports what it did. Modules: :mod:`.protocol` (bodies), :mod:`.serving` (requests to engine calls),
-:mod:`.engine_bridge` (the thread that owns the engine, bridged to asyncio), :mod:`.app` (routes, errors).
+:mod:`.engine_bridge` (the thread that owns the engine, bridged to asyncio), :mod:`.guard` (keys and
+tenants, body and header limits), :mod:`.app` (routes, errors). Security: docs/serving.md#security.
 
 Example, once a server runs::
 
@@ -45,6 +47,14 @@ GPU_PREFILL_BUDGET = 2048
 # the nano server's KV cache takes at its defaults (8 rows x 8192 entries x 4 KiB), and small beside a
 # large model's (one 32k-entry row of Qwen3-4B in bfloat16 is 4.5 GiB).
 DEFAULT_MEMORY_CACHE_BYTES = 256 << 20
+# Messages per chat: a long conversation, and 0.2 s of preparing (the template renders it, each piece
+# is tokenized) on the nano tokenizer on a loaded CPU core (bench/notes/serve.md).
+DEFAULT_MAX_CHAT_MESSAGES = 1024
+# Connection limits (uvicorn's keep-alive and concurrency options; the header deadline is our own).
+DEFAULT_HEADER_TIMEOUT = 10.0
+DEFAULT_BODY_TIMEOUT = 60.0  # a 2 MiB body (the nano model's default limit) in 60 s needs 35 KB/s
+DEFAULT_KEEP_ALIVE = 5.0
+DEFAULT_MAX_CONNECTIONS = 1024
 
 
 def _add_arguments(q: argparse.ArgumentParser) -> None:
@@ -55,9 +65,19 @@ def _add_arguments(q: argparse.ArgumentParser) -> None:
                    help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0 exposes it)")
     q.add_argument("--port", type=int, default=8000)
     q.add_argument("--api-key", metavar="KEY", default=os.environ.get("VIST2_API_KEY"),
-                   help="require 'Authorization: Bearer KEY' on /v1/* (default: $VIST2_API_KEY; unset = open)")
+                   help="require 'Authorization: Bearer KEY' on every path but /health (default: $VIST2_API_KEY; "
+                        "unset = open)")
+    q.add_argument("--api-key-file", metavar="FILE",
+                   help="several API keys, one 'name:key' a line ('#' comments); the name is the caller's tenant: "
+                        "tenants never share cache entries (see --shared-cache). Not with --api-key")
+    q.add_argument("--shared-cache", action="store_true",
+                   help="let every tenant's requests share the memory and prefix caches (single-tenant "
+                        "deployments; a hit then tells one client what another sent). Default: per tenant")
+    q.add_argument("--open-metrics", action="store_true",
+                   help="serve /metrics and /openapi.json without a key (default: they need one whenever a key "
+                        "is set; /health never does)")
     q.add_argument("--protect-metrics", action="store_true",
-                   help="require the --api-key on /metrics too (default: /metrics is open; /health always is)")
+                   help="kept for old command lines: /metrics needs the key whenever one is set")
     q.add_argument("--cors-allow-origin", action="append", metavar="ORIGIN", default=None,
                    help="a web origin (https://app.example, or *) whose pages may call the API from a browser; "
                         "repeat for several (default: none, every cross-site call is refused)")
@@ -92,6 +112,23 @@ def _add_arguments(q: argparse.ArgumentParser) -> None:
                         "as text (what models trained on the raw split read); 'compressed' makes the whole chat "
                         "through the last user message memory, styled by role, so long chats fit and earlier "
                         "turns are memory cache hits (default raw)")
+    q.add_argument("--max-chat-messages", type=int, default=DEFAULT_MAX_CHAT_MESSAGES, metavar="N",
+                   help=f"chats with more messages get 400 (default {DEFAULT_MAX_CHAT_MESSAGES})")
+    q.add_argument("--allow-special-tokens", action="store_true",
+                   help="let text prompts on /v1/completions spell control tokens ('<|im_start|>' becomes that "
+                        "token: raw completions that write their own template). Chat message contents are "
+                        "always plain text; without this flag, so are prompts")
+    q.add_argument("--header-timeout", type=float, default=DEFAULT_HEADER_TIMEOUT, metavar="SECONDS",
+                   help="close a connection whose request headers are not complete this long after it opened "
+                        f"or after its last answer (default {DEFAULT_HEADER_TIMEOUT:g})")
+    q.add_argument("--body-timeout", type=float, default=DEFAULT_BODY_TIMEOUT, metavar="SECONDS",
+                   help=f"a request body must arrive within this long of its headers, else 408 and the "
+                        f"connection closes (default {DEFAULT_BODY_TIMEOUT:g})")
+    q.add_argument("--keep-alive-timeout", type=float, default=DEFAULT_KEEP_ALIVE, metavar="SECONDS",
+                   help=f"close an idle kept-alive connection after this long (default {DEFAULT_KEEP_ALIVE:g})")
+    q.add_argument("--max-connections", type=int, default=DEFAULT_MAX_CONNECTIONS, metavar="N",
+                   help=f"open connections (and requests in progress) at once; more get 503 "
+                        f"(default {DEFAULT_MAX_CONNECTIONS})")
     q.add_argument("--mode", choices=MODES, default="gcc",
                    help="compression mode of requests that do not choose one (default gcc)")
     q.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
@@ -127,6 +164,20 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def _api_keys(args):
+    """The tenants' keys of ``--api-key-file`` (``{key: name}``), or None."""
+    from ..errors import CLIError
+
+    if args.api_key_file is None:
+        return None
+    from .guard import read_api_key_file
+
+    try:
+        return read_api_key_file(args.api_key_file)
+    except ValueError as e:
+        raise CLIError(f"--api-key-file: {e}") from e
+
+
 def build_app(args):
     """The engine and the app of ``vist2 serve``'s flags: what the one process serves, and what each
     replica of ``--replicas`` serves. Returns ``(app, engine, info)``; info: device, dtype, name, folder."""
@@ -154,7 +205,10 @@ def build_app(args):
                      max_prompt_tokens=args.max_prompt_tokens, default_mode=args.mode,
                      max_tokens_limit=args.max_tokens_limit, max_body_bytes=args.max_body_bytes,
                      shutdown_grace=args.shutdown_grace, cors_origins=args.cors_allow_origin,
-                     protect_metrics=args.protect_metrics, chat_history=args.chat_history)
+                     protect_metrics=args.protect_metrics, chat_history=args.chat_history, api_keys=_api_keys(args),
+                     shared_cache=args.shared_cache, open_metrics=args.open_metrics,
+                     max_chat_messages=args.max_chat_messages, allow_special_tokens=args.allow_special_tokens,
+                     body_timeout=args.body_timeout)
     return app, engine, {"device": device, "dtype": dtype_name, "name": name, "folder": folder}
 
 
@@ -170,14 +224,23 @@ def cmd_serve(args) -> int:
                              ("--shutdown-grace", args.shutdown_grace, 0),
                              ("--prefill-budget", args.prefill_budget, 1),
                              ("--memory-cache-bytes", args.memory_cache_bytes, 0),
+                             ("--max-chat-messages", args.max_chat_messages, 1),
+                             ("--max-connections", args.max_connections, 1),
                              ("--replicas", args.replicas, 1)):
         if value is not None and value < low:
             raise CLIError(f"{flag} must be >= {low}, got {value}")
+    for flag, value in (("--header-timeout", args.header_timeout), ("--body-timeout", args.body_timeout),
+                        ("--keep-alive-timeout", args.keep_alive_timeout)):
+        if not value > 0:
+            raise CLIError(f"{flag} must be > 0 seconds, got {value}")
     if args.port > 65535:
         raise CLIError(f"--port must be <= 65535, got {args.port}")
     if args.api_key is not None and not args.api_key.strip():
         raise CLIError("--api-key must not be empty")
-    if args.protect_metrics and args.api_key is None:
+    if args.api_key_file is not None and args.api_key is not None:
+        raise CLIError("give --api-key (or $VIST2_API_KEY) or --api-key-file, not both")
+    keys = _api_keys(args)
+    if args.protect_metrics and args.api_key is None and keys is None:
         raise CLIError("--protect-metrics needs --api-key (or $VIST2_API_KEY)")
     for origin in args.cors_allow_origin or ():
         if origin != "*" and not origin.startswith(("http://", "https://")):
@@ -185,7 +248,7 @@ def cmd_serve(args) -> int:
     if args.ray_address is not None and args.replicas is None:
         raise CLIError("--ray-address needs --replicas")
     folder = require_checkpoint(args.model, error=CLIError)
-    if not _is_loopback(args.host) and args.api_key is None:
+    if not _is_loopback(args.host) and args.api_key is None and keys is None:
         log.warning("serving on %s without --api-key: anyone who can reach it can use it", args.host)
     if args.replicas is not None:  # a Ray Serve application; nothing imports Ray otherwise
         try:
@@ -197,6 +260,7 @@ def cmd_serve(args) -> int:
     import uvicorn
 
     from .app import Server
+    from .guard import uvicorn_protocol
 
     app, engine, info = build_app(args)
     device, dtype_name, name = info["device"], info["dtype"], info["name"]
@@ -206,8 +270,9 @@ def cmd_serve(args) -> int:
           f"{app.state.serving.max_tokens_limit} generated tokens/choice)",
           file=sys.stderr, flush=True)
     # the app drains itself first (Server.shutdown); uvicorn's own grace is only a backstop after that
-    Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                          timeout_graceful_shutdown=5)).run()
+    Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5,
+                          http=uvicorn_protocol(args.header_timeout), timeout_keep_alive=args.keep_alive_timeout,
+                          limit_concurrency=args.max_connections)).run()
     # Drained and shut down. The interpreter's own teardown (torch, three tokenizers) would take 2-4 s
     # more on a CPU, past the grace a service manager was promised: nothing is left to clean, so leave.
     sys.stdout.flush()

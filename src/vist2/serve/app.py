@@ -1,9 +1,11 @@
-"""The FastAPI application: routes, API-key check, and errors in OpenAI's JSON shape.
+"""The FastAPI application: routes, body parsing, and errors in OpenAI's JSON shape.
 
-Routes stay thin; they hand validated bodies to :class:`~vist2.serve.serving.OpenAIServing`.
-Every error a client can cause leaves as ``{"error": {"message", "type", "param", "code"}}`` with
-its status (400, 401, 404, 413, 415, 429, 503); an unexpected exception becomes a 500 with the same
-shape and no traceback (the traceback goes to the server log), and the server keeps serving.
+Routes stay thin; they hand validated bodies to :class:`~vist2.serve.serving.OpenAIServing`. The API
+keys (tenants) and the body's size and time limits are checked before any route, in
+:mod:`vist2.serve.guard`. Every error a client can cause leaves as ``{"error": {"message", "type",
+"param", "code"}}`` with its status (400, 401, 404, 408, 413, 415, 429, 503); an unexpected exception
+becomes a 500 with the same shape and no traceback (the traceback goes to the server log), and the
+server keeps serving. A body nested deeper than :data:`MAX_JSON_DEPTH` is a 400 before validation.
 
 Cross-site requests: a web page may POST to any address its visitor's browser reaches, without asking
 first, only with a form-like Content-Type (``text/plain``, form encodings) or none. Bodies must
@@ -26,7 +28,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import secrets
 import signal
 import time
 from contextlib import asynccontextmanager
@@ -36,7 +37,7 @@ import uvicorn
 from fastapi import APIRouter, FastAPI
 from fastapi import Request as HTTPRequest
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -44,112 +45,23 @@ from ..chat import HISTORIES
 from ..engine import Engine
 from ..modes import MODES
 from .metrics import ServerMetrics
-from .protocol import APIError, ChatCompletionRequest, CompletionRequest, ErrorResponse
+from .protocol import APIError, ChatCompletionRequest, CompletionRequest
 from .engine_bridge import EngineBridge
-from .serving import OpenAIServing, ServingConfig, prompt_token_bound
+from .guard import DEFAULT_TENANT, OPENABLE, AuthAndLimits, error_response
+from .serving import DEFAULT_MAX_CHAT_MESSAGES, OpenAIServing, ServingConfig, prompt_token_bound
 
 BODY_BYTES_PER_TOKEN = 32  # JSON-escaped text is rarely over 8 bytes a token; the rest is headroom
 BODY_BYTES_BASE = 1 << 20  # room for the other fields and short prompts
+MAX_JSON_DEPTH = 32  # the deepest body any endpoint takes is 4 levels; deeper is refused before validating
 
 log = logging.getLogger(__name__)
 
-_ENDPOINTS = {"/v1/models", "/v1/completions", "/v1/chat/completions", "/health", "/metrics"}
-
-
-def _error(status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
-           code: str | None = None, headers: dict | None = None) -> JSONResponse:
-    return JSONResponse(ErrorResponse.of(message, type, param, code).model_dump(), status_code=status,
-                        headers=headers)
+_error = error_response
 
 
 def default_max_body_bytes(engine: Engine, max_prompt_tokens: int | None) -> int:
     """The body-size limit when none is given: sized from the longest prompt the server accepts."""
     return BODY_BYTES_BASE + BODY_BYTES_PER_TOKEN * prompt_token_bound(engine, max_prompt_tokens)
-
-
-def _too_large(limit: int) -> APIError:
-    return APIError(413, f"the request body is over {limit} bytes (--max-body-bytes)", code="request_too_large")
-
-
-def _needs_key(path: str, protect_metrics: bool) -> bool:
-    return path.startswith("/v1") or (protect_metrics and path == "/metrics")
-
-
-class _AuthAndMetricsMiddleware:
-    """Pure ASGI middleware: the API key on /v1/* (and /metrics with ``protect_metrics``), the
-    body-size limit, and request counts.
-
-    Pure ASGI rather than a FastAPI dependency so the key is checked before the body is parsed
-    (a malformed body without a key is a 401, not a 400), an oversized body is refused from its
-    Content-Length before it is read into memory, and streams pass through untouched.
-    """
-
-    def __init__(self, app, api_key: str | None, metrics: ServerMetrics, max_body_bytes: int,
-                 protect_metrics: bool = False):
-        self.app, self.api_key, self.metrics, self.max_body = app, api_key, metrics, max_body_bytes
-        self.protect_metrics = protect_metrics
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        path = scope["path"]
-        endpoint = path if path in _ENDPOINTS else "other"
-        status = {}
-
-        async def counting_send(message):
-            if message["type"] == "http.response.start":
-                status["code"] = message["status"]
-            await send(message)
-
-        try:
-            if self.api_key is not None and _needs_key(path, self.protect_metrics) and not self._authorized(scope):
-                response = _error(401, "missing or wrong API key (send 'Authorization: Bearer KEY')",
-                                  code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
-                return await response(scope, receive, counting_send)
-            length = self._content_length(scope)
-            if length is not None and length > self.max_body:
-                await self._discard_body(receive)  # read and dropped, so the client gets to read the answer
-                return await _error(413, _too_large(self.max_body).message, code="request_too_large")(
-                    scope, receive, counting_send)
-            seen = 0
-
-            async def limited_receive():  # a body without Content-Length (chunked) is counted as it comes
-                nonlocal seen
-                message = await receive()
-                if message["type"] == "http.request":
-                    seen += len(message.get("body", b""))
-                    if seen > self.max_body:
-                        raise _too_large(self.max_body)
-                return message
-
-            await self.app(scope, limited_receive, counting_send)
-        finally:
-            self.metrics.http_requests.labels(endpoint, str(status.get("code", 499))).inc()
-
-    @staticmethod
-    def _content_length(scope) -> int | None:
-        for name, value in scope["headers"]:
-            if name == b"content-length":
-                try:
-                    return int(value)
-                except ValueError:
-                    return None
-        return None
-
-    @staticmethod
-    async def _discard_body(receive) -> None:
-        while True:
-            message = await receive()
-            if message["type"] != "http.request" or not message.get("more_body", False):
-                return
-
-    def _authorized(self, scope) -> bool:
-        for name, value in scope["headers"]:
-            if name == b"authorization":
-                scheme, _, token = value.decode("latin-1").partition(" ")
-                return scheme.lower() == "bearer" and secrets.compare_digest(token.strip().encode(),
-                                                                             self.api_key.encode())
-        return False
 
 
 def _describe(errors: list[dict]) -> tuple[str, str | None]:
@@ -162,6 +74,18 @@ def _describe(errors: list[dict]) -> tuple[str, str | None]:
         msg = str(e.get("msg", "invalid")).removeprefix("Value error, ")
         parts.append(f"{'.'.join(loc) or 'body'}: {msg}")
     return "; ".join(parts), param
+
+
+def _depth_over(obj, limit: int) -> bool:
+    """Whether lists and objects nest more than ``limit`` deep (iterative: no recursion to exhaust)."""
+    todo = [(obj, 1)]
+    while todo:
+        x, d = todo.pop()
+        if isinstance(x, (dict, list)):
+            if d > limit:
+                return True
+            todo += [(v, d + 1) for v in (x.values() if isinstance(x, dict) else x)]
+    return False
 
 
 def _no_constant(name: str):
@@ -185,8 +109,12 @@ async def _parse(raw: HTTPRequest, model: type[BaseModel]) -> BaseModel:
         obj = json.loads(data, parse_constant=_no_constant)
     except ValueError as e:  # JSONDecodeError and UnicodeDecodeError are both ValueErrors
         raise APIError(400, f"the body is not valid JSON: {e}") from None
+    except RecursionError:  # nested past the interpreter's recursion limit
+        raise APIError(400, f"the body is nested more than {MAX_JSON_DEPTH} levels deep") from None
     if not isinstance(obj, dict):
         raise APIError(400, "the body must be a JSON object")
+    if _depth_over(obj, MAX_JSON_DEPTH):
+        raise APIError(400, f"the body is nested more than {MAX_JSON_DEPTH} levels deep")
     try:  # "\ud800" is valid JSON but no valid text: the tokenizer cannot take it
         json.dumps(obj, ensure_ascii=False).encode("utf-8")
     except UnicodeEncodeError as e:
@@ -235,6 +163,8 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(request, exc: APIError):
         headers = {"Retry-After": "1"} if exc.status in (429, 503) else None
+        if exc.status == 408:  # the body never came: nothing more will be read on this connection
+            headers = {"Connection": "close"}
         return _error(exc.status, exc.message, exc.type, exc.param, exc.code, headers)
 
     @app.exception_handler(StarletteHTTPException)
@@ -284,27 +214,44 @@ async def chat(raw: HTTPRequest):
 def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, max_queue: int = 256,
                max_prompt_tokens: int | None = None, default_mode: str = "gcc", max_tokens_limit: int | None = None,
                max_body_bytes: int | None = None, shutdown_grace: float = 10.0, cors_origins: list[str] | None = None,
-               protect_metrics: bool = False, chat_history: str = "raw") -> FastAPI:
+               protect_metrics: bool = False, chat_history: str = "raw", api_keys: dict[str, str] | None = None,
+               shared_cache: bool = False, open_metrics: bool = False,
+               max_chat_messages: int = DEFAULT_MAX_CHAT_MESSAGES, allow_special_tokens: bool = False,
+               body_timeout: float = 60.0) -> FastAPI:
     """The app serving ``engine``; its engine thread starts and stops with the app's lifespan.
 
+    ``api_key`` (one tenant, ``default``) or ``api_keys`` (``{tenant name: key}``): with either, every
+    path but ``/health`` needs a key, ``/metrics`` and ``/openapi.json`` too unless ``open_metrics``
+    (``protect_metrics``, the old opt-in, is now what a key implies). Each tenant's requests share the
+    memory and prefix caches only among themselves (a request's ``cache_salt`` narrows that further);
+    ``shared_cache`` shares them across tenants (one namespace, as before tenants existed).
     ``max_tokens_limit``: generated tokens a choice may ask for (default: the LLM's positions).
-    ``max_body_bytes``: larger bodies get 413 unread (default: sized from the longest prompt accepted).
-    ``shutdown_grace``: seconds in-flight requests may still run once shutdown begins (see :class:`Server`).
-    ``cors_origins``: web origins (``https://app.example``, or ``*``) whose pages may call the API from a
-    browser (default: none; every cross-site call is refused). ``protect_metrics``: ``/metrics`` needs the
-    ``api_key`` too (``/health`` never does). ``chat_history``: how chat requests are split
-    (:func:`vist2.chat.chat_prompt`): ``raw`` keeps earlier turns as text, ``compressed`` makes them memory.
+    ``max_body_bytes``: larger bodies get 413 (default: sized from the longest prompt accepted);
+    ``body_timeout``: seconds a body may take to arrive (408 after). ``shutdown_grace``: seconds
+    in-flight requests may still run once shutdown begins (see :class:`Server`). ``cors_origins``: web
+    origins (``https://app.example``, or ``*``) whose pages may call the API from a browser (default:
+    none). ``chat_history``: how chat requests are split (:func:`vist2.chat.chat_prompt`): ``raw`` keeps
+    earlier turns as text, ``compressed`` makes them memory. ``max_chat_messages``: longer chats get 400.
+    ``allow_special_tokens``: a text prompt on /v1/completions may spell control tokens (chat contents
+    never can).
     """
     _check_options(default_mode, max_tokens_limit, max_body_bytes, shutdown_grace)
     if chat_history not in HISTORIES:
         raise ValueError(f"chat_history must be one of {', '.join(HISTORIES)}, got {chat_history!r}")
-    if protect_metrics and api_key is None:
+    if api_key is not None and api_keys is not None:
+        raise ValueError("give api_key or api_keys, not both")
+    keys = {DEFAULT_TENANT: api_key} if api_key is not None else api_keys
+    if protect_metrics and not keys:
         raise ValueError("protect_metrics needs an api_key")
+    if max_chat_messages < 1 or body_timeout <= 0:
+        raise ValueError(f"max_chat_messages must be >= 1 and body_timeout > 0, got {max_chat_messages}, "
+                         f"{body_timeout}")
     metrics = ServerMetrics()
     metrics.watch_memory_cache(engine)
     bridge = EngineBridge(engine, max_queue=max_queue, metrics=metrics)
     serving = OpenAIServing(bridge, ServingConfig(model_name, default_mode, max_prompt_tokens, max_tokens_limit,
-                                                  chat_history))
+                                                  chat_history, shared_cache, max_chat_messages,
+                                                  allow_special_tokens))
 
     @asynccontextmanager
     async def lifespan(app):
@@ -321,9 +268,9 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, m
     app.state.drain = _drain(bridge, shutdown_grace)
     _add_error_handlers(app)
     app.include_router(router)
-    app.add_middleware(_AuthAndMetricsMiddleware, api_key=api_key, metrics=metrics,
+    app.add_middleware(AuthAndLimits, api_keys=keys, metrics=metrics,
                        max_body_bytes=max_body_bytes or default_max_body_bytes(engine, max_prompt_tokens),
-                       protect_metrics=protect_metrics)
+                       open_paths=OPENABLE if open_metrics else (), body_timeout=body_timeout)
     if cors_origins:  # added last, so outermost: preflights are answered before the key is asked for
         app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type"], max_age=600)

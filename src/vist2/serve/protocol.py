@@ -8,7 +8,7 @@ rejected for the same reason (a typo such as ``"mdoe"`` must not fall back to th
 
 VIST2 extras ride in the request body next to the OpenAI fields (``extra_body`` in the ``openai``
 client): ``mode`` (``gcc`` | ``pcc`` | ``none``), ``ignore_eos``, ``top_k``, ``repetition_penalty``,
-``no_repeat_ngram_size``, ``stop_token_ids``.
+``no_repeat_ngram_size``, ``stop_token_ids``, ``cache_salt``.
 
 Example::
 
@@ -105,7 +105,10 @@ class _GenerationRequest(_Strict):
     stream_options: Optional[StreamOptions] = None
     stop: Union[str, list[str], None] = None
     seed: Optional[int] = Field(None, ge=SEED_MIN, le=SEED_MAX)
-    user: Optional[str] = Field(None, max_length=256)
+    user: Optional[str] = Field(None, max_length=256)  # accepted, not used: a client could claim any name
+    # the request's cache entries are shared only with requests of the same tenant and the same salt
+    # (as vLLM's cache_salt; the tenant, from the API key, always applies unless --shared-cache)
+    cache_salt: Optional[str] = Field(None, min_length=1, max_length=256)
     # OpenAI fields accepted only at their neutral value
     presence_penalty: Optional[float] = None
     frequency_penalty: Optional[float] = None

@@ -9,6 +9,11 @@ the engine lives in :mod:`vist2.serve.engine_bridge`.
 * A list of prompts on /v1/completions gives ``len(prompts) × n`` choices, prompt-major (OpenAI's order).
 * Streams are Server-Sent Events ending in ``data: [DONE]``. A client that disconnects, streaming or
   not, has its engine requests aborted, which frees their cache rows.
+* Every engine request carries a cache namespace (:func:`cache_namespace`): the caller's tenant (the
+  name of its API key, set by :mod:`vist2.serve.guard`) and the body's ``cache_salt``, so the memory
+  and prefix caches never hand one tenant's entries (or their speed) to another.
+* Chat contents and (unless ``allow_special_tokens``) text prompts are tokenized as plain text
+  (:mod:`vist2.chat`): only the chat template writes control tokens.
 
 Example (a running server; see :mod:`vist2.serve`)::
 
@@ -24,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import dataclasses
+import hashlib
 import json
 import math
 from concurrent.futures import ThreadPoolExecutor
@@ -33,7 +39,9 @@ from typing import AsyncIterator, Callable
 from fastapi import Request as HTTPRequest
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from ..chat import prompt_parts
 from ..engine import Engine, Request, SamplingParams, Stats
+from . import DEFAULT_MAX_CHAT_MESSAGES
 from .protocol import (
     APIError,
     AssistantMessage,
@@ -55,11 +63,13 @@ from .protocol import (
     now,
 )
 from .engine_bridge import Admission, EngineBridge, Submission
+from .guard import TENANT
 
 DEFAULT_CHAT_MAX_TOKENS = 1024  # OpenAI has no chat default; an untrained model may never write EOS
 # Prompts up to this many characters are tokenized on a thread of their own, longer ones on another:
 # a request near the length limit (seconds of tokenizing) never makes a short one wait behind it.
 SHORT_PROMPT_CHARS = 32_768
+SHORT_PROMPT_MESSAGES = 64  # chats with more messages go to the long prompts' thread too (a template pass each)
 
 # SamplingParams field -> the request field a client sets (for error messages' `param`)
 _PARAM_NAMES = {"max_new_tokens": "max_tokens"}
@@ -72,6 +82,35 @@ class ServingConfig:
     max_prompt_tokens: int | None = None  # None: only the engine's memory limit applies
     max_tokens_limit: int | None = None  # generated tokens per choice; None: the model's context length
     chat_history: str = "raw"  # how chats are split (vist2.chat.chat_prompt): raw | compressed
+    shared_cache: bool = False  # True: every tenant's requests share the caches (only cache_salt separates)
+    max_chat_messages: int = DEFAULT_MAX_CHAT_MESSAGES
+    allow_special_tokens: bool = False  # text prompts of /v1/completions may spell control tokens
+
+
+def cache_namespace(tenant: str | None, cache_salt: str | None, shared: bool = False) -> str | None:
+    """The cache namespace of a request (``Request.cache_salt``): a digest of the server-derived tenant
+    (unless ``shared``) and the client's ``cache_salt``; None (the one shared namespace) when neither
+    applies. The tenant comes from the API key, never from the body, so a client can narrow what it
+    shares (a salt of its own) but never join another tenant's entries."""
+    parts = ([] if shared or tenant is None else [f"tenant:{tenant}"]) + (
+        [] if cache_salt is None else [f"salt:{cache_salt}"])
+    return hashlib.sha256("\n".join(parts).encode("utf-8")).hexdigest() if parts else None
+
+
+def template_tokens_per_message(tokenizer) -> int:
+    """The fewest tokens the chat template writes around one message (an empty one, of any role): counted
+    per message by the cheap size check, so a chat of many empty messages is not free. 0 when unknown."""
+    best = None
+    for role in ("user", "assistant", "system"):
+        try:
+            one = tokenizer.apply_chat_template([{"role": role, "content": ""}], tokenize=False)
+            two = tokenizer.apply_chat_template([{"role": role, "content": ""}] * 2, tokenize=False)
+        except Exception:  # noqa: BLE001 - a template that refuses this role: no bound from it
+            continue
+        if two.startswith(one):
+            n = len(tokenizer(two[len(one):], add_special_tokens=False)["input_ids"])
+            best = n if best is None else min(best, n)
+    return best or 0
 
 
 def model_max_tokens(engine: Engine) -> int:
@@ -142,6 +181,7 @@ class OpenAIServing:
         # tokenizer: a fast tokenizer is not safe to share across threads.
         self._workers = {"short": self._worker("short"), "long": self._worker("long")}
         self._chars_per_token = max_token_chars(self.engine.processor.tokenizer)
+        self._message_tokens = template_tokens_per_message(self.engine.processor.tokenizer)
 
     def _worker(self, name: str) -> tuple[ThreadPoolExecutor, Engine]:
         processor = copy.copy(self.engine.processor)
@@ -211,14 +251,17 @@ class OpenAIServing:
             if len(prompt["ids"]) > self.prompt_limit:
                 raise self._too_long(len(prompt["ids"]), param)
             return
-        chars = self._chars(prompt)
-        if chars > self.prompt_limit * self._chars_per_token:
-            raise self._too_long(math.ceil(chars / self._chars_per_token), param, at_least=True)
+        # a lower bound on the tokens: the text's, plus the template's around each message
+        least = math.ceil(self._chars(prompt) / self._chars_per_token) + self._message_tokens * len(
+            prompt.get("messages") or ())
+        if least > self.prompt_limit:
+            raise self._too_long(least, param, at_least=True)
 
-    def _request(self, view: Engine, params: SamplingParams, mode: str, *, prompt: str | None = None,
-                 ids: list[int] | None = None, messages: list[dict] | None = None) -> Admission:
+    def _request(self, view: Engine, params: SamplingParams, mode: str, salt: str | None, *,
+                 prompt: str | None = None, ids: list[int] | None = None,
+                 messages: list[dict] | None = None) -> Admission:
         """Tokenize, check and plan one prompt (on a tokenizer thread, with its own ``view`` of the
-        engine). Raises APIError 400 / 413."""
+        engine); its cache namespace is ``salt``. Raises APIError 400 / 413."""
         param = "messages" if messages is not None else "prompt"
         try:
             if ids is not None:
@@ -228,31 +271,52 @@ class OpenAIServing:
                 req = Request(query=list(ids), params=params, mode=mode)
             elif messages is not None:
                 req = view.request(messages=messages, params=params, mode=mode, history=self.config.chat_history)
+            elif self.config.allow_special_tokens:  # the prompt may write its own template
+                p = prompt_parts(view.processor.tokenizer, prompt, special_tokens=True)
+                req = Request(query=p.query, params=params, mode=mode)
             else:
                 req = view.request(prompt, params=params, mode=mode)
         except ValueError as e:
             raise APIError(400, str(e), param=param) from e
+        req.cache_salt = salt
         # prompt_limit bounds every accepted prompt (memory limit x compression), so a longer one is
         # refused here rather than by the engine's footprint count on the engine thread
         if len(req.prompt_ids) > self.prompt_limit:
             raise self._too_long(len(req.prompt_ids), param)
         plan = view.plan(req)  # the prompt's chunks and footprint, counted here instead of on the engine thread
         if plan.footprint > self.engine.max_cache_tokens:
+            hint = ""
+            if messages is not None and self.config.chat_history == "raw" and self._fits_compressed(
+                    view, messages, params, mode):
+                hint = ("; with --chat-history compressed it would fit (the server's option: every earlier turn "
+                        "becomes memory)")
             raise APIError(413, f"the prompt needs {plan.footprint} KV entries ({len(req.prompt_ids)} tokens, "
                            f"mode {req.mode}), over the memory limit of {self.engine.max_cache_tokens} "
-                           "(--max-cache-tokens)", param=param, code="context_length_exceeded")
+                           f"(--max-cache-tokens){hint}", param=param, code="context_length_exceeded")
         return Admission(req, param, plan)
 
-    async def _admissions(self, params: list[SamplingParams], mode: str, prompts: list[dict]) -> list[Admission]:
-        """One admission per (prompt, choice), prompt-major; each prompt is tokenized once, off the loop,
-        on the short or the long prompts' thread. Every prompt passes the cheap length check first."""
+    def _fits_compressed(self, view: Engine, messages: list[dict], params: SamplingParams, mode: str) -> bool:
+        """Whether a chat over the memory limit as raw history would fit with ``--chat-history compressed``."""
+        try:
+            req = view.request(messages=messages, params=params, mode=mode, history="compressed")
+        except ValueError:  # e.g. a template that rewrites earlier turns
+            return False
+        return (len(req.prompt_ids) <= self.prompt_limit
+                and view.plan(req).footprint <= self.engine.max_cache_tokens)
+
+    async def _admissions(self, params: list[SamplingParams], mode: str, prompts: list[dict],
+                          salt: str | None = None) -> list[Admission]:
+        """One admission per (prompt, choice), prompt-major, in the cache namespace ``salt``; each prompt is
+        tokenized once, off the loop, on the short or the long prompts' thread. Every prompt passes the
+        cheap length check first."""
         for pr in prompts:
             self._check_length(pr)
         loop = asyncio.get_running_loop()
         out = []
         for pr in prompts:
-            pool, view = self._workers["long" if self._chars(pr) > SHORT_PROMPT_CHARS else "short"]
-            first = await loop.run_in_executor(pool, lambda pr=pr: self._request(view, params[0], mode, **pr))
+            long = self._chars(pr) > SHORT_PROMPT_CHARS or len(pr.get("messages") or ()) > SHORT_PROMPT_MESSAGES
+            pool, view = self._workers["long" if long else "short"]
+            first = await loop.run_in_executor(pool, lambda pr=pr: self._request(view, params[0], mode, salt, **pr))
             out.append(first)
             # the n choices share the prompt, its tokens and its plan; only the sampling differs
             out += [dataclasses.replace(first, request=dataclasses.replace(first.request, params=p))
@@ -316,6 +380,9 @@ class OpenAIServing:
 
         return SSEResponse(body(), on_close=lambda: self.bridge.cancel(sub))
 
+    def _namespace(self, body, raw: HTTPRequest) -> str | None:
+        return cache_namespace(raw.scope.get(TENANT), body.cache_salt, self.config.shared_cache)
+
     # -- /v1/completions ------------------------------------------------------------------
 
     async def completions(self, body: CompletionRequest, raw: HTTPRequest):
@@ -329,7 +396,7 @@ class OpenAIServing:
             prompts = [dict(ids=p)]
         else:
             prompts = [dict(prompt=x) if isinstance(x, str) else dict(ids=x) for x in p]
-        admissions = await self._admissions(params, mode, prompts)
+        admissions = await self._admissions(params, mode, prompts, self._namespace(body, raw))
         sub = await self.bridge.submit(admissions)
         rid, created, name = new_id("cmpl"), now(), self.config.model_name
 
@@ -365,11 +432,15 @@ class OpenAIServing:
         field = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
         max_tokens = body.max_completion_tokens or body.max_tokens or min(DEFAULT_CHAT_MAX_TOKENS,
                                                                           self.max_tokens_limit)
+        if len(body.messages) > self.config.max_chat_messages:
+            raise APIError(400, f"the chat has {len(body.messages)} messages; this server takes at most "
+                           f"{self.config.max_chat_messages} (--max-chat-messages)", param="messages",
+                           code="too_many_messages")
         params = self._params(body, max_tokens, body.n, field)
         # the chat template knows system/user/assistant; OpenAI's "developer" is the newer name for system
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text(),
                      **({"question": m.question} if m.question is not None else {})} for m in body.messages]
-        admissions = await self._admissions(params, mode, [dict(messages=messages)])
+        admissions = await self._admissions(params, mode, [dict(messages=messages)], self._namespace(body, raw))
         sub = await self.bridge.submit(admissions)
         rid, created, name = new_id("chatcmpl"), now(), self.config.model_name
 
