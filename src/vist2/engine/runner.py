@@ -1,4 +1,4 @@
-"""The model runner: the only part of the engine that touches the model, the KV cache buffers and CUDA graphs.
+"""The model runner: the only part of the engine that runs the model and owns CUDA graphs.
 
 It executes what the scheduler planned: new cache entries of some rows through the LLM at given
 positions and cache indices (:meth:`ModelRunner.forward`: prefill pieces, compressed chunks' visual
@@ -6,8 +6,9 @@ tokens), the one-token decode step over every row at once (:meth:`ModelRunner.de
 CUDA graphs on a GPU), and chunk texts turned into visual tokens (:meth:`ModelRunner.encode`: render,
 vision tower, aligner; :meth:`ModelRunner.encode_prompt` through the memory cache). Padding
 (left-padded prefill rows, batch and span buckets of the decode step) lives here too. It knows
-nothing of requests: the scheduler says which rows, which ids, which positions, and the row manager
-(:mod:`.kv_rows`) keeps the rows' lengths.
+nothing of requests: the scheduler says which rows, which ids, which positions. It allocates the KV
+cache buffers; the row manager (:mod:`.kv_rows`) keeps the rows' lengths (the decode step aside,
+which advances them as it runs) and its prefix cache copies K/V in and out of rows.
 
     >>> runner = ModelRunner(model, processor, max_batch=2, max_cache_tokens=512)   # doctest: +SKIP
     >>> logits_BV = runner.forward([0], runner.embed_text(ids_1T), [[0, 1, 2]], [[0, 1, 2]])  # doctest: +SKIP

@@ -254,9 +254,8 @@ class Scheduler:
     with none decoding, prompts are fed to their end in forwards of at most this many entries.
     ``max_prefills_per_step``: admissions per step."""
 
-    def __init__(self, max_batch: int, kv: KVRows | None = None, processor: VIST2Processor | None = None,
-                 eos: Sequence[int] = (), n_visual: int = 1, prefill_budget: int = 2048,
-                 max_prefills_per_step: int = 1):
+    def __init__(self, max_batch: int, kv: KVRows, processor: VIST2Processor, eos: Sequence[int], n_visual: int,
+                 prefill_budget: int = 2048, max_prefills_per_step: int = 1):
         self.max_batch, self.kv, self.processor, self.eos = max_batch, kv, processor, tuple(eos)
         self.n_visual, self.prefill_budget = n_visual, prefill_budget
         self.max_prefills_per_step = max(1, max_prefills_per_step)
