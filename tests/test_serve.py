@@ -564,7 +564,7 @@ def test_graceful_shutdown(tiny_dir):
 
 def test_a_failing_row_fails_only_its_request(server, monkeypatch):
     """Defence in depth: whatever validation misses, one row's sampling failing ends that request only."""
-    import vist2.engine.scheduler as engine_module  # where a row builds its sampler
+    import vist2.engine.request as engine_module  # where a row builds its sampler
 
     real = engine_module.Sampler
 

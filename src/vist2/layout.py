@@ -8,31 +8,16 @@ A sample is an ordered list of segments:
 
 ``build_sample`` turns segments into per-token records and ``collate`` stacks
 samples (several may be packed into one row) into a :class:`Plan` of ``(B, T)``
-tensors. Training (dense or FlexAttention masks, labels), the inference engine
-(cache positions) and evaluation all read the plan; none of them recomputes
-positions or visibility on its own.
+tensors. Training (dense or FlexAttention masks, labels) and evaluation read the
+plan; the inference engine feeds a prompt at the positions of its sample
+(``PromptPlan.sample``) and closes generated windows by the same rule
+(:func:`vist2.positions.window_slots`).
 
-Chunk modes (paper §3):
-
-===============  =====================  ========================================
-mode             sequence               after the chunk
-===============  =====================  ========================================
-``interleaved``  ``c_i`` then ``v_i``   ``c_i`` is evicted: later tokens see
-                                        only ``v_i`` (OLM, generated text,
-                                        ``interleaved`` prompt encoding)
-``visual``       ``v_i`` only           the text never enters the LLM
-                                        (``visual`` prompt encoding, captions)
-``ocr``          ``v_i`` then ``c_i``   nothing is evicted (MT-OCR, causal)
-``open``         ``c_i`` only           not compressed yet (the last chunk)
-===============  =====================  ========================================
-
-Positions follow ``pos = sum |v_<i| + j``: the visual tokens of a compressed
-chunk take the place of its text, so once the text is dropped the KV-cache index
-*is* the position.
-
-Visibility (``attention.allowed_mask``): a query sees every earlier key of its
-own sample, except the text of an evicted chunk, which only that chunk's own
-tokens see.
+Each segment's slots (positions, kinds, which text is evicted) come from
+:func:`vist2.positions.segment_slots`, the one rule for where a token sits; the chunk kinds
+(``interleaved``, ``visual``, ``ocr``, ``open``) are tabled there. Visibility
+(``attention.allowed_mask``): a query sees every earlier key of its own sample, except the text
+of an evicted chunk, which only that chunk's own tokens see.
 
 Example::
 
@@ -46,24 +31,15 @@ Example::
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import IntEnum
-from typing import Literal, Sequence
+from typing import Sequence
 
 import torch
 
 from .chunking import Chunker, Cuts, pays  # noqa: F401 - the layout functions' cut types
+from .positions import CHUNK_MODES, ChunkMode, Kind, segment_slots
 
 IGNORE = -100  # label of positions that carry no loss (the value torch's cross_entropy skips)
 PROMPT_ENCODINGS = ("visual", "interleaved")
-CHUNK_MODES = ("interleaved", "visual", "ocr", "open")
-
-ChunkMode = Literal["interleaved", "visual", "ocr", "open"]
-
-
-class Kind(IntEnum):
-    PAD = 0
-    TEXT = 1
-    VISUAL = 2
 
 
 @dataclass(frozen=True)
@@ -135,6 +111,7 @@ class Sample:
     chunks: list[Chunk] = field(default_factory=list)  # the chunks that have an image
     # index of the slot each token predicts (normally the next one; -1: none)
     predicts: list[int] = field(default_factory=list)
+    peak: int = 0  # the most cache entries a causal feed of the sample holds at once
 
     def __len__(self) -> int:
         return len(self.kind)
@@ -151,36 +128,26 @@ class Sample:
 
 
 def build_sample(segments: Sequence[Segment]) -> Sample:
-    """Lay out one sample: per-token kind, chunk, position, eviction and loss."""
+    """Lay out one sample: per-token kind, chunk, position, eviction and loss (the slots of each
+    segment from :func:`vist2.positions.segment_slots`)."""
     s = Sample()
     base = 0  # position of the next token that stays in the cache
     n_chunks = 0
     for seg in segments:
         if isinstance(seg, Raw):
-            s._add(seg.tokens, Kind.TEXT, -1, range(base, base + len(seg.tokens)), False, seg.loss)
-            base += len(seg.tokens)
-            continue
-        if not isinstance(seg, Chunk):
+            slots = segment_slots(None, base, len(seg.tokens))
+            idx = -1
+        elif isinstance(seg, Chunk):
+            slots = segment_slots(seg.mode, base, len(seg.tokens), seg.n_visual)
+            idx, n_chunks = n_chunks, n_chunks + 1
+            if seg.n_visual:
+                s.chunks.append(seg)
+        else:
             raise TypeError(f"segments must be Raw or Chunk, got {type(seg).__name__}")
-        c, n_visual, idx = seg.tokens, seg.n_visual, n_chunks
-        visual_ids = [-1] * n_visual
-        if seg.mode == "interleaved":
-            s._add(c, Kind.TEXT, idx, range(base, base + len(c)), True, seg.loss)
-            s._add(visual_ids, Kind.VISUAL, idx, range(base, base + n_visual), False, False)
-            base += n_visual
-        elif seg.mode == "visual":
-            s._add(visual_ids, Kind.VISUAL, idx, range(base, base + n_visual), False, False)
-            base += n_visual
-        elif seg.mode == "ocr":
-            s._add(visual_ids, Kind.VISUAL, idx, range(base, base + n_visual), False, False)
-            s._add(c, Kind.TEXT, idx, range(base + n_visual, base + n_visual + len(c)), False, seg.loss)
-            base += n_visual + len(c)
-        else:  # open: text that has not been compressed (yet)
-            s._add(c, Kind.TEXT, idx, range(base, base + len(c)), False, seg.loss)
-            base += len(c)
-        if n_visual:
-            s.chunks.append(seg)
-        n_chunks += 1
+        for kind, positions, evicted in slots.runs:
+            ids = seg.tokens if kind == Kind.TEXT else [-1] * len(positions)
+            s._add(ids, kind, idx, positions, evicted, seg.loss and kind == Kind.TEXT)
+        base, s.peak = slots.end, max(s.peak, slots.peak)
     return s
 
 

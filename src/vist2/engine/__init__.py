@@ -7,8 +7,9 @@
 
 from ..chat import chat_prompt  # kept here for callers of vist2.engine.chat_prompt
 from .engine import Engine
+from .request import FinishReason, RequestStatus
 from .types import MODES, Event, Mode, Request, Result, Stats, StepReport
 from .sampling import Sampler, SamplingParams
 
-__all__ = ["MODES", "Engine", "Event", "Mode", "Request", "Result", "Stats", "StepReport", "chat_prompt", "Sampler",
-           "SamplingParams"]
+__all__ = ["MODES", "Engine", "Event", "FinishReason", "Mode", "Request", "RequestStatus", "Result", "Stats",
+           "StepReport", "chat_prompt", "Sampler", "SamplingParams"]

@@ -4,10 +4,10 @@ Buffers are ``(rows + 1, H_kv, capacity, head_dim)`` per layer, allocated once a
 memory limit, so their addresses never change and a decode step can be captured as a CUDA
 graph. The extra last row is scratch: padding rows of a captured step write there. Each row's
 live length lives on the device (:attr:`length`, read and advanced inside the decode step)
-and, for free, on the host (:attr:`host_length`: the engine knows how many tokens it fed), so
-no step needs to read a device value back.
+and, for free, on the host (:attr:`host_length`: the row manager, :mod:`.kv_rows`, counts the
+entries fed), so no step needs to read a device value back.
 
-Before every forward the engine tells the cache which rows take part and at which cache
+Before every forward the runner tells the cache which rows take part and at which cache
 indices the new tokens' K/V go (:meth:`plan`); the attention layers then call :meth:`update`
 as on any transformers cache and get back the rows' first ``span`` entries. Everything below
 a row's live length is alive, so the attention mask is plain causal over cache indices:

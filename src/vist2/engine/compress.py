@@ -16,7 +16,9 @@ from __future__ import annotations
 import torch
 
 from ..chunking import ChunkFit
+from ..positions import window_slots
 from ..processing import VIST2Processor
+from .kv_rows import KVRows
 from .runner import ModelRunner
 
 
@@ -50,8 +52,8 @@ class Window:
 class Compressor:
     """Closes windows: ``K`` text tokens in, ``n_visual`` cache entries out."""
 
-    def __init__(self, runner: ModelRunner, processor: VIST2Processor, chunk_tokens: int, n_visual: int):
-        self.runner, self.processor = runner, processor
+    def __init__(self, runner: ModelRunner, kv: KVRows, processor: VIST2Processor, chunk_tokens: int, n_visual: int):
+        self.runner, self.kv, self.processor = runner, kv, processor
         self.K, self.n_visual = chunk_tokens, n_visual
 
     def open(self, carry: bytes = b"") -> Window:
@@ -62,10 +64,9 @@ class Compressor:
     def close(self, rows: list[int], windows: list[Window]) -> tuple[list[str], torch.Tensor]:
         """Compress the open windows of these rows (each ends the row's cache). Returns each window's
         text and the logits after its visual tokens ``(b, V)`` (the next token is sampled from them).
-        Raises :class:`~vist2.engine.runner.CacheFull` first if a row has no room for the visual tokens."""
-        runner, n_visual = self.runner, self.n_visual
-        runner.check_room(rows, n_visual)
-        cache = runner.cache
+        Raises :class:`~vist2.engine.kv_rows.CacheFull` first if a row has no room for the visual tokens."""
+        runner, kv, n_visual = self.runner, self.kv, self.n_visual
+        kv.check_room(rows, n_visual)
         with runner.phase("compress"):
             texts = []
             for w in windows:
@@ -73,13 +74,12 @@ class Compressor:
                 assert after == w.fit.carry  # the fit state saw exactly the bytes the image shows
                 texts.append(text)
             visual = runner.encode(texts, ["plain"] * len(windows))
-            ends = [cache.host_length[r] for r in rows]
+            ends = [kv.length(r) for r in rows]
             bases = [e - len(w.tokens) for e, w in zip(ends, windows)]  # where each window began
-            logits = runner.forward(rows, visual, [list(range(b, b + n_visual)) for b in bases],
-                                    [list(range(e, e + n_visual)) for e in ends])
-        if runner.report is not None:
-            runner.report.decode_chunks += len(rows)
-            runner.report.compress_kv += ends
+            # the visual tokens' positions are those the window's text had (the layout's rule); their K/V
+            # are written after the window, then moved where it began
+            positions = [list(window_slots(b, len(w.tokens), n_visual).visual) for b, w in zip(bases, windows)]
+            logits = runner.forward(rows, visual, positions, [list(range(e, e + n_visual)) for e in ends])
         for row, b, e in zip(rows, bases, ends):
-            cache.evict(row, b, e, n_visual)
+            kv.evict(row, b, e, n_visual)
         return texts, logits

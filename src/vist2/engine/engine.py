@@ -1,11 +1,17 @@
-"""Generation with global context compression: the engine's public API and its step.
+"""Generation with global context compression: the engine's public API and its loop.
 
-The engine speaks token ids; a :class:`~vist2.processing.VIST2Processor` at its edge turns chunk
-tokens into pixels and generated ids into text. Its parts, one file each:
+The engine's core speaks token ids: text enters at its edge (:meth:`Engine.request` tokenizes, and
+splits a chat with :func:`vist2.chat.prompt_parts`) and leaves through each request's streaming
+decoder. Chunk images are drawn from text, not ids, so a prompt chunk's text is made with its plan
+and a closed window's by the compressor (both :func:`vist2.text.chunk_text`). Its parts, one file each:
 
-- :mod:`.scheduler` — a prompt's layout and footprint (:func:`~.scheduler.plan_prompt`), admission
-  into cache rows, prefill in pieces of at most ``prefill_budget`` entries;
-- :mod:`.runner` — the model, the KV cache, the decode step and its CUDA graphs, padding;
+- :mod:`.scheduler` — a prompt's layout and footprint (:func:`~.scheduler.plan_prompt`), and each step's
+  decisions (:meth:`~.scheduler.Scheduler.schedule` → :class:`~.scheduler.StepPlan`: admissions into
+  cache rows, prefill in pieces of at most ``prefill_budget`` entries, the rows that decode);
+- :mod:`.request` — a request's state inside the engine, its status and finish reason;
+- :mod:`.kv_rows` — the cache rows: allocation, every length change, the prefix cache;
+- :mod:`.runner` — runs the model: prefill and compression forwards, the decode step and its CUDA
+  graphs, padding, chunk images through the vision tower (and the memory cache);
 - :mod:`.compress` — the open window of generated text, closed into visual tokens;
 - :mod:`.memory_cache`, :mod:`.prefix_cache` — prompt chunks' visual tokens, and the K/V of prompts' starts,
   kept across requests (a prompt that starts as a cached one is fed from where the cache ends);
@@ -49,10 +55,13 @@ from ..modeling import VIST2ForCausalLM
 from ..processing import VIST2Processor
 from ..runtime import eos_ids, load_checkpoint
 from .compress import Compressor, Window
-from .runner import CacheFull, ModelRunner, pad_left
+from .kv_rows import CacheFull, KVRows
+from .prefix_cache import PrefixCache
+from .request import FinishReason, RequestState
+from .runner import ModelRunner, pad_left
 from .sampling import SamplingParams
-from .scheduler import PromptPlan, Row, Scheduler, chunks_to_read, plan_prompt
-from .types import Event, Mode, Request, Result, Stats, StepReport
+from .scheduler import PrefillBatch, PromptPlan, Scheduler, chunks_to_read, plan_prompt
+from .types import Event, Mode, Request, Result, StepReport
 
 
 _REDRAWS = 16  # draws of a fit-cut boundary token before it falls back to the proposal (see Engine._redraw)
@@ -119,11 +128,17 @@ class Engine:
             raise ValueError("prefix_cache_bytes needs the memory cache on (memory_cache_bytes > 0)")
         self.max_prefills_per_step = max(1, max_prefills_per_step)
         self.runner = ModelRunner(model, processor, max_batch, self.max_cache_tokens, cuda_graphs, render_workers,
-                                  memory_cache_bytes, vision_batch, prefix_cache_bytes)
-        self.compressor = Compressor(self.runner, processor, self.K, self.n_visual)
-        self.scheduler = Scheduler(max_batch)
-        self.observer = observer
+                                  memory_cache_bytes, vision_batch)
+        # the K/V of prompts' starts kept across requests (None: off), owned by the row manager
+        prefix = (PrefixCache(prefix_cache_bytes, (processor.render_config, cfg.prompt_encoding, cfg.n_visual))
+                  if prefix_cache_bytes else None)
+        self.kv = KVRows(lambda: self.runner.cache, max_batch, self.max_cache_tokens, prefix, self.runner.scope)
+        self.compressor = Compressor(self.runner, self.kv, processor, self.K, self.n_visual)
         self.eos = eos_ids(cfg.text_config, processor.tokenizer)
+        self.scheduler = Scheduler(max_batch, self.kv, processor, self.eos, self.n_visual, prefill_budget,
+                                   self.max_prefills_per_step)
+        self.observer = observer
+        self._report: StepReport | None = None
         self._n_steps = 0
 
     @classmethod
@@ -188,7 +203,7 @@ class Engine:
     def memory_cache_stats(self) -> dict | None:
         """The memory cache's counters and occupancy (:meth:`MemoryCache.stats`), the prefix cache's under
         ``prefix`` (:meth:`PrefixCache.stats`, None when off); None when the memory cache is off."""
-        memory, prefix = self.runner.memory, self.runner.prefix
+        memory, prefix = self.runner.memory, self.kv.prefix
         return None if memory is None else memory.stats() | {"prefix": None if prefix is None else prefix.stats()}
 
     def cache_usage(self) -> dict:
@@ -199,42 +214,33 @@ class Engine:
                 "bytes_allocated": c.bytes_allocated}
 
     def step(self) -> list[Event]:
-        """One scheduler step: admit waiting requests into free rows, feed prompts (at most
-        ``prefill_budget`` entries while other rows decode), then sample and feed one token for every
-        row whose prompt is in."""
+        """One scheduler step: the scheduler decides it (:meth:`Scheduler.schedule`: admissions into free
+        rows, the prompt pieces to feed, at most ``prefill_budget`` entries while other rows decode, and
+        the rows that decode); the engine runs it: prefill forwards, then a token sampled and fed for
+        every row whose prompt is in."""
         self._n_steps += 1
-        report = self.runner.report = StepReport(self._n_steps) if self.observer else None
-        events = self._admit()
-        rows = self.scheduler.running
-        decoding = [s for s in rows.values() if not s.prefilling]
-        self._prefill(budget=self.prefill_budget if decoding else None)
-        ready = [s for s in rows.values() if not s.prefilling]
-        if ready:
-            feed = self._sample(ready, events)
+        report = self._report = StepReport(self._n_steps) if self.observer else None
+        self.runner.timings = report.seconds if report is not None else None
+        plan = self.scheduler.schedule()
+        events = [Event(s.rid, "", None, True, s.stats) for s in plan.failed]
+        for batch in plan.prefill:
+            with self.runner.phase("prefill"):
+                self._prefill_rows(batch)
+            for seq, piece in batch.pieces:
+                if piece.last:  # the prompt is in
+                    if seq.req.mode == Mode.GCC:
+                        seq.window = self.compressor.open(seq.plan.carry)  # the response goes on from the prompt
+                    self._update_kv_stats(seq)
+        if plan.decode:
+            feed = self._sample(plan.decode, events)
             if feed:
                 self._decode(feed)
         if report is not None:
-            report.kv_tokens = {s.rid: self.runner.length(r) for r, s in rows.items()}
+            report.kv_tokens = {s.rid: self.kv.length(r) for r, s in self.scheduler.running.items()}
             self.observer(report)
         return events
 
-    def _admit(self) -> list[Event]:
-        events: list[Event] = []
-        sched = self.scheduler
-        for rid, req, plan, row in sched.admissions(self.max_prefills_per_step):
-            try:
-                seq = Row(rid, req, row, self.processor, self.eos)
-            except Exception as e:  # noqa: BLE001 - e.g. its sampler refused its params: fail this request only
-                stats = Stats(prompt_tokens=len(req.prompt_ids), finish_reason="error",
-                              error=f"{type(e).__name__}: {e}")
-                sched.finished[rid] = Result(rid, "", [], stats, [], None)
-                events.append(Event(rid, "", None, True, stats))
-                continue
-            sched.running[row] = seq
-            seq.begin(plan, self.n_visual, self.runner.begin_prompt(row, plan, req.cache_salt))  # its cached start copied in
-        return events
-
-    def _sample(self, seqs: list[Row], events: list[Event]) -> list[Row]:
+    def _sample(self, seqs: list[RequestState], events: list[Event]) -> list[RequestState]:
         """Draw every row's next token and report it; returns the rows that go on (their token is fed).
 
         The paper's rule at every chunk boundary: the first token of a chunk is predicted from the
@@ -258,7 +264,7 @@ class Engine:
             seqs = [s for s in seqs if drawn[s] is not None]
         return [s for s in seqs if self._accept(s, drawn[s], events)]
 
-    def _redraw(self, seq: Row, closed: Window, proposal: int, events: list[Event]) -> int | None:
+    def _redraw(self, seq: RequestState, closed: Window, proposal: int, events: list[Event]) -> int | None:
         """The boundary token after a fit cut, drawn from the logits after the memory, conditioned on
         what made the cut: it does not fit the closed window. Tokens drawn that would fit are masked
         and the draw repeated (at most ``_REDRAWS`` times; then the proposal, which does not fit)."""
@@ -273,7 +279,7 @@ class Engine:
             logits[tok] = float("-inf")
         return proposal
 
-    def _draw(self, seq: Row, events: list[Event], logits: torch.Tensor | None = None,
+    def _draw(self, seq: RequestState, events: list[Event], logits: torch.Tensor | None = None,
               record: bool = True) -> int | None:
         """A token drawn from the row's logits (not yet its own); None if drawing failed (the row is finished)."""
         logits = seq.logits if logits is None else logits
@@ -283,11 +289,11 @@ class Engine:
             return seq.sampler(logits, seq.history)
         except Exception as e:  # noqa: BLE001 - one row's sampling failing must not end the other rows
             seq.stats.error = f"{type(e).__name__}: {e}"
-            self._finish(seq, "error")
+            self._finish(seq, FinishReason.ERROR)
             events.append(Event(seq.rid, "", None, True, seq.stats))
             return None
 
-    def _accept(self, seq: Row, tok: int, events: list[Event]) -> bool:
+    def _accept(self, seq: RequestState, tok: int, events: list[Event]) -> bool:
         """The token is the row's: report it; True if the row goes on."""
         if not seq.generated:
             seq.t_first = time.perf_counter()
@@ -299,25 +305,19 @@ class Engine:
         seq.stats.kv_tokens_uncompressed = seq.stats.prompt_tokens + seq.stats.generated_tokens - 1
         # an end-of-sequence token ends the text; it is not part of it
         delta = "" if tok in seq.stop_ids else seq.decoder.push(tok)
-        reason = seq.finish_reason(tok)
+        reason = seq.stop_reason(tok)
         if reason:
-            delta += seq.decoder.finish() if reason != "stop" else ""
+            delta += seq.decoder.finish() if reason != FinishReason.STOP else ""
             self._finish(seq, reason)
             events.append(Event(seq.rid, delta, tok, True, seq.stats))
             return False
         events.append(Event(seq.rid, delta, tok, False))
         return True
 
-    def abort(self, request_id: int) -> bool:
-        """Drop a request (waiting or running), freeing its row. Returns whether it was found."""
-        if self.scheduler.remove_waiting(request_id):
-            return True
-        for row, seq in list(self.scheduler.running.items()):
-            if seq.rid == request_id:
-                self.scheduler.running.pop(row)
-                self.runner.cache.set_length(row, 0)
-                return True
-        return False
+    def abort(self, request_id: int) -> Result | None:
+        """Drop a request (waiting or running), freeing its row. Returns its final result (finish reason
+        ``abort``, what it generated so far), or None if it is not waiting or running."""
+        return self.scheduler.abort(request_id, self.record_logits)
 
     def stream(self, requests: Sequence[Request]) -> Iterator[Event]:
         """Run requests to completion, yielding events as they happen."""
@@ -348,41 +348,13 @@ class Engine:
 
     # -- prefill ---------------------------------------------------------------------------
 
-    def _prefill(self, budget: int | None) -> None:
-        """Feed prompts of rows still prefilling: forwards of at most ``budget`` padded entries in all
-        (None: every prompt to its end). Each forward takes the next piece of the rows, within
-        ``prefill_budget`` entries (or what is left of ``budget``)."""
-        while True:
-            seqs = [s for s in self.scheduler.running.values() if s.prefilling]
-            limit = self.prefill_budget if budget is None else min(budget, self.prefill_budget)
-            if not seqs or limit < self.n_visual:
-                return
-            with self.runner.phase("prefill"):
-                used = self._prefill_rows(seqs, limit)
-            if budget is not None:
-                budget -= used
-            for seq in seqs:
-                if not seq.prefilling and seq.req.mode == Mode.GCC:
-                    seq.window = self.compressor.open(seq.plan.carry)  # the response goes on from the prompt
-                if not seq.prefilling:
-                    self._update_kv_stats(seq)
-
-    def _prefill_rows(self, seqs: list[Row], limit: int) -> int:
-        """One LLM forward over the next prompt piece of each row, left-padded to the longest; returns
-        its padded size (rows x longest piece, what the LLM computes), at most ``limit``. The rows share
-        ``limit`` evenly (each piece at least one chunk's visual tokens, the rows in admission order
-        while they fit), so every prompt admitted together advances; every prompt chunk the pieces hold
-        is read in one vision-tower batch."""
-        runner, share = self.runner, max(limit // len(seqs), self.n_visual)
-        pieces, rows = [], []
-        for seq in seqs:
-            if (len(pieces) + 1) * share > limit:
-                break
-            piece = seq.feed.take(runner.length(seq.row), share)
-            if piece.used:
-                pieces.append(piece)
-                rows.append(seq)
-        self._read_chunks(pieces, limit)
+    def _prefill_rows(self, batch: PrefillBatch) -> None:
+        """One LLM forward over one prompt piece of each row (as the scheduler cut them), left-padded to
+        the longest; every prompt chunk the pieces hold is read in one vision-tower batch."""
+        runner, kv = self.runner, self.kv
+        rows, pieces = [s for s, _ in batch.pieces], [p for _, p in batch.pieces]
+        assert all(p.start == kv.length(s.row) for s, p in batch.pieces), "a piece starts where its row ends"
+        self._read_chunks(pieces, batch.limit)
         embeds = [torch.cat([runner.embed_text(torch.tensor([x]))[0] if isinstance(x, list)
                              else self._chunk_visual(seq, x) for x in p.items]) for seq, p in zip(rows, pieces)]
         logits = runner.forward([s.row for s in rows], pad_left(embeds), [p.positions for p in pieces],
@@ -391,14 +363,13 @@ class Engine:
             seq.logits = lg
             seq.stats.kv_tokens_peak = max(seq.stats.kv_tokens_peak, p.end)
             if p.evict is not None:
-                runner.cache.evict(seq.row, p.evict[0], p.evict[1], self.n_visual)
+                kv.evict(seq.row, p.evict[0], p.evict[1], self.n_visual)
             else:
-                runner.cache.set_length(seq.row, p.end)
-            runner.settle_prompt(seq.row, seq.feed.settled)
-        if runner.report is not None:
-            runner.report.prefill_tokens += sum(p.used for p in pieces)
-            runner.report.prefill_rows.append(len(pieces))
-        return len(pieces) * max(p.used for p in pieces)
+                kv.wrote(seq.row, p.end)
+            kv.settle(seq.row, p.settled)
+        if self._report is not None:
+            self._report.prefill_tokens += sum(p.used for p in pieces)
+            self._report.prefill_rows.append(len(pieces))
 
     def _read_chunks(self, pieces, limit: int) -> None:
         """Render and read, in one vision-tower batch, the prompt chunks the pieces need (and some ahead)."""
@@ -415,10 +386,10 @@ class Engine:
                 owner[id(f)].memory_hits += 1
             else:
                 owner[id(f)].memory_misses += 1
-        if self.runner.report is not None:
-            self.runner.report.prefill_chunks += len(need) - sum(hits)  # read by the vision tower
+        if self._report is not None:
+            self._report.prefill_chunks += len(need) - sum(hits)  # read by the vision tower
 
-    def _chunk_visual(self, seq: Row, chunk: int) -> torch.Tensor:
+    def _chunk_visual(self, seq: RequestState, chunk: int) -> torch.Tensor:
         """A prompt chunk's visual tokens ``(n_visual, D)`` (read by :meth:`_read_chunks`); the chunk
         enters the row's memory."""
         seq.memory.append(seq.feed.chunks[chunk][0])
@@ -428,7 +399,7 @@ class Engine:
 
     # -- decode ----------------------------------------------------------------------------
 
-    def _decode(self, seqs: list[Row]) -> None:
+    def _decode(self, seqs: list[RequestState]) -> None:
         """Feed every row's newest token (it begins a new window where the last one closed); close the
         windows it fills (K tokens)."""
         for s in seqs:
@@ -436,15 +407,15 @@ class Engine:
                 taken = s.window.push(s.generated[-1])  # or raises if it never fits an image
                 assert taken
         try:
-            self.runner.check_room([s.row for s in seqs], 1)
+            self.kv.check_room([s.row for s in seqs], 1)
         except CacheFull:
             for s in seqs:  # the memory limit is reached: these rows cannot continue
-                self._finish(s, "length")
+                self._finish(s, FinishReason.LENGTH)
             return
         with self.runner.phase("decode"):
             logits = self.runner.decode({s.row: s.generated[-1] for s in seqs})
-        if self.runner.report is not None:
-            self.runner.report.decode_rows += len(seqs)
+        if self._report is not None:
+            self._report.decode_rows += len(seqs)
         for s in seqs:
             s.logits = logits[s.row]
             self._update_kv_stats(s)
@@ -452,7 +423,7 @@ class Engine:
         if full:
             self._close(full)
 
-    def _close(self, seqs: list[Row]) -> list[Row]:
+    def _close(self, seqs: list[RequestState]) -> list[RequestState]:
         """Close the open windows of these rows: compressed where that pays (:func:`vist2.layout.pays`),
         else their text stays in the cache as it is. Returns the rows that go on (the others reached
         the memory limit and are finished)."""
@@ -463,13 +434,17 @@ class Engine:
         if not squeeze:
             return seqs
         rows = [s.row for s in squeeze]
-        peaks = [self.runner.length(r) + self.n_visual for r in rows]  # text and visual, briefly
+        ends = [self.kv.length(r) for r in rows]
+        peaks = [e + self.n_visual for e in ends]  # text and visual, briefly
         try:
             texts, logits = self.compressor.close(rows, [s.window for s in squeeze])
         except CacheFull:
             for s in squeeze:
-                self._finish(s, "length")
+                self._finish(s, FinishReason.LENGTH)
             return [s for s in seqs if s not in squeeze]
+        if self._report is not None:
+            self._report.decode_chunks += len(rows)
+            self._report.compress_kv += ends
         for s, lg, peak, text in zip(squeeze, logits, peaks, texts):
             s.logits = lg
             s.stats.kv_tokens_peak = max(s.stats.kv_tokens_peak, peak)
@@ -480,21 +455,12 @@ class Engine:
             self._update_kv_stats(s)
         return seqs
 
-    def _update_kv_stats(self, seq: Row) -> None:
-        st, n, per = seq.stats, self.runner.length(seq.row), self.runner.cache.bytes_per_token
+    def _update_kv_stats(self, seq: RequestState) -> None:
+        st, n, per = seq.stats, self.kv.length(seq.row), self.runner.cache.bytes_per_token
         st.kv_tokens = n
         st.kv_tokens_peak = max(st.kv_tokens_peak, n)
         st.kv_bytes = n * per
         st.kv_bytes_peak = st.kv_tokens_peak * per
 
-    def _finish(self, seq: Row, reason: str) -> None:
-        seq.stats.finish_reason = reason
-        elapsed = time.perf_counter() - seq.t_first if seq.t_first else 0.0
-        if elapsed > 0 and seq.stats.generated_tokens > 1:
-            seq.stats.tokens_per_s = (seq.stats.generated_tokens - 1) / elapsed
-        self.scheduler.running.pop(seq.row, None)
-        self.runner.cache.set_length(seq.row, 0)
-        self.scheduler.finished[seq.rid] = Result(
-            seq.rid, seq.decoder.text, list(seq.generated), seq.stats, list(seq.memory),
-            seq.recorded if self.record_logits else None,
-        )
+    def _finish(self, seq: RequestState, reason: FinishReason) -> None:
+        self.scheduler.finish(seq, reason, self.record_logits)

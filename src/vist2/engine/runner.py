@@ -1,11 +1,14 @@
-"""The model runner: the only part of the engine that touches the model, the KV cache and CUDA graphs.
+"""The model runner: the only part of the engine that runs the model and owns CUDA graphs.
 
-It runs new cache entries of some rows through the LLM at given positions and cache indices
-(:meth:`ModelRunner.forward`: prefill pieces, compressed chunks' visual tokens), runs the one-token
-decode step over every row at once (:meth:`ModelRunner.decode`, captured as CUDA graphs on a GPU),
-and turns chunk texts into visual tokens (:meth:`ModelRunner.encode`: render, vision tower, aligner).
-Padding (left-padded prefill rows, batch and span buckets of the decode step) lives here too.
-It knows nothing of requests: the scheduler says which rows, which ids, which positions.
+It executes what the scheduler planned: new cache entries of some rows through the LLM at given
+positions and cache indices (:meth:`ModelRunner.forward`: prefill pieces, compressed chunks' visual
+tokens), the one-token decode step over every row at once (:meth:`ModelRunner.decode`, captured as
+CUDA graphs on a GPU), and chunk texts turned into visual tokens (:meth:`ModelRunner.encode`: render,
+vision tower, aligner; :meth:`ModelRunner.encode_prompt` through the memory cache). Padding
+(left-padded prefill rows, batch and span buckets of the decode step) lives here too. It knows
+nothing of requests: the scheduler says which rows, which ids, which positions. It allocates the KV
+cache buffers; the row manager (:mod:`.kv_rows`) keeps the rows' lengths (the decode step aside,
+which advances them as it runs) and its prefix cache copies K/V in and out of rows.
 
     >>> runner = ModelRunner(model, processor, max_batch=2, max_cache_tokens=512)   # doctest: +SKIP
     >>> logits_BV = runner.forward([0], runner.embed_text(ids_1T), [[0, 1, 2]], [[0, 1, 2]])  # doctest: +SKIP
@@ -15,7 +18,7 @@ from __future__ import annotations
 
 import time
 from contextlib import contextmanager
-from typing import Callable, Sequence
+from typing import Callable
 
 import torch
 
@@ -23,14 +26,9 @@ from ..modeling import VIST2ForCausalLM, cache_kwarg
 from ..processing import VIST2Processor
 from ..runtime import kv_geometry
 from .cache import CompressedKVCache
+from .kv_rows import CacheFull  # noqa: F401 - kept importable from here
 from .memory_cache import MemoryCache, model_scope
-from .prefix_cache import PrefixCache, prompt_pieces
 from .rendering import ChunkRenderer
-from .types import StepReport
-
-
-class CacheFull(Exception):
-    """A row would grow past ``max_cache_tokens`` (only generation can: prompts are checked on admission)."""
 
 
 class _CapturedStep:
@@ -83,13 +81,13 @@ class ModelRunner:
     """Owns the model, the compressed KV cache (allocated on first use at ``max_batch x max_cache_tokens``)
     and the decode step (eager, or CUDA graphs with ``cuda_graphs``).
 
-    ``report``: the step's :class:`StepReport` while an observer is set (phases are timed into it,
-    synchronised); None otherwise, and then :meth:`phase` costs nothing.
+    ``timings``: the step's phase times (``StepReport.seconds``) while an observer is set (phases are
+    timed into it, synchronised); None otherwise, and then :meth:`phase` costs nothing.
     """
 
     def __init__(self, model: VIST2ForCausalLM, processor: VIST2Processor, max_batch: int, max_cache_tokens: int,
                  cuda_graphs: bool | None = None, render_workers: int = 1, memory_cache_bytes: int = 0,
-                 vision_batch: int = 4, prefix_cache_bytes: int = 0):
+                 vision_batch: int = 4):
         self.model = model.eval()
         self.max_batch, self.max_cache_tokens = max_batch, max_cache_tokens
         if vision_batch < 1:
@@ -102,16 +100,12 @@ class ModelRunner:
         self.renderer = ChunkRenderer(processor, render_workers)
         # the decode step: the function captured as CUDA graphs (or run eagerly on CPU)
         self.step_fn: Callable = _CapturedStep(self.decode_fn) if self.cuda_graphs else self.decode_fn
-        self.report: StepReport | None = None
+        self.timings: dict[str, float] | None = None
         self._cache: CompressedKVCache | None = None
         self._batch_buckets = sorted({min(max_batch, 1 << i) for i in range(max_batch.bit_length() + 1)})
         self._n_tokens = len(processor.tokenizer)
         # prompt chunks' visual tokens kept across requests (None: off)
         self.memory = MemoryCache(memory_cache_bytes, processor.render_config) if memory_cache_bytes else None
-        # the K/V of prompts' starts kept across requests (None: off)
-        cfg = model.config
-        self.prefix = (PrefixCache(prefix_cache_bytes, (processor.render_config, cfg.prompt_encoding, cfg.n_visual))
-                       if prefix_cache_bytes else None)
 
     @property
     def cache(self) -> CompressedKVCache:
@@ -122,19 +116,14 @@ class ModelRunner:
                                             p.dtype, p.device)
         return self._cache
 
-    def length(self, row: int) -> int:
-        """Live cache entries of a row (counted on the host)."""
-        return self.cache.host_length[row]
-
-    def check_room(self, rows: Sequence[int], n: int) -> None:
-        """Raise :class:`CacheFull` if any of ``rows`` cannot take ``n`` more entries."""
-        if max(self.cache.host_length[r] for r in rows) + n > self.max_cache_tokens:
-            raise CacheFull()
+    def scope(self) -> tuple:
+        """The weights the LLM's K/V belong to (the prefix cache's scope)."""
+        return model_scope([self.model.model])
 
     @contextmanager
     def phase(self, name: str):
-        """Time a phase of the step into the report (synchronised); free when unobserved."""
-        if self.report is None:
+        """Time a phase of the step into :attr:`timings` (synchronised); free when unobserved."""
+        if self.timings is None:
             yield
             return
         _sync(self.device)
@@ -143,7 +132,7 @@ class ModelRunner:
             yield
         finally:
             _sync(self.device)
-            sec = self.report.seconds
+            sec = self.timings
             sec[name] = sec.get(name, 0.0) + time.perf_counter() - t
 
     # -- embeddings ---------------------------------------------------------------------------
@@ -170,21 +159,6 @@ class ModelRunner:
             return self.encode(texts, styles), [False] * len(texts)
         m = self.model.model
         return self.memory.fetch(texts, styles, self.encode, model_scope([m.vision, m.aligner]), salts)
-
-    # -- the prefix cache ---------------------------------------------------------------------
-
-    def begin_prompt(self, row: int, plan, salt: str | None = None) -> int:
-        """A prompt enters ``row``: its longest cached start in the namespace ``salt`` is copied in (the prefix
-        cache, when on); returns the row's length, the entries the prompt feed skips."""
-        if self.prefix is None:
-            self.cache.set_length(row, 0)
-            return 0
-        return self.prefix.begin(row, prompt_pieces(plan, salt=salt), self.cache, model_scope([self.model.model]))
-
-    def settle_prompt(self, row: int, settled: int) -> None:
-        """The row's first ``settled`` entries are final prompt K/V: the prefix cache keeps them."""
-        if self.prefix is not None:
-            self.prefix.settle(row, settled, self.cache, model_scope([self.model.model]))
 
     # -- the LLM ------------------------------------------------------------------------------
 

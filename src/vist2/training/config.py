@@ -134,14 +134,6 @@ class TrainConfig:
     # from scratch: each visual token names the characters drawn in its region (training/char_loss.py)
     aux_char_weight: float = 0.0
     aux_char_until: float = 1.0
-    # olm / sft: at the slots that predict the first lookback_span tokens after each page, a head reads the
-    # LLM after lookback_layer layers (None: half of them) and names the lookback_tokens tokens before the
-    # predicted one that are on the page (training/lookback_loss.py); weight 0 = off
-    lookback_weight: float = 0.0
-    lookback_until: float = 1.0
-    lookback_span: int = 8
-    lookback_tokens: int = 4
-    lookback_layer: int | None = None
     # olm: at the same slots (the first twin_span after each page; twin_page_slot: the page's last visual
     # slot too) every LLM layer's output is pulled towards the one it has on the sample laid out as plain
     # text, run without gradients (training/twin_loss.py); weight 0 = off
@@ -235,15 +227,6 @@ class TrainConfig:
         if self.aux_char_weight < 0 or not 0 < self.aux_char_until <= 1:
             raise ValueError("aux_char_weight must be >= 0 and aux_char_until in (0, 1]; got "
                              f"{self.aux_char_weight}, {self.aux_char_until}")
-        if self.lookback_weight < 0 or not 0 < self.lookback_until <= 1:
-            raise ValueError("lookback_weight must be >= 0 and lookback_until in (0, 1]; got "
-                             f"{self.lookback_weight}, {self.lookback_until}")
-        if self.lookback_span <= 0 or self.lookback_tokens <= 0:
-            raise ValueError(f"lookback_span and lookback_tokens must be > 0, got {self.lookback_span}, "
-                             f"{self.lookback_tokens}")
-        if self.lookback_weight and self.stage not in ("olm", "sft"):
-            raise ValueError(f"lookback_weight reads pages at the continuation after them (olm, sft), not in "
-                             f"{self.stage!r}")
         if self.twin_weight < 0 or not 0 < self.twin_until <= 1 or self.twin_span <= 0:
             raise ValueError("twin_weight must be >= 0, twin_until in (0, 1], twin_span > 0; got "
                              f"{self.twin_weight}, {self.twin_until}, {self.twin_span}")

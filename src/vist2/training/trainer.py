@@ -46,7 +46,6 @@ from .launch import make_accelerator
 from .metrics import StepLog, all_ranks
 from .optim import make_optimizer, make_scheduler  # noqa: F401 (part of this module's interface)
 from .pipeline import StageDataset, make_loader
-from .lookback_loss import LookbackLoss
 from .page_loss import PageLoss
 from .twin_loss import TwinLoss
 from .probe import PROBED_STAGES, VisualProbe
@@ -122,8 +121,8 @@ def train_step(model, batch, optimizer, acc, max_grad_norm: float, aux_losses: S
     """One micro-batch: forward and backward; on the last micro-batch of an optimizer step also clip
     and step (``acc.accumulate`` turns ``optimizer.step`` into a no-op before that). Returns the LM
     loss, detached, on the device. ``aux_losses`` (optional: :class:`~vist2.training.page_loss.PageLoss`,
-    :class:`~vist2.training.char_loss.CharLoss`) are added at ``progress`` (step / total) and step
-    their own heads."""
+    :class:`~vist2.training.char_loss.CharLoss`, :class:`~vist2.training.twin_loss.TwinLoss`) are added
+    at ``progress`` (step / total) and step their own heads."""
     with acc.accumulate(model):
         out = forward(model, batch, acc.device)
         aux = sum((a.for_batch(batch, progress) for a in aux_losses), 0.0)
@@ -249,8 +248,7 @@ class Trainer:
     def _optimization(self, model, acc, total: int, processor):
         """AdamW and the LR schedule for ``total`` steps, the model and optimizer prepared by accelerate,
         and the optional auxiliary losses (:class:`~vist2.training.page_loss.PageLoss`,
-        :class:`~vist2.training.char_loss.CharLoss`, :class:`~vist2.training.lookback_loss.LookbackLoss`,
-        :class:`~vist2.training.twin_loss.TwinLoss`;
+        :class:`~vist2.training.char_loss.CharLoss`, :class:`~vist2.training.twin_loss.TwinLoss`;
         the list is empty when all are off)."""
         cfg = self.cfg
         optimizer = make_optimizer(model, cfg)
@@ -262,7 +260,7 @@ class Trainer:
             ds_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.batch_size
         # from scratch: visual tokens redraw their page and name its characters (both optional)
         aux = [a for a in (PageLoss.build(cfg, model), CharLoss.build(cfg, model, processor),
-                           LookbackLoss.build(cfg, model), TwinLoss.build(cfg, model)) if a is not None]
+                           TwinLoss.build(cfg, model)) if a is not None]
         model, optimizer = acc.prepare(model, optimizer)
         acc.register_for_checkpointing(scheduler)  # stepped by hand: once per optimizer step, on every rank
         return model, optimizer, scheduler, aux

@@ -2,10 +2,10 @@
 teacher-forced continuations after whole chunks of visual memory with white pages minus with the real
 ones (same layout, same targets), on the eval's own windows (``vist2 eval olm``'s gcc layout).
 
-    python bench/nano_blank_gap.py --model models/vist2-nano --data recipes/nano/heldout.txt \\
+    python recipes/nano/research/nano_blank_gap.py --model models/vist2-nano --data recipes/nano/heldout.txt \\
         --continuation-tokens 8 64 --out bench/results/nano/blank-gap.json
     # every token after the first context scored once (458 windows of 8 on heldout.txt, not 14):
-    python bench/nano_blank_gap.py --model models/vist2-nano --data recipes/nano/heldout.txt \
+    python recipes/nano/research/nano_blank_gap.py --model models/vist2-nano --data recipes/nano/heldout.txt \
         --continuation-tokens 8 --stride --out bench/results/nano/blank-gap-stride8.json
 
 The shipped model's 8-token gap is what ``tests/test_shipped_model.py`` guards (0.159 nats when shipped),

@@ -2,7 +2,7 @@
 position of MT-OCR samples ``[v, text]`` (one page of ``--tokens`` tokens each), with the real page
 and with a blank one, and the mean NLL of both.
 
-    python bench/nano_position_accuracy.py --model runs/nano/ocr-w512-k16 --data recipes/nano/heldout.txt \\
+    python recipes/nano/research/nano_position_accuracy.py --model runs/nano/ocr-w512-k16 --data recipes/nano/heldout.txt \\
         --tokens 16 --out bench/results/nano/position-accuracy.json
 """
 

@@ -2,7 +2,7 @@
 compressed-context chunk (chunk 2 on, where the text before is only visual tokens), with the real
 memory pages and with blank ones, on optical-LM windows of a text file.
 
-    python bench/nano_chunk_start_gap.py --model models/vist2-nano --data recipes/nano/heldout.txt \\
+    python recipes/nano/research/nano_chunk_start_gap.py --model models/vist2-nano --data recipes/nano/heldout.txt \\
         --out bench/results/nano/chunk-start-gap.json
 """
 

@@ -8,7 +8,7 @@ accuracy on inked cells as it learns. The head reads one of three places:
 
 Pages are random words of the data's text (no sentence), up to 230 characters, as PT-2 draws them.
 
-    python bench/nano_char_probe.py --model runs/nano/init7 --data runs/nano/data/text_en.jsonl \\
+    python recipes/nano/research/nano_char_probe.py --model runs/nano/init7 --data runs/nano/data/text_en.jsonl \\
         --read patch --steps 400 --out bench/results/nano/probe-patch.json
 """
 

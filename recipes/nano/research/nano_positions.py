@@ -9,7 +9,7 @@ several layouts of the same context and the same targets:
 - ``text_L``: only the context's last L tokens as plain text, L in ``--text-tokens`` (what the
   nearest characters are worth: the share a page's last visual tokens would have to give).
 
-    python bench/nano_positions.py --model models/vist2-nano --data recipes/nano/heldout.txt \\
+    python recipes/nano/research/nano_positions.py --model models/vist2-nano --data recipes/nano/heldout.txt \\
         --stride 32 --out bench/results/nano/positions-shipped.json
 """
 
