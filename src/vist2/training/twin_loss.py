@@ -1,8 +1,8 @@
 """Auxiliary text-twin loss: after a page, the LLM should be in the state it would be in had it read
 the text.
 
-A lookback loss (a head naming a page's last tokens; tried in round 6 and removed since) showed the nano LLM can fetch a page's last
-characters at the slots that continue it (97 % at the page's last visual slot) and still predict the
+A lookback loss (a head naming a page's last tokens; round 6, removed since) showed the nano LLM can
+fetch a page's last characters at the slots that continue it (97 % at the page's last visual slot) and still predict the
 next token no better than from one raw character (bench/notes/nano.md, round 6): what it fetches is
 not in the form its later layers use for text. This loss asks for that form. For every OLM sample
 of the batch (a sample with compressed chunks) the same tokens are laid out as plain text, its
