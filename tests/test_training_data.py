@@ -527,7 +527,7 @@ def test_prompt_samples_are_the_engines_prompt_layout(proc, encoding):
     """prompt_samples: whole chunks laid out as the engine lays out a user's prompt under the stage's
     prompt encoding (with ``visual`` only their visual tokens enter the LLM), then the next tokens,
     the only targets; the stage's own windows stay as they were."""
-    from vist2.eval.olm import prompt_continuation_segments
+    from vist2.layout import prompt_continuation_segments
 
     doc = {"text": TEXT * 4}
     plain, _ = _builder(proc, "olm", max_length=400).items(doc, random.Random(0), 0.0)

@@ -250,6 +250,17 @@ def prompt_segments(
     return prompt_layout(prefix, query, suffix, chunk_tokens, n_visual, prompt_encoding, chunker, question, styles)[0]
 
 
+def prompt_continuation_segments(context: Sequence[int], continuation: Sequence[int], chunk_tokens: int,
+                                 n_visual: int, prompt_encoding: str, chunker: Chunker) -> list[Segment]:
+    """The engine's layout of a prompt followed by what is written after it: ``context`` as a user's
+    prompt (:func:`vist2.layout.prompt_segments` under ``prompt_encoding``: with ``visual`` only its
+    pages' visual tokens enter the LLM, with ``interleaved`` each page's text runs first), then
+    ``continuation`` as generation lays it out (its own full chunks compressed, interleaved), loss on
+    the continuation only. ``tests/test_eval_prompt_layout.py`` proves the engine equals this layout."""
+    return [*prompt_segments([], context, [], chunk_tokens, n_visual, prompt_encoding, chunker),
+            *olm_segments(continuation, chunk_tokens, n_visual, loss=True, chunker=chunker)]
+
+
 def query_styles(chunks: Sequence[Sequence[int]], question: tuple[int, int] | None,
                  styles: Sequence[str] | None = None) -> list[str | tuple[str, ...]]:
     """The render style of each query chunk (consecutive pieces of the query): ``user`` (or ``styles``,

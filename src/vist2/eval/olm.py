@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 
 from ..layout import IGNORE, PROMPT_ENCODINGS, Chunker, Raw, Segment, build_sample, collate, olm_segments, \
-    prompt_segments
+    prompt_continuation_segments
 from .common import table
 from .judge import GENERATORS, evaluate_generation, format_generation_table, judge_nll, load_judge  # noqa: F401
 
@@ -72,17 +72,6 @@ def optical_segments(context: Sequence[int], continuation: Sequence[int], chunk_
         out.append(replace(s, loss=True) if n >= len(context) else s)
         n += len(s.tokens)
     return out
-
-
-def prompt_continuation_segments(context: Sequence[int], continuation: Sequence[int], chunk_tokens: int,
-                                 n_visual: int, prompt_encoding: str, chunker: Chunker) -> list[Segment]:
-    """The engine's layout of a prompt followed by what is written after it: ``context`` as a user's
-    prompt (:func:`vist2.layout.prompt_segments` under ``prompt_encoding``: with ``visual`` only its
-    pages' visual tokens enter the LLM, with ``interleaved`` each page's text runs first), then
-    ``continuation`` as generation lays it out (its own full chunks compressed, interleaved), loss on
-    the continuation only. ``tests/test_engine.py`` proves the engine's prompt equals this layout."""
-    return [*prompt_segments([], context, [], chunk_tokens, n_visual, prompt_encoding, chunker),
-            *olm_segments(continuation, chunk_tokens, n_visual, loss=True, chunker=chunker)]
 
 
 def whole_chunks(ids: Sequence[int], chunker: Chunker) -> int:

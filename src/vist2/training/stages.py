@@ -39,8 +39,8 @@ from itertools import accumulate
 from typing import Any
 
 from ..chunking import FitChunker, fixed_chunker
-from ..layout import Raw, Sample, build_sample, caption_segments, ocr_segments, olm_segments, prompt_segments, \
-    sft_segments
+from ..layout import Raw, Sample, build_sample, caption_segments, ocr_segments, olm_segments, \
+    prompt_continuation_segments, prompt_segments, sft_segments
 from .config import CurriculumPhase, TrainConfig, ocr_images_per_row
 
 log = logging.getLogger(__name__)
@@ -251,8 +251,6 @@ class StageBuilder:
         """1..4 whole chunks as a user's prompt (the engine's layout under the stage's prompt encoding:
         with ``visual`` only the pages' visual tokens), then the next ``prompt_sample_tokens`` tokens as
         generation lays them out, with the loss: what a compressed prompt is followed by at inference."""
-        from ..eval.olm import prompt_continuation_segments
-
         T = self.cfg.prompt_sample_tokens
         fits = (self.cfg.max_length - T) // (self.K + self.n_visual)
         p = self._whole(ids, rng.randint(1, max(1, min(4, fits))))
