@@ -259,9 +259,9 @@ def _demo_memory_in_use(model, proc, text: str) -> None:
     prompt = p["prompt_layout"]  # the passage as a user's prompt: the engine's layout, the model's encoding
     names = dict(zip(shown := ("optical", prompt, *LAYOUTS[1:]), ("from memory (gcc)", f"as a prompt ({prompt[7:]})",
                                                                   "from text context", "no context")))
-    print(f"   {'true text:':26}{p['truth']!r}")
+    print(f"   {'true text:':28}{p['truth']!r}")
     for k in shown:
-        print(f"   {names[k] + ':':26}{p['written'][k]!r}")
+        print(f"   {names[k] + ':':28}{p['written'][k]!r}")
     R = {k: "-" if r is None else f"{r:.2f}" for k, r in (("gcc", p["retention"]), ("prompt", p["prompt_retention"]))}
     print("   perplexity of the true text: " + ", ".join(f"{names[k]} {p['perplexity'][k]:.2f}" for k in shown)
           + f"; retention R = {R['gcc']} from memory, {R['prompt']} as a prompt (1: the memory is worth its text)")
