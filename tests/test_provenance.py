@@ -35,18 +35,27 @@ def test_read_is_none_without_a_readable_record(tmp_path):
 
 
 def test_the_shipped_model_has_the_trainers_record_of_its_recipe():
-    """models/vist2-nano (round 6) carries the record the trainer wrote for its PT-3 (paths made relative
-    to the repository), pinned to the recipe's config and its PT-2 parent's weights; the PT-2 ran before
-    the trainer wrote records, so that part is reconstructed from the recipe and says so."""
-    rec = provenance.read(SHIPPED)
-    assert rec is not None and rec["written_by"] == "vist2 trainer" and "reconstructed" not in rec
+    """models/vist2-nano (round 7) carries the record the trainer wrote for its prompt stage, whose parent
+    is the round-6 model with the record of its PT-3 (paths made relative to the repository), pinned to
+    the recipe's config and its PT-2 parent's weights; the PT-2 ran before the trainer wrote records, so
+    that part is reconstructed from the recipe and says so."""
+    top = provenance.read(SHIPPED)
+    assert top is not None and top["written_by"] == "vist2 trainer" and "reconstructed" not in top
+    assert (top["stage"], top["steps"], top["total_steps"], top["seed"], top["final"]) == ("olm", 2000, 2000, 0, True)
+    assert top["config"]["prompt_samples"] == 1.0 and top["config"]["twin_weight"] == 1.0
+    # launched from a working tree whose prompt-sample code was not committed yet: the record says so
+    assert len(top["code"]["git_commit"]) == 40 and isinstance(top["code"]["git_dirty"], bool)
+    assert top["parent"]["path"] == "models/vist2-nano" and len(top["parent"]["weights"][0]["sha256"]) == 64
+    rec = top["parent"]["provenance"]  # the round-6 model: the recipe's PT-3
+    assert rec["written_by"] == "vist2 trainer" and "reconstructed" not in rec
     assert (rec["stage"], rec["steps"], rec["total_steps"], rec["seed"], rec["final"]) == ("olm", 4000, 4000, 0, True)
     assert rec["config"]["twin_weight"] == 1.0 and rec["config"]["ocr_mix"] == 0.5
     assert len(rec["code"]["git_commit"]) == 40 and rec["code"]["git_dirty"] is False
     assert rec["data"]["path"] == "runs/nano5/data/text_en.jsonl" and rec["data"]["files"][0]["bytes"] == 8215823
+    assert top["data"]["files"][0]["sha256"] == rec["data"]["files"][0]["sha256"]  # the same prepared corpus
     assert rec["parent"]["path"] == "runs/nano5/ocr" and len(rec["parent"]["weights"][0]["sha256"]) == 64
-    recorded = [rec["data"]["path"], rec["parent"]["path"], *(f["path"] for f in rec["data"]["files"]),
-                *(w["path"] for w in rec["parent"]["weights"])]
+    recorded = [top["data"]["path"], top["parent"]["path"], rec["data"]["path"], rec["parent"]["path"],
+                *(f["path"] for f in rec["data"]["files"]), *(w["path"] for w in rec["parent"]["weights"])]
     assert not any(Path(p).is_absolute() for p in recorded), recorded  # relative to the repository
     ocr = rec["parent"]["provenance"]
     assert ocr["reconstructed"] is True and (ocr["stage"], ocr["steps"], ocr["seed"]) == ("ocr", 2500, 0)
