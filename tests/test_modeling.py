@@ -213,7 +213,8 @@ def test_loss_only_gives_the_same_loss_and_gradients():
     full, g_full = loss_and_grads()
     sparse, g_sparse = loss_and_grads(loss_only=True)
     assert sparse.logits is None
-    torch.testing.assert_close(sparse.loss, full.loss, rtol=1e-6, atol=1e-6)
+    # fp32 sums in another order (chunks vs all logits at once): ~1e-6 relative, 1.3e-6 with transformers 5.25
+    torch.testing.assert_close(sparse.loss, full.loss, rtol=1e-5, atol=1e-6)
     for k in watched:  # fp32 sums in another order: equal to ~1e-6 of the gradient's size
         rel = float((g_sparse[k] - g_full[k]).norm() / g_full[k].norm())
         assert rel < 1e-5, (k, rel)

@@ -34,6 +34,10 @@ from typing import NamedTuple
 
 QUESTION_SEP = "\n"  # between a user message's document (its content) and its question
 HISTORIES = ("raw", "compressed")
+# A server's cap on a chat's messages, checked before any tokenizing: a long conversation, and 0.2 s of
+# preparing (the template renders it, each piece is tokenized) on the nano tokenizer on a loaded CPU core
+# (bench/notes/serve.md).
+DEFAULT_MAX_CHAT_MESSAGES = 1024
 # the render style of a compressed history's tokens by the role of their turn: the model's own words
 # plain, everything it was given (user, system, tool output) on grey (paper Fig. 7)
 ROLE_STYLES = {"assistant": "plain"}

@@ -30,6 +30,7 @@ import logging
 import os
 import sys
 
+from ..chat import DEFAULT_MAX_CHAT_MESSAGES
 from ..modes import MODES
 
 log = logging.getLogger(__name__)
@@ -47,9 +48,6 @@ GPU_PREFILL_BUDGET = 2048
 # the nano server's KV cache takes at its defaults (8 rows x 8192 entries x 4 KiB), and small beside a
 # large model's (one 32k-entry row of Qwen3-4B in bfloat16 is 4.5 GiB).
 DEFAULT_MEMORY_CACHE_BYTES = 256 << 20
-# Messages per chat: a long conversation, and 0.2 s of preparing (the template renders it, each piece
-# is tokenized) on the nano tokenizer on a loaded CPU core (bench/notes/serve.md).
-DEFAULT_MAX_CHAT_MESSAGES = 1024
 # Connection limits (uvicorn's keep-alive and concurrency options; the header deadline is our own).
 DEFAULT_HEADER_TIMEOUT = 10.0
 DEFAULT_BODY_TIMEOUT = 60.0  # a 2 MiB body (the nano model's default limit) in 60 s needs 35 KB/s

@@ -39,9 +39,8 @@ from typing import AsyncIterator, Callable
 from fastapi import Request as HTTPRequest
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from ..chat import prompt_parts
+from ..chat import DEFAULT_MAX_CHAT_MESSAGES, prompt_parts
 from ..engine import Engine, Request, SamplingParams, Stats
-from . import DEFAULT_MAX_CHAT_MESSAGES
 from .protocol import (
     APIError,
     AssistantMessage,
