@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from vist2.render import RENDER_PRESETS, Renderer
-from vist2.training.char_loss import IGNORE, N_CLASSES, CharLoss, char_targets, region_map
+from vist2.training.losses.char import IGNORE, N_CLASSES, CharLoss, char_targets, region_map
 from vist2.training.config import stage_preset
 
 PROSE = "It was the best of times,\nit was the worst of times;\n\n    it was the age of wisdom (1859)."

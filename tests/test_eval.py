@@ -284,7 +284,8 @@ def test_olm_windows_end_the_context_on_a_fit_rule_chunk_boundary(tiny):
     the continuation only."""
     from pathlib import Path
 
-    from vist2.eval.olm import optical_segments, windows
+    from vist2.eval.olm import windows
+    from vist2.layout import olm_continuation_segments
 
     from vist2.processing import VIST2Processor
 
@@ -303,13 +304,13 @@ def test_olm_windows_end_the_context_on_a_fit_rule_chunk_boundary(tiny):
         assert ctx == ids[i : i + len(ctx)] and cont == ids[i + len(ctx) : i + len(ctx) + M]
         closed = proc.chunker()(ids[i : i + N]).closed
         assert len(ctx) == sum(map(len, closed))
-        segs = optical_segments(ctx, cont, K, beta, chunker)
+        segs = olm_continuation_segments(ctx, cont, K, beta, chunker)
         assert [list(s.tokens) for s in segs][: len(closed)] == closed  # the fit rule's chunks
         assert [s.loss for s in segs] == [False] * len(closed) + [True] * (len(segs) - len(closed))
         assert [list(s.tokens) for s in segs] == proc.chunker()(ctx + cont).chunks[: len(segs)]
         i += len(ctx) + M
     with pytest.raises(ValueError, match="ends inside a chunk"):
-        optical_segments(ctx[:-1], [ctx[-1], *cont], K, beta, chunker)
+        olm_continuation_segments(ctx[:-1], [ctx[-1], *cont], K, beta, chunker)
     res = evaluate_olm(model, proc, [proc.decode(ids)], context_tokens=N, continuation_tokens=M, limit=2,
                        progress=False)
     assert res["windows"] == 2 and res["optical"]["tokens"] == res["text"]["tokens"] == 2 * M
@@ -331,7 +332,8 @@ def test_retention_is_the_share_of_the_text_gain_the_memory_keeps():
 def test_olm_recall_scores_the_passage_start_again_after_the_passage(tiny):
     """--recall: each passage (whole chunks) is followed by its own first M tokens; those M are the
     only targets, in all three layouts, and the optical layout holds the passage only as pages."""
-    from vist2.eval.olm import continuation_nll, optical_segments, recall_windows, retention
+    from vist2.eval.olm import continuation_nll, recall_windows, retention
+    from vist2.layout import olm_continuation_segments
 
     model, proc = tiny
     K, beta = model.config.chunk_tokens, model.config.n_visual
@@ -349,9 +351,9 @@ def test_olm_recall_scores_the_passage_start_again_after_the_passage(tiny):
                        progress=False, recall=True)
     assert res["task"] == "recall" and res["windows"] == 2
     assert all(res[k]["tokens"] == 2 * M for k in ("optical", "text", "none"))
-    segs = optical_segments(*wins[0], K, beta, chunker)
+    segs = olm_continuation_segments(*wins[0], K, beta, chunker)
     assert [s.loss for s in segs][-1] and not any(s.loss for s in segs if s.n_visual)  # pages carry no loss
-    nll = sum(continuation_nll(model, proc, optical_segments(p, r, K, beta, chunker))[0] for p, r in wins[:2])
+    nll = sum(continuation_nll(model, proc, olm_continuation_segments(p, r, K, beta, chunker))[0] for p, r in wins[:2])
     assert res["optical"]["nll_nats"] == pytest.approx(nll, rel=1e-5)
     ppl = {k: res[k]["perplexity"] for k in ("optical", "text", "none")}
     assert res["retention"] == retention(ppl)

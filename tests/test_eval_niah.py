@@ -1,4 +1,4 @@
-"""vist2 eval niah: RULER's needle samples, scoring, the sweep through the engine, JSON and heatmap."""
+"""vist2 eval niah: RULER's needle samples (vist2.needle), scoring, the sweep through the engine, JSON and heatmap."""
 
 import json
 import random
@@ -7,6 +7,7 @@ import re
 import pytest
 
 from vist2.cli import main
+from vist2 import needle
 from vist2.eval import niah
 from vist2.runtime import load_checkpoint
 
@@ -69,11 +70,11 @@ def test_needles_land_at_the_asked_depth_within_a_sentence(tiny):
     _, proc = tiny
     tok = proc.tokenizer
     depths = [0, 10, 25, 50, 75, 90, 100]
-    for hay in (None, niah.haystack_sentences(None)):
+    for hay in (None, needle.haystack_sentences(None)):
         for s in niah.build_grid(tok, [600], depths, 2, "plain", keys=2, haystack=hay):
             assert s.context[s.needle_at :].startswith("One of the special magic number for "[:24])
             assert s.context[s.needle_at :].startswith(f"One of the special magic numbers for {s.queries[0]} is: ")
-            sentence = max(map(len, niah.REPEAT)) + 70  # a haystack sentence, or a distractor needle
+            sentence = max(map(len, needle.REPEAT)) + 70  # a haystack sentence, or a distractor needle
             assert abs(s.depth_actual - s.depth) <= 100 * sentence / (len(s.context) - s.needle_chars)
             assert s.haystack_sentences > 20
     edge = niah.build_grid(tok, [600], [0, 100], 1, "plain")
@@ -87,7 +88,7 @@ def test_prompts_fill_their_length_and_follow_rulers_template(tiny):
         for s in niah.build_grid(tok, [300, 700], [50], 2, fmt):
             n = len(niah.request(tok, s, fmt, "gcc").prompt_ids)
             assert s.length - 30 < n <= s.length  # one more repeated sentence would not fit
-    s = niah.build_sample(tok, 300, 50, 0)
+    s = needle.build_sample(tok, 300, 50, 0)
     r = niah.request(tok, s, "plain", "gcc")
     assert tok.decode(r.prompt_ids) == (
         "A special magic number is hidden within the following text. Make sure to memorize it. I will quiz you "
@@ -97,7 +98,7 @@ def test_prompts_fill_their_length_and_follow_rulers_template(tiny):
     assert tok.decode(r.query[slice(*r.question)]) == s.question  # the question span (drawn red)
     chat = niah.request(tok, s, "chat", "gcc")
     assert tok.decode(chat.suffix).endswith("assistant\n" + s.answer_prefix) and chat.query == r.query
-    many = niah.build_sample(tok, 900, 50, 0, value_type="uuids", keys=4, values=2, queries=2)
+    many = needle.build_sample(tok, 900, 50, 0, value_type="uuids", keys=4, values=2, queries=2)
     assert len(many.answers) == 4 and all(re.fullmatch(r"[0-9a-f-]{36}", a) for a in many.answers)
     assert "What are all the special magic uuids for " in many.question and ", and " in many.question
 
@@ -124,9 +125,9 @@ def test_a_text_file_is_the_haystack(tiny, tmp_path):
     _, proc = tiny
     f = tmp_path / "hay.txt"
     f.write_text("First line here.\nSecond one!  Third?\n\nFourth sentence goes on. " * 3, encoding="utf-8")
-    sents = niah.haystack_sentences(f)
+    sents = needle.haystack_sentences(f)
     assert sents[:4] == ["First line here.", "Second one!", "Third?", "Fourth sentence goes on."]
-    s = niah.build_sample(proc.tokenizer, 300, 50, 0, haystack=sents)
+    s = needle.build_sample(proc.tokenizer, 300, 50, 0, haystack=sents)
     assert "Fourth sentence goes on." in s.context and "grass" not in s.context  # cycled to fill the length
 
 

@@ -8,7 +8,7 @@ import torch
 
 from vist2.modeling import merge_patches
 from vist2.training.config import stage_preset
-from vist2.training.page_loss import PageLoss, page_regions
+from vist2.training.losses.page import PageLoss, page_regions
 
 
 def test_regions_hold_the_pixels_each_merged_token_is_made_of():

@@ -558,7 +558,7 @@ def test_prompt_samples_are_the_engines_prompt_layout(proc, encoding):
 def test_needle_samples_score_the_value_hidden_in_the_prompt(proc):
     """needle_samples: ``vist2 eval niah``'s prompts over the window's own text, laid out as the engine lays
     out the request; the targets are the value (and the stop) alone, and the needle is on a page."""
-    from vist2.eval.niah import NEEDLE
+    from vist2.needle import NEEDLE
 
     text = " ".join(f"Sentence number {i} of the haystack is here." for i in range(300))
     b = _builder(proc, "olm", max_length=400, needle_samples=2)
@@ -578,3 +578,25 @@ def test_needle_samples_score_the_value_hidden_in_the_prompt(proc):
         assert sum(1 for k in s.kind[:first] if k == Kind.VISUAL) >= 16 * len(s.chunks)
         assert "The special magic number for" in proc.tokenizer.decode(
             [t for t, k in zip(s.input_ids[:first], s.kind[:first]) if k == Kind.TEXT])
+
+
+def test_copy_samples_repeat_a_span_as_raw_text(proc):
+    """copy_samples: a span as raw text (the window's own, or random numbers and words), a line break, the
+    same span again: no pages, and the repeat is the only target (the copying signal, from text)."""
+    b = _builder(proc, "olm", max_length=400, copy_samples=3, copy_tokens=48)
+    mixed, _ = b.items({"text": TEXT * 4}, random.Random(0), 0.0)
+    copies = [it.sample for it in mixed if not it.sample.chunks]
+    assert len(copies) >= 6
+    newline = b.encode("\n")
+    kinds = set()
+    for s in copies:
+        first = s.loss.index(True)
+        span, scored = s.input_ids[:first], [t for t, l in zip(s.input_ids, s.loss) if l]
+        assert all(s.loss[first:]) and span == scored + newline and 8 <= len(scored) <= 48
+        assert set(s.kind) == {Kind.TEXT}
+        kinds.add(proc.tokenizer.decode(scored) in TEXT * 4)
+    assert kinds == {True, False}  # both the window's text and random strings
+    with pytest.raises(ValueError, match="copy_samples"):
+        stage_preset("sft", copy_samples=1.0)
+    with pytest.raises(ValueError, match="copy_tokens"):
+        stage_preset("olm", copy_tokens=4)

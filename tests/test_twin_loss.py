@@ -5,7 +5,7 @@ import torch
 
 from vist2.chunking import fixed_chunker
 from vist2.layout import build_sample, collate, olm_segments
-from vist2.training.twin_loss import TwinLoss, twin_pairs
+from vist2.training.losses.twin import TwinLoss, twin_pairs
 
 
 class _Layer(torch.nn.Module):

@@ -30,7 +30,7 @@ Example::
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Sequence
 
 import torch
@@ -261,6 +261,25 @@ def prompt_continuation_segments(context: Sequence[int], continuation: Sequence[
             *olm_segments(continuation, chunk_tokens, n_visual, loss=True, chunker=chunker)]
 
 
+def olm_continuation_segments(context: Sequence[int], continuation: Sequence[int], chunk_tokens: int,
+                              n_visual: int, chunker: Chunker) -> list[Segment]:
+    """OLM layout over context + continuation with the loss on the continuation only.
+
+    Chunks are cut by ``chunker`` (``VIST2Processor.chunker(K)``: the fit rule). The context must be
+    whole chunks (a chunk has one loss flag), so the split between context and continuation falls
+    on a chunk boundary (:func:`vist2.eval.olm.whole_chunks` gives such a context); ``vist2 eval olm``
+    scores this layout and the olm stage's memory samples are laid out by it.
+    """
+    segs = olm_segments([*context, *continuation], chunk_tokens, n_visual, loss=False, chunker=chunker)
+    out, n = [], 0
+    for s in segs:
+        if 0 < len(context) - n < len(s.tokens):
+            raise ValueError(f"the context ({len(context)} tokens) ends inside a chunk: it must be whole chunks")
+        out.append(replace(s, loss=True) if n >= len(context) else s)
+        n += len(s.tokens)
+    return out
+
+
 def query_styles(chunks: Sequence[Sequence[int]], question: tuple[int, int] | None,
                  styles: Sequence[str] | None = None) -> list[str | tuple[str, ...]]:
     """The render style of each query chunk (consecutive pieces of the query): ``user`` (or ``styles``,
@@ -383,46 +402,6 @@ class Plan:
 
 
 _TENSOR_FIELDS = ("input_ids", "kind", "chunk", "sample", "position", "evicted", "loss", "labels")
-
-
-def page_continuations(plan: Plan, span: int) -> list[tuple[int, int, int, list[int]]]:
-    """Where text continues after a page: ``(row, start, end, slots)`` for every interleaved
-    (compressed) chunk followed by text of the same sample. ``start:end`` are the chunk's text slots
-    (its page's text); ``slots`` are the slots that predict the first ``span`` tokens after it (a slot
-    predicts the next one: the page's last visual slot, then the continuing text's own slots), up to
-    the next page's text. For the auxiliary losses that act where a continuation must read a page.
-
-    >>> from vist2.chunking import fixed_chunker
-    >>> plan = collate([build_sample(olm_segments(list(range(10)), 4, 2, chunker=fixed_chunker(4)))])
-    >>> page_continuations(plan, span=3)
-    [(0, 0, 4, [5, 6, 7]), (0, 6, 10, [11, 12])]
-    """
-    out = []
-    B, T = plan.shape
-    for b in range(B):
-        k, c, s, ev = (x[b].tolist() for x in (plan.kind, plan.chunk, plan.sample, plan.evicted))
-        t = 0
-        while t < T:
-            if not (k[t] == Kind.TEXT and ev[t]):  # an interleaved chunk: its evicted text, then its visual slots
-                t += 1
-                continue
-            ch, start = c[t], t
-            while t < T and k[t] == Kind.TEXT and ev[t] and c[t] == ch:
-                t += 1
-            end = t
-            while t < T and k[t] == Kind.VISUAL and c[t] == ch:
-                t += 1
-            if t == end:
-                continue
-            slots, nxt = [], t
-            while len(slots) < span and nxt < T and k[nxt] == Kind.TEXT and s[nxt] == s[t - 1]:
-                if ev[nxt] and slots and c[nxt] != c[nxt - 1]:  # the next page's text: a new boundary
-                    break
-                slots.append(nxt - 1)
-                nxt += 1
-            if slots:
-                out.append((b, start, end, slots))
-    return out
 
 
 def _picture(plan: Plan, b: int, width: int = 96) -> str:

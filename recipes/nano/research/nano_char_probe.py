@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from vist2.modeling import VIST2ForCausalLM, merge_patches
 from vist2.processing import VIST2Processor
-from vist2.training.char_loss import IGNORE, N_CLASSES, char_class, region_map
+from vist2.training.losses.char import IGNORE, N_CLASSES, char_class, region_map
 
 
 def _words(path: Path, limit: int = 200_000) -> list[str]:

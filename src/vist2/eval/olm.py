@@ -42,36 +42,17 @@ from __future__ import annotations
 import math
 import sys
 import time
-from dataclasses import replace
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
-from ..layout import IGNORE, PROMPT_ENCODINGS, Chunker, Raw, Segment, build_sample, collate, olm_segments, \
-    prompt_continuation_segments
+from ..layout import IGNORE, PROMPT_ENCODINGS, Chunker, Raw, Segment, build_sample, collate, \
+    olm_continuation_segments, prompt_continuation_segments
 from .common import table
 from .judge import GENERATORS, evaluate_generation, format_generation_table, judge_nll, load_judge  # noqa: F401
 
 LAYOUTS = ("optical", "text", "none")  # none: only the context's last token (what memory adds)
-
-
-def optical_segments(context: Sequence[int], continuation: Sequence[int], chunk_tokens: int,
-                     n_visual: int, chunker: Chunker) -> list[Segment]:
-    """OLM layout over context + continuation with the loss on the continuation only.
-
-    Chunks are cut by ``chunker`` (``VIST2Processor.chunker(K)``: the fit rule). The context must be
-    whole chunks (a chunk has one loss flag), so the split between context and continuation falls
-    on a chunk boundary (:func:`whole_chunks` gives such a context).
-    """
-    segs = olm_segments([*context, *continuation], chunk_tokens, n_visual, loss=False, chunker=chunker)
-    out, n = [], 0
-    for s in segs:
-        if 0 < len(context) - n < len(s.tokens):
-            raise ValueError(f"the context ({len(context)} tokens) ends inside a chunk: it must be whole chunks")
-        out.append(replace(s, loss=True) if n >= len(context) else s)
-        n += len(s.tokens)
-    return out
 
 
 def whole_chunks(ids: Sequence[int], chunker: Chunker) -> int:
@@ -117,7 +98,7 @@ def layout_segments(layout: str, context: Sequence[int], continuation: Sequence[
     :func:`prompt_continuation_segments`), over context + continuation, loss on the continuation."""
     K = model.config.chunk_tokens
     if layout == "optical":
-        return optical_segments(context, continuation, K, model.config.n_visual, processor.chunker(K))
+        return olm_continuation_segments(context, continuation, K, model.config.n_visual, processor.chunker(K))
     if layout.startswith("prompt-"):
         return prompt_continuation_segments(context, continuation, K, model.config.n_visual,
                                             layout.removeprefix("prompt-"), processor.chunker(K))
@@ -273,7 +254,7 @@ def evaluate_olm(model, processor, documents: Sequence[str], context_tokens: int
     tokens = chars = ctx_chunks = ctx_tokens = 0
     t0 = time.perf_counter()
     for ctx, cont in tqdm(wins, desc="olm", unit="window", disable=not progress, file=sys.stderr):
-        segs = optical_segments(ctx, cont, K, n_visual, chunker)
+        segs = olm_continuation_segments(ctx, cont, K, n_visual, chunker)
         ctx_chunks += sum(1 for s in segs if not s.loss)
         ctx_tokens += len(ctx)
         nll_o, tgt_o = continuation_nll(model, processor, segs)

@@ -127,16 +127,21 @@ class TrainConfig:
     # key at a random depth, the question after it), laid out as the engine lays out a prompt; loss on the
     # value; this many per window on average
     needle_samples: float = 0.0
-    # from scratch: each visual token redraws its page region (training/page_loss.py), weight 0 = off,
+    # olm: copying from raw text, this many per window on average: a span (the window's own text, 8..copy_tokens
+    # tokens, or half the time random numbers and words), a line break and the same span again, loss on the
+    # repeat; no pages (bench/notes/nano.md, round 8: copying before retrieving)
+    copy_samples: float = 0.0
+    copy_tokens: int = 128
+    # from scratch: each visual token redraws its page region (training/losses/page.py), weight 0 = off,
     # until this share of the steps; and the vision tower + aligner at learning_rate x vision_lr_scale
     aux_page_weight: float = 0.0
     aux_page_until: float = 1.0
-    # from scratch: each visual token names the characters drawn in its region (training/char_loss.py)
+    # from scratch: each visual token names the characters drawn in its region (training/losses/char.py)
     aux_char_weight: float = 0.0
     aux_char_until: float = 1.0
     # olm: at the same slots (the first twin_span after each page; twin_page_slot: the page's last visual
     # slot too) every LLM layer's output is pulled towards the one it has on the sample laid out as plain
-    # text, run without gradients (training/twin_loss.py); weight 0 = off
+    # text, run without gradients (training/losses/twin.py); weight 0 = off
     twin_weight: float = 0.0
     twin_until: float = 1.0
     twin_span: int = 8
@@ -214,7 +219,7 @@ class TrainConfig:
             raise ValueError(f"ocr_mix must be in [0, 1], got {self.ocr_mix!r}")
         if self.ocr_mix and self.stage not in ("olm", "sft"):
             raise ValueError(f"ocr_mix mixes MT-OCR samples into the olm and sft stages, not {self.stage!r}")
-        for name in ("recall_samples", "chunk_start_samples", "prompt_samples", "needle_samples"):
+        for name in ("recall_samples", "chunk_start_samples", "prompt_samples", "needle_samples", "copy_samples"):
             v = getattr(self, name)
             if not 0 <= v <= 16:
                 raise ValueError(f"{name} must be in [0, 16] (samples per OLM window), got {v!r}")
@@ -222,6 +227,8 @@ class TrainConfig:
                 raise ValueError(f"{name} adds memory-use samples to the olm stage, not {self.stage!r}")
         if self.chunk_start_tokens <= 0:
             raise ValueError(f"chunk_start_tokens must be > 0, got {self.chunk_start_tokens}")
+        if self.copy_tokens < 8:
+            raise ValueError(f"copy_tokens must be >= 8, got {self.copy_tokens}")
         if self.prompt_sample_tokens <= 0:
             raise ValueError(f"prompt_sample_tokens must be > 0, got {self.prompt_sample_tokens}")
         if self.aux_char_weight < 0 or not 0 < self.aux_char_until <= 1:

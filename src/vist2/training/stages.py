@@ -17,7 +17,8 @@ olm        ``olm_segments`` over a window of a document       every text token
            ``prompt_samples``: whole chunks as the engine     the tokens after the
            lays out a prompt, then what follows it;           prompt; the value
            ``needle_samples``: ``eval niah``'s prompts
-           over the window's text
+           over the window's text; ``copy_samples``: a     the repeat
+           span, then the same span, raw text
 sft        ``sft_segments`` (``chat_prompt`` split, the       the response, ``<think>``
            query compressed by the tail rule)                 kept
 =========  =================================================  ===========================
@@ -39,8 +40,9 @@ from itertools import accumulate
 from typing import Any
 
 from ..chunking import FitChunker, fixed_chunker
-from ..layout import Raw, Sample, build_sample, caption_segments, ocr_segments, olm_segments, \
-    prompt_continuation_segments, prompt_segments, sft_segments
+from ..layout import Raw, Sample, build_sample, caption_segments, ocr_segments, olm_continuation_segments, \
+    olm_segments, prompt_continuation_segments, prompt_segments, sft_segments
+from ..needle import build_sample as needle_sample, needle_prompt
 from .config import CurriculumPhase, TrainConfig, ocr_images_per_row
 
 log = logging.getLogger(__name__)
@@ -190,7 +192,8 @@ class StageBuilder:
     def _olm(self, rec, rng, progress):
         ids = self.encode(rec["text"]) + [self.doc_end]
         out = self._olm_windows(ids)
-        if any((self.cfg.recall_samples, self.cfg.chunk_start_samples, self.cfg.prompt_samples, self.cfg.needle_samples)):
+        if any((self.cfg.recall_samples, self.cfg.chunk_start_samples, self.cfg.prompt_samples, self.cfg.needle_samples,
+                self.cfg.copy_samples)):
             mixed = []
             for it, start in out:
                 mixed.append(it)
@@ -198,7 +201,8 @@ class StageBuilder:
                 for make, mean in ((self._recall, self.cfg.recall_samples),
                                    (self._chunk_start, self.cfg.chunk_start_samples),
                                    (self._prompt, self.cfg.prompt_samples),
-                                   (self._needle, self.cfg.needle_samples)):
+                                   (self._needle, self.cfg.needle_samples),
+                                   (self._copy, self.cfg.copy_samples)):
                     for _ in range(int(mean) + (rng.random() < mean % 1)):
                         if (extra := make(text, rng)) is not None:
                             mixed.append(extra)
@@ -213,12 +217,10 @@ class StageBuilder:
 
     def _scored_after(self, context: list[int], target: list[int]) -> Item | None:
         """``context`` compressed (whole chunks, no loss), then ``target`` with the loss: the layout
-        of ``vist2 eval olm`` (:func:`vist2.eval.olm.optical_segments`). None when the fit rule cuts
+        of ``vist2 eval olm`` (:func:`vist2.layout.olm_continuation_segments`). None when the fit rule cuts
         context + target elsewhere, or the sample does not fit a row."""
-        from ..eval.olm import optical_segments
-
         try:
-            segs = optical_segments(context, target, self.K, self.n_visual, self.chunker())
+            segs = olm_continuation_segments(context, target, self.K, self.n_visual, self.chunker())
         except ValueError:
             return None
         s = build_sample(segs)
@@ -262,13 +264,11 @@ class StageBuilder:
         return Item(s) if len(s) <= self.cfg.max_length else None
 
     def _needle(self, ids: list[int], rng: random.Random) -> Item | None:
-        """A needle in a haystack as ``vist2 eval niah`` asks it (:func:`vist2.eval.niah.build_sample`:
+        """A needle in a haystack as ``vist2 eval niah`` asks it (:func:`vist2.needle.build_sample`:
         RULER's needle, question and answer start, a chat or a plain prompt), of 256..1,024 tokens at a
         random depth, but the haystack is the window's own text and the keys pairs of its words; laid out
-        as the engine lays out the request (:func:`vist2.eval.niah.request`), the loss on the value and
+        as the engine lays out the prompt (:func:`vist2.needle.needle_prompt`), the loss on the value and
         the stop alone."""
-        from ..eval.niah import build_sample as needle_sample, request
-
         sentences = re.split(r"(?<=[.!?;:])\s+", " ".join(self.tok.decode(ids[: 4 * self.cfg.max_length]).split()))
         words = sorted({w.lower() for w in " ".join(sentences).split() if w.isalpha() and len(w) > 2})
         if len(sentences) < 2 or len(words) < 2:
@@ -279,11 +279,32 @@ class StageBuilder:
                                    haystack=sentences, prompt_format=fmt, words=(words, words))
         except ValueError:  # the prompt without a haystack is already longer than the draw
             return None
-        req = request(self.tok, sample, fmt, "gcc")
+        req = needle_prompt(self.tok, sample, fmt)
         segs = prompt_segments(req.prefix, req.query, req.suffix, self.K, self.n_visual, self.prompt_encoding,
                                self.chunker(), req.question, req.styles)
         answer = self.encode(f" {sample.answers[0]}.") + [self.turn_end]
         s = build_sample([*segs, *olm_segments(answer, self.K, self.n_visual, loss=True, chunker=self.chunker())])
+        return Item(s) if len(s) <= self.cfg.max_length else None
+
+    def _copy(self, ids: list[int], rng: random.Random) -> Item | None:
+        """A span of raw text, a line break and the same span again, the loss on the repeat alone: the
+        repeat is best predicted by looking back (an induction signal, from text; no pages). Half the time
+        the span is the window's own text (8..``copy_tokens`` tokens), else random 7-digit numbers and words
+        of the window, which only the first copy can tell."""
+        nl = self.encode("\n")
+        n = rng.randint(8, max(8, min(self.cfg.copy_tokens, (self.cfg.max_length - len(nl)) // 2)))
+        if rng.random() < 0.5:
+            if len(ids) < n + 1:
+                return None
+            o = rng.randrange(len(ids) - n + 1)
+            span = ids[o : o + n]
+        else:
+            words = [w for w in self.tok.decode(ids[: 4 * self.cfg.max_length]).split() if w.isalpha()] or ["a"]
+            text = ""
+            while len(self.encode(text)) < n:
+                text += f" {rng.randint(10**6, 10**7 - 1)}" if rng.random() < 0.5 else f" {rng.choice(words)}"
+            span = self.encode(text)[:n]
+        s = build_sample([Raw(tuple(span + nl), loss=False), Raw(tuple(span), loss=True)])
         return Item(s) if len(s) <= self.cfg.max_length else None
 
     def _olm_windows(self, ids: list[int]) -> list[tuple[Item, int]]:

@@ -38,16 +38,14 @@ import torch
 
 from ..layout import IGNORE
 from ..runtime import default_device, require_checkpoint, write_json
-from .char_loss import CharLoss
 from .checkpoint_manager import CheckpointManager
 from .config import TrainConfig
 from .data import SkipCounter, check_source, open_source
 from .launch import make_accelerator
 from .metrics import StepLog, all_ranks
 from .optim import make_optimizer, make_scheduler  # noqa: F401 (part of this module's interface)
+from .losses import build_aux_losses
 from .pipeline import StageDataset, make_loader
-from .page_loss import PageLoss
-from .twin_loss import TwinLoss
 from .probe import PROBED_STAGES, VisualProbe
 from .probe import report as report_probe
 from .provenance import Provenance
@@ -120,9 +118,8 @@ def train_step(model, batch, optimizer, acc, max_grad_norm: float, aux_losses: S
                progress: float = 0.0) -> torch.Tensor:
     """One micro-batch: forward and backward; on the last micro-batch of an optimizer step also clip
     and step (``acc.accumulate`` turns ``optimizer.step`` into a no-op before that). Returns the LM
-    loss, detached, on the device. ``aux_losses`` (optional: :class:`~vist2.training.page_loss.PageLoss`,
-    :class:`~vist2.training.char_loss.CharLoss`, :class:`~vist2.training.twin_loss.TwinLoss`) are added
-    at ``progress`` (step / total) and step their own heads."""
+    loss, detached, on the device. ``aux_losses`` (:mod:`vist2.training.losses`) are added at
+    ``progress`` (step / total) and step their own heads."""
     with acc.accumulate(model):
         out = forward(model, batch, acc.device)
         aux = sum((a.for_batch(batch, progress) for a in aux_losses), 0.0)
@@ -247,9 +244,8 @@ class Trainer:
 
     def _optimization(self, model, acc, total: int, processor):
         """AdamW and the LR schedule for ``total`` steps, the model and optimizer prepared by accelerate,
-        and the optional auxiliary losses (:class:`~vist2.training.page_loss.PageLoss`,
-        :class:`~vist2.training.char_loss.CharLoss`, :class:`~vist2.training.twin_loss.TwinLoss`;
-        the list is empty when all are off)."""
+        and the auxiliary losses the config switches on (:mod:`vist2.training.losses`; none when all
+        are off)."""
         cfg = self.cfg
         optimizer = make_optimizer(model, cfg)
         scheduler = make_scheduler(optimizer, cfg, total)
@@ -258,9 +254,8 @@ class Trainer:
             # DeepSpeed reads the micro-batch size off a prepared DataLoader; ours is not prepared
             # (every rank builds its own shard), so it is given here
             ds_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.batch_size
-        # from scratch: visual tokens redraw their page and name its characters (both optional)
-        aux = [a for a in (PageLoss.build(cfg, model), CharLoss.build(cfg, model, processor),
-                           TwinLoss.build(cfg, model)) if a is not None]
+        # from scratch: visual tokens redraw their page and name its characters; olm: the text twin
+        aux = build_aux_losses(cfg, model, processor)
         model, optimizer = acc.prepare(model, optimizer)
         acc.register_for_checkpointing(scheduler)  # stepped by hand: once per optimizer step, on every rank
         return model, optimizer, scheduler, aux

@@ -21,7 +21,48 @@ from __future__ import annotations
 
 import torch
 
-from ..layout import Kind, Plan, Raw, build_sample, collate, page_continuations
+from ...layout import Kind, Plan, Raw, build_sample, collate
+
+
+def page_continuations(plan: Plan, span: int) -> list[tuple[int, int, int, list[int]]]:
+    """Where text continues after a page: ``(row, start, end, slots)`` for every interleaved
+    (compressed) chunk followed by text of the same sample. ``start:end`` are the chunk's text slots
+    (its page's text); ``slots`` are the slots that predict the first ``span`` tokens after it (a slot
+    predicts the next one: the page's last visual slot, then the continuing text's own slots), up to
+    the next page's text. Where the twin loss acts: where a continuation must read a page.
+
+    >>> from vist2.chunking import fixed_chunker
+    >>> from vist2.layout import olm_segments
+    >>> plan = collate([build_sample(olm_segments(list(range(10)), 4, 2, chunker=fixed_chunker(4)))])
+    >>> page_continuations(plan, span=3)
+    [(0, 0, 4, [5, 6, 7]), (0, 6, 10, [11, 12])]
+    """
+    out = []
+    B, T = plan.shape
+    for b in range(B):
+        k, c, s, ev = (x[b].tolist() for x in (plan.kind, plan.chunk, plan.sample, plan.evicted))
+        t = 0
+        while t < T:
+            if not (k[t] == Kind.TEXT and ev[t]):  # an interleaved chunk: its evicted text, then its visual slots
+                t += 1
+                continue
+            ch, start = c[t], t
+            while t < T and k[t] == Kind.TEXT and ev[t] and c[t] == ch:
+                t += 1
+            end = t
+            while t < T and k[t] == Kind.VISUAL and c[t] == ch:
+                t += 1
+            if t == end:
+                continue
+            slots, nxt = [], t
+            while len(slots) < span and nxt < T and k[nxt] == Kind.TEXT and s[nxt] == s[t - 1]:
+                if ev[nxt] and slots and c[nxt] != c[nxt - 1]:  # the next page's text: a new boundary
+                    break
+                slots.append(nxt - 1)
+                nxt += 1
+            if slots:
+                out.append((b, start, end, slots))
+    return out
 
 
 def twin_pairs(plan: Plan, span: int, page_slot: bool = True) -> tuple[Plan | None, torch.Tensor, torch.Tensor]:
@@ -75,7 +116,7 @@ class TwinLoss:
         self.last: float | None = None
 
     @classmethod
-    def build(cls, cfg, model) -> "TwinLoss | None":
+    def build(cls, cfg, model, processor=None) -> "TwinLoss | None":
         if not cfg.twin_weight:
             return None
         return cls(model, cfg.twin_weight, cfg.twin_until, cfg.twin_span, cfg.twin_page_slot)

@@ -80,7 +80,7 @@ class PageLoss(AlignerHead):
         super().__init__(model, region**2, weight, until, lr)
 
     @classmethod
-    def build(cls, cfg, model) -> "PageLoss | None":
+    def build(cls, cfg, model, processor=None) -> "PageLoss | None":
         if not cfg.aux_page_weight:
             return None
         return cls(model, cfg.aux_page_weight, cfg.aux_page_until, cfg.learning_rate)

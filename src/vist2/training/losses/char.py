@@ -1,6 +1,6 @@
 """Auxiliary character loss: every visual token must name the characters drawn in its region.
 
-The page loss (:mod:`vist2.training.page_loss`) keeps a model trained from scratch from
+The page loss (:mod:`vist2.training.losses.page`) keeps a model trained from scratch from
 collapsing, but it teaches the visual tokens to describe *pixels*; the LLM still has to find out
 which token holds which word, and in the nano runs it learnt little more than where a page starts.
 This loss is a reading signal local to each visual token. The renderer knows the cell of every
@@ -30,8 +30,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..render import Renderer
-from .page_loss import AlignerHead
+from ...render import Renderer
+from .page import AlignerHead
 
 BLANK, OTHER = 0, 95
 N_CLASSES = 96  # blank, the 94 printable ASCII characters '!'..'~', other
