@@ -90,3 +90,20 @@ def test_window_slots_are_those_of_a_closed_olm_chunk():
     second_visual = [p for p, k, c in zip(s.position, s.kind, s.chunk) if k == Kind.VISUAL and c == 1]
     second_text = [p for p, k, c in zip(s.position, s.kind, s.chunk) if k == Kind.TEXT and c == 1]
     assert list(window_slots(second_text[0], len(second_text), 2).visual) == second_visual == [2, 3]
+
+
+def test_prompt_encoding_can_be_set_per_engine(tok):
+    """Engine(prompt_encoding=...) lays a prompt out, and writes after it, exactly as an engine whose model
+    has that encoding; an unknown encoding is refused by name."""
+    from vist2.engine import Engine
+
+    base = _engine(tok, "visual")
+    req = Request(query=_ids(tok, 2 * base.K + 20), params=SamplingParams(max_new_tokens=12, ignore_eos=True))
+    over = Engine(base.model, base.processor, max_batch=1, prompt_encoding="interleaved")
+    native = _engine(tok, "interleaved", max_batch=1)
+    assert {c.mode for c in base.plan(req).sample.chunks} == {"visual"}
+    assert {c.mode for c in over.plan(req).sample.chunks} == {"interleaved"}
+    assert over.plan(req).sample.position == native.plan(req).sample.position
+    assert over.generate([req])[0].token_ids == native.generate([req])[0].token_ids
+    with pytest.raises(ValueError, match="prompt_encoding"):
+        Engine(base.model, base.processor, prompt_encoding="pixels")

@@ -361,10 +361,10 @@ def test_olm_recall_scores_the_passage_start_again_after_the_passage(tiny):
         evaluate_olm(model, proc, [sample_text("en")], context_tokens=K, continuation_tokens=K + 1, recall=True)
 
 
-@pytest.mark.parametrize("layout", ["optical", "text", "none"])
+@pytest.mark.parametrize("layout", ["optical", "text", "none", "prompt-visual", "prompt-interleaved"])
 def test_greedy_continuation_is_the_argmax_of_its_own_teacher_forced_scoring(tiny, layout):
-    """What the demo's memory-in-use probe writes: scored back in the same layout, each written token
-    is the model's argmax at the slot that predicts it (the placeholder trick picks that slot)."""
+    """What the demo's memory-in-use probe writes (the engine, greedy): scored back in the eval's layout
+    of the same name, each written token is the model's argmax at the slot that predicts it."""
     from vist2.eval.olm import greedy_continuation, layout_segments, whole_chunks
     from vist2.layout import IGNORE
 

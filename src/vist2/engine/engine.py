@@ -50,7 +50,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from ..chat import prompt_parts
-from ..layout import pays
+from ..layout import PROMPT_ENCODINGS, pays
 from ..modeling import VIST2ForCausalLM
 from ..processing import VIST2Processor
 from ..runtime import eos_ids, load_checkpoint
@@ -103,19 +103,25 @@ class Engine:
             requests, up to this many bytes (:class:`~.prefix_cache.PrefixCache`): a prompt that begins as
             a cached one copies those entries and feeds only the rest. None: the memory cache's bound
             (a bound of its own; both on or both off); needs the memory cache on.
+        prompt_encoding: how a prompt's compressed chunks enter the LLM (``visual`` or ``interleaved``,
+            :func:`vist2.layout.prompt_segments`); None: the model's ``prompt_encoding``. Evaluations
+            that write after a context in another layout than the model's set it.
     """
 
     def __init__(self, model: VIST2ForCausalLM, processor: VIST2Processor, max_batch: int = 8,
                  max_cache_tokens: int | None = None, record_logits: bool = False, prefill_budget: int = 2048,
                  max_prefills_per_step: int = 1, cuda_graphs: bool | None = None,
                  observer: Callable[[StepReport], None] | None = None, render_workers: int = 1,
-                 memory_cache_bytes: int = 0, vision_batch: int = 4, prefix_cache_bytes: int | None = None):
+                 memory_cache_bytes: int = 0, vision_batch: int = 4, prefix_cache_bytes: int | None = None,
+                 prompt_encoding: str | None = None):
         if max_batch <= 0:
             raise ValueError(f"max_batch must be > 0, got {max_batch}")
         cfg = model.config
         self.processor = processor
         self.K, self.n_visual = cfg.chunk_tokens, cfg.n_visual
-        self.prompt_encoding = cfg.prompt_encoding
+        self.prompt_encoding = prompt_encoding or cfg.prompt_encoding
+        if self.prompt_encoding not in PROMPT_ENCODINGS:
+            raise ValueError(f"prompt_encoding must be one of {', '.join(PROMPT_ENCODINGS)}, got {prompt_encoding!r}")
         self.max_batch = max_batch
         self.max_cache_tokens = max_cache_tokens or cfg.text_config.max_position_embeddings
         self.record_logits = record_logits
@@ -130,7 +136,7 @@ class Engine:
         self.runner = ModelRunner(model, processor, max_batch, self.max_cache_tokens, cuda_graphs, render_workers,
                                   memory_cache_bytes, vision_batch)
         # the K/V of prompts' starts kept across requests (None: off), owned by the row manager
-        prefix = (PrefixCache(prefix_cache_bytes, (processor.render_config, cfg.prompt_encoding, cfg.n_visual))
+        prefix = (PrefixCache(prefix_cache_bytes, (processor.render_config, self.prompt_encoding, cfg.n_visual))
                   if prefix_cache_bytes else None)
         self.kv = KVRows(lambda: self.runner.cache, max_batch, self.max_cache_tokens, prefix, self.runner.scope)
         self.compressor = Compressor(self.runner, self.kv, processor, self.K, self.n_visual)

@@ -107,18 +107,25 @@ def layout_segments(layout: str, context: Sequence[int], continuation: Sequence[
 
 @torch.no_grad()
 def greedy_continuation(model, processor, context: Sequence[int], layout: str, n: int) -> list[int]:
-    """``n`` tokens written greedily after ``context`` seen as ``layout`` (the context whole chunks):
-    each step scores the layout of context + what is written so far + a placeholder, and takes the
-    argmax where the placeholder is predicted, so the memory is laid out exactly as the eval lays it."""
-    out: list[int] = []
-    for _ in range(n):
-        plan = collate([build_sample(layout_segments(layout, context, [*out, 0], model, processor))])
-        pixels = processor.pixels_for(plan.chunks).to(model.device, model.dtype) if plan.chunks else None
-        at = int((plan.labels[0] != IGNORE).nonzero()[-1])  # the slot that predicts the placeholder
-        # the LM head on that slot alone (no loss either: the logits no longer line up with the labels)
-        logits = model(plan=plan, pixel_values=pixels, logits_to_keep=torch.tensor([at])).logits[0, -1]
-        out.append(int(logits.argmax()))
-    return out
+    """``n`` tokens written greedily by :class:`vist2.engine.Engine` after ``context`` (whole chunks)
+    seen as ``layout``: ``optical`` is a prompt under the ``interleaved`` encoding whose pages are drawn
+    plain (the OLM layout), ``prompt-<encoding>`` a user's prompt under that encoding, ``text`` the
+    context as raw text, ``none`` its last token alone. ``tests/test_eval.py`` checks each written token
+    is the argmax of the same layout scored teacher-forced (:func:`layout_segments`)."""
+    from ..engine import Engine, Request, SamplingParams
+
+    encoding, mode, query, styles = None, "gcc", list(context), None
+    if layout == "optical":
+        encoding, styles = "interleaved", ("plain",) * len(query)
+    elif layout.startswith("prompt-"):
+        encoding = layout.removeprefix("prompt-")
+    elif layout in SEGMENTS:
+        mode, query = "none", query[-1:] if layout == "none" else query
+    else:
+        raise ValueError(f"layout must be one of {', '.join(LAYOUTS)} or prompt-<encoding>, got {layout!r}")
+    engine = Engine(model, processor, max_batch=1, prompt_encoding=encoding)
+    req = Request(query=query, mode=mode, styles=styles, params=SamplingParams(max_new_tokens=n, ignore_eos=True))
+    return engine.generate([req])[0].token_ids
 
 
 def memory_probe(model, processor, text: str, probe: int = 48) -> dict | None:
