@@ -199,3 +199,38 @@ def engine_for(model, processor, budget: int | None, max_batch: int) -> tuple[En
         raise ValueError(f"--max-batch must be > 0, got {max_batch}")
     return Engine(model, processor, max_batch=max_batch, max_cache_tokens=budget), budget
 
+
+
+def check_limit(limit: int | None) -> None:
+    if limit is not None and limit <= 0:
+        raise ValueError(f"--limit must be > 0, got {limit}")
+
+
+def report(out: str | Path, results: dict, table: str) -> int:
+    """Write the results JSON and its markdown table (:func:`write_results`), print the table and where
+    both went; the command's exit status."""
+    path, md = write_results(out, results, table)
+    print(table)
+    print(f"wrote {path} and {md}")
+    return 0
+
+
+def add_run_arguments(q, *, max_kv_note: str = "", limit_of: str = "records of each dataset",
+                      lengths_of: str = "the official generation lengths") -> None:
+    """The flags every downstream table shares: modes, KV budget, quick-run caps, batch, device, output."""
+    q.add_argument("--modes", default="gcc,pcc,none", metavar="M,M",
+                   help="compression modes, a row each (default gcc,pcc,none)")
+    q.add_argument("--max-kv", type=int, default=None, metavar="N",
+                   help=f"KV entries a request may hold; a longer prompt is cut in the middle ({max_kv_note}"
+                        "default: the LLM's max_position_embeddings)")
+    q.add_argument("--limit", type=int, default=None, metavar="N", help=f"quick run: the first N {limit_of}")
+    q.add_argument("--max-new-tokens", type=int, default=None, metavar="N",
+                   help=f"quick run: cap {lengths_of} at N (recorded in the results)")
+    q.add_argument("--think-tokens", type=int, default=0, metavar="N",
+                   help="tokens added to every generation length for a <think> block before the answer "
+                        "(the answer after </think> is scored; default 0)")
+    q.add_argument("--max-batch", type=int, default=4, metavar="N", help="prompts generated at once (default 4)")
+    q.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+    q.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    q.add_argument("--no-progress", action="store_true", help="no progress bars")
+    q.add_argument("--out", required=True, metavar="FILE", help="results JSON (the markdown table goes beside it, .md)")

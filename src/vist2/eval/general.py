@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .downstream import markdown_table, write_results
+from .downstream import markdown_table, report
 
 COLUMNS = (  # (column, lm-eval task or group, metric key)
     ("GSM-8k", "gsm8k", "exact_match,strict-match"),
@@ -83,10 +83,7 @@ def cmd_eval_general(args) -> int:
         raise CLIError(str(e)) from e
     table = format_table(runs)
     results = {"evaluation": "general", "columns": {c: f"{t} {k}" for c, t, k in COLUMNS}, "runs": runs}
-    path, md = write_results(args.out, results, table)
-    print(table)
-    print(f"wrote {path} and {md}")
-    return 0
+    return report(args.out, results, table)
 
 
 def add_parser(sub) -> None:

@@ -33,8 +33,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Sequence
 
-from .downstream import Item, command, engine_for, folder_provenance, footprint_summary, generate, \
-    generation_length, markdown_table, parse_modes, write_results
+from .downstream import Item, add_run_arguments, check_limit, command, engine_for, folder_provenance, \
+    footprint_summary, generate, generation_length, markdown_table, parse_modes, report
 
 # Table 4's columns: LongBench's six categories, each the lm-eval group that lists its datasets
 CATEGORIES = {"single": ("SingleDoc QA", "_longbench_single.yaml"), "multi": ("MultiDoc QA", "_longbench_multi.yaml"),
@@ -211,8 +211,7 @@ def cmd_eval_longbench(args) -> int:
         modes = parse_modes(args.modes)
         names = [n.strip() for n in args.datasets.split(",") if n.strip()] if args.datasets else None
         files = find_datasets(args.data, names)
-        if args.limit is not None and args.limit <= 0:
-            raise ValueError(f"--limit must be > 0, got {args.limit}")
+        check_limit(args.limit)
         data = {ds: read_dataset(f, args.limit) for ds, f in files.items()}
         model, processor = load_checkpoint(args.model, args.device, args.dtype)
         res = evaluate_longbench(model, processor, data, modes, args.max_kv, args.max_batch, args.max_new_tokens,
@@ -229,11 +228,7 @@ def cmd_eval_longbench(args) -> int:
                            "past the KV budget, first-line scoring for trec/triviaqa/samsum/lsht, lm-eval's LongBench "
                            "metrics x 100; a category is the mean of its datasets",
                **res}
-    table = format_tables(res)
-    path, md = write_results(args.out, results, table)
-    print(table)
-    print(f"wrote {path} and {md}")
-    return 0
+    return report(args.out, results, format_tables(res))
 
 
 def add_parser(sub) -> None:
@@ -246,20 +241,5 @@ def add_parser(sub) -> None:
     q.add_argument("--data", required=True, metavar="DIR",
                    help="LongBench's data folder (<dataset>.jsonl files, from the official data.zip)")
     q.add_argument("--datasets", metavar="A,B", help="only these datasets (default: every LongBench file in --data)")
-    q.add_argument("--modes", default="gcc,pcc,none", metavar="M,M",
-                   help="compression modes, a row each (default gcc,pcc,none)")
-    q.add_argument("--max-kv", type=int, default=None, metavar="N",
-                   help="KV entries a request may hold; a longer prompt is cut in the middle "
-                        "(default: the LLM's max_position_embeddings)")
-    q.add_argument("--limit", type=int, default=None, metavar="N", help="quick run: the first N records of each dataset")
-    q.add_argument("--max-new-tokens", type=int, default=None, metavar="N",
-                   help="quick run: cap the official generation lengths at N (recorded in the results)")
-    q.add_argument("--think-tokens", type=int, default=0, metavar="N",
-                   help="tokens added to every generation length for a <think> block before the answer "
-                        "(the answer after </think> is scored; default 0)")
-    q.add_argument("--max-batch", type=int, default=4, metavar="N", help="prompts generated at once (default 4)")
-    q.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
-    q.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
-    q.add_argument("--no-progress", action="store_true", help="no progress bars")
-    q.add_argument("--out", required=True, metavar="FILE", help="results JSON (the markdown table goes beside it, .md)")
+    add_run_arguments(q)
     q.set_defaults(func=cmd_eval_longbench)

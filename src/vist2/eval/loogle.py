@@ -38,8 +38,8 @@ import warnings
 from pathlib import Path
 from typing import Sequence
 
-from .downstream import Item, command, engine_for, folder_provenance, footprint_summary, generate, \
-    generation_length, markdown_table, parse_modes, write_results
+from .downstream import Item, add_run_arguments, check_limit, command, engine_for, folder_provenance, \
+    footprint_summary, generate, generation_length, markdown_table, parse_modes, report
 
 TASKS = {  # task: (prompt, max new tokens)
     "shortdep_qa": ("Please answer the question based on the long texts below. \n{input}\nQuestion: {Q}\nAnswer: ", 300),
@@ -258,8 +258,7 @@ def cmd_eval_loogle(args) -> int:
         modes = parse_modes(args.modes)
         names = [n.strip() for n in args.tasks.split(",") if n.strip()] if args.tasks else None
         files = find_tasks(args.data, names)
-        if args.limit is not None and args.limit <= 0:
-            raise ValueError(f"--limit must be > 0, got {args.limit}")
+        check_limit(args.limit)
         data = {t: read_task(f, t, args.limit) for t, f in files.items()}
         prompts = read_prompts(args.prompts) if args.prompts else None
         judge = load_judge(args.judge, args.device, args.dtype) if args.judge else None
@@ -279,11 +278,7 @@ def cmd_eval_loogle(args) -> int:
                            "BLEU-1/4 (NLTK, whitespace words), ROUGE-1/2/L F (rouge-score), METEOR (NLTK, needs "
                            "WordNet), judged = share the judge LM calls True; means x 100",
                **res}
-    table = format_tables(res)
-    path, md = write_results(args.out, results, table)
-    print(table)
-    print(f"wrote {path} and {md}")
-    return 0
+    return report(args.out, results, format_tables(res))
 
 
 def add_parser(sub) -> None:
@@ -297,24 +292,11 @@ def add_parser(sub) -> None:
                    help="LooGLE's task files: shortdep_qa.jsonl, shortdep_cloze.jsonl, longdep_qa.jsonl, "
                         "longdep_summarization.jsonl (or summarization.jsonl)")
     q.add_argument("--tasks", metavar="A,B", help="only these tasks (default: every LooGLE file in --data)")
-    q.add_argument("--modes", default="gcc,pcc,none", metavar="M,M", help="compression modes, a row each (default gcc,pcc,none)")
-    q.add_argument("--max-kv", type=int, default=None, metavar="N",
-                   help="KV entries a request may hold; a longer prompt is cut in the middle (paper: 8192 at r = 4; "
-                        "default: the LLM's max_position_embeddings)")
-    q.add_argument("--limit", type=int, default=None, metavar="N", help="quick run: the first N documents of each task")
-    q.add_argument("--max-new-tokens", type=int, default=None, metavar="N",
-                   help="quick run: cap LooGLE's generation lengths at N (recorded in the results)")
     q.add_argument("--prompts", metavar="FILE",
                    help="prompt templates as JSON {task: template} with {input} and {Q} (e.g. LooGLE's "
                         "config/task2prompt.json); default: the built-in ones")
-    q.add_argument("--think-tokens", type=int, default=0, metavar="N",
-                   help="tokens added to every generation length for a <think> block before the answer "
-                        "(the answer after </think> is scored; default 0)")
     q.add_argument("--judge", metavar="DIR", help="a local causal-LM folder (with tokenizer) that judges each answer "
                                                   "True/False against the reference (paper: GPT-4)")
-    q.add_argument("--max-batch", type=int, default=4, metavar="N", help="prompts generated at once (default 4)")
-    q.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
-    q.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
-    q.add_argument("--no-progress", action="store_true", help="no progress bars")
-    q.add_argument("--out", required=True, metavar="FILE", help="results JSON (the markdown table goes beside it, .md)")
+    add_run_arguments(q, max_kv_note="paper: 8192 at r = 4; ", limit_of="documents of each task",
+                      lengths_of="LooGLE's generation lengths")
     q.set_defaults(func=cmd_eval_loogle)
