@@ -1,7 +1,17 @@
 """Shared fixtures: tiny HF checkpoints built and saved with transformers' own save_pretrained."""
 
+import socket
+
 import pytest
 import torch
+
+
+def free_port() -> int:
+    """A TCP port free now: each multi-process launch rendezvouses on its own, so launches in parallel
+    test workers never meet on accelerate's default port."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def pytest_collection_modifyitems(config, items):

@@ -10,6 +10,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from conftest import free_port
 
 from vist2.training.config import stage_preset
 from vist2.training.data import open_source
@@ -204,7 +205,8 @@ def _same_error_from_each(errors: list[str]) -> bool:
 
 
 def _launch(config, tiny_dir, data, out, *args, **env):
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "-m", "vist2.training",
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--main_process_port", str(free_port()), "--config_file",
+           str(config), "-m", "vist2.training",
            "train", "--stage", "olm", "--model", str(tiny_dir), "--data", str(data), "--out", str(out),
            "--max-length", "128", "--num-workers", "0", "--no-progress", *args]
     return subprocess.run(cmd, env=_env(**env), capture_output=True, text=True, timeout=600)

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import free_port
 import torch
 from safetensors.torch import load_file
 
@@ -195,7 +196,7 @@ def test_two_process_cpu_run_with_accelerate_launch(tiny_dir, data, tmp_path):
                               for d in docs for i in range(4)), encoding="utf-8")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
                OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="1")
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--main_process_port", str(free_port()), "--config_file",
            str(ROOT / "configs/accelerate/cpu-2proc.yaml"), "-m", "vist2.training", "train", "--stage", "olm",
            "--model", str(tiny_dir), "--data", str(corpus), "--out", str(tmp_path / "ddp"),
            "--max-steps", "2", "--max-length", "128", "--num-workers", "0", "--no-progress", "--save-every", "1",
@@ -332,7 +333,7 @@ def test_fsdp_config_on_two_cpu_processes_with_accelerate_launch(tiny_dir, data,
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
                OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="1")
     out = tmp_path / "fsdp"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--main_process_port", str(free_port()), "--config_file",
            str(ROOT / "configs/accelerate/fsdp-cpu-2proc.yaml"), "-m", "vist2.training", "train", "--stage", "olm",
            "--model", str(tiny_dir), "--data", str(corpus), "--out", str(out), "--max-steps", "3",
            "--max-length", "128", "--num-workers", "0", "--no-progress", "--save-every", "2", "--config", str(cfg)]
