@@ -63,7 +63,7 @@ def prompt_pieces(plan, raw_block: int = RAW_BLOCK, salt: str | None = None) -> 
         if isinstance(seg, Chunk):
             text, style = plan.chunks[n_chunks]
             style = style if isinstance(style, str) else tuple(style)
-            out.append(Piece(("c", seg.tokens, seg.mode, seg.n_visual, text, style), seg.n_visual, n_chunks))
+            out.append(Piece(("c", seg.tokens, seg.kind, seg.n_visual, text, style), seg.n_visual, n_chunks))
             n_chunks += 1
             continue
         for i in range(0, len(seg.tokens), raw_block):
