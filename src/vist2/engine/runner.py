@@ -188,7 +188,7 @@ class ModelRunner:
                                       device=dev)
             write = [w[:1] * n + w for w, n in zip(write, pad)]
             positions = [p[:1] * n + p for p, n in zip(positions, pad)]
-        mask = cache.plan(rows, torch.tensor(write, device=dev), span, write_rows=write_rows)
+        mask = cache.prepare(rows, torch.tensor(write, device=dev), span, write_rows=write_rows)
         return self._lm(embeds_BTD, torch.tensor(positions, device=dev), mask)
 
     def decode_fn(self, ids_B1: torch.Tensor, active_B: torch.Tensor, span: int) -> torch.Tensor:
@@ -198,7 +198,7 @@ class ModelRunner:
         # (b, 1): a token's position is its cache index (an idle row's length may be any; clamped)
         write = cache.length[:b, None].clamp(max=cache.capacity - 1)
         write_rows = torch.where(active_B, torch.arange(b, device=ids_B1.device), cache.scratch)
-        mask = cache.plan(slice(0, b), write, span, write_rows=write_rows)
+        mask = cache.prepare(slice(0, b), write, span, write_rows=write_rows)
         logits = self._lm(self.embed_text(ids_B1), write, mask)
         cache.length[:b] += active_B.long()
         return logits
