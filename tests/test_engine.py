@@ -352,8 +352,8 @@ def test_the_visual_prompt_is_one_forward(tok):
 
 def _spy_images(eng):
     """Record the images of every vision-tower batch."""
-    images, encode = [], eng.runner.encode
-    eng.runner.encode = lambda texts, styles: images.append(len(texts)) or encode(texts, styles)
+    images, read = [], eng.runner.read_chunks
+    eng.runner.read_chunks = lambda texts, styles: images.append(len(texts)) or read(texts, styles)
     return images
 
 

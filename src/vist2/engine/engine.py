@@ -384,7 +384,7 @@ class Engine:
             return
         texts, styles = zip(*(f.chunks[c] for f, c in need))
         salt = {id(s.feed): s.req.cache_salt for s in self.scheduler.running.values()}
-        visual, hits = self.runner.encode_prompt(list(texts), list(styles), [salt[id(f)] for f, _ in need])
+        visual, hits = self.runner.read_prompt_chunks(list(texts), list(styles), [salt[id(f)] for f, _ in need])
         owner = {id(s.feed): s.stats for s in self.scheduler.running.values()}
         for (f, c), v, hit in zip(need, visual, hits):
             f.visual[c] = v

@@ -3,8 +3,8 @@
 It executes what the scheduler planned: new cache entries of some rows through the LLM at given
 positions and cache indices (:meth:`ModelRunner.forward`: prefill pieces, compressed chunks' visual
 tokens), the one-token decode step over every row at once (:meth:`ModelRunner.decode`, captured as
-CUDA graphs on a GPU), and chunk texts turned into visual tokens (:meth:`ModelRunner.encode`: render,
-vision tower, aligner; :meth:`ModelRunner.encode_prompt` through the memory cache). Padding
+CUDA graphs on a GPU), and chunk texts turned into visual tokens (:meth:`ModelRunner.read_chunks`: render,
+vision tower, aligner; :meth:`ModelRunner.read_prompt_chunks` through the memory cache). Padding
 (left-padded prefill rows, batch and span buckets of the decode step) lives here too. It knows
 nothing of requests: the scheduler says which rows, which ids, which positions. It allocates the KV
 cache buffers; the row manager (:mod:`.kv_rows`) keeps the rows' lengths (the decode step aside,
@@ -141,7 +141,7 @@ class ModelRunner:
         return self.model.model.get_input_embeddings()(ids_BT.to(self.device))
 
     @torch.no_grad()  # the vision tower's activations are not kept for a backward pass
-    def encode(self, texts: list[str], styles: list) -> torch.Tensor:
+    def read_chunks(self, texts: list[str], styles: list) -> torch.Tensor:
         """Render chunk texts and read them with the vision tower + aligner: ``(n, n_visual, D)``."""
         with self.phase("render"):
             pixels = self.renderer.pixels(texts, styles)
@@ -151,14 +151,15 @@ class ModelRunner:
             return torch.cat([self.model.model.encode_images(px.to(self.device, self.model.dtype))
                               for px in pixels.split(self.vision_batch)])
 
-    def encode_prompt(self, texts: list[str], styles: list, salts: list | None = None) -> tuple[torch.Tensor, list[bool]]:
-        """:meth:`encode` through the memory cache (when on): ``(n, n_visual, D)`` and whether each chunk was
+    def read_prompt_chunks(self, texts: list[str], styles: list,
+                           salts: list | None = None) -> tuple[torch.Tensor, list[bool]]:
+        """:meth:`read_chunks` through the memory cache (when on): ``(n, n_visual, D)`` and whether each chunk was
         a hit (neither rendered nor read). Only prompt chunks come here: a generated window is new text.
         ``salts``: each chunk's request's ``cache_salt`` (its cache namespace)."""
         if self.memory is None:
-            return self.encode(texts, styles), [False] * len(texts)
+            return self.read_chunks(texts, styles), [False] * len(texts)
         m = self.model.model
-        return self.memory.fetch(texts, styles, self.encode, model_scope([m.vision, m.aligner]), salts)
+        return self.memory.fetch(texts, styles, self.read_chunks, model_scope([m.vision, m.aligner]), salts)
 
     # -- the LLM ------------------------------------------------------------------------------
 
