@@ -14,13 +14,13 @@ the K/V of its piece for every
 layer, ``(2 x layers, kv_heads, n, head_dim)`` on the model's device and dtype. The chunking is a
 causal stream, so turn t+1 of a chat with a compressed history starts with every chunk closed in
 turn t's prompt, and walks the same nodes. The model's weights are the scope (as in
-:func:`~.memory_cache.model_scope`, over the whole model here): when they change, all is dropped.
+:func:`~.encoder_cache.model_scope`, over the whole model here): when they change, all is dropped.
 
 A prompt's last piece is never taken from the cache: its forward gives the logits the first token
 is drawn from. Memory is bounded by ``max_bytes`` (K/V bytes plus the keys' bytes); least recently
 used leaves go first (a node is always touched after its descendants, so the oldest node is a leaf).
 
-The bound is its own (``Engine(prefix_cache_bytes=…)``, by default the memory cache's): a chunk's
+The bound is its own (``Engine(prefix_cache_bytes=…)``, by default the encoder cache's): a chunk's
 K/V is ``2 x layers x kv_heads x head_dim`` values per entry, ~56 times its visual tokens for Qwen3-0.6B,
 so one LRU over both would let K/V push out every visual-token entry, and those are the only reuse
 left for a chunk seen after another start (a document behind another system prompt).

@@ -4,7 +4,7 @@ It executes what the scheduler planned: new cache entries of some rows through t
 positions and cache indices (:meth:`ModelRunner.forward`: prefill pieces, compressed chunks' visual
 tokens), the one-token decode step over every row at once (:meth:`ModelRunner.decode`, captured as
 CUDA graphs on a GPU), and chunk texts turned into visual tokens (:meth:`ModelRunner.read_chunks`: render,
-vision tower, aligner; :meth:`ModelRunner.read_prompt_chunks` through the memory cache). Padding
+vision tower, aligner; :meth:`ModelRunner.read_prompt_chunks` through the encoder cache). Padding
 (left-padded prefill rows, batch and span buckets of the decode step) lives here too. It knows
 nothing of requests: the scheduler says which rows, which ids, which positions. It allocates the KV
 cache buffers; the row manager (:mod:`.kv_rows`) keeps the rows' lengths (the decode step aside,
@@ -27,7 +27,7 @@ from ..processing import VIST2Processor
 from ..runtime import kv_geometry
 from .cache import CompressedKVCache
 from .kv_rows import CacheFull  # noqa: F401 - kept importable from here
-from .memory_cache import MemoryCache, model_scope
+from .encoder_cache import EncoderCache, model_scope
 from .rendering import ChunkRenderer
 
 
@@ -86,7 +86,7 @@ class ModelRunner:
     """
 
     def __init__(self, model: VIST2ForCausalLM, processor: VIST2Processor, max_batch: int, max_cache_tokens: int,
-                 cuda_graphs: bool | None = None, render_workers: int = 1, memory_cache_bytes: int = 0,
+                 cuda_graphs: bool | None = None, render_workers: int = 1, encoder_cache_bytes: int = 0,
                  vision_batch: int = 4):
         self.model = model.eval()
         self.max_batch, self.max_cache_tokens = max_batch, max_cache_tokens
@@ -105,7 +105,8 @@ class ModelRunner:
         self._batch_buckets = sorted({min(max_batch, 1 << i) for i in range(max_batch.bit_length() + 1)})
         self._n_tokens = len(processor.tokenizer)
         # prompt chunks' visual tokens kept across requests (None: off)
-        self.memory = MemoryCache(memory_cache_bytes, processor.render_config) if memory_cache_bytes else None
+        self.encoder_cache = (EncoderCache(encoder_cache_bytes, processor.render_config) if encoder_cache_bytes
+                              else None)
 
     @property
     def cache(self) -> CompressedKVCache:
@@ -153,13 +154,13 @@ class ModelRunner:
 
     def read_prompt_chunks(self, texts: list[str], styles: list,
                            salts: list | None = None) -> tuple[torch.Tensor, list[bool]]:
-        """:meth:`read_chunks` through the memory cache (when on): ``(n, n_visual, D)`` and whether each chunk was
+        """:meth:`read_chunks` through the encoder cache (when on): ``(n, n_visual, D)`` and whether each chunk was
         a hit (neither rendered nor read). Only prompt chunks come here: a generated window is new text.
         ``salts``: each chunk's request's ``cache_salt`` (its cache namespace)."""
-        if self.memory is None:
+        if self.encoder_cache is None:
             return self.read_chunks(texts, styles), [False] * len(texts)
         m = self.model.model
-        return self.memory.fetch(texts, styles, self.read_chunks, model_scope([m.vision, m.aligner]), salts)
+        return self.encoder_cache.fetch(texts, styles, self.read_chunks, model_scope([m.vision, m.aligner]), salts)
 
     # -- the LLM ------------------------------------------------------------------------------
 

@@ -1,4 +1,4 @@
-"""The memory cache: visual tokens of prompt chunks kept across requests, so a chunk seen before
+"""The encoder cache: visual tokens of prompt chunks kept across requests, so a chunk seen before
 is neither rendered nor read by the vision tower again.
 
 A chunk's visual tokens (vision tower + aligner output, ``(n_visual, D)``) are a pure function
@@ -19,13 +19,13 @@ stored under one salt is never a hit under another, so one client cannot learn f
 speed) what another sent. None is the shared namespace.
 
     >>> import torch
-    >>> mc = MemoryCache(max_bytes=1 << 20)
+    >>> ec = EncoderCache(max_bytes=1 << 20)
     >>> read = lambda texts, styles: torch.ones(len(texts), 4, 8)    # the vision tower, for the example
-    >>> v, hits = mc.fetch(["a chunk", "another"], ["user", "user"], read, scope="model-1")
+    >>> v, hits = ec.fetch(["a chunk", "another"], ["user", "user"], read, scope="model-1")
     >>> v.shape, hits
     (torch.Size([2, 4, 8]), [False, False])
-    >>> _, hits = mc.fetch(["a chunk"], ["user"], read, scope="model-1")
-    >>> hits, mc.stats()["hits"]
+    >>> _, hits = ec.fetch(["a chunk"], ["user"], read, scope="model-1")
+    >>> hits, ec.stats()["hits"]
     ([True], 1)
 """
 
@@ -46,19 +46,19 @@ def model_scope(modules: Sequence[torch.nn.Module]) -> tuple:
     return tuple((p.data_ptr(), p._version, p.dtype, p.device) for m in modules for p in m.parameters())
 
 
-class MemoryCache:
+class EncoderCache:
     """A byte-bounded LRU of chunk visual tokens keyed by ``(text, style, render config, salt)`` within a
     scope (the model's weights, see :func:`model_scope`).
 
     Args:
         max_bytes: the bound on what entries hold (tensor bytes + key text bytes); must be > 0
-            (an engine without a memory cache holds none of these objects).
+            (an engine without an encoder cache holds none of these objects).
         render_config: part of every key (a hashable object, e.g. :class:`vist2.render.RenderConfig`).
     """
 
     def __init__(self, max_bytes: int, render_config: Hashable = None):
         if not isinstance(max_bytes, int) or isinstance(max_bytes, bool) or max_bytes <= 0:
-            raise ValueError(f"memory_cache_bytes must be a positive int (0 turns the cache off), got {max_bytes!r}")
+            raise ValueError(f"encoder_cache_bytes must be a positive int (0 turns the cache off), got {max_bytes!r}")
         self.max_bytes = max_bytes
         self.render_config = render_config
         self._entries: OrderedDict[tuple, tuple[torch.Tensor, int]] = OrderedDict()  # key -> (tokens, bytes)
