@@ -26,9 +26,10 @@ from ..modeling import VIST2ForCausalLM, cache_kwarg
 from ..processing import VIST2Processor
 from ..runtime import kv_geometry
 from .cache import CompressedKVCache
+from .encoder_cache import EncoderCache
 from .kv_rows import CacheFull  # noqa: F401 - kept importable from here
-from .encoder_cache import EncoderCache, model_scope
 from .rendering import ChunkRenderer
+from .weights_scope import model_scope
 
 
 class _CapturedStep:
