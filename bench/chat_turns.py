@@ -1,4 +1,4 @@
-"""A long chat, turn by turn: TTFT and KV entries per turn, raw vs compressed history, memory and prefix caches.
+"""A long chat, turn by turn: TTFT and KV entries per turn, raw vs compressed history, encoder and prefix caches.
 
     OMP_NUM_THREADS=1 PYTHONPATH=src python bench/chat_turns.py --model models/vist2-nano --turns 12 \\
         --user-tokens 1200 --prefill-budget 256 --repeats 3 --out bench/results/chat_turns/nano-cpu.json \\
@@ -16,9 +16,9 @@ CPU defaults (one cache row of ``max_cache_tokens`` = the model's positions, ``-
 
 - ``raw``: today's split, the last user message compressed and every earlier turn raw text;
 - ``compressed``: the whole chat through the last user message compressed (``history="compressed"``);
-- each with the memory cache off and on (``--memory-cache-bytes``, the server's 256 MiB default; on, the
+- each with the encoder cache off and on (``--encoder-cache-bytes``, the server's 256 MiB default; on, the
   prefix cache too, as in the server: the LLM's K/V of the chat's earlier chunks is reused);
-- ``compressed+memory``: the memory cache alone (visual tokens reused, the LLM prefills every chunk again);
+- ``compressed+memory``: the encoder cache alone (visual tokens reused, the LLM prefills every chunk again);
 - ``none``: a plain LLM (mode none) for reference;
 - ``hf``: the model's LLM as a plain transformers model, the whole raw chat (mode none's ids) prefilled
   every turn, no cache limit (turns past the model's positions are marked ``beyond_positions``).
@@ -27,7 +27,7 @@ Per turn: prompt tokens, the KV entries the prompt needs at its peak (``Engine.f
 the request is added: a chat over the memory limit is *refused* there, as the server answers 413, and the
 configuration stops), entries held after the reply and what a plain LLM would hold, TTFT (engine clock,
 prompt admission to first token) and where it went (render + vision tower; the LLM's prefill), the whole
-turn's wall time, the memory cache's hits and misses, and the prompt chunks and cache entries whose K/V
+turn's wall time, the encoder cache's hits and misses, and the prompt chunks and cache entries whose K/V
 came from the prefix cache. One untimed warm-up request (other text) first;
 the whole chat runs ``--repeats`` times per configuration (a fresh engine each) and every time is the
 median over them (the runs' own times are kept). The machine's other load shows in the times; the counts
@@ -60,7 +60,7 @@ from vist2.serve import CPU_PREFILL_BUDGET
 ROOT = Path(__file__).resolve().parents[1]
 HELD_OUT = ("recipes/nano/heldout.txt", "recipes/nano/recall.txt", "tests/data/prose_hard_breaks.txt")
 DOCUMENT = (*HELD_OUT, "tests/data/code_sample.py.txt")  # --document-tokens: held-out prose, then source code
-CONFIGS = {  # name -> (mode, history, memory cache on, prefix cache on)
+CONFIGS = {  # name -> (mode, history, encoder cache on, prefix cache on); names and JSON keys as in saved results
     "raw": ("gcc", "raw", False, False),
     "raw+cache": ("gcc", "raw", True, True),
     "compressed": ("gcc", "compressed", False, False),
@@ -97,7 +97,7 @@ def run_chat(model, processor, *, name: str, users: list[str], args) -> list[dic
             phases[k] = phases.get(k, 0.0) + v
 
     engine = Engine(model, processor, max_batch=1, max_cache_tokens=args.max_cache_tokens,
-                    prefill_budget=args.prefill_budget, memory_cache_bytes=args.memory_cache_bytes if cached else 0,
+                    prefill_budget=args.prefill_budget, encoder_cache_bytes=args.encoder_cache_bytes if cached else 0,
                     prefix_cache_bytes=None if prefix else 0, observer=observe)
     params = SamplingParams(max_new_tokens=args.reply_tokens, ignore_eos=True)
     warm = engine.request(messages=[{"role": "user", "content": "A short warm-up. " * 40}], params=params,
@@ -115,12 +115,12 @@ def run_chat(model, processor, *, name: str, users: list[str], args) -> list[dic
             rows.append(row)
             print(f"  {name:17} turn {t:2}: refused ({row['refused']})", file=sys.stderr, flush=True)
             break
-        before = engine.memory_cache_stats() or {}
+        before = engine.encoder_cache_stats() or {}
         phases.clear()
         t0 = time.perf_counter()
         [res] = engine.generate([req])
         wall = time.perf_counter() - t0
-        s, after = res.stats, engine.memory_cache_stats() or {}
+        s, after = res.stats, engine.encoder_cache_stats() or {}
         row.update(kv_tokens=s.kv_tokens, kv_tokens_uncompressed=s.kv_tokens_uncompressed,
                    kv_ratio=round(s.kv_tokens / s.kv_tokens_uncompressed, 4), ttft_s=round(s.ttft_s, 4),
                    turn_s=round(wall, 4), generated_tokens=s.generated_tokens, chunks_compressed=s.chunks_compressed,
@@ -185,7 +185,7 @@ def run_chat_hf(model, processor, users: list[str], args) -> list[dict]:
 
 
 def repeat_document(model, processor, args) -> dict:
-    """One document of ``--document-tokens`` tokens asked about twice (memory cache on): TTFT, the time in
+    """One document of ``--document-tokens`` tokens asked about twice (encoder cache on): TTFT, the time in
     render + vision tower, and the chunks the vision tower read, for each request."""
     ids = held_out_ids(processor.tokenizer, DOCUMENT)
     if len(ids) < args.document_tokens:
@@ -199,7 +199,8 @@ def repeat_document(model, processor, args) -> dict:
             phases[k] = phases.get(k, 0.0) + v
 
     engine = Engine(model, processor, max_batch=1, max_cache_tokens=args.max_cache_tokens,
-                    prefill_budget=args.prefill_budget, memory_cache_bytes=args.memory_cache_bytes, observer=observe)
+                    prefill_budget=args.prefill_budget, encoder_cache_bytes=args.encoder_cache_bytes,
+                    observer=observe)
     params = SamplingParams(max_new_tokens=args.reply_tokens, ignore_eos=True)
     rows = []
     for i in range(2):
@@ -285,11 +286,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reply-tokens", type=int, default=16)
     ap.add_argument("--configs", default=",".join(CONFIGS), help=f"some of {', '.join(CONFIGS)} ('': no chat)")
     ap.add_argument("--document-tokens", type=int, default=0, metavar="N",
-                    help="also ask about one N-token document twice (memory cache on): vision-tower reads per request")
+                    help="also ask about one N-token document twice (encoder cache on): vision-tower reads per request")
     ap.add_argument("--max-cache-tokens", type=int, default=None, help="default: the model's positions")
     ap.add_argument("--prefill-budget", type=int, default=None,
                     help="prompt entries per LLM forward (default: the server's CPU default)")
-    ap.add_argument("--memory-cache-bytes", type=int, default=256 << 20, help="the server's default")
+    ap.add_argument("--encoder-cache-bytes", "--memory-cache-bytes", type=int, default=256 << 20,
+                    dest="encoder_cache_bytes", help="the server's default (--memory-cache-bytes: its old name)")
     ap.add_argument("--repeats", type=int, default=3, help="whole chats per configuration; times are medians")
     ap.add_argument("--out", type=Path, default=None, help="JSON file (default: print only)")
     ap.add_argument("--plot", type=Path, default=None, help="PNG of KV and TTFT per turn")
@@ -320,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
                         else args.model),
            "turns": args.turns, "user_tokens": args.user_tokens, "reply_tokens": args.reply_tokens,
            "max_cache_tokens": args.max_cache_tokens, "prefill_budget": args.prefill_budget,
-           "memory_cache_bytes": args.memory_cache_bytes, "repeats": args.repeats, "held_out": list(HELD_OUT),
+           "memory_cache_bytes": args.encoder_cache_bytes, "repeats": args.repeats, "held_out": list(HELD_OUT),
            "torch_threads": torch.get_num_threads(), "machine": platform.machine(), "results": results}
     if args.document_tokens:
         out["document"] = repeat_document(model, processor, args)

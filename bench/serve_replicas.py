@@ -19,10 +19,10 @@ greedy tokens, streamed; the reply joins the history. Configurations (``--config
   the same turn again, and the run goes on while Ray starts a replacement.
 
 Per configuration: TTFT (client clock: the request sent to its first generated text) per turn, median and max
-over the chats; turn 12's; the memory cache's hit ratio (hits / (hits + misses), prompt chunks) and the prefix
+over the chats; turn 12's; the encoder cache's hit ratio (hits / (hits + misses), prompt chunks) and the prefix
 cache's (chunks whose K/V was reused / chunks prefilled that it could have held), and the share of prompt
 chunks that came from either cache (not read by the vision tower), all over turns 2-12 and summed over the
-replicas' ``/metrics`` (a chunk found in the prefix cache counts in neither memory hits nor misses); the
+replicas' ``/metrics`` (a chunk found in the prefix cache counts in neither encoder cache hits nor misses); the
 share of the previous turn's prompt chunks found in the prefix cache (``usage.memory_cache.prefix_hit_chunks``
 of turn t over ``chunks_compressed`` of turn t-1); generated tokens per second over the turns' wall time;
 which replica served each request.

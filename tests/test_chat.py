@@ -77,7 +77,7 @@ def test_compressed_history_is_the_whole_chat_styled_by_role(tok):
 
 
 def test_a_new_turn_leaves_the_history_before_it_unchanged(tok):
-    """Turn t's query is a prefix of turn t+1's: the chunks cut from it are the same (the memory cache hits)."""
+    """Turn t's query is a prefix of turn t+1's: the chunks cut from it are the same (the encoder cache hits)."""
     later = CHAT + [{"role": "assistant", "content": "It is wide."}, {"role": "user", "content": "And deep?"}]
     a, b = chat_prompt(tok, CHAT, history="compressed"), chat_prompt(tok, later, history="compressed")
     assert b.query[: len(a.query)] == a.query and b.styles[: len(a.styles)] == a.styles

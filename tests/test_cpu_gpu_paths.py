@@ -226,8 +226,8 @@ def test_decode_step_picks_the_smallest_buckets_that_hold_its_rows(runner, monke
     from vist2.engine.runner import span_bucket
 
     cache = runner.cache
-    steps, reads, plans = [], [], []
-    step_fn, update, plan = runner.step_fn, cache.update, cache.plan
+    steps, reads, prepared = [], [], []
+    step_fn, update, prepare = runner.step_fn, cache.update, cache.prepare
 
     def record_step(ids_B1, active_B, span):
         steps.append((ids_B1.shape[0], span, active_B.tolist()))
@@ -238,14 +238,14 @@ def test_decode_step_picks_the_smallest_buckets_that_hold_its_rows(runner, monke
         reads.append(out[0].shape[2])
         return out
 
-    def record_plan(rows, write_BT, span, write_rows=None):
-        mask = plan(rows, write_BT, span, write_rows=write_rows)
-        plans.append((write_BT.clone(), mask.clone()))
+    def record_prepare(rows, write_BT, span, write_rows=None):
+        mask = prepare(rows, write_BT, span, write_rows=write_rows)
+        prepared.append((write_BT.clone(), mask.clone()))
         return mask
 
     monkeypatch.setattr(runner, "step_fn", record_step)
     monkeypatch.setattr(cache, "update", record_update)
-    monkeypatch.setattr(cache, "plan", record_plan)
+    monkeypatch.setattr(cache, "prepare", record_prepare)
     assert runner._batch_buckets == [1, 2, 4, 5]
     cases = [({0: 5}, [10, 0, 0, 0, 0]), ({1: 5}, [3, 63, 0, 0, 0]), ({2: 7, 0: 1}, [64, 0, 100, 0, 0]),
              ({4: 9}, [0, 0, 0, 0, 128]), ({3: 2}, [0, 0, 0, 299, 0]), ({0: 1, 4: 1}, [290, 1, 2, 3, 4])]
@@ -253,7 +253,7 @@ def test_decode_step_picks_the_smallest_buckets_that_hold_its_rows(runner, monke
     for tokens, lengths in cases:
         for row, n in enumerate(lengths):
             cache.set_length(row, n)
-        for log in (steps, reads, plans):
+        for log in (steps, reads, prepared):
             log.clear()
         runner.decode(tokens)
         (b, span, active), = steps
@@ -262,7 +262,7 @@ def test_decode_step_picks_the_smallest_buckets_that_hold_its_rows(runner, monke
         assert max(lengths[:b]) < span <= cache.capacity  # every row's new entry is inside the span
         assert active == [r in tokens for r in range(b)]
         assert reads == [span] * n_layers  # each layer reads the bucket, no more
-        (write, mask), = plans
+        (write, mask), = prepared
         assert write[:, 0].tolist() == [min(n, cache.capacity - 1) for n in lengths[:b]]
         # each row sees its live entries and the new one, never an entry past it
         assert mask[:, 0, 0].sum(-1).tolist() == [w + 1 for w in write[:, 0].tolist()]

@@ -247,7 +247,7 @@ def test_chunks_cut_short_by_the_fit_rule(tok, mode, encoding):
     fit = eng.processor.chunker(K)
     segs = sft_segments(req.prefix, req.query, req.suffix, res.token_ids, K, eng.n_visual, encoding, fit)
     query_chunks = [s for s in segs if isinstance(s, Chunk) and not s.loss]
-    reply_chunks = [s for s in segs if isinstance(s, Chunk) and s.loss and s.mode != "open"]
+    reply_chunks = [s for s in segs if isinstance(s, Chunk) and s.loss and s.kind != "open"]
     # 3K tokens: two chunks closed early by the fit rule, a raw tail of 2 (<= beta)
     assert [len(c.tokens) for c in query_chunks] == [64, 63, 63]
     assert [c.fit_cut for c in query_chunks] == [False, True, True]
@@ -352,8 +352,8 @@ def test_the_visual_prompt_is_one_forward(tok):
 
 def _spy_images(eng):
     """Record the images of every vision-tower batch."""
-    images, encode = [], eng.runner.encode
-    eng.runner.encode = lambda texts, styles: images.append(len(texts)) or encode(texts, styles)
+    images, read = [], eng.runner.read_chunks
+    eng.runner.read_chunks = lambda texts, styles: images.append(len(texts)) or read(texts, styles)
     return images
 
 
@@ -477,7 +477,7 @@ def test_seam_between_query_tail_and_response_draws_every_character_whole(tok, e
     assert res.memory == eng.processor.chunk_texts(plan.chunks)[: len(res.memory)]
     n_query = sum(isinstance(s, Chunk) and not s.loss for s in segs)
     assert n_query >= 2 and all("\ufffd" not in t for t in res.memory[:n_query])
-    first = next(s for s in segs if isinstance(s, Chunk) and s.loss and s.mode != "open")
+    first = next(s for s in segs if isinstance(s, Chunk) and s.loss and s.kind != "open")
     assert res.memory[n_query] == eng.processor.chunk_text(b"", first.tokens)[0]  # checked without the layout
 
 

@@ -101,8 +101,8 @@ def test_prompt_encoding_can_be_set_per_engine(tok):
     req = Request(query=_ids(tok, 2 * base.K + 20), params=SamplingParams(max_new_tokens=12, ignore_eos=True))
     over = Engine(base.model, base.processor, max_batch=1, prompt_encoding="interleaved")
     native = _engine(tok, "interleaved", max_batch=1)
-    assert {c.mode for c in base.plan(req).sample.chunks} == {"visual"}
-    assert {c.mode for c in over.plan(req).sample.chunks} == {"interleaved"}
+    assert {c.kind for c in base.plan(req).sample.chunks} == {"visual"}
+    assert {c.kind for c in over.plan(req).sample.chunks} == {"interleaved"}
     assert over.plan(req).sample.position == native.plan(req).sample.position
     assert over.generate([req])[0].token_ids == native.generate([req])[0].token_ids
     with pytest.raises(ValueError, match="prompt_encoding"):

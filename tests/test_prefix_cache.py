@@ -133,7 +133,7 @@ def _engine(tok, cached=True, encoding="visual", **kw):
     cfg.text_config.initializer_range = 0.5  # large weights: any difference in the K/V shows
     model = VIST2ForCausalLM(cfg).eval()
     return Engine(model, VIST2Processor(tok, model.config.render_config), record_logits=True,
-                  memory_cache_bytes=(1 << 24) if cached else 0, **kw)
+                  encoder_cache_bytes=(1 << 24) if cached else 0, **kw)
 
 
 def _doc(tok, n, offset=0):
@@ -186,7 +186,7 @@ def test_a_longer_prompt_reuses_the_cached_chunks_and_equals_the_uncached_run(to
     n_chunks = len(engine.plan(_req(long, mode, prefix)).chunks)
     assert res.stats.memory_hits + res.stats.memory_misses == n_chunks - closed  # the reused ones are not read
     _same(res, plain)
-    s = engine.memory_cache_stats()["prefix"]
+    s = engine.encoder_cache_stats()["prefix"]
     assert s["hit_chunks"] == closed and s["hit_tokens"] == res.stats.prefix_hit_tokens and 0 < s["bytes"]
 
 
@@ -253,7 +253,7 @@ def test_the_engine_cache_stays_within_its_bound(tok):
     engine = _engine(tok, prefix_cache_bytes=4 * per_chunk + 4 * 1000)  # four chunks' K/V and their keys
     for offset in (0, 400, 800, 0):
         engine.generate([_req(_doc(tok, 330, offset=offset))])
-        s = engine.memory_cache_stats()["prefix"]
+        s = engine.encoder_cache_stats()["prefix"]
         assert s["bytes"] <= s["max_bytes"] and s["nodes"] <= 4
     assert s["evictions"] > 0 and s["miss_chunks"] > 4
 
@@ -272,15 +272,15 @@ def test_new_weights_are_not_served_stale(tok, change):
         state = {k: v * 1.5 if v.is_floating_point() else v for k, v in lm.state_dict().items()}
         lm.load_state_dict(state)
     again = engine.generate([_req(doc)])[0]
-    assert again.stats.prefix_hit_chunks == 0 and engine.memory_cache_stats()["prefix"]["invalidations"] == 1
+    assert again.stats.prefix_hit_chunks == 0 and engine.encoder_cache_stats()["prefix"]["invalidations"] == 1
     assert not torch.equal(again.logits[0], first.logits[0])
 
 
-def test_the_prefix_cache_needs_the_memory_cache(tok):
+def test_the_prefix_cache_needs_the_encoder_cache(tok):
     with pytest.raises(ValueError, match="prefix_cache_bytes"):
         _engine(tok, cached=False, prefix_cache_bytes=1 << 20)
-    engine = _engine(tok, prefix_cache_bytes=0)  # the memory cache alone
-    assert engine.memory_cache_stats()["prefix"] is None
+    engine = _engine(tok, prefix_cache_bytes=0)  # the encoder cache alone
+    assert engine.encoder_cache_stats()["prefix"] is None
 
 
 def test_prompt_pieces_key_chunks_by_what_they_show(tok):
@@ -336,7 +336,7 @@ def test_a_salt_puts_a_prompt_in_a_subtree_of_its_own(tok):
 
 
 def test_the_engine_shares_cache_entries_only_within_a_salt(tok):
-    """The same document under another ``cache_salt``: no prefix or memory hit (all read anew); under its
+    """The same document under another ``cache_salt``: no prefix or encoder cache hit (all read anew); under its
     own salt again: the prefix cache serves its start, and the logits match the uncached run."""
     engine, doc = _engine(tok), _doc(tok, 300)
     run = lambda salt: engine.generate([Request(query=doc, params=SamplingParams(max_new_tokens=2, temperature=0),

@@ -36,7 +36,7 @@ def auth(name: str) -> dict:
 def engine(tiny_dir):
     """One engine for the module's apps (building an app takes seconds); tests run one at a time, so only
     one app's engine thread steps it at once."""
-    return Engine.from_pretrained(tiny_dir, max_batch=2, max_cache_tokens=1024, memory_cache_bytes=32 << 20)
+    return Engine.from_pretrained(tiny_dir, max_batch=2, max_cache_tokens=1024, encoder_cache_bytes=32 << 20)
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ long prompt) and the raw suffix. Two rules (``history``):
   of the last user message, styled by role per token (``user`` on grey for user and system turns,
   ``plain`` for the assistant's own words, paper Fig. 7); only the template's text after it stays
   raw (the turn's closing tokens and the generation prompt). Every earlier turn is then memory, and
-  a new turn leaves the chunks before it unchanged (the engine's memory cache reuses them).
+  a new turn leaves the chunks before it unchanged (the engine's encoder cache reuses them).
 
 Control tokens come from the chat template alone: message contents (and plain prompts) are tokenized
 as plain text, a special token's string in them (``<|im_end|>``) split into ordinary tokens, so typed

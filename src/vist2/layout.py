@@ -3,7 +3,7 @@
 A sample is an ordered list of segments:
 
 - ``Raw(tokens)``: text that stays text forever (a chat header, a short query tail);
-- ``Chunk(tokens, n_visual, mode)``: the text tokens ``c_i`` of one chunk and the
+- ``Chunk(tokens, n_visual, kind)``: the text tokens ``c_i`` of one chunk and the
   ``n_visual`` visual tokens ``v_i`` that an image of that text turns into.
 
 ``build_sample`` turns segments into per-token records and ``collate`` stacks
@@ -36,10 +36,11 @@ from typing import Sequence
 import torch
 
 from .chunking import Chunker, Cuts, pays  # noqa: F401 - the layout functions' cut types
-from .positions import CHUNK_MODES, ChunkMode, Kind, segment_slots
+from .positions import CHUNK_KINDS, ChunkKind, Kind, segment_slots
 
 IGNORE = -100  # label of positions that carry no loss (the value torch's cross_entropy skips)
 PROMPT_ENCODINGS = ("visual", "interleaved")
+CHUNK_MODES = CHUNK_KINDS  # the old name
 
 
 @dataclass(frozen=True)
@@ -62,7 +63,7 @@ class Chunk:
 
     tokens: tuple[int, ...]
     n_visual: int
-    mode: ChunkMode = "interleaved"
+    kind: ChunkKind = "interleaved"
     loss: bool = False
     fit_cut: bool = False
     style: str | tuple[str, ...] = "plain"
@@ -74,13 +75,13 @@ class Chunk:
             object.__setattr__(self, "style", tuple(self.style))
             if len(self.style) != len(self.tokens):
                 raise ValueError(f"Chunk.style has {len(self.style)} per-token styles for {len(self.tokens)} tokens")
-        if self.mode not in CHUNK_MODES:
-            raise ValueError(f"Chunk.mode must be one of {CHUNK_MODES}, got {self.mode!r}")
-        if self.mode == "open":
+        if self.kind not in CHUNK_KINDS:
+            raise ValueError(f"Chunk.kind must be one of {CHUNK_KINDS}, got {self.kind!r}")
+        if self.kind == "open":
             if self.n_visual != 0:
                 raise ValueError("an open chunk has no visual tokens (n_visual must be 0)")
         elif self.n_visual <= 0:
-            raise ValueError(f"a {self.mode} chunk needs n_visual > 0, got {self.n_visual}")
+            raise ValueError(f"a {self.kind} chunk needs n_visual > 0, got {self.n_visual}")
 
 
 Segment = Raw | Chunk
@@ -138,7 +139,7 @@ def build_sample(segments: Sequence[Segment]) -> Sample:
             slots = segment_slots(None, base, len(seg.tokens))
             idx = -1
         elif isinstance(seg, Chunk):
-            slots = segment_slots(seg.mode, base, len(seg.tokens), seg.n_visual)
+            slots = segment_slots(seg.kind, base, len(seg.tokens), seg.n_visual)
             idx, n_chunks = n_chunks, n_chunks + 1
             if seg.n_visual:
                 s.chunks.append(seg)

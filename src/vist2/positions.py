@@ -38,8 +38,9 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import Literal
 
-CHUNK_MODES = ("interleaved", "visual", "ocr", "open")
-ChunkMode = Literal["interleaved", "visual", "ocr", "open"]
+CHUNK_KINDS = ("interleaved", "visual", "ocr", "open")
+ChunkKind = Literal["interleaved", "visual", "ocr", "open"]
+CHUNK_MODES = CHUNK_KINDS  # the old name
 
 
 class Kind(IntEnum):
@@ -65,7 +66,7 @@ class Slots:
         return next((p for k, p, _ in self.runs if k == Kind.VISUAL), range(0))
 
 
-def segment_slots(kind: ChunkMode | None, base: int, n_text: int, n_visual: int = 0) -> Slots:
+def segment_slots(kind: ChunkKind | None, base: int, n_text: int, n_visual: int = 0) -> Slots:
     """The slots of raw text (``kind`` None: ``n_text`` tokens that stay) or of a chunk of that kind,
     starting at position ``base``."""
     text, end = range(base, base + n_text), base + n_text
@@ -80,7 +81,7 @@ def segment_slots(kind: ChunkMode | None, base: int, n_text: int, n_visual: int 
     if kind == "ocr":
         after = range(base + n_visual, base + n_visual + n_text)
         return Slots(((Kind.VISUAL, visual, False), (Kind.TEXT, after, False)), after.stop, after.stop)
-    raise ValueError(f"chunk kind must be one of {CHUNK_MODES}, got {kind!r}")
+    raise ValueError(f"chunk kind must be one of {CHUNK_KINDS}, got {kind!r}")
 
 
 def window_slots(start: int, n_text: int, n_visual: int) -> Slots:

@@ -8,7 +8,7 @@ and, for free, on the host (:attr:`host_length`: the row manager, :mod:`.kv_rows
 entries fed), so no step needs to read a device value back.
 
 Before every forward the runner tells the cache which rows take part and at which cache
-indices the new tokens' K/V go (:meth:`plan`); the attention layers then call :meth:`update`
+indices the new tokens' K/V go (:meth:`prepare`); the attention layers then call :meth:`update`
 as on any transformers cache and get back the rows' first ``span`` entries. Everything below
 a row's live length is alive, so the attention mask is plain causal over cache indices:
 a boolean ``(b, 1, T, span)`` built by broadcasting the write indices against ``arange(span)``
@@ -51,8 +51,8 @@ class CompressedKVCache:
     def bytes_allocated(self) -> int:
         return self.rows * self.capacity * self.bytes_per_token
 
-    def plan(self, rows: Sequence[int] | slice, write_BT: torch.Tensor, span: int,
-             write_rows: torch.Tensor | None = None) -> torch.Tensor:
+    def prepare(self, rows: Sequence[int] | slice, write_BT: torch.Tensor, span: int,
+                write_rows: torch.Tensor | None = None) -> torch.Tensor:
         """Set up the next forward: rows (a slice, or host row numbers), the cache index of every new
         token ``(b, T)`` on the device, and how many entries the layers read back; ``write_rows``
         (device, ``(b,)`` per row or ``(b, T)`` per token) redirects writes to other rows (the decode

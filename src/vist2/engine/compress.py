@@ -73,7 +73,7 @@ class Compressor:
                 text, after = self.processor.chunk_text(w.carry_in, w.tokens)
                 assert after == w.fit.carry  # the fit state saw exactly the bytes the image shows
                 texts.append(text)
-            visual = runner.encode(texts, ["plain"] * len(windows))
+            visual = runner.read_chunks(texts, ["plain"] * len(windows))
             ends = [kv.length(r) for r in rows]
             bases = [e - len(w.tokens) for e, w in zip(ends, windows)]  # where each window began
             # the visual tokens' positions are those the window's text had (the layout's rule); their K/V

@@ -11,9 +11,9 @@ and a closed window's by the compressor (both :func:`vist2.text.chunk_text`). It
 - :mod:`.request` — a request's state inside the engine, its status and finish reason;
 - :mod:`.kv_rows` — the cache rows: allocation, every length change, the prefix cache;
 - :mod:`.runner` — runs the model: prefill and compression forwards, the decode step and its CUDA
-  graphs, padding, chunk images through the vision tower (and the memory cache);
+  graphs, padding, chunk images through the vision tower (and the encoder cache);
 - :mod:`.compress` — the open window of generated text, closed into visual tokens;
-- :mod:`.memory_cache`, :mod:`.prefix_cache` — prompt chunks' visual tokens, and the K/V of prompts' starts,
+- :mod:`.encoder_cache`, :mod:`.prefix_cache` — prompt chunks' visual tokens, and the K/V of prompts' starts,
   kept across requests (a prompt that starts as a cached one is fed from where the cache ends);
 - :mod:`.types` — requests, results, stats, the compression :class:`~vist2.modes.Mode`.
 
@@ -45,6 +45,7 @@ Example::
 from __future__ import annotations
 
 import time
+import warnings
 from typing import Callable, Iterator, Sequence
 
 import torch
@@ -94,15 +95,16 @@ class Engine:
             them in the calling thread.
         vision_batch: images the vision tower reads at once (a batch of chunks is read in micro-batches
             of this size, so its activations stay bounded however long the prompt).
-        memory_cache_bytes: keep prompt chunks' visual tokens across requests, up to this many bytes
-            (:class:`~.memory_cache.MemoryCache`): a chunk seen before (same text, style, render config
+        encoder_cache_bytes: keep prompt chunks' visual tokens across requests, up to this many bytes
+            (:class:`~.encoder_cache.EncoderCache`): a chunk seen before (same text, style, render config
             and weights) is not rendered or read again. 0 (the default) turns it off, so a library
             engine computes every request from scratch: benchmarks and evaluations that repeat a
-            prompt measure the vision tower, not a lookup. ``vist2 serve`` turns it on.
+            prompt measure the vision tower, not a lookup. ``vist2 serve`` turns it on. (Its old name,
+            ``memory_cache_bytes``, still works and warns.)
         prefix_cache_bytes: keep the LLM's K/V of prompts' starts (whole chunks, raw text in blocks) across
             requests, up to this many bytes (:class:`~.prefix_cache.PrefixCache`): a prompt that begins as
-            a cached one copies those entries and feeds only the rest. None: the memory cache's bound
-            (a bound of its own; both on or both off); needs the memory cache on.
+            a cached one copies those entries and feeds only the rest. None: the encoder cache's bound
+            (a bound of its own; both on or both off); needs the encoder cache on.
         prompt_encoding: how a prompt's compressed chunks enter the LLM (``visual`` or ``interleaved``,
             :func:`vist2.layout.prompt_segments`); None: the model's ``prompt_encoding``. Evaluations
             that write after a context in another layout than the model's set it.
@@ -112,8 +114,8 @@ class Engine:
                  max_cache_tokens: int | None = None, record_logits: bool = False, prefill_budget: int = 2048,
                  max_prefills_per_step: int = 1, cuda_graphs: bool | None = None,
                  observer: Callable[[StepReport], None] | None = None, render_workers: int = 1,
-                 memory_cache_bytes: int = 0, vision_batch: int = 4, prefix_cache_bytes: int | None = None,
-                 prompt_encoding: str | None = None):
+                 encoder_cache_bytes: int = 0, vision_batch: int = 4, prefix_cache_bytes: int | None = None,
+                 prompt_encoding: str | None = None, memory_cache_bytes: int | None = None):
         if max_batch <= 0:
             raise ValueError(f"max_batch must be > 0, got {max_batch}")
         cfg = model.config
@@ -129,12 +131,18 @@ class Engine:
             raise ValueError(f"prefill_budget must be >= n_visual={self.n_visual} (one chunk's visual tokens "
                              f"are fed together), got {prefill_budget}")
         self.prefill_budget = prefill_budget
-        prefix_cache_bytes = memory_cache_bytes if prefix_cache_bytes is None else prefix_cache_bytes
-        if prefix_cache_bytes and not memory_cache_bytes:
-            raise ValueError("prefix_cache_bytes needs the memory cache on (memory_cache_bytes > 0)")
+        if memory_cache_bytes is not None:  # the old name
+            warnings.warn("Engine(memory_cache_bytes=...) is deprecated: use encoder_cache_bytes", DeprecationWarning,
+                          stacklevel=2)
+            if encoder_cache_bytes:
+                raise ValueError("pass encoder_cache_bytes only (memory_cache_bytes is its old name)")
+            encoder_cache_bytes = memory_cache_bytes
+        prefix_cache_bytes = encoder_cache_bytes if prefix_cache_bytes is None else prefix_cache_bytes
+        if prefix_cache_bytes and not encoder_cache_bytes:
+            raise ValueError("prefix_cache_bytes needs the encoder cache on (encoder_cache_bytes > 0)")
         self.max_prefills_per_step = max(1, max_prefills_per_step)
         self.runner = ModelRunner(model, processor, max_batch, self.max_cache_tokens, cuda_graphs, render_workers,
-                                  memory_cache_bytes, vision_batch)
+                                  encoder_cache_bytes, vision_batch)
         # the K/V of prompts' starts kept across requests (None: off), owned by the row manager
         prefix = (PrefixCache(prefix_cache_bytes, (processor.render_config, self.prompt_encoding, cfg.n_visual))
                   if prefix_cache_bytes else None)
@@ -206,11 +214,13 @@ class Engine:
     def busy(self) -> bool:
         return bool(self.scheduler.waiting or self.scheduler.running)
 
-    def memory_cache_stats(self) -> dict | None:
-        """The memory cache's counters and occupancy (:meth:`MemoryCache.stats`), the prefix cache's under
-        ``prefix`` (:meth:`PrefixCache.stats`, None when off); None when the memory cache is off."""
-        memory, prefix = self.runner.memory, self.kv.prefix
-        return None if memory is None else memory.stats() | {"prefix": None if prefix is None else prefix.stats()}
+    def encoder_cache_stats(self) -> dict | None:
+        """The encoder cache's counters and occupancy (:meth:`EncoderCache.stats`), the prefix cache's under
+        ``prefix`` (:meth:`PrefixCache.stats`, None when off); None when the encoder cache is off."""
+        encoder, prefix = self.runner.encoder_cache, self.kv.prefix
+        return None if encoder is None else encoder.stats() | {"prefix": None if prefix is None else prefix.stats()}
+
+    memory_cache_stats = encoder_cache_stats  # the old name
 
     def cache_usage(self) -> dict:
         """Cache occupancy: live entries per running request, capacity, bytes per entry and allocated."""
@@ -384,7 +394,7 @@ class Engine:
             return
         texts, styles = zip(*(f.chunks[c] for f, c in need))
         salt = {id(s.feed): s.req.cache_salt for s in self.scheduler.running.values()}
-        visual, hits = self.runner.encode_prompt(list(texts), list(styles), [salt[id(f)] for f, _ in need])
+        visual, hits = self.runner.read_prompt_chunks(list(texts), list(styles), [salt[id(f)] for f, _ in need])
         owner = {id(s.feed): s.stats for s in self.scheduler.running.values()}
         for (f, c), v, hit in zip(need, visual, hits):
             f.visual[c] = v

@@ -13,14 +13,15 @@ and no other salt's prompt can reach it (vLLM salts the first block's hash the s
 the K/V of its piece for every
 layer, ``(2 x layers, kv_heads, n, head_dim)`` on the model's device and dtype. The chunking is a
 causal stream, so turn t+1 of a chat with a compressed history starts with every chunk closed in
-turn t's prompt, and walks the same nodes. The model's weights are the scope (as in
-:func:`~.memory_cache.model_scope`, over the whole model here): when they change, all is dropped.
+turn t's prompt, and walks the same nodes. The model's weights are the scope (checked by a
+:class:`~.weights_scope.WeightsScope` as the encoder cache's is, over the whole model here): when they
+change, all is dropped.
 
 A prompt's last piece is never taken from the cache: its forward gives the logits the first token
 is drawn from. Memory is bounded by ``max_bytes`` (K/V bytes plus the keys' bytes); least recently
 used leaves go first (a node is always touched after its descendants, so the oldest node is a leaf).
 
-The bound is its own (``Engine(prefix_cache_bytes=…)``, by default the memory cache's): a chunk's
+The bound is its own (``Engine(prefix_cache_bytes=…)``, by default the encoder cache's): a chunk's
 K/V is ``2 x layers x kv_heads x head_dim`` values per entry, ~56 times its visual tokens for Qwen3-0.6B,
 so one LRU over both would let K/V push out every visual-token entry, and those are the only reuse
 left for a chunk seen after another start (a document behind another system prompt).
@@ -45,6 +46,7 @@ import torch
 
 from ..layout import Chunk
 from .cache import CompressedKVCache
+from .weights_scope import WeightsScope
 
 RAW_BLOCK = 32  # raw tokens per piece: a shared raw start is reused to within this many tokens
 
@@ -63,7 +65,7 @@ def prompt_pieces(plan, raw_block: int = RAW_BLOCK, salt: str | None = None) -> 
         if isinstance(seg, Chunk):
             text, style = plan.chunks[n_chunks]
             style = style if isinstance(style, str) else tuple(style)
-            out.append(Piece(("c", seg.tokens, seg.mode, seg.n_visual, text, style), seg.n_visual, n_chunks))
+            out.append(Piece(("c", seg.tokens, seg.kind, seg.n_visual, text, style), seg.n_visual, n_chunks))
             n_chunks += 1
             continue
         for i in range(0, len(seg.tokens), raw_block):
@@ -129,13 +131,17 @@ class PrefixCache:
         self._root = _Node(context, None, None, 0)
         self._lru: OrderedDict[_Node, None] = OrderedDict()  # every node but the root, oldest first
         self._rows: dict[int, list] = {}  # row -> [its pieces, pieces kept, the node of the last kept, scope]
-        self._scope: Hashable = None
+        self.weights = WeightsScope(self)
         self.bytes = 0
         self.hit_tokens = self.miss_tokens = self.hit_chunks = self.miss_chunks = 0
-        self.evictions = self.invalidations = 0
+        self.evictions = 0
 
     def __len__(self) -> int:
         return len(self._lru)
+
+    @property
+    def invalidations(self) -> int:
+        return self.weights.invalidations
 
     def stats(self) -> dict:
         """Counters since creation (hits and misses: the cache entries and the chunks of prompts' starts
@@ -152,13 +158,6 @@ class PrefixCache:
         self._root.children.clear()
         self.bytes = 0
 
-    def _check_scope(self, scope: Hashable) -> None:
-        if scope != self._scope:  # other weights: nothing held can be hit again
-            if self._lru:
-                self.invalidations += 1
-            self.clear()
-            self._scope = scope
-
     def _touch(self, node: _Node) -> None:
         """Mark a node and its ancestors used, deepest first: a parent is always newer than its children."""
         while node is not self._root:
@@ -168,7 +167,7 @@ class PrefixCache:
     def begin(self, row: int, pieces: Sequence[Piece], cache: CompressedKVCache, scope: Hashable) -> int:
         """A request enters ``row``: copy the K/V of the longest cached run of its pieces (never the last)
         into the row at the same cache indices; returns how many entries that is (the row's length)."""
-        self._check_scope(scope)
+        self.weights.check(scope)
         node, path, entries = self._root, [], 0
         for p in pieces[:-1]:
             nxt = node.children.get(p.key)
@@ -200,7 +199,7 @@ class PrefixCache:
         if scope != began:  # the weights changed while the prompt was fed: its K/V mixes two models
             del self._rows[row]
             return
-        self._check_scope(scope)
+        self.weights.check(scope)
         if not node.attached and node is not self._root:  # evicted meanwhile: find the way again from the root
             node, kept = self._root, 0
         start = sum(p.entries for p in pieces[:kept])

@@ -3,8 +3,8 @@
 It executes what the scheduler planned: new cache entries of some rows through the LLM at given
 positions and cache indices (:meth:`ModelRunner.forward`: prefill pieces, compressed chunks' visual
 tokens), the one-token decode step over every row at once (:meth:`ModelRunner.decode`, captured as
-CUDA graphs on a GPU), and chunk texts turned into visual tokens (:meth:`ModelRunner.encode`: render,
-vision tower, aligner; :meth:`ModelRunner.encode_prompt` through the memory cache). Padding
+CUDA graphs on a GPU), and chunk texts turned into visual tokens (:meth:`ModelRunner.read_chunks`: render,
+vision tower, aligner; :meth:`ModelRunner.read_prompt_chunks` through the encoder cache). Padding
 (left-padded prefill rows, batch and span buckets of the decode step) lives here too. It knows
 nothing of requests: the scheduler says which rows, which ids, which positions. It allocates the KV
 cache buffers; the row manager (:mod:`.kv_rows`) keeps the rows' lengths (the decode step aside,
@@ -26,9 +26,10 @@ from ..modeling import VIST2ForCausalLM, cache_kwarg
 from ..processing import VIST2Processor
 from ..runtime import kv_geometry
 from .cache import CompressedKVCache
+from .encoder_cache import EncoderCache
 from .kv_rows import CacheFull  # noqa: F401 - kept importable from here
-from .memory_cache import MemoryCache, model_scope
 from .rendering import ChunkRenderer
+from .weights_scope import model_scope
 
 
 class _CapturedStep:
@@ -86,7 +87,7 @@ class ModelRunner:
     """
 
     def __init__(self, model: VIST2ForCausalLM, processor: VIST2Processor, max_batch: int, max_cache_tokens: int,
-                 cuda_graphs: bool | None = None, render_workers: int = 1, memory_cache_bytes: int = 0,
+                 cuda_graphs: bool | None = None, render_workers: int = 1, encoder_cache_bytes: int = 0,
                  vision_batch: int = 4):
         self.model = model.eval()
         self.max_batch, self.max_cache_tokens = max_batch, max_cache_tokens
@@ -105,7 +106,8 @@ class ModelRunner:
         self._batch_buckets = sorted({min(max_batch, 1 << i) for i in range(max_batch.bit_length() + 1)})
         self._n_tokens = len(processor.tokenizer)
         # prompt chunks' visual tokens kept across requests (None: off)
-        self.memory = MemoryCache(memory_cache_bytes, processor.render_config) if memory_cache_bytes else None
+        self.encoder_cache = (EncoderCache(encoder_cache_bytes, processor.render_config) if encoder_cache_bytes
+                              else None)
 
     @property
     def cache(self) -> CompressedKVCache:
@@ -141,7 +143,7 @@ class ModelRunner:
         return self.model.model.get_input_embeddings()(ids_BT.to(self.device))
 
     @torch.no_grad()  # the vision tower's activations are not kept for a backward pass
-    def encode(self, texts: list[str], styles: list) -> torch.Tensor:
+    def read_chunks(self, texts: list[str], styles: list) -> torch.Tensor:
         """Render chunk texts and read them with the vision tower + aligner: ``(n, n_visual, D)``."""
         with self.phase("render"):
             pixels = self.renderer.pixels(texts, styles)
@@ -151,14 +153,15 @@ class ModelRunner:
             return torch.cat([self.model.model.encode_images(px.to(self.device, self.model.dtype))
                               for px in pixels.split(self.vision_batch)])
 
-    def encode_prompt(self, texts: list[str], styles: list, salts: list | None = None) -> tuple[torch.Tensor, list[bool]]:
-        """:meth:`encode` through the memory cache (when on): ``(n, n_visual, D)`` and whether each chunk was
+    def read_prompt_chunks(self, texts: list[str], styles: list,
+                           salts: list | None = None) -> tuple[torch.Tensor, list[bool]]:
+        """:meth:`read_chunks` through the encoder cache (when on): ``(n, n_visual, D)`` and whether each chunk was
         a hit (neither rendered nor read). Only prompt chunks come here: a generated window is new text.
         ``salts``: each chunk's request's ``cache_salt`` (its cache namespace)."""
-        if self.memory is None:
-            return self.encode(texts, styles), [False] * len(texts)
+        if self.encoder_cache is None:
+            return self.read_chunks(texts, styles), [False] * len(texts)
         m = self.model.model
-        return self.memory.fetch(texts, styles, self.encode, model_scope([m.vision, m.aligner]), salts)
+        return self.encoder_cache.fetch(texts, styles, self.read_chunks, model_scope([m.vision, m.aligner]), salts)
 
     # -- the LLM ------------------------------------------------------------------------------
 
@@ -188,7 +191,7 @@ class ModelRunner:
                                       device=dev)
             write = [w[:1] * n + w for w, n in zip(write, pad)]
             positions = [p[:1] * n + p for p, n in zip(positions, pad)]
-        mask = cache.plan(rows, torch.tensor(write, device=dev), span, write_rows=write_rows)
+        mask = cache.prepare(rows, torch.tensor(write, device=dev), span, write_rows=write_rows)
         return self._lm(embeds_BTD, torch.tensor(positions, device=dev), mask)
 
     def decode_fn(self, ids_B1: torch.Tensor, active_B: torch.Tensor, span: int) -> torch.Tensor:
@@ -198,7 +201,7 @@ class ModelRunner:
         # (b, 1): a token's position is its cache index (an idle row's length may be any; clamped)
         write = cache.length[:b, None].clamp(max=cache.capacity - 1)
         write_rows = torch.where(active_B, torch.arange(b, device=ids_B1.device), cache.scratch)
-        mask = cache.plan(slice(0, b), write, span, write_rows=write_rows)
+        mask = cache.prepare(slice(0, b), write, span, write_rows=write_rows)
         logits = self._lm(self.embed_text(ids_B1), write, mask)
         cache.length[:b] += active_B.long()
         return logits

@@ -55,8 +55,9 @@ class Stats:
     kv_tokens_uncompressed: int = 0  # what a plain LLM would hold for the same tokens
     kv_bytes: int = 0
     kv_bytes_peak: int = 0
-    memory_hits: int = 0  # prompt chunks found in the memory cache (not rendered or read again)
-    memory_misses: int = 0  # prompt chunks read by the vision tower while the memory cache is on
+    # the encoder cache (named memory_* as in --stats-json files and the served usage.memory_cache):
+    memory_hits: int = 0  # prompt chunks found in the encoder cache (not rendered or read again)
+    memory_misses: int = 0  # prompt chunks read by the vision tower while the encoder cache is on
     prefix_hit_chunks: int = 0  # prompt chunks whose K/V came from the prefix cache (not rendered, read or fed)
     prefix_hit_tokens: int = 0  # prompt cache entries copied from the prefix cache (those chunks and raw text)
     ttft_s: float = 0.0
@@ -103,7 +104,7 @@ class StepReport:
 
     step: int
     prefill_tokens: int = 0  # prompt entries run through the LLM this step (text and visual)
-    prefill_chunks: int = 0  # prompt chunks read by the vision tower this step (memory cache hits not counted)
+    prefill_chunks: int = 0  # prompt chunks read by the vision tower this step (encoder cache hits not counted)
     prefill_rows: list[int] = field(default_factory=list)  # rows in each prefill forward (prompts fed together)
     decode_rows: int = 0  # rows that fed a token
     decode_chunks: int = 0  # generated windows compressed

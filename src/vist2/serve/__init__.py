@@ -42,12 +42,12 @@ log = logging.getLogger(__name__)
 # larger budget costs milliseconds. (Never below one chunk's visual tokens.)
 CPU_PREFILL_BUDGET = 64
 GPU_PREFILL_BUDGET = 2048
-# The memory cache's default bound. One chunk's visual tokens are n_visual x D x dtype bytes: 16 KiB for
+# The encoder cache's default bound. One chunk's visual tokens are n_visual x D x dtype bytes: 16 KiB for
 # the nano model (16 x 256, float32; K = 64), 80 KiB for Qwen3-4B in bfloat16 (D = 2560). 256 MiB holds
 # 16k nano chunks (1M prompt tokens) or 3.2k 4B chunks: the histories of many chats at once. It is what
 # the nano server's KV cache takes at its defaults (8 rows x 8192 entries x 4 KiB), and small beside a
 # large model's (one 32k-entry row of Qwen3-4B in bfloat16 is 4.5 GiB).
-DEFAULT_MEMORY_CACHE_BYTES = 256 << 20
+DEFAULT_ENCODER_CACHE_BYTES = 256 << 20
 # Connection limits (uvicorn's keep-alive and concurrency options; the header deadline is our own).
 DEFAULT_HEADER_TIMEOUT = 10.0
 DEFAULT_BODY_TIMEOUT = 60.0  # a 2 MiB body (the nano model's default limit) in 60 s needs 35 KB/s
@@ -99,17 +99,19 @@ def _add_arguments(q: argparse.ArgumentParser) -> None:
                    help="prompt entries fed per engine step while other streams decode: a smaller budget "
                         f"keeps streams smooth while a long prompt is admitted (default: {CPU_PREFILL_BUDGET} on "
                         f"CPU, {GPU_PREFILL_BUDGET} on CUDA; at least one chunk's visual tokens)")
-    q.add_argument("--memory-cache-bytes", type=int, default=DEFAULT_MEMORY_CACHE_BYTES, metavar="N",
+    q.add_argument("--encoder-cache-bytes", "--memory-cache-bytes", type=int, default=DEFAULT_ENCODER_CACHE_BYTES,
+                   metavar="N", dest="encoder_cache_bytes",
                    help="keep prompt chunks' visual tokens across requests, up to N bytes: a chunk seen before "
                         "(a chat's history, a document asked about again) is not rendered or read by the "
                         "vision tower again; the LLM's K/V of a prompt's cached start (the prefix cache) gets "
                         "a second bound of N bytes, so a request that begins like an earlier one skips that "
-                        f"prefill; 0 turns both off (default {DEFAULT_MEMORY_CACHE_BYTES >> 20} MiB each)")
+                        f"prefill; 0 turns both off (default {DEFAULT_ENCODER_CACHE_BYTES >> 20} MiB each; "
+                        "--memory-cache-bytes is its old name, deprecated)")
     q.add_argument("--chat-history", choices=("raw", "compressed"), default="raw",
                    help="chat requests: 'raw' compresses the last user message and keeps every earlier turn "
                         "as text (what models trained on the raw split read); 'compressed' makes the whole chat "
                         "through the last user message memory, styled by role, so long chats fit and earlier "
-                        "turns are memory cache hits (default raw)")
+                        "turns are encoder cache hits (default raw)")
     q.add_argument("--max-chat-messages", type=int, default=DEFAULT_MAX_CHAT_MESSAGES, metavar="N",
                    help=f"chats with more messages get 400 (default {DEFAULT_MAX_CHAT_MESSAGES})")
     q.add_argument("--allow-special-tokens", action="store_true",
@@ -193,7 +195,7 @@ def build_app(args):
         budget = args.prefill_budget or max(  # the engine feeds one chunk's visual tokens together
             GPU_PREFILL_BUDGET if device.startswith("cuda") else CPU_PREFILL_BUDGET, model.config.n_visual)
         engine = Engine(model, processor, max_batch=args.max_batch, max_cache_tokens=args.max_cache_tokens,
-                        prefill_budget=budget, memory_cache_bytes=args.memory_cache_bytes)
+                        prefill_budget=budget, encoder_cache_bytes=args.encoder_cache_bytes)
     except CheckpointError as e:  # a damaged folder: the message names the file
         raise CLIError(str(e)) from e
     except (ValueError, OSError) as e:
@@ -221,7 +223,7 @@ def cmd_serve(args) -> int:
                              ("--max-body-bytes", args.max_body_bytes, 1),
                              ("--shutdown-grace", args.shutdown_grace, 0),
                              ("--prefill-budget", args.prefill_budget, 1),
-                             ("--memory-cache-bytes", args.memory_cache_bytes, 0),
+                             ("--encoder-cache-bytes", args.encoder_cache_bytes, 0),
                              ("--max-chat-messages", args.max_chat_messages, 1),
                              ("--max-connections", args.max_connections, 1),
                              ("--replicas", args.replicas, 1)):

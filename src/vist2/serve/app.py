@@ -247,7 +247,7 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, m
         raise ValueError(f"max_chat_messages must be >= 1 and body_timeout > 0, got {max_chat_messages}, "
                          f"{body_timeout}")
     metrics = ServerMetrics()
-    metrics.watch_memory_cache(engine)
+    metrics.watch_encoder_cache(engine)
     bridge = EngineBridge(engine, max_queue=max_queue, metrics=metrics)
     serving = OpenAIServing(bridge, ServingConfig(model_name, default_mode, max_prompt_tokens, max_tokens_limit,
                                                   chat_history, shared_cache, max_chat_messages,

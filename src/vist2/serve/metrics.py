@@ -37,32 +37,33 @@ class ServerMetrics:
                                        "the end of each finished request", registry=r)
         self.chunks = Counter("vist2_chunks_compressed", "chunks turned into visual tokens", registry=r)
 
-    def watch_memory_cache(self, engine) -> None:
-        """Export the engine's memory cache (``Engine.memory_cache_stats``), read at every scrape: the
+    def watch_encoder_cache(self, engine) -> None:
+        """Export the engine's encoder cache (``Engine.encoder_cache_stats``), read at every scrape: the
         engine keeps the counters, so they are exact however requests end. All zero when it is off."""
-        self.registry.register(_MemoryCacheCollector(engine))
+        self.registry.register(_EncoderCacheCollector(engine))
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
 
-class _MemoryCacheCollector:
-    """``vist2_memory_cache_*``: prompt chunks found in / missing from the memory cache, entries evicted
-    for the byte bound or dropped when the weights changed, and what it holds."""
+class _EncoderCacheCollector:
+    """``vist2_memory_cache_*`` (the encoder cache's old name, kept for dashboards): prompt chunks found in /
+    missing from the encoder cache, entries evicted for the byte bound or dropped when the weights changed,
+    and what it holds."""
 
     def __init__(self, engine):
         self.engine = engine
 
     def collect(self):
-        stats = getattr(self.engine, "memory_cache_stats", lambda: None)() or {}
-        for name, doc in (("hits", "prompt chunks whose visual tokens came from the memory cache"),
-                          ("misses", "prompt chunks read by the vision tower with the memory cache on"),
-                          ("evictions", "memory cache entries evicted to stay within its byte bound"),
-                          ("invalidations", "times the memory cache was emptied because the weights changed")):
+        stats = getattr(self.engine, "encoder_cache_stats", lambda: None)() or {}
+        for name, doc in (("hits", "prompt chunks whose visual tokens came from the encoder cache"),
+                          ("misses", "prompt chunks read by the vision tower with the encoder cache on"),
+                          ("evictions", "encoder cache entries evicted to stay within its byte bound"),
+                          ("invalidations", "times the encoder cache was emptied because the weights changed")):
             yield CounterMetricFamily(f"vist2_memory_cache_{name}", doc, value=stats.get(name, 0))
-        for name, doc in (("entries", "chunks the memory cache holds"),
-                          ("bytes", "bytes the memory cache holds (visual tokens and chunk texts)"),
-                          ("max_bytes", "the memory cache's byte bound (--memory-cache-bytes; 0: off)")):
+        for name, doc in (("entries", "chunks the encoder cache holds"),
+                          ("bytes", "bytes the encoder cache holds (visual tokens and chunk texts)"),
+                          ("max_bytes", "the encoder cache's byte bound (--encoder-cache-bytes; 0: off)")):
             yield GaugeMetricFamily(f"vist2_memory_cache_{name}", doc, value=stats.get(name, 0))
         prefix = stats.get("prefix") or {}  # vist2_prefix_cache_*: the K/V of cached prompt starts
         for name, doc in (("hit_tokens", "prompt cache entries copied from the prefix cache instead of computed"),
@@ -74,5 +75,5 @@ class _MemoryCacheCollector:
             yield CounterMetricFamily(f"vist2_prefix_cache_{name}", doc, value=prefix.get(name, 0))
         for name, doc in (("nodes", "prompt pieces (chunks, raw blocks) the prefix cache holds"),
                           ("bytes", "bytes the prefix cache holds (K/V and keys)"),
-                          ("max_bytes", "the prefix cache's byte bound (that of --memory-cache-bytes; 0: off)")):
+                          ("max_bytes", "the prefix cache's byte bound (that of --encoder-cache-bytes; 0: off)")):
             yield GaugeMetricFamily(f"vist2_prefix_cache_{name}", doc, value=prefix.get(name, 0))

@@ -275,8 +275,10 @@ class CompressionUsage(BaseModel):
 
 
 class MemoryCacheUsage(BaseModel):
-    """Prompt chunks of the request's choices found in the server's memory cache (not rendered or read
-    by the vision tower again) and read anew; present when the server runs one (--memory-cache-bytes).
+    """Prompt chunks of the request's choices found in the server's encoder cache (not rendered or read
+    by the vision tower again) and read anew; present when the server runs one (--encoder-cache-bytes).
+    Served as ``usage.memory_cache`` (and this name in /openapi.json): the encoder cache's old name, kept
+    so that clients do not break.
     ``prefix_hit_chunks`` / ``prefix_hit_tokens``: the prompt chunks and cache entries whose K/V came from
     the prefix cache (a cached prompt start: not rendered, read or run through the LLM; counted in
     neither ``hits`` nor ``misses``)."""

@@ -340,7 +340,7 @@ class OpenAIServing:
                                           misses=sum(s.memory_misses for s in done),
                                           prefix_hit_chunks=sum(s.prefix_hit_chunks for s in done),
                                           prefix_hit_tokens=sum(s.prefix_hit_tokens for s in done))
-            if getattr(self.engine, "memory_cache_stats", lambda: None)() is not None else None,
+            if getattr(self.engine, "encoder_cache_stats", lambda: None)() is not None else None,
         )
 
     async def _collect(self, sub: Submission, raw: HTTPRequest) -> tuple[list[str], list[Stats | None]]:

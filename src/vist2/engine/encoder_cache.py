@@ -1,14 +1,13 @@
-"""The memory cache: visual tokens of prompt chunks kept across requests, so a chunk seen before
+"""The encoder cache: visual tokens of prompt chunks kept across requests, so a chunk seen before
 is neither rendered nor read by the vision tower again.
 
 A chunk's visual tokens (vision tower + aligner output, ``(n_visual, D)``) are a pure function
 of what its image shows and of the weights that read it: its text, its render style (one, or one
 per character), the render config, and the model. The cache keys entries by exactly that. The
 text, the style and the render config are in every key; the model is the cache's *scope*: the
-identity of the vision tower and aligner weights (each parameter's storage and its in-place
-version counter, so an optimizer step or ``load_state_dict`` on the same model object changes
-it). When the scope changes every entry is dropped at once (counted in ``invalidations``): an
-entry of other weights could never be hit again, and keeping it would only hold memory.
+identity of the vision tower and aligner weights, checked by a :class:`~.weights_scope.WeightsScope`
+as the prefix cache's is. When the scope changes every entry is dropped at once (counted in
+``invalidations``).
 
 Entries live on the model's device, in its dtype: a hit costs no transfer, and the tokens a hit
 returns are the very tensor the vision tower produced when the chunk was first read. Memory is
@@ -19,13 +18,13 @@ stored under one salt is never a hit under another, so one client cannot learn f
 speed) what another sent. None is the shared namespace.
 
     >>> import torch
-    >>> mc = MemoryCache(max_bytes=1 << 20)
+    >>> ec = EncoderCache(max_bytes=1 << 20)
     >>> read = lambda texts, styles: torch.ones(len(texts), 4, 8)    # the vision tower, for the example
-    >>> v, hits = mc.fetch(["a chunk", "another"], ["user", "user"], read, scope="model-1")
+    >>> v, hits = ec.fetch(["a chunk", "another"], ["user", "user"], read, scope="model-1")
     >>> v.shape, hits
     (torch.Size([2, 4, 8]), [False, False])
-    >>> _, hits = mc.fetch(["a chunk"], ["user"], read, scope="model-1")
-    >>> hits, mc.stats()["hits"]
+    >>> _, hits = ec.fetch(["a chunk"], ["user"], read, scope="model-1")
+    >>> hits, ec.stats()["hits"]
     ([True], 1)
 """
 
@@ -36,38 +35,37 @@ from typing import Callable, Hashable, Sequence
 
 import torch
 
+from .weights_scope import WeightsScope
+
 Style = str | tuple[str, ...]
 
 
-def model_scope(modules: Sequence[torch.nn.Module]) -> tuple:
-    """What identifies the weights of ``modules`` now: every parameter's storage address, in-place
-    version counter (bumped by optimizer steps, ``copy_``, ``load_state_dict``), dtype and device.
-    Cheap (no tensor is read), so it is taken on every lookup."""
-    return tuple((p.data_ptr(), p._version, p.dtype, p.device) for m in modules for p in m.parameters())
-
-
-class MemoryCache:
+class EncoderCache:
     """A byte-bounded LRU of chunk visual tokens keyed by ``(text, style, render config, salt)`` within a
-    scope (the model's weights, see :func:`model_scope`).
+    scope (the model's weights, see :func:`~.weights_scope.model_scope`).
 
     Args:
         max_bytes: the bound on what entries hold (tensor bytes + key text bytes); must be > 0
-            (an engine without a memory cache holds none of these objects).
+            (an engine without an encoder cache holds none of these objects).
         render_config: part of every key (a hashable object, e.g. :class:`vist2.render.RenderConfig`).
     """
 
     def __init__(self, max_bytes: int, render_config: Hashable = None):
         if not isinstance(max_bytes, int) or isinstance(max_bytes, bool) or max_bytes <= 0:
-            raise ValueError(f"memory_cache_bytes must be a positive int (0 turns the cache off), got {max_bytes!r}")
+            raise ValueError(f"encoder_cache_bytes must be a positive int (0 turns the cache off), got {max_bytes!r}")
         self.max_bytes = max_bytes
         self.render_config = render_config
         self._entries: OrderedDict[tuple, tuple[torch.Tensor, int]] = OrderedDict()  # key -> (tokens, bytes)
-        self._scope: Hashable = None
+        self.weights = WeightsScope(self)
         self.bytes = 0
-        self.hits = self.misses = self.evictions = self.invalidations = 0
+        self.hits = self.misses = self.evictions = 0
 
     def __len__(self) -> int:
         return len(self._entries)
+
+    @property
+    def invalidations(self) -> int:
+        return self.weights.invalidations
 
     def key(self, text: str, style: Style, salt: str | None = None) -> tuple:
         return (text, style if isinstance(style, str) else tuple(style), self.render_config, salt)
@@ -90,11 +88,7 @@ class MemoryCache:
         salts = [None] * len(texts) if salts is None else list(salts)
         if not len(texts) == len(styles) == len(salts):
             raise ValueError(f"{len(texts)} chunk texts for {len(styles)} styles and {len(salts)} salts")
-        if scope != self._scope:  # other weights: nothing held can be hit again
-            if self._entries:
-                self.invalidations += 1
-            self.clear()
-            self._scope = scope
+        self.weights.check(scope)
         keys = [self.key(t, s, salt) for t, s, salt in zip(texts, styles, salts)]
         out: list[torch.Tensor | None] = [None] * len(keys)
         hits, todo = [False] * len(keys), {}  # todo: key -> indices of the call that need it
