@@ -1,5 +1,6 @@
 """Shared fixtures: tiny HF checkpoints built and saved with transformers' own save_pretrained."""
 
+import os
 import socket
 
 import pytest
@@ -12,6 +13,10 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # one thread a worker: the workers already share the cores
+    torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(config, items):
