@@ -33,7 +33,7 @@ from .serve import add_parser as add_serve_parser
 from .training.cli import add_data_parser
 from .training.cli import add_parser as add_train_parser
 from .render import RENDER_PRESETS
-from .tokenizer import add_parser as add_tokenizer_parser
+from .training.tokenizer import add_parser as add_tokenizer_parser
 from .runtime import default_device, is_checkpoint, require_checkpoint, torch_dtype
 from .samples import sample_text
 

@@ -19,7 +19,7 @@ It reads the same sources as ``vist2 train`` (:mod:`vist2.training.data`): ``.tx
     vist2 tokenizer train --data data/text_en.jsonl data/text_zh.jsonl --vocab-size 4096 --out runs/tok
     vist2 init --preset tiny --tokenizer runs/tok --out runs/nano
 
-    >>> from vist2.tokenizer import train_tokenizer
+    >>> from vist2.training.tokenizer import train_tokenizer
     >>> tok = train_tokenizer(["data/text_en.jsonl"], vocab_size=1024)   # doctest: +SKIP
     >>> tok.save_pretrained("runs/tok")                                     # doctest: +SKIP
 """
@@ -55,7 +55,7 @@ def record_texts(record: dict) -> Iterator[str]:
 
 def corpus_texts(paths: Iterable[str | Path]) -> Iterator[str]:
     """Every text in the sources, read by the training data readers."""
-    from .training.data import open_source
+    from .data import open_source
 
     for path in paths:
         for rec, _, _ in open_source(path).raw():
@@ -111,7 +111,7 @@ def train_tokenizer(paths: Iterable[str | Path], vocab_size: int, min_frequency:
 
 
 def cmd_tokenizer_train(args) -> int:
-    from .errors import CLIError
+    from ..errors import CLIError
 
     for p in args.data:
         if not Path(p).exists():
