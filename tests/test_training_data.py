@@ -600,3 +600,54 @@ def test_copy_samples_repeat_a_span_as_raw_text(proc):
         stage_preset("sft", copy_samples=1.0)
     with pytest.raises(ValueError, match="copy_tokens"):
         stage_preset("olm", copy_tokens=4)
+
+
+def test_plant_repeats_keeps_the_text_and_repeats_each_span_once():
+    """plant_repeats: the text in order with each span planted twice (a line break before each copy), at
+    random places; taking the planted copies out gives the text back; the second copy always carries the
+    loss, the first only when asked (a random string cannot be predicted the first time), a line break
+    never (where one is planted cannot be predicted)."""
+    from vist2.training.stages import plant_repeats
+
+    text, nl = list(range(1000, 1200)), (7,)
+    spans = [(tuple(range(10, 30)), False), (tuple(range(40, 48)), True)]
+    seen_gaps = set()
+    for seed in range(20):
+        segs = plant_repeats(text, spans, nl, random.Random(seed))
+        ids = [t for s in segs for t in s.tokens]
+        assert len(ids) == len(text) + 2 * sum(len(s) + 1 for s, _ in spans)
+        plain = [t for s in segs if s.tokens[0] >= 1000 for t in s.tokens]
+        assert plain == text  # nothing of the text lost or moved
+        assert all(s.loss for s in segs if s.tokens[0] >= 1000)
+        for span, first_loss in spans:
+            copies = [i for i, s in enumerate(segs) if s.tokens == span]
+            assert len(copies) == 2 and all(segs[i - 1].tokens == nl and not segs[i - 1].loss for i in copies)
+            assert segs[copies[0]].loss == first_loss and segs[copies[1]].loss
+            seen_gaps.add(copies[1] - copies[0])
+    assert len(seen_gaps) > 2  # the distance between the copies varies
+
+
+def test_lm_repeats_plant_spans_in_lm_windows(proc):
+    """lm_repeats: each LM window holds planted repeats (its own text or random numbers and words) and
+    stays within max_length; the record's text is covered as without them (shorter text windows)."""
+    M = 160
+    b0 = _builder(proc, "lm", max_length=M)
+    b = _builder(proc, "lm", max_length=M, lm_repeats=2, copy_tokens=24)
+    rec = {"text": TEXT * 6}
+    plain, _ = b0.items(rec, random.Random(0), 0.0)
+    planted, _ = b.items(rec, random.Random(0), 0.0)
+    assert all(len(it) <= M for it in planted) and len(planted) > len(plain)
+    newline = b.encode("\n")
+    n_repeat = 0
+    for it in planted:
+        ids = list(it.sample.input_ids)
+        assert set(it.sample.kind) == {Kind.TEXT} and not it.sample.chunks
+        for n in range(24, 7, -1):  # a span of n tokens after a line break, found again later
+            if any(ids[i : i + len(newline)] == newline and ids[i : i + len(newline) + n] in
+                   [ids[j : j + len(newline) + n] for j in range(i + n + 1, len(ids) - n)]
+                   for i in range(len(ids) - n)):
+                n_repeat += 1
+                break
+    assert n_repeat >= len(planted) // 2
+    with pytest.raises(ValueError, match="lm_repeats"):
+        stage_preset("olm", lm_repeats=1.0)

@@ -132,6 +132,11 @@ class TrainConfig:
     # repeat; no pages (bench/notes/nano.md, round 8: copying before retrieving)
     copy_samples: float = 0.0
     copy_tokens: int = 128
+    # lm: spans planted twice in each LM window, this many per window on average (the window's own text or
+    # random numbers and words, 8..copy_tokens tokens, a line break before each copy, at random places, so
+    # the distance between the copies varies over the whole window): an induction signal from the start
+    # (bench/notes/nano.md, round 9); the text windows shrink by what is planted (at most half a window)
+    lm_repeats: float = 0.0
     # from scratch: each visual token redraws its page region (training/losses/page.py), weight 0 = off,
     # until this share of the steps; and the vision tower + aligner at learning_rate x vision_lr_scale
     aux_page_weight: float = 0.0
@@ -225,6 +230,10 @@ class TrainConfig:
                 raise ValueError(f"{name} must be in [0, 16] (samples per OLM window), got {v!r}")
             if v and self.stage != "olm":
                 raise ValueError(f"{name} adds memory-use samples to the olm stage, not {self.stage!r}")
+        if not 0 <= self.lm_repeats <= 16:
+            raise ValueError(f"lm_repeats must be in [0, 16] (planted repeats per LM window), got {self.lm_repeats!r}")
+        if self.lm_repeats and self.stage != "lm":
+            raise ValueError(f"lm_repeats plants repeats in the lm stage's windows, not {self.stage!r}")
         if self.chunk_start_tokens <= 0:
             raise ValueError(f"chunk_start_tokens must be > 0, got {self.chunk_start_tokens}")
         if self.copy_tokens < 8:

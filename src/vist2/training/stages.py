@@ -6,7 +6,8 @@ builder only decides *which* tokens form a sample:
 =========  =================================================  ===========================
 stage      sample                                             loss
 =========  =================================================  ===========================
-lm         ``[t1 ... tn <eos>]`` plain text, no images         every token
+lm         ``[t1 ... tn <eos>]`` plain text, no images;        every token (a random
+           ``lm_repeats``: spans planted twice in it           string's first copy not)
 caption    ``caption_segments``: ``[v, caption <eos>]``        the caption
 ocr        ``ocr_segments``: ``[v1 c1 ... vn cn]``, n from    every ``c_i``
            the curriculum (easy 1, medium 2-4, hard > 4)
@@ -111,6 +112,31 @@ def special_id(tokenizer, token: str) -> int:
     return tokenizer.eos_token_id
 
 
+def plant_repeats(text: list[int], spans: list[tuple[tuple[int, ...], bool]], newline: tuple[int, ...],
+                  rng: random.Random) -> list[Raw]:
+    """``text`` (every token a target) with each span planted twice at random places, a line break before
+    each copy: an induction signal at every distance the text allows (bench/notes/nano.md, round 9). The
+    second copy is a target, the first only when its flag says it is predictable; the line breaks never.
+
+        >>> [(s.tokens, s.loss) for s in plant_repeats([1, 2], [((5, 6), False)], (0,), random.Random(5))]
+        [((1,), True), ((0,), False), ((5, 6), False), ((2,), True), ((0,), False), ((5, 6), True)]
+    """
+    cuts = []  # (where in the text, the order drawn, segment)
+    for span, first_loss in spans:
+        a, b = sorted(rng.randint(0, len(text)) for _ in range(2))
+        cuts += [(a, len(cuts), (Raw(newline), Raw(span, loss=first_loss))),
+                 (b, len(cuts) + 1, (Raw(newline), Raw(span, loss=True)))]
+    out, at = [], 0
+    for where, _, segs in sorted(cuts, key=lambda c: c[:2]):
+        if where > at:
+            out.append(Raw(tuple(text[at:where]), loss=True))
+        out.extend(segs)
+        at = where
+    if at < len(text):
+        out.append(Raw(tuple(text[at:]), loss=True))
+    return out
+
+
 class StageBuilder:
     """Turns records into :class:`Item` s for one stage. Chunks are cut by ``processor``'s fit rule
     (``VIST2Processor.chunker``), as generation cuts them."""
@@ -164,10 +190,29 @@ class StageBuilder:
 
     def _lm(self, rec, rng, progress):
         ids = self.encode(rec["text"]) + [self.doc_end]
-        M = self.cfg.max_length
-        # plain causal LM: consecutive windows of max_length tokens, no chunks, no images
-        out = [Item(build_sample([Raw(tuple(ids[i : i + M]), loss=True)]))
-               for i in range(0, len(ids), M) if len(ids[i : i + M]) >= 2]
+        M, mean = self.cfg.max_length, self.cfg.lm_repeats
+        if not mean:  # plain causal LM: consecutive windows of max_length tokens, no chunks, no images
+            out = [Item(build_sample([Raw(tuple(ids[i : i + M]), loss=True)]))
+                   for i in range(0, len(ids), M) if len(ids[i : i + M]) >= 2]
+            return out, (None if out else "too_short")
+        # with planted repeats: consecutive text windows, shorter by what is planted in them (at most half)
+        nl, out, i = tuple(self.encode("\n")), [], 0
+        while len(ids) - i >= 2:
+            k = int(mean) + (rng.random() < mean % 1)
+            cap = min(self.cfg.copy_tokens, M // (4 * max(k, 1)) - len(nl))
+            lengths = [rng.randint(8, cap) for _ in range(k)] if cap >= 8 else []
+            W = M - 2 * sum(n + len(nl) for n in lengths)
+            text = ids[i : i + W]
+            spans = []
+            for n in lengths:
+                if rng.random() < 0.5 and len(text) > n:  # the window's own text: predictable the first time
+                    o = rng.randrange(len(text) - n + 1)
+                    spans.append((tuple(text[o : o + n]), True))
+                else:  # random numbers and words: only the first copy tells them
+                    spans.append((tuple(self._random_span(ids[i : i + 4 * M], n, rng)), False))
+            if len(text) >= 2 or spans:
+                out.append(Item(build_sample(plant_repeats(text, spans, nl, rng))))
+            i += W
         return out, (None if out else "too_short")
 
     def _caption(self, rec, rng, progress):
@@ -299,13 +344,17 @@ class StageBuilder:
             o = rng.randrange(len(ids) - n + 1)
             span = ids[o : o + n]
         else:
-            words = [w for w in self.tok.decode(ids[: 4 * self.cfg.max_length]).split() if w.isalpha()] or ["a"]
-            text = ""
-            while len(self.encode(text)) < n:
-                text += f" {rng.randint(10**6, 10**7 - 1)}" if rng.random() < 0.5 else f" {rng.choice(words)}"
-            span = self.encode(text)[:n]
+            span = self._random_span(ids[: 4 * self.cfg.max_length], n, rng)
         s = build_sample([Raw(tuple(span + nl), loss=False), Raw(tuple(span), loss=True)])
         return Item(s) if len(s) <= self.cfg.max_length else None
+
+    def _random_span(self, ids: list[int], n: int, rng: random.Random) -> list[int]:
+        """``n`` tokens of random 7-digit numbers and words of ``ids``' text (a string no prior predicts)."""
+        words = [w for w in self.tok.decode(ids).split() if w.isalpha()] or ["a"]
+        text = ""
+        while len(self.encode(text)) < n:
+            text += f" {rng.randint(10**6, 10**7 - 1)}" if rng.random() < 0.5 else f" {rng.choice(words)}"
+        return self.encode(text)[:n]
 
     def _olm_windows(self, ids: list[int]) -> list[tuple[Item, int]]:
         """The document's consecutive OLM windows, each with the index of its first token."""
