@@ -58,12 +58,14 @@ def probe(model, proc, n: int = 30, L: int = 64, gap: int = 0) -> dict:
 
 
 def spans(proc, rng, corpus):
+    """``span(L)``: half random digits and spaces, half text; ``text(L)``: L tokens of a random record."""
     digits = [proc.encode(str(d))[0] for d in range(10)] + [proc.encode(" ")[0]]
+    books = [proc.encode(c) for c in corpus]  # encoded once: a record is a whole book
 
     def text(L):
-        ids = proc.encode(rng.choice(corpus))
+        ids = rng.choice(books)
         while len(ids) < L + 1:
-            ids = proc.encode(rng.choice(corpus))
+            ids = rng.choice(books)
         o = rng.randrange(len(ids) - L)
         return ids[o : o + L]
 
@@ -84,17 +86,7 @@ def induce(model, proc, a) -> None:
     plain text; the repeat probe at a 256-token gap every 100 steps (``probe``'s numbers, in the log)."""
     corpus = [json.loads(line)["text"] for line in open(a.data)][:2000]
     rng, nl, G = random.Random(0), proc.encode("\n"), a.gap[-1]
-    books = [proc.encode(c) for c in corpus]  # encoded once: a record is a whole book
-    digits = [proc.encode(str(d))[0] for d in range(10)] + [proc.encode(" ")[0]]
-
-    def text(L):
-        ids = rng.choice([b for b in books if len(b) > L])
-        o = rng.randrange(len(ids) - L)
-        return ids[o : o + L]
-
-    def span(L):  # half random digits and spaces, half text (as ``spans``)
-        return [rng.choice(digits) for _ in range(L)] if rng.random() < 0.5 else text(L)
-
+    span, text = spans(proc, rng, corpus)
     hf = plain_llm(model)
     if a.qk_gain != 1.0:  # Qwen3 RMS-normalises q and k: attention logits are at most about head_dim ** 0.5 x the gains
         with torch.no_grad():
