@@ -72,6 +72,16 @@ def spans(proc, rng, corpus):
     return (lambda L: [rng.choice(digits) for _ in range(L)] if rng.random() < 0.5 else text(L)), text
 
 
+def repeat_batch(rows: list[tuple[list[int], list[int]]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(context, repeat) rows as one padded batch: input ids, and labels on the repeats alone."""
+    width = max(len(c) + len(x) for c, x in rows)
+    ids, labels = torch.full((len(rows), width), pad), torch.full((len(rows), width), IGNORE)
+    for i, (c, x) in enumerate(rows):
+        ids[i, : len(c) + len(x)] = torch.tensor(c + x)
+        labels[i, len(c) : len(c) + len(x)] = torch.tensor(x)
+    return ids, labels
+
+
 def plain_llm(model):
     from transformers import Qwen3ForCausalLM
 
@@ -100,12 +110,7 @@ def induce(model, proc, a) -> None:
         for _ in range(4):
             x, g = span(rng.randint(16, 64)), rng.randint(0, G)
             rows.append((x + text(g) + nl if g else x + nl, x))
-        width = max(len(c) + len(x) for c, x in rows)
-        ids = torch.full((4, width), nl[0])
-        labels = torch.full((4, width), IGNORE)
-        for i, (c, x) in enumerate(rows):
-            ids[i, : len(c) + len(x)] = torch.tensor(c + x)
-            labels[i, len(c) : len(c) + len(x)] = torch.tensor(x)
+        ids, labels = repeat_batch(rows, nl[0])
         lm = torch.tensor([text(256) for _ in range(2)])
         copy = hf(input_ids=ids, labels=labels).loss
         loss = copy + hf(input_ids=lm, labels=lm).loss

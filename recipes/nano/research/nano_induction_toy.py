@@ -1,7 +1,8 @@
 """Round 9's induction toy (bench/notes/nano.md, "Round 9"): does a decoder of the nano LLM's shape, from a
 random init, learn to copy on purely synthetic repeats, and after how many steps? Each row: a span of 16..64
 random lowercase letters (or --symbols byte ids), a line break, 0..--gap random ones, a line break, the span
-again; the loss on the repeat alone (uniform guessing: ln 26 = 3.26 nats). No data, no tokenizer: byte ids.
+again; the loss on the repeat alone (uniform guessing: ln 26 = 3.26 nats). No data, no tokenizer: byte ids
+(batches padded as ``nano_copy.py induce`` pads its own).
 
     python recipes/nano/research/nano_induction_toy.py --layers 4 --gap 64 --lr 1e-3 --steps 2000
     python recipes/nano/research/nano_induction_toy.py --arch llama --steps 300   # no QK-norm, same shape
@@ -17,6 +18,8 @@ import time
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+from nano_copy import repeat_batch
 
 
 def main() -> None:
@@ -46,11 +49,7 @@ def main() -> None:
             n, g = rng.randint(16, 64), rng.randint(0, a.gap)
             x = [rng.choice(letters) for _ in range(n)]
             rows.append((x + [nl] + [rng.choice(letters) for _ in range(g)] + [nl], x))
-        width = max(len(c) + len(x) for c, x in rows)
-        ids, labels = torch.full((a.rows, width), nl), torch.full((a.rows, width), -100)
-        for i, (c, x) in enumerate(rows):
-            ids[i, : len(c) + len(x)] = torch.tensor(c + x)
-            labels[i, len(c) : len(c) + len(x)] = torch.tensor(x)
+        ids, labels = repeat_batch(rows, nl)
         loss = m(input_ids=ids, labels=labels).loss
         opt.zero_grad()
         loss.backward()
